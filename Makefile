@@ -1,0 +1,40 @@
+# One command sets everything up and runs the main job (make demo); one sets
+# everything up and runs the tests (make test). Both work from a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (small); TORCH_SPEC=torch==2.14.1 gives the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+NATIVE_SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt pyproject.toml
+
+.PHONY: all setup build test demo bench clean
+
+all: test
+
+$(VENV)/.deps: requirements-dev.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.deps
+
+$(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m longreach demo
+
+bench: build
+	$(PY) -m longreach bench
+
+clean:
+	rm -rf build $(VENV)

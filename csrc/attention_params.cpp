@@ -1,0 +1,132 @@
+#include "attention_params.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+
+#include <cmath>
+
+#include "common/window.h"
+
+namespace longreach {
+namespace {
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    TORCH_CHECK(t->dim() == 4, "local_attention: ", name, " must be a 4-D tensor (B, H, L, D), got shape ",
+                t->sizes());
+  }
+  TORCH_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype(),
+              "local_attention: q, k and v must share one dtype, got q ", q.dtype(), ", k ", k.dtype(),
+              ", v ", v.dtype());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
+              "local_attention: q, k and v must be on one device, got q on ", q.device(), ", k on ",
+              k.device(), ", v on ", v.device());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "local_attention: q has dtype ", q.dtype(),
+              "; expected float32, float64, bfloat16 or float16");
+  TORCH_CHECK(k.sizes() == v.sizes(), "local_attention: k and v must have the same shape, got k ",
+              k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), "local_attention: batch size of k (", k.size(0),
+              ") does not match q (", q.size(0), ")");
+  TORCH_CHECK(k.size(3) == q.size(3), "local_attention: head dim of k (", k.size(3),
+              ") does not match q (", q.size(3), ")");
+  TORCH_CHECK(k.size(1) >= 1, "local_attention: k must have at least one head, got ", k.size(1));
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "local_attention: number of query heads (", q.size(1),
+              ") must be a multiple of the number of key/value heads (", k.size(1), ")");
+}
+
+}  // namespace
+
+AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const c10::optional<at::Tensor>& global_mask,
+                                      const c10::optional<at::Tensor>& alibi_slopes,
+                                      int64_t window_left, int64_t window_right, int64_t dilation,
+                                      c10::string_view score, c10::optional<double> sigmoid_bias,
+                                      double softcap, double scale) {
+  check_qkv(q, k, v);
+  AttentionParams P;
+  P.batch = q.size(0);
+  P.q_heads = q.size(1);
+  P.kv_heads = k.size(1);
+  P.q_len = q.size(2);
+  P.k_len = k.size(2);
+  P.head_dim = q.size(3);
+
+  TORCH_CHECK(window_left >= -1, "local_attention: window left must be >= 0 (or None/-1 for unbounded), got ",
+              window_left);
+  TORCH_CHECK(window_right >= -1,
+              "local_attention: window right must be >= 0 (or None/-1 for unbounded), got ", window_right);
+  TORCH_CHECK(dilation >= 1, "local_attention: dilation must be >= 1, got ", dilation);
+  P.window_left = clip_window_side(window_left, P.q_len, P.k_len);
+  P.window_right = clip_window_side(window_right, P.q_len, P.k_len);
+  P.dilation = dilation;
+
+  if (score == "softmax") {
+    P.score = ScoreKind::kSoftmax;
+  } else if (score == "sigmoid") {
+    P.score = ScoreKind::kSigmoid;
+  } else {
+    TORCH_CHECK(false, "local_attention: score must be 'softmax' or 'sigmoid', got '", std::string(score), "'");
+  }
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
+              "local_attention: softcap must be a positive number (0 disables it), got ", softcap);
+  TORCH_CHECK(std::isfinite(scale), "local_attention: scale must be finite, got ", scale);
+  P.softcap = softcap;
+  P.scale = scale;
+  if (P.score == ScoreKind::kSigmoid) {
+    if (sigmoid_bias.has_value()) {
+      TORCH_CHECK(std::isfinite(*sigmoid_bias), "local_attention: sigmoid_bias must be finite, got ",
+                  *sigmoid_bias);
+      P.sigmoid_bias = *sigmoid_bias;
+    } else {
+      const int64_t n = full_window_size(P);
+      P.sigmoid_bias = n > 0 ? -std::log(static_cast<double>(n)) : 0.0;
+    }
+  }
+
+  if (global_mask.has_value()) {
+    const auto& g = *global_mask;
+    TORCH_CHECK(g.scalar_type() == at::kBool, "local_attention: global_mask must be a bool tensor, got ",
+                g.dtype());
+    TORCH_CHECK(g.dim() == 2 && g.size(0) == P.batch && g.size(1) == P.k_len,
+                "local_attention: global_mask must have shape (B, Lk) = (", P.batch, ", ", P.k_len,
+                "), got ", g.sizes());
+    TORCH_CHECK(g.device() == q.device(), "local_attention: global_mask is on ", g.device(),
+                " but q is on ", q.device());
+    P.has_global = true;
+  }
+  if (alibi_slopes.has_value()) {
+    const auto& s = *alibi_slopes;
+    TORCH_CHECK(s.scalar_type() == at::kFloat, "local_attention: alibi_slopes must be float32, got ",
+                s.dtype());
+    const bool per_head = s.dim() == 1 && s.size(0) == P.q_heads;
+    const bool per_batch_head = s.dim() == 2 && s.size(0) == P.batch && s.size(1) == P.q_heads;
+    TORCH_CHECK(per_head || per_batch_head, "local_attention: alibi_slopes must have shape (Hq,) = (",
+                P.q_heads, ",) or (B, Hq) = (", P.batch, ", ", P.q_heads, "), got ", s.sizes());
+    TORCH_CHECK(s.device() == q.device(), "local_attention: alibi_slopes is on ", s.device(),
+                " but q is on ", q.device());
+    P.has_alibi = true;
+  }
+  return P;
+}
+
+void check_backward_inputs(const AttentionParams& P, const at::Tensor& q, const at::Tensor& grad_out,
+                           const at::Tensor& out, const at::Tensor& lse,
+                           const c10::optional<at::Tensor>& grad_lse) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "local_attention backward: grad_out and out must have q's shape ", q.sizes(), ", got ",
+              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.dtype() == q.dtype() && out.dtype() == q.dtype(),
+              "local_attention backward: grad_out and out must have q's dtype ", q.dtype());
+  const std::vector<int64_t> lse_shape{P.batch, P.q_heads, P.q_len};
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape) && lse.scalar_type() == lse_dtype(q.scalar_type()),
+              "local_attention backward: lse must be ", c10::toString(lse_dtype(q.scalar_type())), " of shape ",
+              at::IntArrayRef(lse_shape), ", got ", lse.dtype(), " ", lse.sizes());
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "local_attention backward: grad_lse must have shape ",
+                lse.sizes(), ", got ", grad_lse->sizes());
+  }
+}
+
+}  // namespace longreach

@@ -1,0 +1,33 @@
+// Host-side validation of the attention op's arguments and construction of
+// AttentionParams. Shared by the CPU and CUDA entry points so both reject bad
+// input with the same messages.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+
+#include "common/params.h"
+
+namespace longreach {
+
+AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const c10::optional<at::Tensor>& global_mask,
+                                      const c10::optional<at::Tensor>& alibi_slopes,
+                                      int64_t window_left, int64_t window_right, int64_t dilation,
+                                      c10::string_view score, c10::optional<double> sigmoid_bias,
+                                      double softcap, double scale);
+
+// The log-sum-exp is kept in the accumulation type: float64 for float64
+// inputs (so gradcheck sees exact gradients), float32 otherwise.
+inline at::ScalarType lse_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Checks for the extra tensors the backward receives (shapes must match the forward's).
+void check_backward_inputs(const AttentionParams& P, const at::Tensor& q, const at::Tensor& grad_out,
+                           const at::Tensor& out, const at::Tensor& lse,
+                           const c10::optional<at::Tensor>& grad_lse);
+
+}  // namespace longreach

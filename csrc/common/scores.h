@@ -1,0 +1,55 @@
+// The one copy of the score pipeline (DESIGN.md section 1):
+//   s = scale * q.k  ->  softcap: c * tanh(s / c)  ->  ALiBi: s -= slope * |p - j|
+// then softmax (online, with running max and sum) or sigmoid(s + bias).
+// Kernels call these per element so CPU and CUDA can never disagree.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace longreach {
+
+// s is already scale * q.k (kernels pre-scale q). Returns the final score.
+template <typename acc_t>
+LR_HOST_DEVICE acc_t transform_score(acc_t s, acc_t softcap, acc_t alibi_slope, int64_t distance) {
+  if (softcap > acc_t(0)) s = softcap * tanh(s / softcap);
+  return s - alibi_slope * static_cast<acc_t>(distance);
+}
+
+// d(final score)/d(scale * q.k), given the final score and the ALiBi term that
+// was subtracted (the derivative of c*tanh(x/c) is 1 - tanh^2).
+template <typename acc_t>
+LR_HOST_DEVICE acc_t transform_score_grad(acc_t final_score, acc_t softcap, acc_t alibi_slope,
+                                          int64_t distance) {
+  if (!(softcap > acc_t(0))) return acc_t(1);
+  const acc_t t = (final_score + alibi_slope * static_cast<acc_t>(distance)) / softcap;
+  return acc_t(1) - t * t;
+}
+
+template <typename acc_t>
+LR_HOST_DEVICE acc_t sigmoid(acc_t x) {
+  // Written to avoid overflow of exp for large |x|.
+  if (x >= acc_t(0)) {
+    return acc_t(1) / (acc_t(1) + exp(-x));
+  }
+  const acc_t e = exp(x);
+  return e / (acc_t(1) + e);
+}
+
+// Softmax backward through one score: dS = P * (dP - rowsum(dO * O)).
+template <typename acc_t>
+LR_HOST_DEVICE acc_t softmax_score_grad(acc_t p, acc_t dp, acc_t row_dot) {
+  return p * (dp - row_dot);
+}
+
+// Sigmoid backward through one score: dS = dP * sig * (1 - sig).
+template <typename acc_t>
+LR_HOST_DEVICE acc_t sigmoid_score_grad(acc_t sig, acc_t dp) {
+  return dp * sig * (acc_t(1) - sig);
+}
+
+LR_HOST_DEVICE int64_t abs_distance(int64_t p, int64_t j) { return p > j ? p - j : j - p; }
+
+}  // namespace longreach

@@ -1,0 +1,19 @@
+// Operator schemas of the longreach library, and nothing else: kernels are
+// registered per device in cpu/ and cuda/, fake (meta) kernels and autograd in
+// python/longreach/ops.py. Forward and backward are separate ops so
+// torch.compile traces both without graph breaks.
+#include <torch/library.h>
+
+TORCH_LIBRARY(longreach, m) {
+  // window_left / window_right count dilated steps; -1 means unbounded.
+  // softcap 0 disables soft-capping; sigmoid_bias None means -ln(window size).
+  m.def(
+      "local_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? global_mask, Tensor? alibi_slopes, "
+      "int window_left, int window_right, int dilation, str score, float? sigmoid_bias, float softcap, "
+      "float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "local_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? global_mask, Tensor? alibi_slopes, int window_left, int window_right, "
+      "int dilation, str score, float? sigmoid_bias, float softcap, float scale) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}

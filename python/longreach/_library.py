@@ -1,0 +1,21 @@
+"""Loads the native library and answers which devices it has kernels for."""
+
+import torch
+
+from . import _C  # noqa: F401  (importing it registers the torch.ops.longreach ops)
+
+_REBUILD_HINT = (
+    "this build of longreach has no CUDA kernels. Rebuild it against a CUDA build of torch with nvcc "
+    "available: LONGREACH_WITH_CUDA=ON pip install --no-build-isolation -e ."
+)
+
+
+def check_device_supported(op_name: str, tensor: torch.Tensor) -> None:
+    """Raise a clear error when `tensor` lives on a device this build has no kernel for."""
+    if tensor.device.type in ("cpu", "meta"):
+        return
+    key = {"cuda": "CUDA"}.get(tensor.device.type)
+    if key is None:
+        raise RuntimeError(f"longreach.{op_name}: tensors on {tensor.device} are not supported (CPU and CUDA only)")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"longreach::{op_name}", key):
+        raise RuntimeError(f"longreach.{op_name}: got a tensor on {tensor.device}, but {_REBUILD_HINT}")

@@ -1,0 +1,122 @@
+"""Dense plain-PyTorch oracle of longreach's attention semantics (DESIGN.md section 1).
+
+It builds the full (Lq, Lk) mask and score matrix, so it is O(Lq * Lk): meant
+for tests and benchmarks, and short enough to read as the specification. It
+shares no code with the kernels on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+
+def allowed_keys(
+    q_len: int,
+    k_len: int,
+    window: Tuple[Optional[int], Optional[int]] = (None, None),
+    causal: bool = False,
+    dilation: int = 1,
+    global_mask: Optional[torch.Tensor] = None,
+    device=None,
+) -> torch.Tensor:
+    """Bool mask (B or 1, Lq, Lk): True where query row i may attend to key j."""
+    left, right = window
+    if causal:
+        right = 0
+    pos = torch.arange(q_len, device=device) + (k_len - q_len)  # bottom-right alignment
+    keys = torch.arange(k_len, device=device)
+    delta = keys[None, :] - pos[:, None]
+    ok = torch.remainder(delta, dilation) == 0
+    steps = torch.div(delta, dilation, rounding_mode="floor")
+    if left is not None:
+        ok &= steps >= -left
+    if right is not None:
+        ok &= steps <= right
+    ok = ok[None]
+    if global_mask is not None:
+        gm = global_mask.to(device=device, dtype=torch.bool)
+        inside = (pos >= 0) & (pos < k_len)
+        row_global = torch.zeros(gm.shape[0], q_len, dtype=torch.bool, device=device)
+        row_global[:, inside] = gm[:, pos[inside]]
+        ok = ok | gm[:, None, :] | row_global[:, :, None]
+    return ok
+
+
+def default_sigmoid_bias(k_len: int, window: Tuple[Optional[int], Optional[int]], causal: bool) -> float:
+    """-ln(n), n = min(Lk, left + right + 1) with None counted as unbounded."""
+    left, right = window
+    if causal:
+        right = 0
+    n = k_len
+    if left is not None and right is not None:
+        n = min(k_len, left + right + 1)
+    return -math.log(n) if n > 0 else 0.0
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window=(None, None),
+    causal: bool = False,
+    dilation: int = 1,
+    global_mask: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    score: str = "softmax",
+    sigmoid_bias: Optional[float] = None,
+    softcap: Optional[float] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Same contract as longreach.local_attention, computed densely.
+
+    Computes in float32 for half-precision inputs (float64 stays float64) and
+    returns the input dtype.
+    """
+    if window is None:
+        window = (None, None)
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = (t.to(compute) for t in (q, k, v))
+    group = q_heads // kv_heads
+    kc = kc.repeat_interleave(group, dim=1)
+    vc = vc.repeat_interleave(group, dim=1)
+    if scale is None:
+        scale = head_dim ** -0.5
+
+    s = scale * (qc @ kc.transpose(-1, -2))  # (B, H, Lq, Lk)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    pos = torch.arange(q_len, device=q.device) + (k_len - q_len)
+    if alibi_slopes is not None:
+        distance = (pos[:, None] - torch.arange(k_len, device=q.device)[None, :]).abs().to(compute)
+        slopes = alibi_slopes.to(compute)
+        slopes = slopes[None, :] if slopes.dim() == 1 else slopes  # (B or 1, H)
+        s = s - slopes[:, :, None, None] * distance
+    allowed = allowed_keys(q_len, k_len, window, causal, dilation, global_mask, q.device)[:, None]  # (B|1,1,Lq,Lk)
+
+    if score == "sigmoid":
+        bias = default_sigmoid_bias(k_len, window, causal) if sigmoid_bias is None else sigmoid_bias
+        weights = torch.where(allowed, torch.sigmoid(s + bias), torch.zeros((), dtype=compute, device=q.device))
+        out = weights @ vc
+        if return_lse:
+            raise ValueError("return_lse is only defined for softmax scores")
+        return out.to(q.dtype)
+
+    neg_inf = torch.tensor(float("-inf"), dtype=compute, device=q.device)
+    s = torch.where(allowed, s, neg_inf)
+    row_max = s.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(s - row_max)  # exactly 0 where masked
+    total = e.sum(dim=-1, keepdim=True)
+    empty = total == 0
+    out = (e @ vc) / torch.where(empty, torch.ones_like(total), total)
+    if not return_lse:
+        return out.to(q.dtype)
+    lse = torch.where(empty, neg_inf, row_max + torch.log(torch.where(empty, torch.ones_like(total), total)))
+    return out.to(q.dtype), lse.squeeze(-1)
