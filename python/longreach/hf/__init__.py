@@ -12,4 +12,11 @@ __all__ = ["patch"]
 
 def patch(model, **options):
     """Replace the attention of a transformers model with longreach's, in place; returns the model."""
-    raise NotImplementedError("longreach.hf.patch: no model family is supported yet")
+    from .longformer import is_longformer_model, patch_longformer
+
+    if is_longformer_model(model):
+        return patch_longformer(model, **options)
+    raise NotImplementedError(
+        f"longreach.hf.patch: no supported attention found in {type(model).__name__} "
+        "(supported so far: transformers Longformer models)"
+    )
