@@ -3,4 +3,6 @@
 One file per module family; this package only re-exports them.
 """
 
-__all__: list = []
+from .longformer import LongformerSelfAttention
+
+__all__: list = ["LongformerSelfAttention"]
