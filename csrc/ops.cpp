@@ -17,3 +17,14 @@ TORCH_LIBRARY(longreach, m) {
       "int dilation, str score, float? sigmoid_bias, float softcap, float scale) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
+
+// Rotary position embedding. cos / sin are position-indexed tables
+// (table_len, rot_dim / 2); position_ids is (B, L) or (1, L) int64, None means
+// 0 .. L-1. One op serves both directions: the backward of a rotation is the
+// same op with `conjugate` flipped (the inverse rotation), see common/rotary.h.
+TORCH_LIBRARY_FRAGMENT(longreach, m) {
+  m.def("apply_rotary(Tensor x, Tensor cos, Tensor sin, Tensor? position_ids, bool interleaved, "
+        "bool conjugate) -> Tensor");
+  m.def("apply_rotary_qk(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids, bool interleaved, "
+        "bool conjugate) -> (Tensor, Tensor)");
+}
