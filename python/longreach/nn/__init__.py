@@ -4,5 +4,8 @@ One file per module family; this package only re-exports them.
 """
 
 from .longformer import LongformerSelfAttention
+from .alibi import ALiBi
+from .rotary import RotaryEmbedding
 
 __all__: list = ["LongformerSelfAttention"]
+__all__ += ["ALiBi", "RotaryEmbedding"]
