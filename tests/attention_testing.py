@@ -124,8 +124,9 @@ def assert_close(actual, expected, tol: float, what: str) -> None:
 
 
 def grads(outputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]):
-    """Vector-Jacobian product: d(sum_i <outputs_i, cotangents_i>) / d inputs."""
-    return torch.autograd.grad(list(outputs), list(inputs), list(cotangents), allow_unused=False)
+    """Vector-Jacobian product: d(sum_i <outputs_i, cotangents_i>) / d inputs
+    (zeros for an input the outputs do not depend on, e.g. v for the lse)."""
+    return torch.autograd.grad(list(outputs), list(inputs), list(cotangents), materialize_grads=True)
 
 
 def dense_allowed_mask(q_len: int, k_len: int, left, right, dilation: int = 1) -> torch.Tensor:
