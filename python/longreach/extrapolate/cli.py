@@ -195,7 +195,7 @@ def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> Dict[s
     results: Dict[str, Dict[int, float]] = {}
     timings: Dict[str, float] = {}
     for weights in models_to_train(args.scheme_names):
-        model = build_model(SCHEMES[weights], dims, args.window, args.seed)
+        model = build_model(SCHEMES[weights], dims, args.window, args.train_len, args.seed)
         sampler = data_mod.BatchSampler(stream, args.train_len, args.batch_size, args.seed)
         tr = train(model, sampler, args.steps, args.lr, args.device, progress, desc=f"train {weights}")
         timings[f"train {weights}"] = tr.seconds
