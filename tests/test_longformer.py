@@ -224,6 +224,29 @@ def test_sequence_classification_loss_and_gradients_match():
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    original, patched = original_and_patched(LongformerForMaskedLM, tiny_config([4, 8]))
+    ids, mask, global_mask = make_batch(21, padding="right", global_tokens="several")
+    grads = []
+    for model in (original, patched):
+        model.train()
+        model.gradient_checkpointing_enable()
+        model(ids, attention_mask=mask, global_attention_mask=global_mask, labels=ids).loss.backward()
+        grads.append(parameter_grads(model))
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_bfloat16_error_at_most_twice_hugging_faces():
+    """Against the float32 model, the patched bfloat16 model errs no more than 2x unpatched bfloat16."""
+    ids, mask, global_mask = make_batch(21, padding="right", global_tokens="several")
+    run = lambda m: m(ids, attention_mask=mask, global_attention_mask=global_mask).last_hidden_state.float()
+    truth = run(original_and_patched(LongformerModel, tiny_config([4, 8]))[0])
+    original, patched = original_and_patched(LongformerModel, tiny_config([4, 8]), dtype=torch.bfloat16)
+    hf_error = (run(original) - truth).abs().max()
+    assert (run(patched) - truth).abs().max() <= 2 * hf_error
+
+
 def test_save_pretrained_round_trip(tmp_path):
     original, patched = original_and_patched(LongformerForMaskedLM, tiny_config([4, 6]))
     ids, mask, global_mask = make_batch(22, padding="right", global_tokens="several")
