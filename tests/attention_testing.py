@@ -118,6 +118,20 @@ def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a - e).abs().max() / max(1.0, float(e.abs().max())))
 
 
+def rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Root-mean-square error / root-mean-square of expected (finite entries, float64).
+
+    More sensitive than the max error to accumulation in a low precision,
+    which the final rounding of the output would otherwise hide."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    finite = torch.isfinite(e)
+    a, e = a[finite], e[finite]
+    if e.numel() == 0:
+        return 0.0
+    return float((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-300))
+
+
 def assert_close(actual, expected, tol: float, what: str) -> None:
     err = scaled_error(actual, expected)
     assert err <= tol, f"{what}: scaled error {err:.3g} > tolerance {tol:.3g}"
