@@ -1,94 +1,63 @@
 // CPU forward and backward of longreach::local_attention.
 //
-// Flash-style: a work item is a block of query rows (forward, dQ) or of keys
-// (dK, dV) for one head; it gathers its tiles into float (double for float64)
-// buffers, multiplies them, applies the shared score pipeline and, for the
-// forward, an online softmax. Only the tiles the TilePlan lists are visited,
-// so the work is O(L * (window + global tokens)) and no (Lq, Lk) matrix exists.
+// Flash-style and O(L * keys per row): work is cut into RowChunks (tile_plan.h),
+// runs of blocks of 64 query rows; each block visits the span of keys its
+// windows cover, in tiles of up to kKeyTile keys, then the global extras. A
+// score tile is kept transposed (keys x rows, see tile_ops.h) and every product
+// runs on the register-blocked vector kernels of tile_ops.h:
 //
-// The backward recomputes scores tile by tile in two passes: one over query
-// blocks writes dQ, one over key blocks writes dK and dV (summing the query
-// heads of a GQA group). Each output row is owned by exactly one work item, so
-// there are no atomics and the result is deterministic.
+//   forward:  S^T = K Q^T,  online softmax (or sigmoid) down the columns,
+//             O += P V
+//   backward: S^T = K Q^T,  dP^T = V dO^T,  P and dS,
+//             dQ += dS K,   dK += dS^T Q,   dV += P^T dO
+//
+// The backward is one pass over the rows: a chunk accumulates the dK and dV
+// of the keys its blocks touch in private float buffers, and a final pass sums
+// the chunks' buffers per key in a fixed order, so the result is
+// deterministic and no key is counted twice. The edge masks and the optional
+// soft-cap / ALiBi transform are applied to the tiles with the shared scalar
+// math of csrc/common (window.h, scores.h).
+//
+// float32 and float64 inputs are read in place; bfloat16 and float16 rows are
+// converted to float once per chunk and accumulated in float.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../attention_params.h"
 #include "../common/scores.h"
 #include "../common/window.h"
-#include "tile_math.h"
+#include "tile_ops.h"
 #include "tile_plan.h"
 
 namespace longreach::cpu {
 namespace {
 
+constexpr int64_t kKeyTile = 512;  // most keys per score tile
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 template <typename T>
-HeadView<T> head_view(const at::Tensor& t, int64_t b, int64_t h) {
+struct HeadRows {  // rows of one (batch, head) slice of a (B, H, L, D) tensor with contiguous rows
+  T* data;
+  int64_t stride_l;
+  T* row(int64_t l) const { return data + l * stride_l; }
+};
+
+template <typename T>
+HeadRows<T> head_rows(const at::Tensor& t, int64_t b, int64_t h) {
   return {static_cast<T*>(t.data_ptr()) + b * t.stride(0) + h * t.stride(1), t.stride(2)};
 }
 
 // Kernels read rows with a contiguous last dimension; anything else is copied once.
 at::Tensor with_contiguous_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-// Calls f(start, count, in_span) for the tiles of `list`, never mixing its
-// masked span part with its always-allowed tail.
-template <typename F>
-void for_each_tile(const IndexList& list, int64_t block, F&& f) {
-  const int64_t n = static_cast<int64_t>(list.idx.size());
-  for (int64_t s = 0; s < list.n_span; s += block) f(s, std::min(block, list.n_span - s), true);
-  for (int64_t s = list.n_span; s < n; s += block) f(s, std::min(block, n - s), false);
-}
-
-// Everything a tile needs to turn raw scores into final scores.
-template <typename acc_t>
-struct TileContext {
-  const AttentionParams* P;
-  const int64_t* rows;
-  int64_t nq;
-  const int64_t* keys;
-  int64_t nk;
-  bool needs_mask;            // some (row, key) pair may fall outside the window
-  const uint8_t* key_global;  // per-key flags of this batch element, or null
-  acc_t slope;                // ALiBi slope of this (batch, head), 0 when off
-};
-
-template <typename acc_t>
-bool tile_needs_mask(const AttentionParams& P, const int64_t* rows, int64_t nq, const int64_t* keys, int64_t nk,
-                     bool rows_in_span, bool keys_in_span) {
-  if (!rows_in_span || !keys_in_span) return false;  // global rows or global keys: always allowed
-  const int64_t off = P.position_offset();
-  return !tile_in_window(P, rows[0] + off, rows[nq - 1] + off, keys[0], keys[nk - 1]);
-}
-
-// S[a][c] = scale * q_a . k_c on entry; the final score (or -inf where the key
-// is not allowed) on exit.
-template <typename acc_t>
-void finalize_scores(const TileContext<acc_t>& t, acc_t* S, int64_t ld) {
-  const AttentionParams& P = *t.P;
-  const acc_t cap = static_cast<acc_t>(P.softcap);
-  const int64_t off = P.position_offset();
-  const bool transform = cap > acc_t(0) || t.slope != acc_t(0);
-  if (!t.needs_mask && !transform) return;
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t a = 0; a < t.nq; ++a) {
-    const int64_t p = t.rows[a] + off;
-    acc_t* s = S + a * ld;
-    for (int64_t c = 0; c < t.nk; ++c) {
-      const int64_t j = t.keys[c];
-      if (t.needs_mask && !key_allowed(P, p, j, false, t.key_global != nullptr && t.key_global[j] != 0)) {
-        s[c] = neg_inf;
-      } else if (transform) {
-        s[c] = transform_score<acc_t>(s[c], cap, t.slope, abs_distance(p, j));
-      }
-    }
-  }
-}
 
 template <typename acc_t>
 acc_t alibi_slope(const AttentionParams& P, const at::Tensor& slopes, int64_t b, int64_t h) {
@@ -98,144 +67,274 @@ acc_t alibi_slope(const AttentionParams& P, const at::Tensor& slopes, int64_t b,
                                               : s[h * slopes.stride(0)]);
 }
 
+// ------------------------------------------------------- key/value rows --
+
+// The key and value rows a chunk reads, as acc_t rows: row r of `range` at
+// k + r * ld. float/double inputs are used in place; others are converted once.
+template <typename scalar_t, typename acc_t>
+struct KeyRows {
+  const acc_t* k = nullptr;
+  const acc_t* v = nullptr;
+  int64_t ld = 0;
+  std::vector<acc_t> k_copy, v_copy;
+
+  void prepare(const HeadRows<const scalar_t>& K, const HeadRows<const scalar_t>& V, const KeyRange& range,
+               int64_t D) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      k = K.row(range.lo);
+      v = V.row(range.lo);
+      ld = range.stride * K.stride_l;
+    } else {
+      k_copy.resize(std::max<int64_t>(range.count, 1) * D);
+      v_copy.resize(k_copy.size());
+      for (int64_t r = 0; r < range.count; ++r) {
+        const scalar_t* ks = K.row(range.at(r));
+        const scalar_t* vs = V.row(range.at(r));
+        acc_t* kd = k_copy.data() + r * D;
+        acc_t* vd = v_copy.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<acc_t>(ks[d]);
+        for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<acc_t>(vs[d]);
+      }
+      k = k_copy.data();
+      v = v_copy.data();
+      ld = D;
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void gather_rows(const HeadRows<const scalar_t>& src, const int64_t* idx, int64_t n, int64_t D, acc_t* dst) {
+  for (int64_t a = 0; a < n; ++a) {
+    const scalar_t* s = src.row(idx[a]);
+    for (int64_t d = 0; d < D; ++d) dst[a * D + d] = static_cast<acc_t>(s[d]);
+  }
+}
+
+// dst[d * ld + a] = mul * src.row(rows[a])[d] for a < n, zero for n <= a < ncols.
+template <typename scalar_t, typename acc_t>
+void pack_transposed(const HeadRows<const scalar_t>& src, const std::vector<int64_t>& rows, int64_t ncols,
+                     int64_t D, acc_t mul, int64_t ld, acc_t* dst) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  for (int64_t a = 0; a < n; ++a) {
+    const scalar_t* s = src.row(rows[a]);
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + a] = mul * static_cast<acc_t>(s[d]);
+  }
+  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * ld + n, dst + d * ld + ncols, acc_t(0));
+}
+
+// ------------------------------------------------------------ score tiles --
+
+// The keys of one tile: key(c) = list ? list[c] : lo + c * stride.
+struct TileKeys {
+  const int64_t* list;
+  int64_t lo, stride, n;
+  int64_t key(int64_t c) const { return list ? list[c] : lo + c * stride; }
+};
+
+// Everything about a block of rows that the tile epilogue needs.
+template <typename acc_t>
+struct BlockContext {
+  const AttentionParams* P;
+  const TilePlan* plan;
+  int64_t batch;
+  const int64_t* pos;  // key position of each row, ascending
+  int64_t nq;
+  acc_t slope;  // ALiBi slope of the head, 0 when off
+};
+
+// Turns S^T = scale * K Q^T into final scores: -inf outside the window (for a
+// masked span tile), then soft-cap and ALiBi. With `factor`, also writes
+// d(final score)/d(scale * q.k) for the soft-cap chain rule of the backward.
+// The allowed rows of one key form a contiguous run of columns (the band is
+// monotone in the row position), found by two pointers over the tile.
+template <typename acc_t>
+void finalize_tile(const BlockContext<acc_t>& bc, const TileKeys& keys, bool masked, acc_t* S, int64_t ld,
+                   acc_t* factor, std::vector<int64_t>& first, std::vector<int64_t>& end) {
+  const AttentionParams& P = *bc.P;
+  const acc_t cap = static_cast<acc_t>(P.softcap);
+  const bool transform = cap > acc_t(0) || bc.slope != acc_t(0);
+  if (!masked && !transform) return;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  first.assign(keys.n, 0);
+  end.assign(keys.n, bc.nq);
+  if (masked) {
+    int64_t lo = 0, hi = 0;
+    for (int64_t c = 0; c < keys.n; ++c) {
+      const int64_t j = keys.key(c);
+      acc_t* s = S + c * ld;
+      if (bc.plan->key_is_global(bc.batch, j)) continue;  // every row sees a global key
+      // Rows before the band of key j have p < j and are not in its window.
+      while (lo < bc.nq && bc.pos[lo] < j && !in_window(P, bc.pos[lo], j)) ++lo;
+      if (hi < lo) hi = lo;
+      while (hi < bc.nq && in_window(P, bc.pos[hi], j)) ++hi;
+      first[c] = lo;
+      end[c] = hi;
+      std::fill(s, s + lo, neg_inf);
+      std::fill(s + hi, s + bc.nq, neg_inf);
+    }
+  }
+  if (!transform) return;
+  for (int64_t c = 0; c < keys.n; ++c) {
+    const int64_t j = keys.key(c);
+    acc_t* s = S + c * ld;
+    acc_t* f = factor ? factor + c * ld : nullptr;
+    for (int64_t a = first[c]; a < end[c]; ++a) {
+      const int64_t dist = abs_distance(bc.pos[a], j);
+      s[a] = transform_score<acc_t>(s[a], cap, bc.slope, dist);
+      if (f) f[a] = transform_score_grad<acc_t>(s[a], cap, bc.slope, dist);
+    }
+    if (f) {
+      std::fill(f, f + first[c], acc_t(0));
+      std::fill(f + end[c], f + bc.nq, acc_t(0));
+    }
+  }
+}
+
+// Calls f(TileKeys, masked, first_key_row) for the tiles of a block: its span
+// cut into near-equal tiles of at most kKeyTile keys, then its extras.
+template <typename F>
+void for_each_key_tile(const BlockKeys& keys, F&& f) {
+  const KeyRange& s = keys.span;
+  if (s.count > 0) {
+    const int64_t tiles = (s.count + kKeyTile - 1) / kKeyTile;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t r0 = s.count * t / tiles, r1 = s.count * (t + 1) / tiles;
+      f(TileKeys{nullptr, s.at(r0), s.stride, r1 - r0}, keys.span_needs_mask, r0);
+    }
+  }
+  const int64_t n_extra = static_cast<int64_t>(keys.extras.size());
+  for (int64_t r0 = 0; r0 < n_extra; r0 += kKeyTile) {
+    f(TileKeys{keys.extras.data() + r0, 0, 1, std::min(kKeyTile, n_extra - r0)}, false, r0);
+  }
+}
+
+// Per-thread scratch of the tile loops.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> S, G, F;          // kKeyTile x kRowBlock score tiles (transposed)
+  std::vector<acc_t> qT, goT;          // D x kRowBlock
+  std::vector<acc_t> q_rows, go_rows;  // kRowBlock x D
+  std::vector<acc_t> acc;              // kRowBlock x D: output or dQ accumulator
+  std::vector<acc_t> m, l, alpha, lse, dot;
+  std::vector<acc_t> k_extra, v_extra, dk_extra, dv_extra;
+  std::vector<int64_t> rows, pos, first, end;
+  BlockKeys keys;
+
+  Scratch(int64_t D, bool backward) {
+    S.resize(kKeyTile * kRowBlock);
+    if (backward) G.resize(kKeyTile * kRowBlock);
+    qT.resize(D * kRowBlock);
+    acc.resize(kRowBlock * D);
+    for (auto* v : {&m, &l, &alpha, &lse, &dot}) v->resize(kRowBlock);
+    if (backward) {
+      goT.resize(D * kRowBlock);
+      q_rows.resize(kRowBlock * D);
+      go_rows.resize(kRowBlock * D);
+    }
+  }
+};
+
+// Gather (converted) key and value rows of a block's extras.
+template <typename scalar_t, typename acc_t>
+void gather_extras(const BlockKeys& keys, const HeadRows<const scalar_t>& K, const HeadRows<const scalar_t>& V,
+                   int64_t D, Scratch<acc_t>& ws) {
+  const int64_t n = static_cast<int64_t>(keys.extras.size());
+  if (n == 0) return;
+  ws.k_extra.resize(n * D);
+  ws.v_extra.resize(n * D);
+  gather_rows(K, keys.extras.data(), n, D, ws.k_extra.data());
+  gather_rows(V, keys.extras.data(), n, D, ws.v_extra.data());
+}
+
 // ---------------------------------------------------------------- forward --
 
 template <typename scalar_t>
 void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& slopes, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t D = P.head_dim;
-  const auto& work = plan.row_work();
-  const int64_t n_items = static_cast<int64_t>(work.size()) * P.q_heads;
+  const TileOps<acc_t>& ops = tile_ops<acc_t>();
+  const int64_t D = P.head_dim, BM = kRowBlock, off = P.position_offset();
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
   const acc_t bias = static_cast<acc_t>(P.sigmoid_bias);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const auto& chunks = plan.row_chunks();
 
-  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qs(kRowBlock * D), kt(D * kKeyBlock), vv(kKeyBlock * D), s(kRowBlock * kKeyBlock),
-        acc(kRowBlock * D), m(kRowBlock), l(kRowBlock);
-    IndexList rows, keys;
-    for (int64_t item = begin; item < end; ++item) {
-      const WorkItem& w = work[item / P.q_heads];
-      const int64_t h = item % P.q_heads, b = w.batch, hk = h / P.group_size();
-      plan.rows_of_row_work(w, &rows);
-      if (rows.idx.empty()) continue;
-      plan.keys_of_row_work(w, rows, &keys);
-      const int64_t nq = static_cast<int64_t>(rows.idx.size());
-      const auto qv = head_view<const scalar_t>(q, b, h);
-      const auto kv = head_view<const scalar_t>(k, b, hk);
-      const auto vview = head_view<const scalar_t>(v, b, hk);
-      gather_rows(qv, rows.idx.data(), nq, D, static_cast<acc_t>(P.scale), qs.data());
-      std::fill(acc.begin(), acc.begin() + nq * D, acc_t(0));
-      std::fill(m.begin(), m.begin() + nq, neg_inf);
-      std::fill(l.begin(), l.begin() + nq, acc_t(0));
-      const acc_t slope = alibi_slope<acc_t>(P, slopes, b, h);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> ws(D, /*backward=*/false);
+    KeyRows<scalar_t, acc_t> kv_rows;
+    for (int64_t ci = begin; ci < end; ++ci) {
+      const RowChunk& chunk = chunks[ci];
+      const int64_t b = chunk.batch, hk = chunk.kv_head;
+      const auto K = head_rows<const scalar_t>(k, b, hk);
+      const auto V = head_rows<const scalar_t>(v, b, hk);
+      const KeyRange chunk_keys = plan.span_of_chunk(chunk);
+      kv_rows.prepare(K, V, chunk_keys, D);
 
-      for_each_tile(keys, kKeyBlock, [&](int64_t start, int64_t nk, bool keys_in_span) {
-        const int64_t* kidx = keys.idx.data() + start;
-        gather_rows_transposed(kv, kidx, nk, D, kKeyBlock, kt.data());
-        gather_rows(vview, kidx, nk, D, acc_t(1), vv.data());
-        tile_matmul(nq, nk, D, qs.data(), D, kt.data(), kKeyBlock, s.data(), kKeyBlock, false);
-        const TileContext<acc_t> t{&P,
-                                   rows.idx.data(),
-                                   nq,
-                                   kidx,
-                                   nk,
-                                   tile_needs_mask<acc_t>(P, rows.idx.data(), nq, kidx, nk, true, keys_in_span) &&
-                                       !w.global_block,
-                                   plan.global_key_flags(b),
-                                   slope};
-        finalize_scores(t, s.data(), kKeyBlock);
-        for (int64_t a = 0; a < nq; ++a) {
-          acc_t* sa = s.data() + a * kKeyBlock;
-          if (sigmoid_score) {
-            for (int64_t c = 0; c < nk; ++c) sa[c] = sa[c] == neg_inf ? acc_t(0) : sigmoid<acc_t>(sa[c] + bias);
-            continue;
-          }
-          // Online softmax: rescale what was accumulated when the running max grows.
-          acc_t tile_max = neg_inf;
-          for (int64_t c = 0; c < nk; ++c) tile_max = std::max(tile_max, sa[c]);
-          const acc_t m_new = std::max(m[a], tile_max);
-          if (m_new == neg_inf) {  // nothing allowed so far in this row
-            for (int64_t c = 0; c < nk; ++c) sa[c] = acc_t(0);
-            continue;
-          }
-          const acc_t alpha = std::exp(m[a] - m_new);
-          acc_t sum = acc_t(0);
-          for (int64_t c = 0; c < nk; ++c) {
-            sa[c] = std::exp(sa[c] - m_new);
-            sum += sa[c];
-          }
-          l[a] = l[a] * alpha + sum;
-          m[a] = m_new;
-          if (alpha != acc_t(1)) {
-            acc_t* o = acc.data() + a * D;
-            for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
+      for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
+        plan.rows_of_block(chunk, t, &ws.rows);
+        if (ws.rows.empty()) continue;
+        const int64_t nq = static_cast<int64_t>(ws.rows.size());
+        const int64_t ncols = round_up(nq, ops.vec_width);
+        ws.pos.resize(nq);
+        for (int64_t a = 0; a < nq; ++a) ws.pos[a] = ws.rows[a] + off;
+        plan.keys_of_block(chunk, ws.rows, &ws.keys);
+        gather_extras(ws.keys, K, V, D, ws);
+        // Offset of the block's span inside the chunk's key rows.
+        const int64_t span_row0 =
+            ws.keys.span.count > 0 ? (ws.keys.span.lo - chunk_keys.lo) / std::max<int64_t>(chunk_keys.stride, 1) : 0;
+
+        for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
+          const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
+          pack_transposed(head_rows<const scalar_t>(q, b, h), ws.rows, ncols, D, static_cast<acc_t>(P.scale), BM,
+                          ws.qT.data());
+          std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
+          std::fill(ws.m.begin(), ws.m.begin() + ncols, neg_inf);
+          std::fill(ws.l.begin(), ws.l.begin() + ncols, acc_t(0));
+
+          for_each_key_tile(ws.keys, [&](const TileKeys& keys, bool masked, int64_t r0) {
+            const bool extra = keys.list != nullptr;
+            const acc_t* kp = extra ? ws.k_extra.data() + r0 * D : kv_rows.k + (span_row0 + r0) * kv_rows.ld;
+            const acc_t* vp = extra ? ws.v_extra.data() + r0 * D : kv_rows.v + (span_row0 + r0) * kv_rows.ld;
+            const int64_t ld = extra ? D : kv_rows.ld;
+            acc_t* S = ws.S.data();
+            ops.gemm(keys.n, ncols, D, kp, ld, 1, ws.qT.data(), BM, S, BM, false);
+            finalize_tile(bc, keys, masked, S, BM, static_cast<acc_t*>(nullptr), ws.first, ws.end);
+            if (sigmoid_score) {
+              ops.sigmoid_tile(S, BM, keys.n, ncols, bias);
+            } else {
+              ops.softmax_tile(S, BM, keys.n, ncols, ws.m.data(), ws.l.data(), ws.alpha.data());
+              for (int64_t a = 0; a < nq; ++a) {
+                const acc_t al = ws.alpha[a];
+                if (al == acc_t(1)) continue;
+                acc_t* o = ws.acc.data() + a * D;
+                for (int64_t d = 0; d < D; ++d) o[d] *= al;
+              }
+            }
+            ops.gemm(nq, D, keys.n, S, 1, BM, vp, ld, ws.acc.data(), D, true);
+          });
+
+          auto O = head_rows<scalar_t>(out, b, h);
+          acc_t* lse_row = lse.data_ptr<acc_t>() + (b * P.q_heads + h) * P.q_len;
+          for (int64_t a = 0; a < nq; ++a) {
+            scalar_t* o = O.row(ws.rows[a]);
+            const acc_t* src = ws.acc.data() + a * D;
+            if (sigmoid_score) {
+              for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(src[d]);
+              lse_row[ws.rows[a]] = acc_t(0);  // not defined for sigmoid
+              continue;
+            }
+            const bool empty = !(ws.l[a] > acc_t(0));  // a row with no allowed key returns zeros
+            const acc_t inv = empty ? acc_t(0) : acc_t(1) / ws.l[a];
+            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(src[d] * inv);
+            lse_row[ws.rows[a]] = empty ? neg_inf : ws.m[a] + std::log(ws.l[a]);
           }
         }
-        tile_matmul(nq, D, nk, s.data(), kKeyBlock, vv.data(), D, acc.data(), D, true);
-      });
-
-      auto ov = head_view<scalar_t>(out, b, h);
-      acc_t* lse_row = lse.data_ptr<acc_t>() + (b * P.q_heads + h) * P.q_len;
-      for (int64_t a = 0; a < nq; ++a) {
-        scalar_t* o = ov.row(rows.idx[a]);
-        const acc_t* src = acc.data() + a * D;
-        if (sigmoid_score) {
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(src[d]);
-          lse_row[rows.idx[a]] = acc_t(0);  // not defined for sigmoid
-          continue;
-        }
-        const bool empty = !(l[a] > acc_t(0));  // a row with no allowed key returns zeros
-        const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[a];
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(src[d] * inv);
-        lse_row[rows.idx[a]] = empty ? neg_inf : m[a] + std::log(l[a]);
       }
     }
   });
 }
 
 // --------------------------------------------------------------- backward --
-
-// Per-tile probabilities and score gradients shared by both backward passes.
-// On exit: prob[a][c] = P or sigmoid value, ds[a][c] = dLoss/d(scale*q.k).
-template <typename acc_t>
-void tile_score_grads(const TileContext<acc_t>& t, const acc_t* lse_rows, const acc_t* rowdot_rows,
-                      acc_t* s /*scores in, kept*/, acc_t* prob, acc_t* dp_ds /*dP in, dS out*/, int64_t ld) {
-  const AttentionParams& P = *t.P;
-  const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
-  const acc_t bias = static_cast<acc_t>(P.sigmoid_bias);
-  const acc_t cap = static_cast<acc_t>(P.softcap);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t off = P.position_offset();
-  finalize_scores(t, s, ld);
-  for (int64_t a = 0; a < t.nq; ++a) {
-    const acc_t* sa = s + a * ld;
-    acc_t* pa = prob + a * ld;
-    acc_t* ga = dp_ds + a * ld;
-    const acc_t row_lse = sigmoid_score ? acc_t(0) : lse_rows[a];
-    const bool empty_row = !sigmoid_score && row_lse == neg_inf;
-    for (int64_t c = 0; c < t.nk; ++c) {
-      if (empty_row || sa[c] == neg_inf) {
-        pa[c] = acc_t(0);
-        ga[c] = acc_t(0);
-        continue;
-      }
-      acc_t g;
-      if (sigmoid_score) {
-        pa[c] = sigmoid<acc_t>(sa[c] + bias);
-        g = sigmoid_score_grad<acc_t>(pa[c], ga[c]);
-      } else {
-        pa[c] = std::exp(sa[c] - row_lse);
-        g = softmax_score_grad<acc_t>(pa[c], ga[c], rowdot_rows[a]);
-      }
-      if (cap > acc_t(0)) {
-        g *= transform_score_grad<acc_t>(sa[c], cap, t.slope, abs_distance(t.rows[a] + off, t.keys[c]));
-      }
-      ga[c] = g;
-    }
-  }
-}
 
 // rowdot[b,h,i] = dO_i . O_i - dlse_i: the softmax backward's row constant.
 template <typename scalar_t>
@@ -249,8 +348,8 @@ at::Tensor softmax_row_dots(const AttentionParams& P, const at::Tensor& grad_out
   at::parallel_for(0, P.batch * P.q_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / P.q_heads, h = bh % P.q_heads;
-      const auto go = head_view<const scalar_t>(grad_out, b, h);
-      const auto o = head_view<const scalar_t>(out, b, h);
+      const auto go = head_rows<const scalar_t>(grad_out, b, h);
+      const auto o = head_rows<const scalar_t>(out, b, h);
       acc_t* r = rowdot.data_ptr<acc_t>() + bh * P.q_len;
       const acc_t* gl = glse.defined() ? glse.data_ptr<acc_t>() + bh * P.q_len : nullptr;
       for (int64_t i = 0; i < P.q_len; ++i) {
@@ -263,130 +362,179 @@ at::Tensor softmax_row_dots(const AttentionParams& P, const at::Tensor& grad_out
   return rowdot;
 }
 
+// The key gradients one chunk accumulated: rows of its span, and rows of the
+// global keys (by rank) it reached as extras.
+template <typename acc_t>
+struct ChunkKeyGrads {
+  KeyRange span;
+  std::vector<acc_t> dk, dv;              // span.count x D
+  std::vector<acc_t> dk_extra, dv_extra;  // n_global x D, empty when no extras were visited
+};
+
 template <typename scalar_t>
 void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Tensor& grad_out,
                      const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& slopes,
                      at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t D = P.head_dim;
+  const TileOps<acc_t>& ops = tile_ops<acc_t>();
+  const int64_t D = P.head_dim, BM = kRowBlock, off = P.position_offset();
   const acc_t scale = static_cast<acc_t>(P.scale);
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
+  const bool softcap = P.softcap > 0.0;
+  const acc_t bias = static_cast<acc_t>(P.sigmoid_bias);
   const at::Tensor rowdot = sigmoid_score ? at::Tensor() : softmax_row_dots<scalar_t>(P, grad_out, out, grad_lse);
   const at::Tensor lse_acc = lse.contiguous();
   auto row_stats = [&](const at::Tensor& t, int64_t b, int64_t h) -> const acc_t* {
     return t.defined() ? t.data_ptr<acc_t>() + (b * P.q_heads + h) * P.q_len : nullptr;
   };
+  const auto& chunks = plan.row_chunks();
+  std::vector<ChunkKeyGrads<acc_t>> key_grads(chunks.size());
 
-  // Pass 1: dQ, one work item per block of query rows and head.
-  const auto& row_work = plan.row_work();
-  at::parallel_for(0, static_cast<int64_t>(row_work.size()) * P.q_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qs(kRowBlock * D), go(kRowBlock * D), kt(D * kKeyBlock), kk(kKeyBlock * D),
-        vt(D * kKeyBlock), s(kRowBlock * kKeyBlock), pr(kRowBlock * kKeyBlock), ds(kRowBlock * kKeyBlock),
-        dqa(kRowBlock * D), lse_r(kRowBlock), dot_r(kRowBlock);
-    IndexList rows, keys;
-    for (int64_t item = begin; item < end; ++item) {
-      const WorkItem& w = row_work[item / P.q_heads];
-      const int64_t h = item % P.q_heads, b = w.batch, hk = h / P.group_size();
-      plan.rows_of_row_work(w, &rows);
-      if (rows.idx.empty()) continue;
-      plan.keys_of_row_work(w, rows, &keys);
-      const int64_t nq = static_cast<int64_t>(rows.idx.size());
-      gather_rows(head_view<const scalar_t>(q, b, h), rows.idx.data(), nq, D, scale, qs.data());
-      gather_rows(head_view<const scalar_t>(grad_out, b, h), rows.idx.data(), nq, D, acc_t(1), go.data());
-      const acc_t* lse_all = row_stats(lse_acc, b, h);
-      const acc_t* dot_all = row_stats(rowdot, b, h);
-      for (int64_t a = 0; a < nq; ++a) {
-        lse_r[a] = lse_all[rows.idx[a]];
-        dot_r[a] = dot_all ? dot_all[rows.idx[a]] : acc_t(0);
-      }
-      std::fill(dqa.begin(), dqa.begin() + nq * D, acc_t(0));
-      const acc_t slope = alibi_slope<acc_t>(P, slopes, b, h);
-      const auto kv = head_view<const scalar_t>(k, b, hk);
-      const auto vview = head_view<const scalar_t>(v, b, hk);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> ws(D, /*backward=*/true);
+    if (softcap) ws.F.resize(kKeyTile * kRowBlock);
+    KeyRows<scalar_t, acc_t> kv_rows;
+    for (int64_t ci = begin; ci < end; ++ci) {
+      const RowChunk& chunk = chunks[ci];
+      const int64_t b = chunk.batch, hk = chunk.kv_head;
+      const auto K = head_rows<const scalar_t>(k, b, hk);
+      const auto V = head_rows<const scalar_t>(v, b, hk);
+      ChunkKeyGrads<acc_t>& grads = key_grads[ci];
+      grads.span = plan.span_of_chunk(chunk);
+      kv_rows.prepare(K, V, grads.span, D);
+      grads.dk.assign(grads.span.count * D, acc_t(0));
+      grads.dv.assign(grads.span.count * D, acc_t(0));
 
-      for_each_tile(keys, kKeyBlock, [&](int64_t start, int64_t nk, bool keys_in_span) {
-        const int64_t* kidx = keys.idx.data() + start;
-        gather_rows_transposed(kv, kidx, nk, D, kKeyBlock, kt.data());
-        gather_rows(kv, kidx, nk, D, acc_t(1), kk.data());
-        gather_rows_transposed(vview, kidx, nk, D, kKeyBlock, vt.data());
-        tile_matmul(nq, nk, D, qs.data(), D, kt.data(), kKeyBlock, s.data(), kKeyBlock, false);
-        tile_matmul(nq, nk, D, go.data(), D, vt.data(), kKeyBlock, ds.data(), kKeyBlock, false);
-        const TileContext<acc_t> t{&P,
-                                   rows.idx.data(),
-                                   nq,
-                                   kidx,
-                                   nk,
-                                   tile_needs_mask<acc_t>(P, rows.idx.data(), nq, kidx, nk, true, keys_in_span) &&
-                                       !w.global_block,
-                                   plan.global_key_flags(b),
-                                   slope};
-        tile_score_grads(t, lse_r.data(), dot_r.data(), s.data(), pr.data(), ds.data(), kKeyBlock);
-        tile_matmul(nq, D, nk, ds.data(), kKeyBlock, kk.data(), D, dqa.data(), D, true);
-      });
+      for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
+        plan.rows_of_block(chunk, t, &ws.rows);
+        if (ws.rows.empty()) continue;
+        const int64_t nq = static_cast<int64_t>(ws.rows.size());
+        const int64_t ncols = round_up(nq, ops.vec_width);
+        ws.pos.resize(nq);
+        for (int64_t a = 0; a < nq; ++a) ws.pos[a] = ws.rows[a] + off;
+        plan.keys_of_block(chunk, ws.rows, &ws.keys);
+        gather_extras(ws.keys, K, V, D, ws);
+        if (!ws.keys.extras.empty() && grads.dk_extra.empty()) {
+          const int64_t n_global = static_cast<int64_t>(plan.global_keys(b).size());
+          grads.dk_extra.assign(n_global * D, acc_t(0));
+          grads.dv_extra.assign(n_global * D, acc_t(0));
+        }
+        const int64_t span_row0 =
+            ws.keys.span.count > 0 ? (ws.keys.span.lo - grads.span.lo) / std::max<int64_t>(grads.span.stride, 1) : 0;
 
-      auto dqv = head_view<scalar_t>(dq, b, h);
-      for (int64_t a = 0; a < nq; ++a) {
-        scalar_t* o = dqv.row(rows.idx[a]);
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(scale * dqa[a * D + d]);
+        for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
+          const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
+          const auto Q = head_rows<const scalar_t>(q, b, h);
+          const auto GO = head_rows<const scalar_t>(grad_out, b, h);
+          pack_transposed(Q, ws.rows, ncols, D, scale, BM, ws.qT.data());
+          pack_transposed(GO, ws.rows, ncols, D, acc_t(1), BM, ws.goT.data());
+          gather_rows(Q, ws.rows.data(), nq, D, ws.q_rows.data());
+          for (int64_t i = 0; i < nq * D; ++i) ws.q_rows[i] *= scale;
+          gather_rows(GO, ws.rows.data(), nq, D, ws.go_rows.data());
+          const acc_t* lse_all = row_stats(lse_acc, b, h);
+          const acc_t* dot_all = row_stats(rowdot, b, h);
+          for (int64_t a = 0; a < ncols; ++a) {
+            ws.lse[a] = a < nq && !sigmoid_score ? lse_all[ws.rows[a]] : acc_t(0);
+            ws.dot[a] = a < nq && dot_all ? dot_all[ws.rows[a]] : acc_t(0);
+          }
+          std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
+
+          for_each_key_tile(ws.keys, [&](const TileKeys& keys, bool masked, int64_t r0) {
+            const bool extra = keys.list != nullptr;
+            const acc_t* kp = extra ? ws.k_extra.data() + r0 * D : kv_rows.k + (span_row0 + r0) * kv_rows.ld;
+            const acc_t* vp = extra ? ws.v_extra.data() + r0 * D : kv_rows.v + (span_row0 + r0) * kv_rows.ld;
+            const int64_t ld = extra ? D : kv_rows.ld;
+            const int64_t nk = keys.n;
+            acc_t* S = ws.S.data();
+            acc_t* G = ws.G.data();
+            acc_t* F = softcap ? ws.F.data() : nullptr;
+            ops.gemm(nk, ncols, D, kp, ld, 1, ws.qT.data(), BM, S, BM, false);   // S^T = K Q^T
+            ops.gemm(nk, ncols, D, vp, ld, 1, ws.goT.data(), BM, G, BM, false);  // dP^T = V dO^T
+            finalize_tile(bc, keys, masked, S, BM, F, ws.first, ws.end);
+            if (sigmoid_score) {
+              ops.sigmoid_grad_tile(S, G, F, BM, nk, ncols, bias);
+            } else {
+              ops.softmax_grad_tile(S, G, F, BM, nk, ncols, ws.lse.data(), ws.dot.data());
+            }
+            // dQ += dS K
+            ops.gemm(nq, D, nk, G, 1, BM, kp, ld, ws.acc.data(), D, true);
+            // dK += dS^T Q, dV += P^T dO, into the chunk's span rows or a scratch for extras
+            acc_t* dk_dst;
+            acc_t* dv_dst;
+            if (extra) {
+              ws.dk_extra.assign(nk * D, acc_t(0));
+              ws.dv_extra.assign(nk * D, acc_t(0));
+              dk_dst = ws.dk_extra.data();
+              dv_dst = ws.dv_extra.data();
+            } else {
+              dk_dst = grads.dk.data() + (span_row0 + r0) * D;
+              dv_dst = grads.dv.data() + (span_row0 + r0) * D;
+            }
+            ops.gemm(nk, D, nq, G, BM, 1, ws.q_rows.data(), D, dk_dst, D, true);
+            ops.gemm(nk, D, nq, S, BM, 1, ws.go_rows.data(), D, dv_dst, D, true);
+            if (extra) {
+              for (int64_t c = 0; c < nk; ++c) {
+                const int64_t rank = ws.keys.extra_ranks[r0 + c];
+                for (int64_t d = 0; d < D; ++d) {
+                  grads.dk_extra[rank * D + d] += ws.dk_extra[c * D + d];
+                  grads.dv_extra[rank * D + d] += ws.dv_extra[c * D + d];
+                }
+              }
+            }
+          });
+
+          auto dQ = head_rows<scalar_t>(dq, b, h);
+          for (int64_t a = 0; a < nq; ++a) {
+            scalar_t* o = dQ.row(ws.rows[a]);
+            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(scale * ws.acc[a * D + d]);
+          }
+        }
       }
     }
   });
 
-  // Pass 2: dK and dV, one work item per block of keys and kv head; the query
-  // heads of its GQA group are summed here.
-  const auto& key_work = plan.key_work();
-  at::parallel_for(0, static_cast<int64_t>(key_work.size()) * P.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qs(kRowBlock * D), go(kRowBlock * D), kt(D * kKeyBlock), vt(D * kKeyBlock),
-        s(kRowBlock * kKeyBlock), pr(kRowBlock * kKeyBlock), ds(kRowBlock * kKeyBlock), dka(kKeyBlock * D),
-        dva(kKeyBlock * D), lse_r(kRowBlock), dot_r(kRowBlock);
-    IndexList rows, keys;
-    for (int64_t item = begin; item < end; ++item) {
-      const WorkItem& w = key_work[item / P.kv_heads];
-      const int64_t hk = item % P.kv_heads, b = w.batch;
-      plan.keys_of_key_work(w, &keys);
-      if (keys.idx.empty()) continue;
-      plan.rows_of_key_work(w, keys, &rows);
-      const int64_t nk = static_cast<int64_t>(keys.idx.size());
-      const int64_t* kidx = keys.idx.data();
-      gather_rows_transposed(head_view<const scalar_t>(k, b, hk), kidx, nk, D, kKeyBlock, kt.data());
-      gather_rows_transposed(head_view<const scalar_t>(v, b, hk), kidx, nk, D, kKeyBlock, vt.data());
-      std::fill(dka.begin(), dka.begin() + nk * D, acc_t(0));
-      std::fill(dva.begin(), dva.begin() + nk * D, acc_t(0));
-
-      for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
-        const acc_t slope = alibi_slope<acc_t>(P, slopes, b, h);
-        const acc_t* lse_all = row_stats(lse_acc, b, h);
-        const acc_t* dot_all = row_stats(rowdot, b, h);
-        const auto qv = head_view<const scalar_t>(q, b, h);
-        const auto gov = head_view<const scalar_t>(grad_out, b, h);
-        for_each_tile(rows, kRowBlock, [&](int64_t start, int64_t nq, bool rows_in_span) {
-          const int64_t* ridx = rows.idx.data() + start;
-          gather_rows(qv, ridx, nq, D, scale, qs.data());
-          gather_rows(gov, ridx, nq, D, acc_t(1), go.data());
-          for (int64_t a = 0; a < nq; ++a) {
-            lse_r[a] = lse_all[ridx[a]];
-            dot_r[a] = dot_all ? dot_all[ridx[a]] : acc_t(0);
+  // Sum the chunks' key gradients per key in chunk order (deterministic).
+  std::vector<std::vector<int64_t>> chunks_of_head(P.batch * P.kv_heads);
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    chunks_of_head[chunks[ci].batch * P.kv_heads + chunks[ci].kv_head].push_back(static_cast<int64_t>(ci));
+  }
+  constexpr int64_t kKeysPerTask = 256;
+  const int64_t tasks_per_head = (P.k_len + kKeysPerTask - 1) / kKeysPerTask;
+  at::parallel_for(0, P.batch * P.kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sk(D), sv(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / tasks_per_head;
+      const int64_t b = bh / P.kv_heads, hk = bh % P.kv_heads;
+      const int64_t j0 = (task % tasks_per_head) * kKeysPerTask;
+      auto dK = head_rows<scalar_t>(dk, b, hk);
+      auto dV = head_rows<scalar_t>(dv, b, hk);
+      for (int64_t j = j0; j < std::min(j0 + kKeysPerTask, P.k_len); ++j) {
+        std::fill(sk.begin(), sk.end(), acc_t(0));
+        std::fill(sv.begin(), sv.end(), acc_t(0));
+        const bool global = plan.key_is_global(b, j);
+        const int64_t rank = global ? plan.global_rank(b, j) : -1;
+        for (int64_t ci : chunks_of_head[bh]) {
+          const ChunkKeyGrads<acc_t>& g = key_grads[ci];
+          if (g.span.contains(j)) {
+            const int64_t r = (j - g.span.lo) / g.span.stride;
+            for (int64_t d = 0; d < D; ++d) {
+              sk[d] += g.dk[r * D + d];
+              sv[d] += g.dv[r * D + d];
+            }
           }
-          tile_matmul(nq, nk, D, qs.data(), D, kt.data(), kKeyBlock, s.data(), kKeyBlock, false);
-          tile_matmul(nq, nk, D, go.data(), D, vt.data(), kKeyBlock, ds.data(), kKeyBlock, false);
-          const TileContext<acc_t> t{
-              &P,   ridx, nq, kidx, nk, tile_needs_mask<acc_t>(P, ridx, nq, kidx, nk, rows_in_span, !w.global_block),
-              plan.global_key_flags(b), slope};
-          tile_score_grads(t, lse_r.data(), dot_r.data(), s.data(), pr.data(), ds.data(), kKeyBlock);
-          tile_matmul_tn(nk, D, nq, pr.data(), kKeyBlock, go.data(), D, dva.data(), D);
-          tile_matmul_tn(nk, D, nq, ds.data(), kKeyBlock, qs.data(), D, dka.data(), D);
-        });
-      }
-
-      auto dkv = head_view<scalar_t>(dk, b, hk);
-      auto dvv = head_view<scalar_t>(dv, b, hk);
-      for (int64_t c = 0; c < nk; ++c) {
-        scalar_t* ok = dkv.row(kidx[c]);
-        scalar_t* ov = dvv.row(kidx[c]);
+          if (global && !g.dk_extra.empty()) {
+            for (int64_t d = 0; d < D; ++d) {
+              sk[d] += g.dk_extra[rank * D + d];
+              sv[d] += g.dv_extra[rank * D + d];
+            }
+          }
+        }
+        scalar_t* ok = dK.row(j);
+        scalar_t* ov = dV.row(j);
         for (int64_t d = 0; d < D; ++d) {
-          ok[d] = static_cast<scalar_t>(dka[c * D + d]);
-          ov[d] = static_cast<scalar_t>(dva[c * D + d]);
+          ok[d] = static_cast<scalar_t>(sk[d]);
+          ov[d] = static_cast<scalar_t>(sv[d]);
         }
       }
     }
@@ -394,6 +542,9 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
 }
 
 // ------------------------------------------------------------ entry points --
+
+// Enough chunks that every thread gets several (the plan caps it by the work there is).
+int64_t target_chunks() { return 4 * at::get_num_threads(); }
 
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -407,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
   at::Tensor lse = at::full({P.batch, P.q_heads, P.q_len}, -std::numeric_limits<double>::infinity(),
                             q.options().dtype(lse_dtype(q.scalar_type())));
   if (out.numel() == 0 || P.k_len == 0) return {out, lse};
-  const TilePlan plan(P, global_mask);
+  const TilePlan plan(P, global_mask, target_chunks());
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_fwd_cpu", [&] {
     forward_kernel<scalar_t>(P, plan, q, k, v, slopes, out, lse);
@@ -431,7 +582,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
   at::Tensor dk = at::zeros(k.sizes(), k.options().memory_format(contiguous));
   at::Tensor dv = at::zeros(v.sizes(), v.options().memory_format(contiguous));
   if (q.numel() == 0 || k.numel() == 0) return {dq, dk, dv};
-  const TilePlan plan(P, global_mask);
+  const TilePlan plan(P, global_mask, target_chunks());
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_bwd_cpu", [&] {
     backward_kernel<scalar_t>(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, dq, dk, dv);

@@ -14,18 +14,14 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Number of indices in [0, n) congruent to cls modulo d.
 int64_t class_count(int64_t n, int64_t cls, int64_t d) { return cls < n ? ceil_div(n - cls, d) : 0; }
 
-// Append every global index of `globals` that is not in the class-`cls` band [lo, hi].
-void append_outside_band(const std::vector<int64_t>& globals, int64_t lo, int64_t hi, int64_t cls,
-                         int64_t d, std::vector<int64_t>* out) {
-  for (int64_t g : globals) {
-    const bool in_band = g >= lo && g <= hi && floor_mod(g, d) == cls;
-    if (!in_band) out->push_back(g);
-  }
-}
+// Longest run of blocks one chunk takes: bounds the per-thread copies of key
+// rows (low precision) and the overlap the key-gradient reduction sums.
+constexpr int64_t kMaxChunkBlocks = 64;
 
 }  // namespace
 
-TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask) : P_(P) {
+TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask, int64_t target_chunks)
+    : P_(P) {
   const int64_t d = P.dilation;
   global_keys_.resize(P.batch);
   global_rows_.resize(P.batch);
@@ -43,100 +39,102 @@ TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& gl
       }
     }
   }
+
+  // Chunks per run of blocks: enough for `target_chunks` overall, never longer
+  // than kMaxChunkBlocks.
+  const int64_t classes = std::min(d, P.q_len);
+  const int64_t runs = std::max<int64_t>(1, P.batch * P.kv_heads * classes);
+  const int64_t wanted_per_run = std::max<int64_t>(1, ceil_div(target_chunks, runs));
+  auto add_run = [&](int64_t b, int64_t hk, bool global_rows, int64_t cls, int64_t n_blocks) {
+    if (n_blocks <= 0) return;
+    const int64_t pieces = std::min(n_blocks, std::max(wanted_per_run, ceil_div(n_blocks, kMaxChunkBlocks)));
+    for (int64_t t = 0; t < pieces; ++t) {
+      const int64_t first = n_blocks * t / pieces, last = n_blocks * (t + 1) / pieces;
+      chunks_.push_back({b, hk, global_rows, cls, first, last - first});
+    }
+  };
   for (int64_t b = 0; b < P.batch; ++b) {
-    for (int64_t c = 0; c < std::min(d, P.q_len); ++c) {
-      const int64_t blocks = ceil_div(class_count(P.q_len, c, d), kRowBlock);
-      for (int64_t t = 0; t < blocks; ++t) row_work_.push_back({b, false, c, t});
-    }
-    for (int64_t t = 0; t < ceil_div(static_cast<int64_t>(global_rows_[b].size()), kRowBlock); ++t) {
-      row_work_.push_back({b, true, 0, t});
-    }
-    for (int64_t c = 0; c < std::min(d, P.k_len); ++c) {
-      const int64_t blocks = ceil_div(class_count(P.k_len, c, d), kKeyBlock);
-      for (int64_t t = 0; t < blocks; ++t) key_work_.push_back({b, false, c, t});
-    }
-    for (int64_t t = 0; t < ceil_div(static_cast<int64_t>(global_keys_[b].size()), kKeyBlock); ++t) {
-      key_work_.push_back({b, true, 0, t});
+    for (int64_t hk = 0; hk < P.kv_heads; ++hk) {
+      for (int64_t c = 0; c < classes; ++c) {
+        add_run(b, hk, false, c, ceil_div(class_count(P.q_len, c, d), kRowBlock));
+      }
+      add_run(b, hk, true, 0, ceil_div(static_cast<int64_t>(global_rows_[b].size()), kRowBlock));
     }
   }
 }
 
-void TilePlan::rows_of_row_work(const WorkItem& w, IndexList* rows) const {
-  rows->idx.clear();
-  if (w.global_block) {
-    const auto& g = global_rows_[w.batch];
-    const int64_t start = w.block * kRowBlock;
+int64_t TilePlan::global_rank(int64_t b, int64_t j) const {
+  const auto& g = global_keys_[b];
+  return std::lower_bound(g.begin(), g.end(), j) - g.begin();
+}
+
+void TilePlan::rows_of_block(const RowChunk& c, int64_t block, std::vector<int64_t>* rows) const {
+  rows->clear();
+  if (c.global_rows) {
+    const auto& g = global_rows_[c.batch];
+    const int64_t start = block * kRowBlock;
     const int64_t stop = std::min<int64_t>(start + kRowBlock, g.size());
-    rows->idx.assign(g.begin() + start, g.begin() + stop);
-    rows->n_span = 0;
+    rows->assign(g.begin() + start, g.begin() + stop);
     return;
   }
   const int64_t d = P_.dilation;
   for (int64_t a = 0; a < kRowBlock; ++a) {
-    const int64_t i = w.cls + d * (w.block * kRowBlock + a);
+    const int64_t i = c.cls + d * (block * kRowBlock + a);
     if (i >= P_.q_len) break;
-    if (!row_is_global(w.batch, i)) rows->idx.push_back(i);
+    if (!row_is_global(c.batch, i)) rows->push_back(i);
   }
-  rows->n_span = static_cast<int64_t>(rows->idx.size());
 }
 
-void TilePlan::keys_of_row_work(const WorkItem& w, const IndexList& rows, IndexList* keys) const {
-  keys->idx.clear();
-  keys->n_span = 0;
-  if (rows.idx.empty()) return;
-  if (w.global_block) {  // global rows see every key
-    keys->idx.resize(P_.k_len);
-    for (int64_t j = 0; j < P_.k_len; ++j) keys->idx[j] = j;
-    return;
-  }
-  const int64_t d = P_.dilation;
+// Class keys from the first window key of first_row to the last of last_row.
+KeyRange TilePlan::span_of_rows(int64_t first_row, int64_t last_row) const {
   const int64_t off = P_.position_offset();
   int64_t lo, hi, unused;
-  window_key_range(P_, rows.idx.front() + off, &lo, &unused);
-  window_key_range(P_, rows.idx.back() + off, &unused, &hi);
-  for (int64_t j = lo; j <= hi; j += d) keys->idx.push_back(j);
-  keys->n_span = static_cast<int64_t>(keys->idx.size());
-  if (has_global_) {
-    append_outside_band(global_keys_[w.batch], lo, hi, floor_mod(rows.idx.front() + off, d), d, &keys->idx);
-  }
+  window_key_range(P_, first_row + off, &lo, &unused);
+  window_key_range(P_, last_row + off, &unused, &hi);
+  KeyRange r;
+  r.stride = P_.dilation;
+  r.lo = lo;
+  r.count = hi >= lo ? (hi - lo) / P_.dilation + 1 : 0;
+  return r;
 }
 
-void TilePlan::keys_of_key_work(const WorkItem& w, IndexList* keys) const {
-  keys->idx.clear();
-  if (w.global_block) {
-    const auto& g = global_keys_[w.batch];
-    const int64_t start = w.block * kKeyBlock;
-    const int64_t stop = std::min<int64_t>(start + kKeyBlock, g.size());
-    keys->idx.assign(g.begin() + start, g.begin() + stop);
-  } else {
-    for (int64_t a = 0; a < kKeyBlock; ++a) {
-      const int64_t j = w.cls + P_.dilation * (w.block * kKeyBlock + a);
-      if (j >= P_.k_len) break;
-      if (!key_is_global(w.batch, j)) keys->idx.push_back(j);
-    }
-  }
-  keys->n_span = static_cast<int64_t>(keys->idx.size());
-}
-
-void TilePlan::rows_of_key_work(const WorkItem& w, const IndexList& keys, IndexList* rows) const {
-  rows->idx.clear();
-  rows->n_span = 0;
-  if (keys.idx.empty()) return;
-  if (w.global_block) {  // every row sees a global key
-    rows->idx.resize(P_.q_len);
-    for (int64_t i = 0; i < P_.q_len; ++i) rows->idx[i] = i;
+void TilePlan::keys_of_block(const RowChunk& c, const std::vector<int64_t>& rows, BlockKeys* keys) const {
+  keys->extras.clear();
+  keys->extra_ranks.clear();
+  if (c.global_rows) {  // global rows see every key
+    keys->span = KeyRange{0, P_.k_len, 1};
+    keys->span_needs_mask = false;
     return;
   }
-  const int64_t d = P_.dilation;
-  int64_t lo, hi, unused;
-  window_row_range(P_, keys.idx.front(), &lo, &unused);
-  window_row_range(P_, keys.idx.back(), &unused, &hi);
-  for (int64_t i = lo; i <= hi; i += d) {
-    if (!row_is_global(w.batch, i)) rows->idx.push_back(i);
+  keys->span = span_of_rows(rows.front(), rows.back());
+  const KeyRange& s = keys->span;
+  const int64_t off = P_.position_offset();
+  keys->span_needs_mask =
+      s.count > 0 && !tile_in_window(P_, rows.front() + off, rows.back() + off, s.lo, s.at(s.count - 1));
+  if (has_global_) {
+    const auto& g = global_keys_[c.batch];
+    for (size_t r = 0; r < g.size(); ++r) {
+      if (!s.contains(g[r])) {
+        keys->extras.push_back(g[r]);
+        keys->extra_ranks.push_back(static_cast<int64_t>(r));
+      }
+    }
   }
-  rows->n_span = static_cast<int64_t>(rows->idx.size());
-  const auto& g = global_rows_[w.batch];
-  rows->idx.insert(rows->idx.end(), g.begin(), g.end());
+}
+
+KeyRange TilePlan::span_of_chunk(const RowChunk& c) const {
+  if (c.global_rows) return KeyRange{0, P_.k_len, 1};
+  // Rows of a class only grow with the block number, and so do their windows.
+  std::vector<int64_t> rows;
+  int64_t first = -1, last = -1;
+  for (int64_t t = c.first_block; t < c.first_block + c.n_blocks; ++t) {
+    rows_of_block(c, t, &rows);
+    if (rows.empty()) continue;
+    if (first < 0) first = rows.front();
+    last = rows.back();
+  }
+  if (first < 0) return KeyRange{0, 0, P_.dilation};
+  return span_of_rows(first, last);
 }
 
 }  // namespace longreach::cpu

@@ -1,15 +1,20 @@
 // Which query rows and which keys each unit of CPU work visits.
 //
-// Passes over query rows (forward, dQ) cut every residue class of rows into
-// blocks; a block visits the band of keys its rows' windows cover (its "span"),
-// then the global keys outside that span. Rows at global positions see every
-// key, so they get blocks of their own over all keys. Passes over keys (dK, dV)
-// are the transpose: blocks of ordinary keys visit the rows whose windows cover
-// them plus all global rows; blocks of global keys visit every row.
+// Query rows split into residue classes (row position mod dilation); inside a
+// class the window is an ordinary band, so a block of kRowBlock consecutive rows
+// of a class sees one contiguous run of the class's keys, its "span", which is
+// known before any score is computed. A block visits its span (masked only at
+// the band's edges), then the global keys outside the band ("extras", always
+// allowed). Rows at global positions see every key: they are taken out of the
+// class blocks and get blocks of their own whose span is all keys, unmasked.
+// Every (row, key) pair is therefore visited exactly once, which both the
+// forward and the one-pass backward rely on.
 //
-// Each list is split into a "span" part (needs the per-element window mask at
-// the band's edges) and an "always allowed" part, so no key is counted twice
-// and tiles never straddle the two.
+// A RowChunk, the unit of parallel work, is a run of consecutive blocks of one
+// (batch, kv head, class) (or of the global rows); it processes every query
+// head of its GQA group, so the key/value rows it reads are shared by them,
+// and it owns the key-gradient contributions of its blocks until the final
+// deterministic reduction.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,27 +26,44 @@
 
 namespace longreach::cpu {
 
-constexpr int64_t kRowBlock = 64;  // query rows per work item / tile
-constexpr int64_t kKeyBlock = 64;  // keys per tile
+constexpr int64_t kRowBlock = 64;  // query rows per block (columns of a score tile)
 
-struct WorkItem {
-  int64_t batch;
-  bool global_block;  // rows (or keys) at global positions
-  int64_t cls;        // residue class (row index mod dilation, or key index mod dilation)
-  int64_t block;      // block number inside the class or the global list
+// keys lo, lo + stride, ..., lo + (count - 1) * stride
+struct KeyRange {
+  int64_t lo = 0;
+  int64_t count = 0;
+  int64_t stride = 1;
+  int64_t at(int64_t r) const { return lo + r * stride; }
+  bool contains(int64_t j) const {
+    return count > 0 && j >= lo && j <= at(count - 1) && (j - lo) % stride == 0;
+  }
 };
 
-// A list of indices whose first `n_span` entries need the window mask and whose
-// remaining entries are always allowed.
-struct IndexList {
-  std::vector<int64_t> idx;
-  int64_t n_span = 0;
+struct RowChunk {
+  int64_t batch;
+  int64_t kv_head;
+  bool global_rows;  // blocks of rows at global positions (see every key)
+  int64_t cls;       // residue class (row index mod dilation); 0 for global rows
+  int64_t first_block;
+  int64_t n_blocks;
+};
+
+struct BlockKeys {
+  KeyRange span;
+  bool span_needs_mask = false;       // some row/key pair of the span may be outside the band
+  std::vector<int64_t> extras;        // global keys outside the band, sorted
+  std::vector<int64_t> extra_ranks;   // their positions in global_keys(batch)
 };
 
 class TilePlan {
  public:
-  TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask);
+  // `target_chunks`: cut blocks into at least this many chunks when there are
+  // enough of them (so all threads get work); the caller passes a multiple of
+  // the thread count.
+  TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask, int64_t target_chunks);
 
+  const AttentionParams& params() const { return P_; }
+  bool has_global() const { return has_global_; }
   bool key_is_global(int64_t b, int64_t j) const {
     return has_global_ && is_global_key_[b * P_.k_len + j] != 0;
   }
@@ -49,28 +71,28 @@ class TilePlan {
     const int64_t p = i + P_.position_offset();
     return p >= 0 && p < P_.k_len && key_is_global(b, p);
   }
-  const uint8_t* global_key_flags(int64_t b) const {
-    return has_global_ ? is_global_key_.data() + b * P_.k_len : nullptr;
-  }
+  const std::vector<int64_t>& global_keys(int64_t b) const { return global_keys_[b]; }
+  // Position of global key j in global_keys(b).
+  int64_t global_rank(int64_t b, int64_t j) const;
 
-  // Passes over query rows.
-  const std::vector<WorkItem>& row_work() const { return row_work_; }
-  void rows_of_row_work(const WorkItem& w, IndexList* rows) const;
-  void keys_of_row_work(const WorkItem& w, const IndexList& rows, IndexList* keys) const;
-
-  // Passes over keys.
-  const std::vector<WorkItem>& key_work() const { return key_work_; }
-  void keys_of_key_work(const WorkItem& w, IndexList* keys) const;
-  void rows_of_key_work(const WorkItem& w, const IndexList& keys, IndexList* rows) const;
+  const std::vector<RowChunk>& row_chunks() const { return chunks_; }
+  // Rows of block `block` of the chunk's class (or of the global rows), ascending.
+  void rows_of_block(const RowChunk& c, int64_t block, std::vector<int64_t>* rows) const;
+  // The keys a block of rows visits (rows as returned by rows_of_block, non-empty).
+  void keys_of_block(const RowChunk& c, const std::vector<int64_t>& rows, BlockKeys* keys) const;
+  // The union of the spans of the chunk's blocks: the key rows it reads and
+  // whose gradients it accumulates (extras aside).
+  KeyRange span_of_chunk(const RowChunk& c) const;
 
  private:
+  KeyRange span_of_rows(int64_t first_row, int64_t last_row) const;
+
   AttentionParams P_;
   bool has_global_ = false;
   std::vector<uint8_t> is_global_key_;             // B * Lk
   std::vector<std::vector<int64_t>> global_keys_;  // per batch, sorted
   std::vector<std::vector<int64_t>> global_rows_;  // per batch, sorted
-  std::vector<WorkItem> row_work_;
-  std::vector<WorkItem> key_work_;
+  std::vector<RowChunk> chunks_;
 };
 
 }  // namespace longreach::cpu
