@@ -26,6 +26,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <string>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -40,7 +42,24 @@
 namespace longreach::cpu {
 namespace {
 
-constexpr int64_t kKeyTile = 512;  // most keys per score tile
+#include <cstdlib>
+#include <ctime>
+double dev_now() { timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }  // DEV
+double dev_t[4] = {0, 0, 0, 0};
+double dev_elems = 0;
+int64_t dev_knob_env(const char* name, int64_t dflt) { const char* e = std::getenv(name); return e ? std::atoi(e) : dflt; }  // DEV
+int64_t dev_kt = 512, dev_skip = 0, dev_r = 64, dev_odd = 1, dev_report = 0;
+void dev_refresh() {
+  dev_kt = dev_knob_env("LR_KT", 1024); dev_skip = dev_knob_env("LR_SKIP", 0); dev_r = dev_knob_env("LR_R", 64);
+  dev_odd = dev_knob_env("LR_ODD", 1); dev_report = dev_knob_env("LR_REPORT", 0);
+  dev_row_block_value() = dev_knob_env("LR_BM", 64);
+}
+int64_t dev_knob(const char* name, int64_t) {
+  std::string n(name);
+  if (n == "LR_KT") return dev_kt; if (n == "LR_SKIP") return dev_skip; if (n == "LR_R") return dev_r;
+  if (n == "LR_ODD") return dev_odd; return dev_report;
+}
+#define kKeyTile dev_kt
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -69,57 +88,61 @@ acc_t alibi_slope(const AttentionParams& P, const at::Tensor& slopes, int64_t b,
 
 // ------------------------------------------------------- key/value rows --
 
-// The key and value rows a chunk reads, as acc_t rows: row r of `range` at
-// k + r * ld. float/double inputs are used in place; others are converted once.
-template <typename scalar_t, typename acc_t>
-struct KeyRows {
-  const acc_t* k = nullptr;
-  const acc_t* v = nullptr;
+// Rows of a (B, H, L, D) head as acc_t rows: row r of a chunk's key range (or
+// of a block's rows) at ptr + r * ld. float/double inputs at regular strides
+// are used in place; anything else is gathered (and converted) into `copy`.
+template <typename acc_t>
+struct Rows {
+  const acc_t* ptr = nullptr;
   int64_t ld = 0;
-  std::vector<acc_t> k_copy, v_copy;
-
-  void prepare(const HeadRows<const scalar_t>& K, const HeadRows<const scalar_t>& V, const KeyRange& range,
-               int64_t D) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      k = K.row(range.lo);
-      v = V.row(range.lo);
-      ld = range.stride * K.stride_l;
-    } else {
-      k_copy.resize(std::max<int64_t>(range.count, 1) * D);
-      v_copy.resize(k_copy.size());
-      for (int64_t r = 0; r < range.count; ++r) {
-        const scalar_t* ks = K.row(range.at(r));
-        const scalar_t* vs = V.row(range.at(r));
-        acc_t* kd = k_copy.data() + r * D;
-        acc_t* vd = v_copy.data() + r * D;
-        for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<acc_t>(ks[d]);
-        for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<acc_t>(vs[d]);
-      }
-      k = k_copy.data();
-      v = v_copy.data();
-      ld = D;
-    }
-  }
+  std::vector<acc_t> copy;
+  const acc_t* row(int64_t r) const { return ptr + r * ld; }
 };
 
-template <typename scalar_t, typename acc_t>
-void gather_rows(const HeadRows<const scalar_t>& src, const int64_t* idx, int64_t n, int64_t D, acc_t* dst) {
-  for (int64_t a = 0; a < n; ++a) {
-    const scalar_t* s = src.row(idx[a]);
-    for (int64_t d = 0; d < D; ++d) dst[a * D + d] = static_cast<acc_t>(s[d]);
+template <typename scalar_t, typename acc_t, typename IndexFn>
+void load_rows(const HeadRows<const scalar_t>& src, int64_t n, IndexFn&& index, bool regular, int64_t D,
+               Rows<acc_t>* out) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (regular) {
+      out->ptr = n > 0 ? src.row(index(0)) : nullptr;
+      out->ld = n > 1 ? src.row(index(1)) - src.row(index(0)) : D;
+      return;
+    }
   }
+  out->copy.resize(std::max<int64_t>(n, 1) * D);
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* s = src.row(index(r));
+    acc_t* d = out->copy.data() + r * D;
+    for (int64_t x = 0; x < D; ++x) d[x] = static_cast<acc_t>(s[x]);
+  }
+  out->ptr = out->copy.data();
+  out->ld = D;
 }
 
-// dst[d * ld + a] = mul * src.row(rows[a])[d] for a < n, zero for n <= a < ncols.
-template <typename scalar_t, typename acc_t>
-void pack_transposed(const HeadRows<const scalar_t>& src, const std::vector<int64_t>& rows, int64_t ncols,
-                     int64_t D, acc_t mul, int64_t ld, acc_t* dst) {
-  const int64_t n = static_cast<int64_t>(rows.size());
-  for (int64_t a = 0; a < n; ++a) {
-    const scalar_t* s = src.row(rows[a]);
-    for (int64_t d = 0; d < D; ++d) dst[d * ld + a] = mul * static_cast<acc_t>(s[d]);
+// Keys as columns, the B operand of S = Q K^T and dP = dO V^T, panel-major as
+// gemm_band_n wants it: element (x, r) = mul * src.row(index(r))[x] at
+// dst[((r / W) * D + x) * W + r % W]. One zero group of slack past the last key
+// (gemm_band_n may read whole vectors there). Each group of W keys is copied
+// into a small row-major block, then transposed with the ISA's shuffles.
+template <typename scalar_t, typename acc_t, typename IndexFn>
+void pack_columns(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& src, int64_t n, IndexFn&& index,
+                  int64_t D, acc_t mul, std::vector<acc_t>* dst) {
+  const int64_t W = ops.vec_width;
+  const int64_t groups = (n + W - 1) / W + 1;
+  dst->assign(groups * D * W, acc_t(0));
+  std::vector<acc_t> rows(W * D);
+  for (int64_t g = 0; g * W < n; ++g) {
+    const int64_t r0 = g * W, nr = std::min(W, n - r0);
+    for (int64_t r = 0; r < nr; ++r) {
+      const scalar_t* s = src.row(index(r0 + r));
+      acc_t* d = rows.data() + r * D;
+      for (int64_t x = 0; x < D; ++x) d[x] = mul * static_cast<acc_t>(s[x]);
+    }
+    acc_t* block = dst->data() + g * D * W;
+    for (int64_t x0 = 0; x0 < D; x0 += W) {
+      ops.transpose(rows.data() + x0, D, block + x0 * W, W, nr, std::min(W, D - x0));
+    }
   }
-  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * ld + n, dst + d * ld + ncols, acc_t(0));
 }
 
 // ------------------------------------------------------------ score tiles --
@@ -142,108 +165,191 @@ struct BlockContext {
   acc_t slope;  // ALiBi slope of the head, 0 when off
 };
 
-// Turns S^T = scale * K Q^T into final scores: -inf outside the window (for a
-// masked span tile), then soft-cap and ALiBi. With `factor`, also writes
-// d(final score)/d(scale * q.k) for the soft-cap chain rule of the backward.
-// The allowed rows of one key form a contiguous run of columns (the band is
-// monotone in the row position), found by two pointers over the tile.
+// Which keys of a tile each row sees: run[a] = [first[a], end[a]) of tile
+// columns. Inside the band the window is monotone in the row position, so the
+// band part is found by two pointers with window.h's in_window. A global key
+// inside a masked tile is seen by every row, which can break a run: then the
+// run is widened to the hull and `interior` marks that the columns of the hull
+// outside [band_first, band_end) that are not global must be masked.
+struct TileRuns {
+  std::vector<int64_t> first, end, band_first, band_end;
+  bool interior = false;
+  bool masked = false;
+};
+
 template <typename acc_t>
-void finalize_tile(const BlockContext<acc_t>& bc, const TileKeys& keys, bool masked, acc_t* S, int64_t ld,
-                   acc_t* factor, std::vector<int64_t>& first, std::vector<int64_t>& end) {
+void plan_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, bool span_masked, int64_t valid_from,
+               TileRuns* runs) {
+  const AttentionParams& P = *bc.P;
+  const int64_t nq = bc.nq, nk = keys.n;
+  runs->first.assign(nq, 0);
+  runs->end.assign(nq, nk);
+  runs->interior = false;
+  // A tile inside the band needs no mask even when its block's span does.
+  runs->masked = span_masked && !tile_in_window(P, bc.pos[0], bc.pos[nq - 1], keys.key(0), keys.key(nk - 1));
+  if (!runs->masked) return;
+  // Masked tiles are span tiles: keys lo, lo + stride, ... of the rows' class.
+  for (int64_t a = 0; a < nq; ++a) {
+    int64_t lo, hi;
+    window_key_range(P, bc.pos[a], &lo, &hi);
+    const int64_t f = lo <= keys.lo ? 0 : std::min(nk, (lo - keys.lo + keys.stride - 1) / keys.stride);
+    const int64_t e = hi < keys.lo ? 0 : std::min(nk, (hi - keys.lo) / keys.stride + 1);
+    runs->first[a] = f;
+    runs->end[a] = std::max(f, e);
+  }
+  if (!bc.plan->has_global()) return;
+  // Global keys left of valid_from (an alignment margin before the block's
+  // span) belong to the block's extras, not to this tile.
+  int64_t g_first = nk, g_last = -1;
+  for (int64_t c = valid_from; c < nk; ++c) {
+    if (bc.plan->key_is_global(bc.batch, keys.key(c))) {
+      g_first = std::min(g_first, c);
+      g_last = c;
+    }
+  }
+  if (g_last < 0) return;
+  runs->band_first = runs->first;
+  runs->band_end = runs->end;
+  for (int64_t a = 0; a < nq; ++a) {
+    const bool band_empty = runs->first[a] >= runs->end[a];
+    runs->first[a] = band_empty ? g_first : std::min(runs->first[a], g_first);
+    runs->end[a] = band_empty ? g_last + 1 : std::max(runs->end[a], g_last + 1);
+  }
+  runs->interior = true;
+}
+
+// Is column c of row a allowed (given that it lies in the row's run)?
+template <typename acc_t>
+bool run_allows(const BlockContext<acc_t>& bc, const TileKeys& keys, const TileRuns& runs, int64_t a, int64_t c) {
+  if (!runs.interior) return true;
+  return (c >= runs.band_first[a] && c < runs.band_end[a]) || bc.plan->key_is_global(bc.batch, keys.key(c));
+}
+
+// Turns S = scale * Q K^T into final scores on the rows' runs: -inf where a
+// widened run is not allowed, then soft-cap and ALiBi (scores.h). With
+// `factor`, also writes d(final score)/d(scale * q.k) for the soft-cap chain rule.
+template <typename acc_t>
+void finalize_tile(const BlockContext<acc_t>& bc, const TileKeys& keys, const TileRuns& runs, acc_t* S,
+                   int64_t ld, acc_t* factor, int64_t a0 = 0, int64_t a1 = -1) {
+  if (a1 < 0) a1 = bc.nq;
   const AttentionParams& P = *bc.P;
   const acc_t cap = static_cast<acc_t>(P.softcap);
   const bool transform = cap > acc_t(0) || bc.slope != acc_t(0);
-  if (!masked && !transform) return;
+  if (!runs.interior && !transform) return;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  first.assign(keys.n, 0);
-  end.assign(keys.n, bc.nq);
-  if (masked) {
-    int64_t lo = 0, hi = 0;
-    for (int64_t c = 0; c < keys.n; ++c) {
-      const int64_t j = keys.key(c);
-      acc_t* s = S + c * ld;
-      if (bc.plan->key_is_global(bc.batch, j)) continue;  // every row sees a global key
-      // Rows before the band of key j have p < j and are not in its window.
-      while (lo < bc.nq && bc.pos[lo] < j && !in_window(P, bc.pos[lo], j)) ++lo;
-      if (hi < lo) hi = lo;
-      while (hi < bc.nq && in_window(P, bc.pos[hi], j)) ++hi;
-      first[c] = lo;
-      end[c] = hi;
-      std::fill(s, s + lo, neg_inf);
-      std::fill(s + hi, s + bc.nq, neg_inf);
-    }
-  }
-  if (!transform) return;
-  for (int64_t c = 0; c < keys.n; ++c) {
-    const int64_t j = keys.key(c);
-    acc_t* s = S + c * ld;
-    acc_t* f = factor ? factor + c * ld : nullptr;
-    for (int64_t a = first[c]; a < end[c]; ++a) {
-      const int64_t dist = abs_distance(bc.pos[a], j);
-      s[a] = transform_score<acc_t>(s[a], cap, bc.slope, dist);
-      if (f) f[a] = transform_score_grad<acc_t>(s[a], cap, bc.slope, dist);
-    }
-    if (f) {
-      std::fill(f, f + first[c], acc_t(0));
-      std::fill(f + end[c], f + bc.nq, acc_t(0));
+  for (int64_t a = a0; a < a1; ++a) {
+    acc_t* s = S + (a - a0) * ld;
+    acc_t* f = factor ? factor + (a - a0) * ld : nullptr;
+    for (int64_t c = runs.first[a]; c < runs.end[a]; ++c) {
+      if (!run_allows(bc, keys, runs, a, c)) {
+        s[c] = neg_inf;
+        if (f) f[c] = acc_t(0);
+        continue;
+      }
+      if (!transform) continue;
+      const int64_t dist = abs_distance(bc.pos[a], keys.key(c));
+      s[c] = transform_score<acc_t>(s[c], cap, bc.slope, dist);
+      if (f) f[c] = transform_score_grad<acc_t>(s[c], cap, bc.slope, dist);
     }
   }
 }
 
-// Calls f(TileKeys, masked, first_key_row) for the tiles of a block: its span
-// cut into near-equal tiles of at most kKeyTile keys, then its extras.
+// Calls f(TileKeys, masked, col0, valid_from) for the tiles of a block. The
+// span, whose first key is column span_col0 of the chunk's key operands, is cut
+// into near-equal tiles of at most kKeyTile keys that start on whole vectors of
+// W columns (the panel-major operands need it): the first tile may begin up to
+// W - 1 keys before the span, keys no row of the block can see. Then the extras,
+// whose columns are their own.
 template <typename F>
-void for_each_key_tile(const BlockKeys& keys, F&& f) {
+void for_each_key_tile(const BlockKeys& keys, int64_t span_col0, int64_t W, F&& f) {
   const KeyRange& s = keys.span;
   if (s.count > 0) {
-    const int64_t tiles = (s.count + kKeyTile - 1) / kKeyTile;
+    const int64_t a0 = span_col0 / W * W, end = span_col0 + s.count, n = end - a0;
+    const int64_t tiles = (n + kKeyTile - 1) / kKeyTile;
     for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t r0 = s.count * t / tiles, r1 = s.count * (t + 1) / tiles;
-      f(TileKeys{nullptr, s.at(r0), s.stride, r1 - r0}, keys.span_needs_mask, r0);
+      const int64_t c0 = a0 + n * t / tiles / W * W;
+      const int64_t c1 = t + 1 == tiles ? end : a0 + n * (t + 1) / tiles / W * W;
+      const TileKeys tk{nullptr, s.lo + (c0 - span_col0) * s.stride, s.stride, c1 - c0};
+      f(tk, keys.span_needs_mask || c0 < span_col0, c0, std::max<int64_t>(0, span_col0 - c0));
     }
   }
   const int64_t n_extra = static_cast<int64_t>(keys.extras.size());
   for (int64_t r0 = 0; r0 < n_extra; r0 += kKeyTile) {
-    f(TileKeys{keys.extras.data() + r0, 0, 1, std::min(kKeyTile, n_extra - r0)}, false, r0);
+    f(TileKeys{keys.extras.data() + r0, 0, 1, std::min<int64_t>(kKeyTile, n_extra - r0)}, false, r0, int64_t(0));
+  }
+}
+
+// The key-side operands of a chunk (its span) or of a block's extras.
+template <typename acc_t>
+struct KeyOperands {
+  std::vector<acc_t> kT, vT;  // scale * K^T and V^T, keys as columns, panel-major (pack_columns)
+  Rows<acc_t> k, v;           // K and V rows
+  int64_t D = 0, W = 0;
+  // The panels from column c0 on (c0 a multiple of W).
+  const acc_t* kT_from(int64_t c0) const { return kT.data() + c0 / W * D * W; }
+  const acc_t* vT_from(int64_t c0) const { return vT.data() + c0 / W * D * W; }
+};
+
+template <typename scalar_t, typename acc_t, typename IndexFn>
+void load_key_operands(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& K, const HeadRows<const scalar_t>& V,
+                       int64_t n, IndexFn&& index, bool regular, int64_t D, acc_t scale, bool backward,
+                       KeyOperands<acc_t>* out) {
+  out->D = D;
+  out->W = ops.vec_width;
+  pack_columns(ops, K, n, index, D, scale, &out->kT);
+  if (backward) {
+    pack_columns(ops, V, n, index, D, acc_t(1), &out->vT);
+    load_rows(K, n, index, regular, D, &out->k);
+  } else {
+    load_rows(V, n, index, regular, D, &out->v);
   }
 }
 
 // Per-thread scratch of the tile loops.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> S, G, F;          // kKeyTile x kRowBlock score tiles (transposed)
-  std::vector<acc_t> qT, goT;          // D x kRowBlock
-  std::vector<acc_t> q_rows, go_rows;  // kRowBlock x D
-  std::vector<acc_t> acc;              // kRowBlock x D: output or dQ accumulator
+  int64_t ld_s;                  // leading dimension of the score tiles
+  std::vector<acc_t> S, G, F;    // kRowBlock x ld_s
+  std::vector<acc_t> acc;        // kRowBlock x D: output or dQ accumulator
   std::vector<acc_t> m, l, alpha, lse, dot;
-  std::vector<acc_t> k_extra, v_extra, dk_extra, dv_extra;
-  std::vector<int64_t> rows, pos, first, end;
+  std::vector<acc_t> dk_tile, dv_tile;
+  Rows<acc_t> q, go;
+  KeyOperands<acc_t> span, extra;
+  std::vector<int64_t> rows, pos;
+  TileRuns runs;
   BlockKeys keys;
 
-  Scratch(int64_t D, bool backward) {
-    S.resize(kKeyTile * kRowBlock);
-    if (backward) G.resize(kKeyTile * kRowBlock);
-    qT.resize(D * kRowBlock);
+  Scratch(int64_t D, int64_t vec_width, bool backward, bool softcap) {
+    ld_s = round_up(kKeyTile, vec_width) + vec_width;
+    S.resize(kRowBlock * ld_s);
+    if (backward) G.resize(kRowBlock * ld_s);
+    if (backward && softcap) F.resize(kRowBlock * ld_s);
     acc.resize(kRowBlock * D);
     for (auto* v : {&m, &l, &alpha, &lse, &dot}) v->resize(kRowBlock);
-    if (backward) {
-      goT.resize(D * kRowBlock);
-      q_rows.resize(kRowBlock * D);
-      go_rows.resize(kRowBlock * D);
-    }
   }
 };
 
-// Gather (converted) key and value rows of a block's extras.
+// Loads a block's rows (Q, and dO for the backward) and its extras' key operands.
 template <typename scalar_t, typename acc_t>
-void gather_extras(const BlockKeys& keys, const HeadRows<const scalar_t>& K, const HeadRows<const scalar_t>& V,
-                   int64_t D, Scratch<acc_t>& ws) {
-  const int64_t n = static_cast<int64_t>(keys.extras.size());
-  if (n == 0) return;
-  ws.k_extra.resize(n * D);
-  ws.v_extra.resize(n * D);
-  gather_rows(K, keys.extras.data(), n, D, ws.k_extra.data());
-  gather_rows(V, keys.extras.data(), n, D, ws.v_extra.data());
+void load_block(const TileOps<acc_t>& ops, const AttentionParams& P, const TilePlan& plan, const RowChunk& chunk,
+                int64_t t, const HeadRows<const scalar_t>& K, const HeadRows<const scalar_t>& V, bool backward,
+                Scratch<acc_t>& ws) {
+  plan.rows_of_block(chunk, t, &ws.rows);
+  if (ws.rows.empty()) return;
+  const int64_t nq = static_cast<int64_t>(ws.rows.size());
+  ws.pos.resize(nq);
+  for (int64_t a = 0; a < nq; ++a) ws.pos[a] = ws.rows[a] + P.position_offset();
+  plan.keys_of_block(chunk, ws.rows, &ws.keys);
+  const auto& extras = ws.keys.extras;
+  if (!extras.empty()) {
+    load_key_operands(ops, K, V, static_cast<int64_t>(extras.size()), [&](int64_t r) { return extras[r]; }, false,
+                      P.head_dim, static_cast<acc_t>(P.scale), backward, &ws.extra);
+  }
+}
+
+bool rows_are_regular(const std::vector<int64_t>& rows) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  return n < 2 || (rows.back() - rows.front()) == (n - 1) * (rows[1] - rows[0]);
 }
 
 // ---------------------------------------------------------------- forward --
@@ -253,64 +359,84 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
                     const at::Tensor& v, const at::Tensor& slopes, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const TileOps<acc_t>& ops = tile_ops<acc_t>();
-  const int64_t D = P.head_dim, BM = kRowBlock, off = P.position_offset();
+  const int64_t D = P.head_dim, W = ops.vec_width;
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
-  const acc_t bias = static_cast<acc_t>(P.sigmoid_bias);
+  const acc_t scale = static_cast<acc_t>(P.scale), bias = static_cast<acc_t>(P.sigmoid_bias);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const auto& chunks = plan.row_chunks();
 
+  struct Rep { ~Rep() {} };
+  if (dev_knob("LR_REPORT", 0)) {
+    static bool once = false;
+    if (once) fprintf(stderr, "qk %.3f  softmax %.3f  pv %.3f  (ms) elems %.3g -> qk %.1f GF/s pv %.1f GF/s sm %.3f ns/elem\n", dev_t[0]*1e3, dev_t[1]*1e3, dev_t[2]*1e3, dev_elems,
+      dev_elems*2*D/dev_t[0]/1e9, dev_elems*2*D/dev_t[2]/1e9, dev_t[1]/dev_elems*1e9);
+    once = true;
+    dev_t[0] = dev_t[1] = dev_t[2] = 0; dev_elems = 0;
+  }
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> ws(D, /*backward=*/false);
-    KeyRows<scalar_t, acc_t> kv_rows;
+    Scratch<acc_t> ws(D, W, /*backward=*/false, /*softcap=*/false);
     for (int64_t ci = begin; ci < end; ++ci) {
       const RowChunk& chunk = chunks[ci];
       const int64_t b = chunk.batch, hk = chunk.kv_head;
       const auto K = head_rows<const scalar_t>(k, b, hk);
       const auto V = head_rows<const scalar_t>(v, b, hk);
       const KeyRange chunk_keys = plan.span_of_chunk(chunk);
-      kv_rows.prepare(K, V, chunk_keys, D);
+      load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
+                        false, &ws.span);
 
       for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
-        plan.rows_of_block(chunk, t, &ws.rows);
+        load_block(ops, P, plan, chunk, t, K, V, false, ws);
         if (ws.rows.empty()) continue;
         const int64_t nq = static_cast<int64_t>(ws.rows.size());
-        const int64_t ncols = round_up(nq, ops.vec_width);
-        ws.pos.resize(nq);
-        for (int64_t a = 0; a < nq; ++a) ws.pos[a] = ws.rows[a] + off;
-        plan.keys_of_block(chunk, ws.rows, &ws.keys);
-        gather_extras(ws.keys, K, V, D, ws);
         // Offset of the block's span inside the chunk's key rows.
-        const int64_t span_row0 =
-            ws.keys.span.count > 0 ? (ws.keys.span.lo - chunk_keys.lo) / std::max<int64_t>(chunk_keys.stride, 1) : 0;
+        const int64_t span_row0 = ws.keys.span.count > 0 ? (ws.keys.span.lo - chunk_keys.lo) / chunk_keys.stride : 0;
 
         for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
           const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
-          pack_transposed(head_rows<const scalar_t>(q, b, h), ws.rows, ncols, D, static_cast<acc_t>(P.scale), BM,
-                          ws.qT.data());
+          load_rows(head_rows<const scalar_t>(q, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
+                    rows_are_regular(ws.rows) && !(dev_skip & 16), D, &ws.q);
           std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
-          std::fill(ws.m.begin(), ws.m.begin() + ncols, neg_inf);
-          std::fill(ws.l.begin(), ws.l.begin() + ncols, acc_t(0));
+          std::fill(ws.m.begin(), ws.m.begin() + nq, neg_inf);
+          std::fill(ws.l.begin(), ws.l.begin() + nq, acc_t(0));
+          bool first_tile = true;
 
-          for_each_key_tile(ws.keys, [&](const TileKeys& keys, bool masked, int64_t r0) {
-            const bool extra = keys.list != nullptr;
-            const acc_t* kp = extra ? ws.k_extra.data() + r0 * D : kv_rows.k + (span_row0 + r0) * kv_rows.ld;
-            const acc_t* vp = extra ? ws.v_extra.data() + r0 * D : kv_rows.v + (span_row0 + r0) * kv_rows.ld;
-            const int64_t ld = extra ? D : kv_rows.ld;
+          for_each_key_tile(ws.keys, span_row0, W, [&](const TileKeys& keys, bool masked, int64_t col0,
+                                                       int64_t valid_from) {
+            const KeyOperands<acc_t>& ko = keys.list != nullptr ? ws.extra : ws.span;
+            TileRuns& runs = ws.runs;
+            plan_runs(bc, keys, masked, valid_from, &runs);
             acc_t* S = ws.S.data();
-            ops.gemm(keys.n, ncols, D, kp, ld, 1, ws.qT.data(), BM, S, BM, false);
-            finalize_tile(bc, keys, masked, S, BM, static_cast<acc_t*>(nullptr), ws.first, ws.end);
-            if (sigmoid_score) {
-              ops.sigmoid_tile(S, BM, keys.n, ncols, bias);
+            const int64_t skip = dev_skip;
+            const int64_t R = dev_r;
+            for (int64_t a0 = 0; a0 < nq; a0 += R) {
+            const int64_t nr = std::min(R, nq - a0);
+            const int64_t* rf = runs.first.data() + a0;
+            const int64_t* re = runs.end.data() + a0;
+            double t0 = dev_now();
+            for (int64_t a = 0; a < nr; ++a) dev_elems += re[a] - rf[a];
+            if (!(skip & 2)) ops.gemm_band_n(nr, keys.n, D, ws.q.row(a0), ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s,
+                            rf, re);
+            double t1 = dev_now(); dev_t[0] += t1 - t0;
+            finalize_tile(bc, keys, runs, S, ws.ld_s, static_cast<acc_t*>(nullptr), a0, a0 + nr);
+            if (skip & 1) {
+            } else if (sigmoid_score) {
+              ops.sigmoid_rows(S, ws.ld_s, nr, rf, re, bias);
             } else {
-              ops.softmax_tile(S, BM, keys.n, ncols, ws.m.data(), ws.l.data(), ws.alpha.data());
-              for (int64_t a = 0; a < nq; ++a) {
+              ops.softmax_rows(S, ws.ld_s, nr, rf, re, ws.m.data() + a0, ws.l.data() + a0,
+                               ws.alpha.data() + a0);
+              for (int64_t a = a0; a < a0 + nr && !first_tile; ++a) {  // nothing to rescale before the first tile
                 const acc_t al = ws.alpha[a];
                 if (al == acc_t(1)) continue;
                 acc_t* o = ws.acc.data() + a * D;
                 for (int64_t d = 0; d < D; ++d) o[d] *= al;
               }
             }
-            ops.gemm(nq, D, keys.n, S, 1, BM, vp, ld, ws.acc.data(), D, true);
+            double t2 = dev_now(); dev_t[1] += t2 - t1;
+            if (!(skip & 4)) ops.gemm_band_k(nr, D, keys.n, S, ws.ld_s, 1, ko.v.row(col0), ko.v.ld, ws.acc.data() + a0 * D, D,
+                            rf, re);
+            dev_t[2] += dev_now() - t2;
+            }
+            first_tile = false;
           });
 
           auto O = head_rows<scalar_t>(out, b, h);
@@ -362,8 +488,8 @@ at::Tensor softmax_row_dots(const AttentionParams& P, const at::Tensor& grad_out
   return rowdot;
 }
 
-// The key gradients one chunk accumulated: rows of its span, and rows of the
-// global keys (by rank) it reached as extras.
+// The key gradients one chunk accumulated (without the factor scale of dK):
+// rows of its span, and rows of the global keys (by rank) it reached as extras.
 template <typename acc_t>
 struct ChunkKeyGrads {
   KeyRange span;
@@ -378,7 +504,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
                      at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
   const TileOps<acc_t>& ops = tile_ops<acc_t>();
-  const int64_t D = P.head_dim, BM = kRowBlock, off = P.position_offset();
+  const int64_t D = P.head_dim, W = ops.vec_width;
   const acc_t scale = static_cast<acc_t>(P.scale);
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
   const bool softcap = P.softcap > 0.0;
@@ -392,9 +518,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
   std::vector<ChunkKeyGrads<acc_t>> key_grads(chunks.size());
 
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> ws(D, /*backward=*/true);
-    if (softcap) ws.F.resize(kKeyTile * kRowBlock);
-    KeyRows<scalar_t, acc_t> kv_rows;
+    Scratch<acc_t> ws(D, W, /*backward=*/true, softcap);
     for (int64_t ci = begin; ci < end; ++ci) {
       const RowChunk& chunk = chunks[ci];
       const int64_t b = chunk.batch, hk = chunk.kv_head;
@@ -402,83 +526,80 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
       const auto V = head_rows<const scalar_t>(v, b, hk);
       ChunkKeyGrads<acc_t>& grads = key_grads[ci];
       grads.span = plan.span_of_chunk(chunk);
-      kv_rows.prepare(K, V, grads.span, D);
-      grads.dk.assign(grads.span.count * D, acc_t(0));
-      grads.dv.assign(grads.span.count * D, acc_t(0));
+      const KeyRange& chunk_keys = grads.span;
+      load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
+                        true, &ws.span);
+      grads.dk.assign(chunk_keys.count * D, acc_t(0));
+      grads.dv.assign(chunk_keys.count * D, acc_t(0));
 
       for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
-        plan.rows_of_block(chunk, t, &ws.rows);
+        load_block(ops, P, plan, chunk, t, K, V, true, ws);
         if (ws.rows.empty()) continue;
         const int64_t nq = static_cast<int64_t>(ws.rows.size());
-        const int64_t ncols = round_up(nq, ops.vec_width);
-        ws.pos.resize(nq);
-        for (int64_t a = 0; a < nq; ++a) ws.pos[a] = ws.rows[a] + off;
-        plan.keys_of_block(chunk, ws.rows, &ws.keys);
-        gather_extras(ws.keys, K, V, D, ws);
         if (!ws.keys.extras.empty() && grads.dk_extra.empty()) {
           const int64_t n_global = static_cast<int64_t>(plan.global_keys(b).size());
           grads.dk_extra.assign(n_global * D, acc_t(0));
           grads.dv_extra.assign(n_global * D, acc_t(0));
         }
-        const int64_t span_row0 =
-            ws.keys.span.count > 0 ? (ws.keys.span.lo - grads.span.lo) / std::max<int64_t>(grads.span.stride, 1) : 0;
+        const int64_t span_row0 = ws.keys.span.count > 0 ? (ws.keys.span.lo - chunk_keys.lo) / chunk_keys.stride : 0;
+        const bool regular = rows_are_regular(ws.rows);
+        auto row_index = [&](int64_t a) { return ws.rows[a]; };
 
         for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
           const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
-          const auto Q = head_rows<const scalar_t>(q, b, h);
-          const auto GO = head_rows<const scalar_t>(grad_out, b, h);
-          pack_transposed(Q, ws.rows, ncols, D, scale, BM, ws.qT.data());
-          pack_transposed(GO, ws.rows, ncols, D, acc_t(1), BM, ws.goT.data());
-          gather_rows(Q, ws.rows.data(), nq, D, ws.q_rows.data());
-          for (int64_t i = 0; i < nq * D; ++i) ws.q_rows[i] *= scale;
-          gather_rows(GO, ws.rows.data(), nq, D, ws.go_rows.data());
+          load_rows(head_rows<const scalar_t>(q, b, h), nq, row_index, regular, D, &ws.q);
+          load_rows(head_rows<const scalar_t>(grad_out, b, h), nq, row_index, regular, D, &ws.go);
           const acc_t* lse_all = row_stats(lse_acc, b, h);
           const acc_t* dot_all = row_stats(rowdot, b, h);
-          for (int64_t a = 0; a < ncols; ++a) {
-            ws.lse[a] = a < nq && !sigmoid_score ? lse_all[ws.rows[a]] : acc_t(0);
-            ws.dot[a] = a < nq && dot_all ? dot_all[ws.rows[a]] : acc_t(0);
+          for (int64_t a = 0; a < nq; ++a) {
+            ws.lse[a] = sigmoid_score ? acc_t(0) : lse_all[ws.rows[a]];
+            ws.dot[a] = dot_all ? dot_all[ws.rows[a]] : acc_t(0);
           }
           std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
 
-          for_each_key_tile(ws.keys, [&](const TileKeys& keys, bool masked, int64_t r0) {
+          for_each_key_tile(ws.keys, span_row0, W, [&](const TileKeys& keys, bool masked, int64_t col0,
+                                                       int64_t valid_from) {
             const bool extra = keys.list != nullptr;
-            const acc_t* kp = extra ? ws.k_extra.data() + r0 * D : kv_rows.k + (span_row0 + r0) * kv_rows.ld;
-            const acc_t* vp = extra ? ws.v_extra.data() + r0 * D : kv_rows.v + (span_row0 + r0) * kv_rows.ld;
-            const int64_t ld = extra ? D : kv_rows.ld;
+            const KeyOperands<acc_t>& ko = extra ? ws.extra : ws.span;
             const int64_t nk = keys.n;
+            TileRuns& runs = ws.runs;
+            plan_runs(bc, keys, masked, valid_from, &runs);
             acc_t* S = ws.S.data();
             acc_t* G = ws.G.data();
             acc_t* F = softcap ? ws.F.data() : nullptr;
-            ops.gemm(nk, ncols, D, kp, ld, 1, ws.qT.data(), BM, S, BM, false);   // S^T = K Q^T
-            ops.gemm(nk, ncols, D, vp, ld, 1, ws.goT.data(), BM, G, BM, false);  // dP^T = V dO^T
-            finalize_tile(bc, keys, masked, S, BM, F, ws.first, ws.end);
+            const int64_t* first = runs.first.data();
+            const int64_t* last = runs.end.data();
+            // S = scale Q K^T, dP = dO V^T
+            ops.gemm_band_n(nq, nk, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
+            ops.gemm_band_n(nq, nk, D, ws.go.ptr, ws.go.ld, 1, ko.vT_from(col0), G, ws.ld_s, first, last);
+            finalize_tile(bc, keys, runs, S, ws.ld_s, F);
             if (sigmoid_score) {
-              ops.sigmoid_grad_tile(S, G, F, BM, nk, ncols, bias);
+              ops.sigmoid_grad_rows(S, G, F, ws.ld_s, nq, nk, first, last, bias);
             } else {
-              ops.softmax_grad_tile(S, G, F, BM, nk, ncols, ws.lse.data(), ws.dot.data());
+              ops.softmax_grad_rows(S, G, F, ws.ld_s, nq, nk, first, last, ws.lse.data(), ws.dot.data());
             }
             // dQ += dS K
-            ops.gemm(nq, D, nk, G, 1, BM, kp, ld, ws.acc.data(), D, true);
-            // dK += dS^T Q, dV += P^T dO, into the chunk's span rows or a scratch for extras
+            ops.gemm_band_k(nq, D, nk, G, ws.ld_s, 1, ko.k.row(col0), ko.k.ld, ws.acc.data(), D, first, last);
+            // dK += dS^T Q, dV += P^T dO: into the chunk's span rows, or a scratch for extras
             acc_t* dk_dst;
             acc_t* dv_dst;
             if (extra) {
-              ws.dk_extra.assign(nk * D, acc_t(0));
-              ws.dv_extra.assign(nk * D, acc_t(0));
-              dk_dst = ws.dk_extra.data();
-              dv_dst = ws.dv_extra.data();
+              ws.dk_tile.assign(nk * D, acc_t(0));
+              ws.dv_tile.assign(nk * D, acc_t(0));
+              dk_dst = ws.dk_tile.data();
+              dv_dst = ws.dv_tile.data();
             } else {
-              dk_dst = grads.dk.data() + (span_row0 + r0) * D;
-              dv_dst = grads.dv.data() + (span_row0 + r0) * D;
+              dk_dst = grads.dk.data() + col0 * D;
+              dv_dst = grads.dv.data() + col0 * D;
             }
-            ops.gemm(nk, D, nq, G, BM, 1, ws.q_rows.data(), D, dk_dst, D, true);
-            ops.gemm(nk, D, nq, S, BM, 1, ws.go_rows.data(), D, dv_dst, D, true);
+            ops.gemm(nk, D, nq, G, 1, ws.ld_s, ws.q.ptr, ws.q.ld, dk_dst, D, true);
+            ops.gemm(nk, D, nq, S, 1, ws.ld_s, ws.go.ptr, ws.go.ld, dv_dst, D, true);
             if (extra) {
               for (int64_t c = 0; c < nk; ++c) {
-                const int64_t rank = ws.keys.extra_ranks[r0 + c];
+                const int64_t rank = ws.keys.extra_ranks[col0 + c];
                 for (int64_t d = 0; d < D; ++d) {
-                  grads.dk_extra[rank * D + d] += ws.dk_extra[c * D + d];
-                  grads.dv_extra[rank * D + d] += ws.dv_extra[c * D + d];
+                  grads.dk_extra[rank * D + d] += ws.dk_tile[c * D + d];
+                  grads.dv_extra[rank * D + d] += ws.dv_tile[c * D + d];
                 }
               }
             }
@@ -533,7 +654,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
         scalar_t* ok = dK.row(j);
         scalar_t* ov = dV.row(j);
         for (int64_t d = 0; d < D; ++d) {
-          ok[d] = static_cast<scalar_t>(sk[d]);
+          ok[d] = static_cast<scalar_t>(scale * sk[d]);
           ov[d] = static_cast<scalar_t>(sv[d]);
         }
       }
@@ -551,6 +672,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right, int64_t dilation, c10::string_view score,
     c10::optional<double> sigmoid_bias, double softcap, double scale) {
+  dev_refresh();
   const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
                                                   window_right, dilation, score, sigmoid_bias, softcap, scale);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
@@ -575,6 +697,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
   const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
                                                   window_right, dilation, score, sigmoid_bias, softcap, scale);
   check_backward_inputs(P, q_in, grad_out_in, out_in, lse, grad_lse);
+  dev_refresh();
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const at::Tensor grad_out = with_contiguous_rows(grad_out_in), out = with_contiguous_rows(out_in);
   const auto contiguous = at::MemoryFormat::Contiguous;

@@ -6,10 +6,11 @@
 // slower path for testing). The library therefore builds with flags that work
 // on any x86-64 and still uses AVX-512 where it exists.
 //
-// Layout convention of the score tiles: a tile is stored *transposed*,
-// S^T[key][row] with leading dimension ld, because then every per-row
-// statistic of softmax (max, sum, lse, rowdot) is a vector across a key row and
-// no horizontal reductions are needed.
+// Score tiles are row-major, S[row][key] with leading dimension ld. Each row a
+// of a tile has one contiguous run of allowed keys [first[a], end[a]) (the
+// window band is monotone; see finalize in local_attention_cpu.cpp); the
+// "banded" products and the row operations only touch what those runs need,
+// so the masked triangles at the band's edges cost (almost) nothing.
 #pragma once
 
 #include <cstdint>
@@ -19,32 +20,50 @@ namespace longreach::cpu {
 template <typename T>
 struct TileOps {
   const char* isa;
-  // Number of T lanes in one vector register; callers pad the row dimension of
-  // score tiles to a multiple of it.
-  int64_t vec_width;
+  int64_t vec_width;  // T lanes per vector register
 
   // C[m][n] (=, or += when accumulate) A[m][k] @ B[k][n]. A is read through
-  // strides (element (i, p) at A[i * a_row + p * a_col]) so transposed operands
-  // need no copy; B and C are row-major with leading dims ldb, ldc.
+  // strides (element (i, p) at A[i * a_row + p * a_col]), so transposed
+  // operands need no copy; B and C are row-major with leading dims ldb, ldc.
   void (*gemm)(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B,
                int64_t ldb, T* C, int64_t ldc, bool accumulate);
 
-  // Online softmax over one S^T tile (nk keys x ncols rows): updates the running
-  // row max and sum, writes exp(s - max) into S and the factor alpha by which
-  // the rows' earlier accumulators must be rescaled. Fully masked rows (-inf)
-  // keep max = -inf and get probabilities 0.
-  void (*softmax_tile)(T* S, int64_t ld, int64_t nk, int64_t ncols, T* row_max, T* row_sum, T* alpha);
+  // C = A @ B computed only where row a needs it: columns [first[a], end[a]),
+  // widened to whole vectors and to the union over the rows of one register
+  // block. C may be written up to round_up(n, vec_width) columns and B read as
+  // far; other entries of C are left untouched. B is panel-major: column c of
+  // row p at B[(c / vec_width) * k * vec_width + p * vec_width + c % vec_width]
+  // (each vector of columns a contiguous k x vec_width block).
+  void (*gemm_band_n)(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B,
+                      T* C, int64_t ldc, const int64_t* first, const int64_t* end);
 
-  // S = sigmoid(S + bias) in place (-inf becomes 0).
-  void (*sigmoid_tile)(T* S, int64_t ld, int64_t nk, int64_t ncols, T bias);
+  // C += A @ B where row a of A is non-zero only in columns [first[a], end[a])
+  // (A's other entries in the union of its register block must be zero).
+  void (*gemm_band_k)(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B,
+                      int64_t ldb, T* C, int64_t ldc, const int64_t* first, const int64_t* end);
 
-  // Backward of one tile. On entry S holds final scores (-inf where masked) and
-  // G holds dP = dO . v; on exit S holds the probabilities P and G the score
-  // gradient dS (times factor[c][a] when factor is not null: the soft-cap chain
-  // rule). Softmax uses the rows' lse and rowdot = dO . O; sigmoid uses bias.
-  void (*softmax_grad_tile)(T* S, T* G, const T* factor, int64_t ld, int64_t nk, int64_t ncols, const T* lse,
-                            const T* rowdot);
-  void (*sigmoid_grad_tile)(T* S, T* G, const T* factor, int64_t ld, int64_t nk, int64_t ncols, T bias);
+  // Forward, online softmax over one tile: for each row, the running max and
+  // sum are updated from S[a][first:end], which becomes exp(s - max); alpha[a]
+  // is the factor by which the row's earlier output must be rescaled. Within
+  // the union of first..end of the row's register block, entries outside the
+  // row's own run are set to 0, as gemm_band_k requires.
+  void (*softmax_rows)(T* S, int64_t ld, int64_t m, const int64_t* first, const int64_t* end, T* row_max,
+                       T* row_sum, T* alpha);
+  // Forward, sigmoid: S[a][first:end] = sigmoid(s + bias), zeros as above.
+  void (*sigmoid_rows)(T* S, int64_t ld, int64_t m, const int64_t* first, const int64_t* end, T bias);
+
+  // Backward of one tile of n keys. On entry S holds final scores and G holds
+  // dP = dO . v in the rows' runs; on exit S holds the probabilities P and G the
+  // score gradient dS (times factor[a][c] when factor is not null: the soft-cap
+  // chain rule), both zero in [0, n) outside the runs. Softmax uses the rows'
+  // lse (-inf: empty row) and rowdot = dO . O; sigmoid uses bias.
+  void (*softmax_grad_rows)(T* S, T* G, const T* factor, int64_t ld, int64_t m, int64_t n, const int64_t* first,
+                            const int64_t* end, const T* lse, const T* rowdot);
+  void (*sigmoid_grad_rows)(T* S, T* G, const T* factor, int64_t ld, int64_t m, int64_t n, const int64_t* first,
+                            const int64_t* end, T bias);
+
+  // dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n (m, n <= vec_width).
+  void (*transpose)(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t m, int64_t n);
 };
 
 template <typename T>

@@ -17,11 +17,14 @@
 #endif
 
 #include <ATen/cpu/vec/functional.h>
+#include <c10/util/Exception.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "../common/scores.h"
 #include "tile_ops.h"
@@ -42,12 +45,49 @@ constexpr int kMR = 4;
 constexpr int kNV = 2;
 #endif
 constexpr int64_t kKC = 128;  // k per pass: a 128 x 64-float B panel is 32 KiB, inside L1
+// Banded products and row operations handle at most this many rows per call
+// (one block of query rows).
+constexpr int64_t kMaxRows = 256;
+constexpr int64_t kMaxBlocks = (kMaxRows + kMR - 1) / kMR;
 
-// exp for the softmax: ATen's fast float exp (the one PyTorch's own CPU flash
-// attention uses, max error ~20 ulp, well below float32 attention tolerances)
-// and the 1-ulp SLEEF exp for double (float64 results stay ~1e-15 exact).
-inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
-inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
+// exp(x - shift) for the softmax, sigmoid and their gradients. float on
+// AVX-512: 2^t with t = (x - shift) log2(e) = n + f, |f| <= 1/2, 2^f by its
+// degree-6 Taylor polynomial (relative error < 2e-7, about 2 ulp) and 2^n by
+// vscalefps: 13 instructions, about half of ATen's exp_u20 and more accurate.
+// Inputs below -120 give exactly 0 (so does -inf). Elsewhere ATen's fast float
+// exp (the one PyTorch's CPU flash attention uses) and the 1-ulp SLEEF exp for
+// double, so float64 results stay ~1e-15 exact.
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vectorized<float> vexp_shifted(const Vectorized<float>& x, float shift) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 lo = _mm512_set1_ps(-120.f * 1.44269504088896341f);
+  // (x - shift) first: exact when x is near the shift, so large scores keep full precision.
+  __m512 t = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_set1_ps(shift)), log2e);
+  t = _mm512_max_ps(t, lo);  // also turns -inf (and NaN from -inf - -inf) into a finite input
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  // 2^f = sum (f ln2)^i / i!
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#else
+inline Vectorized<float> vexp_shifted(const Vectorized<float>& x, float shift) {
+  return (x - Vectorized<float>(shift)).exp_u20();
+}
+#endif
+inline Vectorized<double> vexp_shifted(const Vectorized<double>& x, double shift) {
+  return (x - Vectorized<double>(shift)).exp();
+}
+template <typename T>
+Vectorized<T> vexp(const Vectorized<T>& x) {
+  return vexp_shifted(x, T(0));
+}
 
 template <typename T>
 Vectorized<T> neg_inf_vec() {
@@ -66,8 +106,8 @@ Vectorized<T> vsigmoid(const Vectorized<T>& x) {
 // ------------------------------------------------------------------ gemm --
 
 template <typename T, int MR, int NV>
-void micro_kernel(int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb, T* C,
-                  int64_t ldc, bool accumulate) {
+void micro_kernel(int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb, int64_t b_vec,
+                  T* C, int64_t ldc, bool accumulate) {
   using V = Vectorized<T>;
   constexpr int W = V::size();
   V c[MR][NV];
@@ -85,10 +125,13 @@ void micro_kernel(int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* 
   const T* a[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) a[i] = A + i * a_row;
+  const T* bv[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) bv[v] = B + v * b_vec;
   for (int64_t p = 0; p < k; ++p) {
     V b[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) b[v] = V::loadu(B + p * ldb + v * W);
+    for (int v = 0; v < NV; ++v) b[v] = V::loadu(bv[v] + p * ldb);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const V ai(a[i][p * a_col]);
@@ -102,60 +145,107 @@ void micro_kernel(int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* 
     for (int v = 0; v < NV; ++v) c[i][v].store(C + i * ldc + v * W);
 }
 
+// micro_kernel<T, mr, nv> for run-time mr <= MR and nv <= NV.
 template <typename T, int MR, int NV>
-void micro_rows(int64_t mr, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb, T* C,
-                int64_t ldc, bool accumulate) {
-  if constexpr (MR > 0) {
-    if (mr == MR) return micro_kernel<T, MR, NV>(k, A, a_row, a_col, B, ldb, C, ldc, accumulate);
-    return micro_rows<T, MR - 1, NV>(mr, k, A, a_row, a_col, B, ldb, C, ldc, accumulate);
+void micro_dispatch(int64_t mr, int64_t nv, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B,
+                    int64_t ldb, int64_t b_vec, T* C, int64_t ldc, bool accumulate) {
+  if constexpr (MR > 0 && NV > 0) {
+    if (nv < NV) return micro_dispatch<T, MR, NV - 1>(mr, nv, k, A, a_row, a_col, B, ldb, b_vec, C, ldc, accumulate);
+    if (mr < MR) return micro_dispatch<T, MR - 1, NV>(mr, nv, k, A, a_row, a_col, B, ldb, b_vec, C, ldc, accumulate);
+    micro_kernel<T, MR, NV>(k, A, a_row, a_col, B, ldb, b_vec, C, ldc, accumulate);
   }
 }
 
-// All rows of C against one panel of NV vectors of columns.
-template <typename T, int NV>
-void panel(int64_t m, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb, T* C,
-           int64_t ldc, bool accumulate) {
-  for (int64_t m0 = 0; m0 < m; m0 += kMR) {
-    micro_rows<T, kMR, NV>(std::min<int64_t>(kMR, m - m0), k, A + m0 * a_row, a_row, a_col, B, ldb, C + m0 * ldc,
-                           ldc, accumulate);
-  }
-}
-
-template <typename T, int NV>
-void panel_of_width(int64_t nv, int64_t m, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B,
-                    int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  if constexpr (NV > 0) {
-    if (nv == NV) return panel<T, NV>(m, k, A, a_row, a_col, B, ldb, C, ldc, accumulate);
-    return panel_of_width<T, NV - 1>(nv, m, k, A, a_row, a_col, B, ldb, C, ldc, accumulate);
-  }
-}
-
-// Fewer columns than one vector (odd head dims): run one vector's kernel on
-// zero-padded copies of the B and C columns.
+// Where a B operand keeps its columns. Row-major: column c of row p at
+// B[p * ld + c]. Panel-major (keys packed by pack_columns in the kernels):
+// groups of one vector of columns, each a k x vec_width block, so column c of
+// row p is at B[(c / W) * group + p * W + c % W]; every vector of a row is then
+// its own contiguous stream, which keeps the hardware prefetchers and the TLB
+// happy however many columns the matrix has.
 template <typename T>
-void narrow_panel(int64_t cols, int64_t m, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B,
-                  int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+struct BLayout {
+  const T* B;
+  int64_t ld;     // distance between rows
+  int64_t group;  // distance between groups of W columns (W for row-major)
+  const T* at(int64_t p, int64_t c) const {
+    constexpr int64_t W = Vectorized<T>::size();
+    return B + (c / W) * group + p * ld + c % W;
+  }
+};
+
+// Columns [c0, c1) of one block of mr <= kMR rows, k rows of B from p0: whole
+// panels, then whole vectors, then (odd widths only) a zero-padded copy of the
+// last few columns.
+template <typename T>
+void block_columns(int64_t mr, int64_t k, const T* A, int64_t a_row, int64_t a_col, const BLayout<T>& B,
+                   int64_t p0, T* C, int64_t ldc, bool accumulate, int64_t c0, int64_t c1) {
   constexpr int W = Vectorized<T>::size();
+  int64_t c = c0;
+  for (; c + W <= c1; c += kNV * W) {
+    const int64_t nv = std::min<int64_t>(kNV, (c1 - c) / W);
+    micro_dispatch<T, kMR, kNV>(mr, nv, k, A, a_row, a_col, B.at(p0, c), B.ld, B.group, C + c, ldc, accumulate);
+    if (nv < kNV) {
+      c += nv * W;
+      break;
+    }
+  }
+  if (c >= c1) return;
+  const int64_t cols = c1 - c;
   T b_pad[kKC * W];
   T c_pad[kMR * W];
   for (int64_t p = 0; p < k; ++p) {
-    for (int64_t j = 0; j < W; ++j) b_pad[p * W + j] = j < cols ? B[p * ldb + j] : T(0);
+    for (int64_t j = 0; j < W; ++j) b_pad[p * W + j] = j < cols ? *B.at(p0 + p, c + j) : T(0);
   }
-  for (int64_t m0 = 0; m0 < m; m0 += kMR) {
-    const int64_t mr = std::min<int64_t>(kMR, m - m0);
-    for (int64_t i = 0; i < mr; ++i) {
-      for (int64_t j = 0; j < W; ++j) c_pad[i * W + j] = (accumulate && j < cols) ? C[(m0 + i) * ldc + j] : T(0);
+  for (int64_t i = 0; i < mr; ++i) {
+    for (int64_t j = 0; j < W; ++j) c_pad[i * W + j] = (accumulate && j < cols) ? C[i * ldc + c + j] : T(0);
+  }
+  micro_dispatch<T, kMR, 1>(mr, 1, k, A, a_row, a_col, b_pad, W, W, c_pad, W, accumulate);
+  for (int64_t i = 0; i < mr; ++i) std::memcpy(C + i * ldc + c, c_pad + i * W, cols * sizeof(T));
+}
+
+// Union of the runs [first, end) of rows a0 .. a0 + mr - 1; empty as lo >= hi.
+inline void block_union(const int64_t* first, const int64_t* end, int64_t a0, int64_t mr, int64_t* lo,
+                        int64_t* hi) {
+  *lo = std::numeric_limits<int64_t>::max();
+  *hi = 0;
+  for (int64_t a = a0; a < a0 + mr; ++a) {
+    if (first[a] >= end[a]) continue;
+    *lo = std::min(*lo, first[a]);
+    *hi = std::max(*hi, end[a]);
+  }
+}
+
+// The loop nest shared by the three products: k in chunks of kKC (the B panel
+// stays in L1), panels of kNV vectors of columns, blocks of kMR rows; `span`
+// narrows each (row block, panel) to the columns and k it needs.
+template <typename T, typename Span>
+void gemm_loops(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col, const BLayout<T>& B,
+                T* C, int64_t ldc, bool accumulate, Span&& span) {
+  constexpr int64_t NB = kNV * Vectorized<T>::size();
+  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
+    const int64_t k1 = std::min(k, k0 + kKC);
+    for (int64_t n0 = 0; n0 < n; n0 += NB) {
+      const int64_t n1 = std::min(n, n0 + NB);
+      for (int64_t m0 = 0, blk = 0; m0 < m; m0 += kMR, ++blk) {
+        int64_t c0 = n0, c1 = n1, p0 = k0, p1 = k1;
+        span(blk, &c0, &c1, &p0, &p1);
+        if (c0 >= c1) continue;
+        if (p0 >= p1) {
+          if (!accumulate && k0 == 0) {  // nothing to add: C = 0
+            for (int64_t i = m0; i < std::min(m, m0 + kMR); ++i) std::fill(C + i * ldc + c0, C + i * ldc + c1, T(0));
+          }
+          continue;
+        }
+        block_columns<T>(std::min<int64_t>(kMR, m - m0), p1 - p0, A + m0 * a_row + p0 * a_col, a_row, a_col, B, p0,
+                         C + m0 * ldc, ldc, accumulate || p0 > 0, c0, c1);
+      }
     }
-    micro_rows<T, kMR, 1>(mr, k, A + m0 * a_row, a_row, a_col, b_pad, W, c_pad, W, accumulate);
-    for (int64_t i = 0; i < mr; ++i) std::memcpy(C + (m0 + i) * ldc, c_pad + i * W, cols * sizeof(T));
   }
 }
 
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb, T* C,
           int64_t ldc, bool accumulate) {
-  constexpr int W = Vectorized<T>::size();
-  constexpr int64_t NB = kNV * W;
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
     if (!accumulate) {
@@ -163,99 +253,245 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_
     }
     return;
   }
-  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
-    const int64_t kc = std::min(kKC, k - k0);
-    const bool acc = accumulate || k0 > 0;
-    const T* Ak = A + k0 * a_col;
-    const T* Bk = B + k0 * ldb;
-    int64_t n0 = 0;
-    for (; n0 + NB <= n; n0 += NB) panel<T, kNV>(m, kc, Ak, a_row, a_col, Bk + n0, ldb, C + n0, ldc, acc);
-    const int64_t nv = (n - n0) / W;
-    if (nv > 0) {
-      panel_of_width<T, kNV - 1>(nv, m, kc, Ak, a_row, a_col, Bk + n0, ldb, C + n0, ldc, acc);
-      n0 += nv * W;
-    }
-    if (n0 < n) narrow_panel<T>(n - n0, m, kc, Ak, a_row, a_col, Bk + n0, ldb, C + n0, ldc, acc);
-  }
+  gemm_loops<T>(m, n, k, A, a_row, a_col, BLayout<T>{B, ldb, Vectorized<T>::size()}, C, ldc, accumulate,
+                [](int64_t, int64_t*, int64_t*, int64_t*, int64_t*) {});
 }
 
-// --------------------------------------------------------- score tiles --
+template <typename T>
+void gemm_band_n(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B_panels,
+                 T* C, int64_t ldc, const int64_t* first, const int64_t* end) {
+  constexpr int64_t W = Vectorized<T>::size();
+  if (m <= 0 || n <= 0 || k <= 0) return;
+  const int64_t n_vec = (n + W - 1) / W * W;
+  TORCH_CHECK(m <= kMaxRows, "gemm_band_n: too many rows");
+  int64_t lo[kMaxBlocks], hi[kMaxBlocks];
+  for (int64_t blk = 0; blk * kMR < m; ++blk) {
+    block_union(first, end, blk * kMR, std::min<int64_t>(kMR, m - blk * kMR), &lo[blk], &hi[blk]);
+    lo[blk] = lo[blk] / W * W;                          // whole vectors
+    hi[blk] = std::min(n_vec, (hi[blk] + W - 1) / W * W);
+  }
+  gemm_loops<T>(m, n_vec, k, A, a_row, a_col, BLayout<T>{B_panels, W, k * W}, C, ldc, false,
+                [&](int64_t blk, int64_t* c0, int64_t* c1, int64_t*, int64_t*) {
+                  *c0 = std::max(*c0, lo[blk]);
+                  *c1 = std::min(*c1, hi[blk]);
+                });
+}
 
 template <typename T>
-void softmax_tile(T* S, int64_t ld, int64_t nk, int64_t ncols, T* row_max, T* row_sum, T* alpha) {
+void gemm_band_k(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb,
+                 T* C, int64_t ldc, const int64_t* first, const int64_t* end) {
+  if (m <= 0 || n <= 0 || k <= 0) return;
+  TORCH_CHECK(m <= kMaxRows, "gemm_band_k: too many rows");
+  int64_t lo[kMaxBlocks], hi[kMaxBlocks];
+  for (int64_t blk = 0; blk * kMR < m; ++blk) {
+    block_union(first, end, blk * kMR, std::min<int64_t>(kMR, m - blk * kMR), &lo[blk], &hi[blk]);
+  }
+  gemm_loops<T>(m, n, k, A, a_row, a_col, BLayout<T>{B, ldb, Vectorized<T>::size()}, C, ldc, true,
+                [&](int64_t blk, int64_t*, int64_t*, int64_t* p0, int64_t* p1) {
+                  *p0 = std::max(*p0, lo[blk]);
+                  *p1 = std::min(*p1, hi[blk]);
+                });
+}
+
+// ------------------------------------------------------------ row ops --
+
+template <typename T>
+T hsum(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vectorized<T>& x, Vectorized<T>& y) { return x + y; }, v);
+}
+
+template <typename T>
+T hmax(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vectorized<T>& x, Vectorized<T>& y) { return at::vec::maximum(x, y); }, v);
+}
+
+// f(c, count, x) over row[first:end) in vectors (the last one partial: count
+// lanes valid, the others undefined and never stored by the callers).
+template <typename T, typename F>
+void for_each_vector(int64_t first, int64_t end, F&& f) {
+  constexpr int64_t W = Vectorized<T>::size();
+  for (int64_t c = first; c < end; c += W) f(c, std::min(W, end - c));
+}
+
+template <typename T>
+Vectorized<T> load_n(const T* p, int64_t count) {
+  return count == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, count);
+}
+
+template <typename T>
+Vectorized<T> lanes_below(int64_t count) {
+  return Vectorized<T>::arange(T(0), T(1)) < Vectorized<T>(static_cast<T>(count));
+}
+
+template <typename T>
+void fill_zero(T* p, int64_t n) {
+  constexpr int64_t W = Vectorized<T>::size();
+  const Vectorized<T> z(T(0));
+  int64_t c = 0;
+  for (; c + W <= n; c += W) z.store(p + c);
+  if (c < n) z.store(p + c, n - c);
+}
+
+// Zero row[lo:first) and row[end:hi) (the parts of a register block's union outside this row's run).
+template <typename T>
+void zero_outside(T* row, int64_t lo, int64_t hi, int64_t first, int64_t end) {
+  if (first >= end) {
+    if (lo < hi) fill_zero(row + lo, hi - lo);
+    return;
+  }
+  if (lo < first) fill_zero(row + lo, first - lo);
+  if (end < hi) fill_zero(row + end, hi - end);
+}
+
+template <typename T>
+void softmax_rows(T* S, int64_t ld, int64_t m, const int64_t* first, const int64_t* end, T* row_max, T* row_sum,
+                  T* alpha) {
   using V = Vectorized<T>;
-  constexpr int W = V::size();
-  const V ninf = neg_inf_vec<T>();
-  for (int64_t a = 0; a < ncols; a += W) {
-    V mx = ninf;
-    for (int64_t c = 0; c < nk; ++c) mx = at::vec::maximum(mx, V::loadu(S + c * ld + a));
-    const V m_old = V::loadu(row_max + a);
-    const V m_new = at::vec::maximum(m_old, mx);
-    // Rows with nothing allowed yet keep max -inf; subtract 0 instead so exp(-inf) = 0, never NaN.
-    const V m_safe = V::blendv(m_new, V(T(0)), m_new == ninf);
-    const V al = vexp(m_old - m_safe);
-    V sum(T(0));
-    for (int64_t c = 0; c < nk; ++c) {
-      const V p = vexp(V::loadu(S + c * ld + a) - m_safe);
-      p.store(S + c * ld + a);
-      sum = sum + p;
+  constexpr int64_t W = V::size();
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  TORCH_CHECK(m <= kMaxRows, "softmax_rows: too many rows");
+  T tile_sum[kMaxRows];
+  for (int64_t m0 = 0; m0 < m; m0 += kMR) {
+    int64_t ulo, uhi;
+    block_union(first, end, m0, std::min<int64_t>(kMR, m - m0), &ulo, &uhi);
+    for (int64_t a = m0; a < std::min(m, m0 + kMR); ++a) {
+      T* s = S + a * ld;
+      const int64_t f = first[a], e = end[a];
+      zero_outside(s, ulo, uhi, f, e);
+      // alpha holds max_new - max_old until the vector exp below.
+      alpha[a] = T(0);
+      tile_sum[a] = T(0);
+      if (f >= e) continue;
+      // Row max: two independent chains, the last partial vector padded with -inf.
+      V mx0(neg_inf), mx1(neg_inf);
+      int64_t c = f;
+      for (; c + 2 * W <= e; c += 2 * W) {
+        mx0 = at::vec::maximum(mx0, V::loadu(s + c));
+        mx1 = at::vec::maximum(mx1, V::loadu(s + c + W));
+      }
+      for (; c < e; c += W) {
+        const int64_t n = std::min(W, e - c);
+        const V x = n == W ? V::loadu(s + c) : V::blendv(V(neg_inf), V::loadu(s + c, n), lanes_below<T>(n));
+        mx0 = at::vec::maximum(mx0, x);
+      }
+      const T m_old = row_max[a];
+      const T m_new = std::max(m_old, hmax(at::vec::maximum(mx0, mx1)));
+      if (m_new == neg_inf) {  // nothing allowed yet (all scores -inf)
+        fill_zero(s + f, e - f);
+        continue;
+      }
+      // p = exp(s - max), summed in two chains; the last partial vector masked.
+      V sum0(T(0)), sum1(T(0));
+      c = f;
+      for (; c + 2 * W <= e; c += 2 * W) {
+        const V p0 = vexp_shifted(V::loadu(s + c), m_new);
+        const V p1 = vexp_shifted(V::loadu(s + c + W), m_new);
+        p0.store(s + c);
+        p1.store(s + c + W);
+        sum0 = sum0 + p0;
+        sum1 = sum1 + p1;
+      }
+      for (; c < e; c += W) {
+        const int64_t n = std::min(W, e - c);
+        const V p = vexp_shifted(load_n(s + c, n), m_new);
+        p.store(s + c, n);
+        sum0 = sum0 + (n == W ? p : V::blendv(V(T(0)), p, lanes_below<T>(n)));
+      }
+      alpha[a] = m_old - m_new;  // -inf for the first keys of a row: alpha = 0
+      row_max[a] = m_new;
+      tile_sum[a] = hsum(sum0 + sum1);
     }
-    m_new.store(row_max + a);
-    al.store(alpha + a);
-    at::vec::fmadd(V::loadu(row_sum + a), al, sum).store(row_sum + a);
+  }
+  // alpha = exp(max_old - max_new) and the running sums, a vector of rows at a time.
+  for (int64_t a = 0; a < m; a += W) {
+    const int64_t n = std::min(W, m - a);
+    const V al = vexp_shifted(V::loadu(alpha + a, n), T(0));
+    al.store(alpha + a, n);
+    at::vec::fmadd(V::loadu(row_sum + a, n), al, V::loadu(tile_sum + a, n)).store(row_sum + a, n);
   }
 }
 
 template <typename T>
-void sigmoid_tile(T* S, int64_t ld, int64_t nk, int64_t ncols, T bias) {
+void sigmoid_rows(T* S, int64_t ld, int64_t m, const int64_t* first, const int64_t* end, T bias) {
   using V = Vectorized<T>;
   const V b(bias);
-  for (int64_t c = 0; c < nk; ++c) {
-    for (int64_t a = 0; a < ncols; a += V::size()) vsigmoid<T>(V::loadu(S + c * ld + a) + b).store(S + c * ld + a);
-  }
-}
-
-template <typename T>
-void softmax_grad_tile(T* S, T* G, const T* factor, int64_t ld, int64_t nk, int64_t ncols, const T* lse,
-                       const T* rowdot) {
-  using V = Vectorized<T>;
-  constexpr int W = V::size();
-  const V ninf = neg_inf_vec<T>();
-  for (int64_t a = 0; a < ncols; a += W) {
-    const V l = V::loadu(lse + a);
-    // An empty row (lse = -inf) gets P = exp(s - inf) = 0 everywhere.
-    const V l_safe = V::blendv(l, V(std::numeric_limits<T>::infinity()), l == ninf);
-    const V dot = V::loadu(rowdot + a);
-    for (int64_t c = 0; c < nk; ++c) {
-      const V p = vexp(V::loadu(S + c * ld + a) - l_safe);
-      V g = softmax_score_grad<V>(p, V::loadu(G + c * ld + a), dot);
-      if (factor) g = g * V::loadu(factor + c * ld + a);
-      p.store(S + c * ld + a);
-      g.store(G + c * ld + a);
+  for (int64_t m0 = 0; m0 < m; m0 += kMR) {
+    int64_t ulo, uhi;
+    block_union(first, end, m0, std::min<int64_t>(kMR, m - m0), &ulo, &uhi);
+    for (int64_t a = m0; a < std::min(m, m0 + kMR); ++a) {
+      T* s = S + a * ld;
+      zero_outside(s, ulo, uhi, first[a], end[a]);
+      for_each_vector<T>(first[a], end[a],
+                         [&](int64_t c, int64_t n) { vsigmoid<T>(load_n(s + c, n) + b).store(s + c, n); });
     }
   }
 }
 
 template <typename T>
-void sigmoid_grad_tile(T* S, T* G, const T* factor, int64_t ld, int64_t nk, int64_t ncols, T bias) {
+void softmax_grad_rows(T* S, T* G, const T* factor, int64_t ld, int64_t m, int64_t n, const int64_t* first,
+                       const int64_t* end, const T* lse, const T* rowdot) {
+  using V = Vectorized<T>;
+  for (int64_t a = 0; a < m; ++a) {
+    T* s = S + a * ld;
+    T* g = G + a * ld;
+    const T* fa = factor ? factor + a * ld : nullptr;
+    // An empty row (lse = -inf) passes no gradient.
+    const bool empty_row = lse[a] == -std::numeric_limits<T>::infinity();
+    const int64_t f = empty_row ? n : first[a], e = empty_row ? n : end[a];
+    zero_outside(s, 0, n, f, e);
+    zero_outside(g, 0, n, f, e);
+    const V dot(rowdot[a]);
+    const T l = lse[a];
+    for_each_vector<T>(f, e, [&](int64_t c, int64_t cnt) {
+      const V p = vexp_shifted(load_n(s + c, cnt), l);
+      V ds = softmax_score_grad<V>(p, load_n(g + c, cnt), dot);
+      if (fa) ds = ds * load_n(fa + c, cnt);
+      p.store(s + c, cnt);
+      ds.store(g + c, cnt);
+    });
+  }
+}
+
+template <typename T>
+void sigmoid_grad_rows(T* S, T* G, const T* factor, int64_t ld, int64_t m, int64_t n, const int64_t* first,
+                       const int64_t* end, T bias) {
   using V = Vectorized<T>;
   const V b(bias);
-  for (int64_t c = 0; c < nk; ++c) {
-    for (int64_t a = 0; a < ncols; a += V::size()) {
-      const V sig = vsigmoid<T>(V::loadu(S + c * ld + a) + b);
-      V g = sigmoid_score_grad<V>(sig, V::loadu(G + c * ld + a));
-      if (factor) g = g * V::loadu(factor + c * ld + a);
-      sig.store(S + c * ld + a);
-      g.store(G + c * ld + a);
-    }
+  for (int64_t a = 0; a < m; ++a) {
+    T* s = S + a * ld;
+    T* g = G + a * ld;
+    const T* fa = factor ? factor + a * ld : nullptr;
+    zero_outside(s, 0, n, first[a], end[a]);
+    zero_outside(g, 0, n, first[a], end[a]);
+    for_each_vector<T>(first[a], end[a], [&](int64_t c, int64_t cnt) {
+      const V sig = vsigmoid<T>(load_n(s + c, cnt) + b);
+      V ds = sigmoid_score_grad<V>(sig, load_n(g + c, cnt));
+      if (fa) ds = ds * load_n(fa + c, cnt);
+      sig.store(s + c, cnt);
+      ds.store(g + c, cnt);
+    });
   }
+}
+
+template <typename T>
+void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t m, int64_t n) {
+  at::vec::transpose_mxn<T>(src, ld_src, dst, ld_dst, static_cast<int>(m), static_cast<int>(n));
 }
 
 template <typename T>
 TileOps<T> make_ops() {
-  return TileOps<T>{LR_ISA_NAME,        Vectorized<T>::size(), &gemm<T>,
-                    &softmax_tile<T>,   &sigmoid_tile<T>,      &softmax_grad_tile<T>,
-                    &sigmoid_grad_tile<T>};
+  TileOps<T> ops;
+  ops.isa = LR_ISA_NAME;
+  ops.vec_width = Vectorized<T>::size();
+  ops.gemm = &gemm<T>;
+  ops.gemm_band_n = &gemm_band_n<T>;
+  ops.gemm_band_k = &gemm_band_k<T>;
+  ops.softmax_rows = &softmax_rows<T>;
+  ops.sigmoid_rows = &sigmoid_rows<T>;
+  ops.softmax_grad_rows = &softmax_grad_rows<T>;
+  ops.sigmoid_grad_rows = &sigmoid_grad_rows<T>;
+  ops.transpose = &transpose<T>;
+  return ops;
 }
 
 }  // namespace

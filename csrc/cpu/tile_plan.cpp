@@ -16,7 +16,10 @@ int64_t class_count(int64_t n, int64_t cls, int64_t d) { return cls < n ? ceil_d
 
 // Longest run of blocks one chunk takes: bounds the per-thread copies of key
 // rows (low precision) and the overlap the key-gradient reduction sums.
-constexpr int64_t kMaxChunkBlocks = 64;
+#include <cstdlib>
+int64_t dev_mcb = 64;  // DEV
+static int64_t kmcb() { return dev_mcb; }
+#define kMaxChunkBlocks kmcb()
 
 }  // namespace
 
