@@ -31,7 +31,7 @@ SLIDING = 5  # shorter than the test sequences, so the sliding windows matter
 def build(family: str, attn: str = "eager", dtype=torch.float32, **overrides):
     """A tiny model of a family with random weights (seeded by the test) in eval mode."""
     if family == "llama":
-        config = transformers.LlamaConfig(**COMMON, **overrides)
+        config = transformers.LlamaConfig(**{**COMMON, **overrides})
         cls = transformers.LlamaForCausalLM
     elif family == "mistral":
         config = transformers.MistralConfig(**{**COMMON, "sliding_window": SLIDING, **overrides})
@@ -196,26 +196,87 @@ def test_softcap_option_overrides_the_model():
         torch.testing.assert_close(patched(ids).logits, reference(ids).logits, atol=2e-5, rtol=1e-5)
 
 
-def test_score_option_reaches_the_kernel():
-    """score='sigmoid' on a Llama equals an independent per-layer recomputation with the reference op."""
+@pytest.mark.parametrize(
+    "options, reference_kwargs",
+    [
+        (dict(score="sigmoid", window=4), dict(score="sigmoid", window=(3, 0))),
+        (dict(alibi="standard"), dict(alibi="standard")),
+        (dict(alibi="balanced", score="sigmoid", window=6), dict(alibi="balanced", score="sigmoid", window=(5, 0))),
+    ],
+)
+def test_score_and_alibi_options_reach_the_kernel(options, reference_kwargs):
+    """The patched Llama equals the same Llama whose attention is the dense reference op with
+    those options. (The slopes themselves are tested with longreach.alibi_slopes.)"""
+    from longreach import alibi_slopes
     from longreach import reference as ref_ops
 
     model = build("llama", "eager")
-    patched = patched_copy(model, score="sigmoid", window=4)
-    captured = []
+    patched = patched_copy(model, **options)
+    kwargs = dict(reference_kwargs)
+    kind = kwargs.pop("alibi", None)
+    slopes = None if kind is None else alibi_slopes(COMMON["num_attention_heads"], kind)
 
-    def spy(module, q, k, v, mask, **kw):
-        out = ref_ops.local_attention(q, k, v, window=(3, 0), causal=True, score="sigmoid", scale=kw["scaling"])
-        captured.append(out.transpose(1, 2))
-        return captured[-1], None
+    def oracle_attention(module, q, k, v, mask, scaling=None, **ignored):
+        out = ref_ops.local_attention(q, k, v, causal=True, scale=scaling, alibi_slopes=slopes, **kwargs)
+        return out.transpose(1, 2), None
 
-    transformers.AttentionInterface.register("longreach_test_spy", spy)
+    transformers.AttentionInterface.register("longreach_test_oracle", oracle_attention)
     oracle = copy.deepcopy(model)
-    oracle.set_attn_implementation("longreach_test_spy")
+    oracle.set_attn_implementation("longreach_test_oracle")
     ids = torch.randint(3, VOCAB, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(patched(ids).logits, oracle(ids).logits, atol=2e-5, rtol=1e-5)
         assert (patched(ids).logits - model(ids).logits).abs().max() > 1e-3
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    "longrope": {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0, 1.1, 1.3, 2.0],
+                 "long_factor": [1.0, 2.0, 3.0, 4.0]},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_SCALINGS))
+def test_rope_scaling_matches_transformers(rope, tmp_path):
+    """patch(rope_scaling=...) == the same weights in a model configured with that scaling by
+    transformers itself; sequences run past the pretraining length (16) so dynamic and
+    longrope switch frequencies. The scaling survives save_pretrained in plain transformers."""
+    scaling = ROPE_SCALINGS[rope]
+    plain = build("llama", "sdpa", max_position_embeddings=16)
+    scaled = build("llama", "sdpa", max_position_embeddings=16,
+                   rope_parameters={"rope_theta": 10000.0, **scaling})
+    scaled.load_state_dict(plain.state_dict())
+    patched = patched_copy(plain, rope_scaling=scaling)
+    assert type(patched.model.rotary_emb).__name__ == "ScaledRotaryEmbedding"
+    for length in (12, 40, 12):  # dynamic: grow past the original length, then back
+        ids = torch.randint(3, VOCAB, (2, length))
+        with torch.no_grad():
+            expected = scaled(ids).logits
+            torch.testing.assert_close(patched(ids).logits, expected, atol=2e-5, rtol=1e-5, msg=f"length {length}")
+    if rope != "dynamic":  # dynamic equals plain RoPE within the pretraining length
+        with torch.no_grad():
+            assert (plain(ids).logits - expected).abs().max() > 1e-3
+    patched.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, VOCAB, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, scaled(ids).logits, atol=2e-5, rtol=1e-5)
+
+
+def test_rope_scaling_with_window_generates_like_transformers():
+    """The long-context recipe (window + YaRN) through generate() with a cache."""
+    scaling = ROPE_SCALINGS["yarn"]
+    reference = build("mistral", "sdpa", max_position_embeddings=16, sliding_window=6,
+                      rope_parameters={"rope_theta": 10000.0, **scaling})
+    patched = patched_copy(build("llama", "sdpa", max_position_embeddings=16), window=6, rope_scaling=scaling)
+    patched.load_state_dict(reference.state_dict())
+    ids = torch.randint(3, VOCAB, (2, 20))
+    mask = padding_mask("left", 2, 20)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(patched.generate(ids, **kwargs), reference.generate(ids, **kwargs))
 
 
 def test_packed_sequences_raise():
@@ -262,6 +323,9 @@ def test_attention_dropout_raises():
         (dict(score="relu"), "score must be one of.*'relu'"),
         (dict(alibi="steep"), "alibi must be one of.*'steep'"),
         (dict(softcap=-1.0), "softcap must be a positive number.*-1.0"),
+        (dict(rope_scaling="yarn"), "rope_scaling must be a dict"),
+        (dict(rope_scaling={"rope_type": "stretchy", "factor": 2.0}), "rope_scaling.*rope_type.*'stretchy'"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": -2.0}), "factor"),
     ],
 )
 def test_bad_options_raise(options, match):
