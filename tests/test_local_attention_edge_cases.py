@@ -292,3 +292,26 @@ def test_empty_sizes(shapes, score, device):
     dq, dk, dv = grads([out], [torch.ones_like(out)], [q, k, v])
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert not any(torch.isnan(g).any() for g in (dq, dk, dv))
+
+
+# ---------------------------------------------------------------------------
+# Threads: the CPU kernels split work with at::parallel_for and their backward
+# uses no atomics, so any thread count gives bit-identical results.
+
+
+def test_thread_count_does_not_change_results():
+    q, k, v = random_qkv(2, 4, 2, 300, 300, 32, torch.float32, "cpu")
+    gmask = torch.rand(2, 300) < 0.03
+    kwargs = dict(window=(40, 3), dilation=2, global_mask=gmask, alibi_slopes=standard_alibi_slopes(4), return_lse=True)
+    results = []
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, max(4, saved)):
+            torch.set_num_threads(threads)
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+            out, lse = longreach.local_attention(*inputs, **kwargs)
+            results.append((out, lse, *grads([out, lse], [torch.ones_like(out), torch.ones_like(lse)], inputs)))
+    finally:
+        torch.set_num_threads(saved)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), f"{name} differs between 1 and several threads"
