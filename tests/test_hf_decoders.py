@@ -47,6 +47,12 @@ def build(family: str, attn: str = "eager", dtype=torch.float32, **overrides):
                "attn_logit_softcapping": 2.0, "final_logit_softcapping": None, **overrides}
         )
         cls = transformers.Gemma2ForCausalLM
+    elif family == "gemma3":  # per-layer-type rope parameters, 5:1-style sliding/full layers
+        config = transformers.Gemma3TextConfig(
+            **{**COMMON, "num_hidden_layers": 3, "head_dim": 8, "sliding_window": SLIDING, "query_pre_attn_scalar": 13,
+               "layer_types": ["sliding_attention", "sliding_attention", "full_attention"], **overrides}
+        )
+        cls = transformers.Gemma3ForCausalLM
     else:
         raise AssertionError(family)
     config._attn_implementation = attn
@@ -57,7 +63,7 @@ def patched_copy(model, **options):
     return longreach.hf.patch(copy.deepcopy(model), **options)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma2"]
+FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3"]
 
 
 def reference_attn(family: str) -> str:
