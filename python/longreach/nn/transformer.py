@@ -160,9 +160,9 @@ class LocalTransformerLM(nn.Module):
 
     def _positions(self, input_ids, padding_mask, cache: Optional[KVCache]):
         batch, length = input_ids.shape
-        start = None if cache is None else cache.next_position
-        if padding_mask is None and start is None:
+        if padding_mask is None and cache is None:
             return None  # 0 .. L-1: lets RoPE skip reading ids
+        start = None if cache is None else cache.next_position
         real = torch.ones_like(input_ids, dtype=torch.long) if padding_mask is None else padding_mask.long()
         positions = (real.cumsum(dim=1) - 1).clamp(min=0)
         if start is not None:
