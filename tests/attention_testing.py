@@ -92,6 +92,17 @@ def window_for(name: str, q_len: int, k_len: int) -> Tuple[Optional[int], Option
 # Data and errors.
 
 
+def precise_dtype(device) -> torch.dtype:
+    """The most precise dtype the kernels have on `device`: float64 on CPU,
+    float32 on CUDA (which has no float64 path)."""
+    return torch.float32 if str(device).startswith("cuda") else torch.float64
+
+
+def tight_tolerance(dtype: torch.dtype) -> float:
+    """Scaled-error tolerance for comparisons that should agree to rounding."""
+    return 1e-12 if dtype == torch.float64 else 2e-5
+
+
 def random_qkv(batch, q_heads, kv_heads, q_len, k_len, head_dim, dtype, device, generator=None):
     """q, k, v drawn in float64 then cast, so every dtype sees the same values."""
     def draw(*shape):
