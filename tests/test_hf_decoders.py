@@ -358,6 +358,18 @@ def test_torch_compile_fullgraph_matches_eager():
     assert patched.model.layers[0].self_attn.q_proj.weight.grad is not None
 
 
+@pytest.mark.extended  # ~1 minute of compiling on 2 cores
+def test_torch_compile_with_padding_breaks_the_graph_but_matches():
+    """A padding mask is read on the host (one graph break per forward); fullgraph=True refuses it."""
+    patched = patched_copy(build("llama"), window=4)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    mask = padding_mask("left", 2, 12)
+    with torch.no_grad():
+        expected = patched(ids, attention_mask=mask).logits
+        got = torch.compile(patched)(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
 def test_save_pretrained_round_trip(tmp_path):
     patched = patched_copy(build("qwen2"), window=4)
     patched.save_pretrained(tmp_path)
