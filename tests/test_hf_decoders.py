@@ -272,6 +272,21 @@ def test_rope_scaling_matches_transformers(rope, tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, scaled(ids).logits, atol=2e-5, rtol=1e-5)
 
 
+def test_rope_scaling_per_layer_type_gemma3():
+    """Gemma3 keeps RoPE parameters per layer type; a scaling keyed by type changes only those layers."""
+    plain = build("gemma3", "sdpa")
+    parameters = {key: dict(value) for key, value in plain.config.rope_parameters.items()}
+    parameters["full_attention"].update({"rope_type": "linear", "factor": 8.0})
+    scaled = build("gemma3", "sdpa", rope_parameters=parameters)
+    scaled.load_state_dict(plain.state_dict())
+    patched = patched_copy(plain, rope_scaling={"full_attention": {"rope_type": "linear", "factor": 8.0}})
+    assert patched.config.rope_parameters["sliding_attention"] == plain.config.rope_parameters["sliding_attention"]
+    ids = torch.randint(3, VOCAB, (2, 14))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, scaled(ids).logits, atol=2e-5, rtol=1e-5)
+        assert (patched(ids).logits - plain(ids).logits).abs().max() > 1e-3
+
+
 def test_rope_scaling_with_window_generates_like_transformers():
     """The long-context recipe (window + YaRN) through generate() with a cache."""
     scaling = ROPE_SCALINGS["yarn"]
@@ -332,6 +347,7 @@ def test_attention_dropout_raises():
         (dict(rope_scaling="yarn"), "rope_scaling must be a dict"),
         (dict(rope_scaling={"rope_type": "stretchy", "factor": 2.0}), "rope_scaling.*rope_type.*'stretchy'"),
         (dict(rope_scaling={"rope_type": "linear", "factor": -2.0}), "factor"),
+        (dict(rope_scaling={"rope_type": "ntk", "factor": 2.0}), "'ntk' is longreach's static NTK scaling"),
     ],
 )
 def test_bad_options_raise(options, match):

@@ -21,6 +21,8 @@ from ..positional import ROPE_TYPES, rope_frequencies, rope_type_of
 
 __all__ = ["ScaledRotaryEmbedding", "swap_rotary_embedding"]
 
+# the types transformers itself knows (so a patched checkpoint loads in plain transformers)
+HF_ROPE_TYPES = tuple(t for t in ROPE_TYPES if t != "ntk")
 # rope types whose frequencies depend on the sequence length seen so far
 _LENGTH_DEPENDENT = ("dynamic", "longrope")
 # rope types that read the pretraining length; written into the config explicitly
@@ -97,9 +99,11 @@ def _check_scaling(scaling) -> None:
         raise ValueError(f"longreach.hf.patch: rope_scaling must be a dict (Hugging Face's rope_parameters), "
                          f"got {type(scaling).__name__}")
     rope_type = rope_type_of(scaling)
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"longreach.hf.patch: rope_scaling['rope_type'] must be one of {ROPE_TYPES}, "
-                         f"got {rope_type!r}")
+    if rope_type not in HF_ROPE_TYPES:
+        hint = (" ('ntk' is longreach's static NTK scaling, not a transformers rope type: a saved model could "
+                "not be loaded by transformers; use 'dynamic' or 'yarn')" if rope_type == "ntk" else "")
+        raise ValueError(f"longreach.hf.patch: rope_scaling['rope_type'] must be one of {HF_ROPE_TYPES}, "
+                         f"got {rope_type!r}{hint}")
 
 
 def _rotary_modules(model):
