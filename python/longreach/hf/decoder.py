@@ -103,7 +103,13 @@ def _check_causal_pattern(mask_function, batch_size, q_length, q_offset, device)
     rows = torch.arange(1, q_length, device=device)[None, :] + q_offset  # each has a left neighbour
 
     def probe(delta):
-        allowed = mask_function(batch, head, rows, rows + delta)
+        try:
+            allowed = mask_function(batch, head, rows, rows + delta)
+        except Exception as error:  # a custom (non index-based) pattern, e.g. image-token overlays
+            raise ValueError(
+                "longreach: cannot evaluate the attention pattern this model asked for (a custom mask function); "
+                "longreach's Hugging Face decoder path supports the plain causal / sliding-window patterns only"
+            ) from error
         return torch.as_tensor(allowed, device=device).expand(batch_size, q_length - 1)
 
     _require(probe(0) & probe(-1), _PACKED_MESSAGE)
