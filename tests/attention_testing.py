@@ -20,10 +20,10 @@ def standard_alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def balanced_alibi_slopes(num_heads: int) -> torch.Tensor:
-    """SWAT's balanced ALiBi: half the heads +2^-k, the other half -2^-k
-    (k following the standard schedule over H/2 heads), so half the heads
-    reward distance instead of penalising it."""
-    half = standard_alibi_slopes(num_heads // 2)
+    """SWAT's balanced ALiBi as the issue states it: half the heads +2^-k and the
+    other half -2^-k, k = 1..H/2, so half the heads reward distance instead of
+    penalising it (written out here independently of longreach.alibi_slopes)."""
+    half = torch.tensor([2.0 ** -k for k in range(1, num_heads // 2 + 1)], dtype=torch.float32)
     return torch.cat([half, -half])
 
 
