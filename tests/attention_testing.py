@@ -20,10 +20,10 @@ def standard_alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def balanced_alibi_slopes(num_heads: int) -> torch.Tensor:
-    """SWAT's balanced ALiBi: half the heads +2^-k, the other half -2^-k
-    (k following the standard schedule over H/2 heads), so half the heads
-    reward distance instead of penalising it."""
-    half = standard_alibi_slopes(num_heads // 2)
+    """SWAT's balanced ALiBi as the issue states it: half the heads +2^-k and the
+    other half -2^-k, k = 1..H/2, so half the heads reward distance instead of
+    penalising it (written out here independently of longreach.alibi_slopes)."""
+    half = torch.tensor([2.0 ** -k for k in range(1, num_heads // 2 + 1)], dtype=torch.float32)
     return torch.cat([half, -half])
 
 
@@ -90,6 +90,17 @@ def window_for(name: str, q_len: int, k_len: int) -> Tuple[Optional[int], Option
 
 # ---------------------------------------------------------------------------
 # Data and errors.
+
+
+def precise_dtype(device) -> torch.dtype:
+    """The most precise dtype the kernels have on `device`: float64 on CPU,
+    float32 on CUDA (which has no float64 path)."""
+    return torch.float32 if str(device).startswith("cuda") else torch.float64
+
+
+def tight_tolerance(dtype: torch.dtype) -> float:
+    """Scaled-error tolerance for comparisons that should agree to rounding."""
+    return 1e-12 if dtype == torch.float64 else 2e-5
 
 
 def random_qkv(batch, q_heads, kv_heads, q_len, k_len, head_dim, dtype, device, generator=None):

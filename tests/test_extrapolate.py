@@ -14,7 +14,8 @@ import torch
 
 from longreach.__main__ import main as longreach_main
 from longreach.extrapolate import cli, data, report
-from longreach.extrapolate.model import ModelDims, build_model, configure_for_length
+from longreach.extrapolate.model import ModelDims, build_model, configure_for_length, model_config
+from longreach.nn import LocalTransformerConfig
 from longreach.extrapolate.schemes import SCHEMES, models_to_train, parse_scheme_list, rope_scaling
 from longreach.extrapolate.train import evaluate
 
@@ -233,14 +234,29 @@ def test_configured_rotary_tables():
     model = build_model(SCHEMES["rope-pi"], dims, None, 64, seed=0)
     configure_for_length(model, SCHEMES["rope-pi"], 64, 256)
     # PI at 4x: positions divided by 4, i.e. every frequency divided by 4.
-    torch.testing.assert_close(model.rope.cos[5].double(), torch.cos(5 * plain / 4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.rotary.cos[5].double(), torch.cos(5 * plain / 4), atol=1e-6, rtol=0)
     configure_for_length(model, SCHEMES["rope-yarn"], 64, 256)
     # YaRN's attention temperature: cos and sin scaled by 0.1 ln(s) + 1 (Peng et al., eq. 22).
-    assert model.rope.cos[0, 0].item() == pytest.approx(0.1 * math.log(4) + 1)
+    assert model.rotary.cos[0, 0].item() == pytest.approx(0.1 * math.log(4) + 1)
     # The highest frequency (many rotations within 64 positions) is kept, the lowest interpolated.
     af = 0.1 * math.log(4) + 1
-    assert model.rope.cos[5, 0].item() == pytest.approx(af * math.cos(5 * plain[0].item()), abs=1e-6)
-    assert model.rope.cos[5, -1].item() == pytest.approx(af * math.cos(5 * plain[-1].item() / 4), abs=1e-6)
+    assert model.rotary.cos[5, 0].item() == pytest.approx(af * math.cos(5 * plain[0].item()), abs=1e-6)
+    assert model.rotary.cos[5, -1].item() == pytest.approx(af * math.cos(5 * plain[-1].item() / 4), abs=1e-6)
+
+
+def test_scheme_configurations():
+    dims = ModelDims(d_model=64, layers=2, heads=4)
+    common = dict(d_model=64, n_layers=2, n_heads=4, max_position_embeddings=256)
+    # SWAT is exactly the module's own SWAT preset.
+    assert model_config(SCHEMES["swat"], dims, 128, 256) == LocalTransformerConfig.swat(128, **common)
+    assert model_config(SCHEMES["sliding-rope"], dims, 128, 256) == LocalTransformerConfig(window=128, **common)
+    assert model_config(SCHEMES["rope"], dims, 128, 256) == LocalTransformerConfig(window=None, **common)
+    alibi = model_config(SCHEMES["alibi"], dims, 128, 256)
+    assert (alibi.positional, alibi.alibi, alibi.window, alibi.score) == ("alibi", "standard", None, "softmax")
+    # The same seed gives schemes with the same parameter shapes the same initial weights.
+    a = build_model(SCHEMES["rope"], dims, 128, 256, seed=5)
+    b = build_model(SCHEMES["swat"], dims, 128, 256, seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 # ------------------------------------------------------------- paper checks --

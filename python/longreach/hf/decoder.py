@@ -18,17 +18,18 @@ Options are stored in `config.longreach` (a dict), so they travel with save_pret
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Dict, Optional
 
 import torch
 
 from ..padding import local_attention_padded
+from ..positional import ALIBI_KINDS, alibi_slopes
 
 ATTENTION_NAME = "longreach"
 OPTIONS_ATTR = "longreach"
 SCORES = ("softmax", "sigmoid")
-ALIBI_KINDS = ("standard", "balanced")
 
 __all__ = ["patch_decoder", "register", "longreach_attention_forward", "longreach_mask", "ATTENTION_NAME"]
 
@@ -36,7 +37,7 @@ __all__ = ["patch_decoder", "register", "longreach_attention_forward", "longreac
 # --------------------------------------------------------------------------- options
 
 
-def _check_options(window, score, alibi, softcap) -> Dict[str, Any]:
+def _check_options(window, score, alibi, softcap, rope_scaling) -> Dict[str, Any]:
     """Validate the user's options; returns the dict stored in config.longreach (None = keep the model's)."""
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(
@@ -51,7 +52,13 @@ def _check_options(window, score, alibi, softcap) -> Dict[str, Any]:
         isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (softcap > 0 and math.isfinite(softcap))
     ):
         raise ValueError(f"longreach.hf.patch: softcap must be a positive number or None, got {softcap!r}")
-    options = {"window": window, "score": score, "alibi": alibi, "softcap": None if softcap is None else float(softcap)}
+    if rope_scaling is not None and not isinstance(rope_scaling, dict):
+        raise ValueError(
+            f"longreach.hf.patch: rope_scaling must be a dict like {{'rope_type': 'yarn', 'factor': 4.0}} or None, "
+            f"got {rope_scaling!r}"
+        )
+    options = {"window": window, "score": score, "alibi": alibi, "softcap": None if softcap is None else float(softcap),
+               "rope_scaling": None if rope_scaling is None else copy.deepcopy(rope_scaling)}
     return {key: value for key, value in options.items() if value is not None}
 
 
@@ -96,7 +103,13 @@ def _check_causal_pattern(mask_function, batch_size, q_length, q_offset, device)
     rows = torch.arange(1, q_length, device=device)[None, :] + q_offset  # each has a left neighbour
 
     def probe(delta):
-        allowed = mask_function(batch, head, rows, rows + delta)
+        try:
+            allowed = mask_function(batch, head, rows, rows + delta)
+        except Exception as error:  # a custom (non index-based) pattern, e.g. image-token overlays
+            raise ValueError(
+                "longreach: cannot evaluate the attention pattern this model asked for (a custom mask function); "
+                "longreach's Hugging Face decoder path supports the plain causal / sliding-window patterns only"
+            ) from error
         return torch.as_tensor(allowed, device=device).expand(batch_size, q_length - 1)
 
     _require(probe(0) & probe(-1), _PACKED_MESSAGE)
@@ -179,11 +192,7 @@ _SLOPES_CACHE: Dict[tuple, torch.Tensor] = {}
 def _alibi_slopes(kind: str, num_heads: int, device) -> torch.Tensor:
     key = (kind, num_heads, str(device))
     if key not in _SLOPES_CACHE:
-        try:
-            from .. import alibi_slopes
-        except ImportError as error:  # the positional module is not in this build
-            raise NotImplementedError("longreach.hf: alibi needs longreach.alibi_slopes") from error
-        _SLOPES_CACHE[key] = alibi_slopes(num_heads, kind=kind).to(device=device, dtype=torch.float32)
+        _SLOPES_CACHE[key] = alibi_slopes(num_heads, kind, device=device)
     return _SLOPES_CACHE[key]
 
 
@@ -288,16 +297,14 @@ def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None,
             "AttentionInterface (its class is not marked _supports_attention_backend), so longreach cannot "
             "replace it; supported: decoder models such as Llama, Mistral, Qwen2, Gemma2, Gemma3"
         )
-    options = _check_options(window, score, alibi, softcap)
+    options = _check_options(window, score, alibi, softcap, rope_scaling)
     config = base.config.get_text_config(decoder=True)
-    if not options and rope_scaling is None:
+    if not options:
         options = _options(config)  # re-patching a model loaded from a patched checkpoint
-    if alibi is not None:
-        _alibi_slopes(alibi, config.num_attention_heads, "cpu")  # fail now if unavailable
-    if rope_scaling is not None:
+    if "rope_scaling" in options:
         from .rope import swap_rotary_embedding
 
-        swap_rotary_embedding(base, rope_scaling)
+        swap_rotary_embedding(base, options["rope_scaling"])
     if "window" in options:
         # The cache follows config.sliding_window: sliding layers then keep the window - 1 keys
         # the window needs (not fewer), and a model without sliding layers (no layer_types, e.g.
