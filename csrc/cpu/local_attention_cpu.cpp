@@ -664,9 +664,6 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
 
 // ------------------------------------------------------------ entry points --
 
-// Enough chunks that every thread gets several (the plan caps it by the work there is).
-int64_t target_chunks() { return 4 * at::get_num_threads(); }
-
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes,
@@ -680,7 +677,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
   at::Tensor lse = at::full({P.batch, P.q_heads, P.q_len}, -std::numeric_limits<double>::infinity(),
                             q.options().dtype(lse_dtype(q.scalar_type())));
   if (out.numel() == 0 || P.k_len == 0) return {out, lse};
-  const TilePlan plan(P, global_mask, target_chunks());
+  const TilePlan plan(P, global_mask);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_fwd_cpu", [&] {
     forward_kernel<scalar_t>(P, plan, q, k, v, slopes, out, lse);
@@ -705,7 +702,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
   at::Tensor dk = at::zeros(k.sizes(), k.options().memory_format(contiguous));
   at::Tensor dv = at::zeros(v.sizes(), v.options().memory_format(contiguous));
   if (q.numel() == 0 || k.numel() == 0) return {dq, dk, dv};
-  const TilePlan plan(P, global_mask, target_chunks());
+  const TilePlan plan(P, global_mask);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_bwd_cpu", [&] {
     backward_kernel<scalar_t>(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, dq, dk, dv);

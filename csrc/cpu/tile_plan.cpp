@@ -14,17 +14,17 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Number of indices in [0, n) congruent to cls modulo d.
 int64_t class_count(int64_t n, int64_t cls, int64_t d) { return cls < n ? ceil_div(n - cls, d) : 0; }
 
-// Longest run of blocks one chunk takes: bounds the per-thread copies of key
-// rows (low precision) and the overlap the key-gradient reduction sums.
+// Longest run of blocks one chunk takes: bounds the per-thread packed key
+// operands and the chunk's key-gradient buffers.
 #include <cstdlib>
-int64_t dev_mcb = 64;  // DEV
-static int64_t kmcb() { return dev_mcb; }
-#define kMaxChunkBlocks kmcb()
+constexpr int64_t kMaxChunkBlocks = 64;
+// Chunks wanted overall, so that up to a few dozen threads all get work; more
+// chunks only cost the re-packing and re-summing of the keys they share.
+constexpr int64_t kTargetChunks = 64;
 
 }  // namespace
 
-TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask, int64_t target_chunks)
-    : P_(P) {
+TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask) : P_(P) {
   const int64_t d = P.dilation;
   global_keys_.resize(P.batch);
   global_rows_.resize(P.batch);
@@ -43,11 +43,13 @@ TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& gl
     }
   }
 
-  // Chunks per run of blocks: enough for `target_chunks` overall, never longer
-  // than kMaxChunkBlocks.
+  // Chunks per run of blocks: enough for kTargetChunks overall, never longer
+  // than kMaxChunkBlocks. Fixed numbers, not the thread count: the order in
+  // which key gradients are summed follows the chunks, and results must be
+  // bit-identical for any number of threads.
   const int64_t classes = std::min(d, P.q_len);
   const int64_t runs = std::max<int64_t>(1, P.batch * P.kv_heads * classes);
-  const int64_t wanted_per_run = std::max<int64_t>(1, ceil_div(target_chunks, runs));
+  const int64_t wanted_per_run = std::max<int64_t>(1, ceil_div(kTargetChunks, runs));
   auto add_run = [&](int64_t b, int64_t hk, bool global_rows, int64_t cls, int64_t n_blocks) {
     if (n_blocks <= 0) return;
     const int64_t pieces = std::min(n_blocks, std::max(wanted_per_run, ceil_div(n_blocks, kMaxChunkBlocks)));
@@ -137,7 +139,17 @@ KeyRange TilePlan::span_of_chunk(const RowChunk& c) const {
     last = rows.back();
   }
   if (first < 0) return KeyRange{0, 0, P_.dilation};
-  return span_of_rows(first, last);
+  // Start on a multiple of kKeyAlign keys of the class, so the kernels' tile
+  // boundaries (whole vectors of chunk columns) sit at the same keys however
+  // the blocks are cut into chunks: results do not depend on the chunking.
+  KeyRange r = span_of_rows(first, last);
+  if (r.count > 0) {
+    const int64_t d = P_.dilation, cls = floor_mod(r.lo, d);
+    const int64_t aligned = cls + (r.lo - cls) / d / kKeyAlign * kKeyAlign * d;
+    r.count += (r.lo - aligned) / d;
+    r.lo = aligned;
+  }
+  return r;
 }
 
 }  // namespace longreach::cpu

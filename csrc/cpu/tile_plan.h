@@ -42,6 +42,9 @@ struct KeyRange {
   }
 };
 
+// span_of_chunk starts on a multiple of this many keys of the class.
+constexpr int64_t kKeyAlign = 64;
+
 struct RowChunk {
   int64_t batch;
   int64_t kv_head;
@@ -60,10 +63,7 @@ struct BlockKeys {
 
 class TilePlan {
  public:
-  // `target_chunks`: cut blocks into at least this many chunks when there are
-  // enough of them (so all threads get work); the caller passes a multiple of
-  // the thread count.
-  TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask, int64_t target_chunks);
+  TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask);
 
   const AttentionParams& params() const { return P_; }
   bool has_global() const { return has_global_; }
@@ -83,8 +83,9 @@ class TilePlan {
   void rows_of_block(const RowChunk& c, int64_t block, std::vector<int64_t>* rows) const;
   // The keys a block of rows visits (rows as returned by rows_of_block, non-empty).
   void keys_of_block(const RowChunk& c, const std::vector<int64_t>& rows, BlockKeys* keys) const;
-  // The union of the spans of the chunk's blocks: the key rows it reads and
-  // whose gradients it accumulates (extras aside).
+  // The union of the spans of the chunk's blocks, widened on the left to a
+  // multiple of kKeyAlign class keys: the key rows it reads and whose
+  // gradients it accumulates (extras aside).
   KeyRange span_of_chunk(const RowChunk& c) const;
 
  private:
