@@ -78,6 +78,31 @@ HeadRows<T> head_rows(const at::Tensor& t, int64_t b, int64_t h) {
 // Kernels read rows with a contiguous last dimension; anything else is copied once.
 at::Tensor with_contiguous_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// dst[i] = mul * src[i] from the input type to the accumulation type, and back
+// (vectorised for bfloat16 / float16 by the ISA tables).
+template <typename scalar_t, typename acc_t>
+void convert_in(const TileOps<acc_t>& ops, const scalar_t* src, int64_t n, acc_t mul, acc_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = mul * src[i];
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    ops.bf16_to_float(src, n, mul, dst);
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "unexpected input type");
+    ops.half_to_float(src, n, mul, dst);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void convert_out(const TileOps<acc_t>& ops, const acc_t* src, int64_t n, acc_t mul, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = mul * src[i];
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    ops.float_to_bf16(src, n, mul, dst);
+  } else {
+    ops.float_to_half(src, n, mul, dst);
+  }
+}
+
 template <typename acc_t>
 acc_t alibi_slope(const AttentionParams& P, const at::Tensor& slopes, int64_t b, int64_t h) {
   if (!P.has_alibi) return acc_t(0);
@@ -100,8 +125,8 @@ struct Rows {
 };
 
 template <typename scalar_t, typename acc_t, typename IndexFn>
-void load_rows(const HeadRows<const scalar_t>& src, int64_t n, IndexFn&& index, bool regular, int64_t D,
-               Rows<acc_t>* out) {
+void load_rows(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& src, int64_t n, IndexFn&& index,
+               bool regular, int64_t D, Rows<acc_t>* out) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (regular) {
       out->ptr = n > 0 ? src.row(index(0)) : nullptr;
@@ -110,11 +135,7 @@ void load_rows(const HeadRows<const scalar_t>& src, int64_t n, IndexFn&& index, 
     }
   }
   out->copy.resize(std::max<int64_t>(n, 1) * D);
-  for (int64_t r = 0; r < n; ++r) {
-    const scalar_t* s = src.row(index(r));
-    acc_t* d = out->copy.data() + r * D;
-    for (int64_t x = 0; x < D; ++x) d[x] = static_cast<acc_t>(s[x]);
-  }
+  for (int64_t r = 0; r < n; ++r) convert_in(ops, src.row(index(r)), D, acc_t(1), out->copy.data() + r * D);
   out->ptr = out->copy.data();
   out->ld = D;
 }
@@ -133,11 +154,7 @@ void pack_columns(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& src
   std::vector<acc_t> rows(W * D);
   for (int64_t g = 0; g * W < n; ++g) {
     const int64_t r0 = g * W, nr = std::min(W, n - r0);
-    for (int64_t r = 0; r < nr; ++r) {
-      const scalar_t* s = src.row(index(r0 + r));
-      acc_t* d = rows.data() + r * D;
-      for (int64_t x = 0; x < D; ++x) d[x] = mul * static_cast<acc_t>(s[x]);
-    }
+    for (int64_t r = 0; r < nr; ++r) convert_in(ops, src.row(index(r0 + r)), D, mul, rows.data() + r * D);
     acc_t* block = dst->data() + g * D * W;
     for (int64_t x0 = 0; x0 < D; x0 += W) {
       ops.transpose(rows.data() + x0, D, block + x0 * W, W, nr, std::min(W, D - x0));
@@ -299,9 +316,9 @@ void load_key_operands(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>
   pack_columns(ops, K, n, index, D, scale, &out->kT);
   if (backward) {
     pack_columns(ops, V, n, index, D, acc_t(1), &out->vT);
-    load_rows(K, n, index, regular, D, &out->k);
+    load_rows(ops, K, n, index, regular, D, &out->k);
   } else {
-    load_rows(V, n, index, regular, D, &out->v);
+    load_rows(ops, V, n, index, regular, D, &out->v);
   }
 }
 
@@ -393,7 +410,7 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
 
         for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
           const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
-          load_rows(head_rows<const scalar_t>(q, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
+          load_rows(ops, head_rows<const scalar_t>(q, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
                     rows_are_regular(ws.rows) && !(dev_skip & 16), D, &ws.q);
           std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
           std::fill(ws.m.begin(), ws.m.begin() + nq, neg_inf);
@@ -442,16 +459,14 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
           auto O = head_rows<scalar_t>(out, b, h);
           acc_t* lse_row = lse.data_ptr<acc_t>() + (b * P.q_heads + h) * P.q_len;
           for (int64_t a = 0; a < nq; ++a) {
-            scalar_t* o = O.row(ws.rows[a]);
             const acc_t* src = ws.acc.data() + a * D;
             if (sigmoid_score) {
-              for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(src[d]);
+              convert_out(ops, src, D, acc_t(1), O.row(ws.rows[a]));
               lse_row[ws.rows[a]] = acc_t(0);  // not defined for sigmoid
               continue;
             }
             const bool empty = !(ws.l[a] > acc_t(0));  // a row with no allowed key returns zeros
-            const acc_t inv = empty ? acc_t(0) : acc_t(1) / ws.l[a];
-            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(src[d] * inv);
+            convert_out(ops, src, D, empty ? acc_t(0) : acc_t(1) / ws.l[a], O.row(ws.rows[a]));
             lse_row[ws.rows[a]] = empty ? neg_inf : ws.m[a] + std::log(ws.l[a]);
           }
         }
@@ -547,8 +562,8 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
 
         for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
           const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
-          load_rows(head_rows<const scalar_t>(q, b, h), nq, row_index, regular, D, &ws.q);
-          load_rows(head_rows<const scalar_t>(grad_out, b, h), nq, row_index, regular, D, &ws.go);
+          load_rows(ops, head_rows<const scalar_t>(q, b, h), nq, row_index, regular, D, &ws.q);
+          load_rows(ops, head_rows<const scalar_t>(grad_out, b, h), nq, row_index, regular, D, &ws.go);
           const acc_t* lse_all = row_stats(lse_acc, b, h);
           const acc_t* dot_all = row_stats(rowdot, b, h);
           for (int64_t a = 0; a < nq; ++a) {
@@ -606,16 +621,14 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           });
 
           auto dQ = head_rows<scalar_t>(dq, b, h);
-          for (int64_t a = 0; a < nq; ++a) {
-            scalar_t* o = dQ.row(ws.rows[a]);
-            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(scale * ws.acc[a * D + d]);
-          }
+          for (int64_t a = 0; a < nq; ++a) convert_out(ops, ws.acc.data() + a * D, D, scale, dQ.row(ws.rows[a]));
         }
       }
     }
   });
 
-  // Sum the chunks' key gradients per key in chunk order (deterministic).
+  // Sum the chunks' key gradients per key, chunk by chunk in plan order (so
+  // the result does not depend on the threads), and write dK = scale * sum.
   std::vector<std::vector<int64_t>> chunks_of_head(P.batch * P.kv_heads);
   for (size_t ci = 0; ci < chunks.size(); ++ci) {
     chunks_of_head[chunks[ci].batch * P.kv_heads + chunks[ci].kv_head].push_back(static_cast<int64_t>(ci));
@@ -623,40 +636,44 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
   constexpr int64_t kKeysPerTask = 256;
   const int64_t tasks_per_head = (P.k_len + kKeysPerTask - 1) / kKeysPerTask;
   at::parallel_for(0, P.batch * P.kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sk(D), sv(D);
+    std::vector<acc_t> sk(kKeysPerTask * D), sv(kKeysPerTask * D);
+    auto add_rows = [D](const acc_t* src, acc_t* dst) {
+      for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+    };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / tasks_per_head;
       const int64_t b = bh / P.kv_heads, hk = bh % P.kv_heads;
-      const int64_t j0 = (task % tasks_per_head) * kKeysPerTask;
+      const int64_t j0 = (task % tasks_per_head) * kKeysPerTask, j1 = std::min(j0 + kKeysPerTask, P.k_len);
+      std::fill(sk.begin(), sk.end(), acc_t(0));
+      std::fill(sv.begin(), sv.end(), acc_t(0));
+      const auto& globals = plan.global_keys(b);
+      const auto g0 = std::lower_bound(globals.begin(), globals.end(), j0);
+      const auto g1 = std::lower_bound(globals.begin(), globals.end(), j1);
+      for (int64_t ci : chunks_of_head[bh]) {
+        const ChunkKeyGrads<acc_t>& g = key_grads[ci];
+        const KeyRange& r = g.span;
+        if (r.count > 0) {  // span keys lo + i * stride inside [j0, j1)
+          const int64_t i0 = std::max<int64_t>(0, (j0 - r.lo + r.stride - 1) / r.stride);
+          const int64_t i1 = std::min<int64_t>(r.count, j1 > r.lo ? (j1 - r.lo + r.stride - 1) / r.stride : 0);
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t row = r.at(i) - j0;
+            add_rows(g.dk.data() + i * D, sk.data() + row * D);
+            add_rows(g.dv.data() + i * D, sv.data() + row * D);
+          }
+        }
+        if (!g.dk_extra.empty()) {
+          for (auto it = g0; it != g1; ++it) {
+            const int64_t rank = it - globals.begin(), row = *it - j0;
+            add_rows(g.dk_extra.data() + rank * D, sk.data() + row * D);
+            add_rows(g.dv_extra.data() + rank * D, sv.data() + row * D);
+          }
+        }
+      }
       auto dK = head_rows<scalar_t>(dk, b, hk);
       auto dV = head_rows<scalar_t>(dv, b, hk);
-      for (int64_t j = j0; j < std::min(j0 + kKeysPerTask, P.k_len); ++j) {
-        std::fill(sk.begin(), sk.end(), acc_t(0));
-        std::fill(sv.begin(), sv.end(), acc_t(0));
-        const bool global = plan.key_is_global(b, j);
-        const int64_t rank = global ? plan.global_rank(b, j) : -1;
-        for (int64_t ci : chunks_of_head[bh]) {
-          const ChunkKeyGrads<acc_t>& g = key_grads[ci];
-          if (g.span.contains(j)) {
-            const int64_t r = (j - g.span.lo) / g.span.stride;
-            for (int64_t d = 0; d < D; ++d) {
-              sk[d] += g.dk[r * D + d];
-              sv[d] += g.dv[r * D + d];
-            }
-          }
-          if (global && !g.dk_extra.empty()) {
-            for (int64_t d = 0; d < D; ++d) {
-              sk[d] += g.dk_extra[rank * D + d];
-              sv[d] += g.dv_extra[rank * D + d];
-            }
-          }
-        }
-        scalar_t* ok = dK.row(j);
-        scalar_t* ov = dV.row(j);
-        for (int64_t d = 0; d < D; ++d) {
-          ok[d] = static_cast<scalar_t>(scale * sk[d]);
-          ov[d] = static_cast<scalar_t>(sv[d]);
-        }
+      for (int64_t j = j0; j < j1; ++j) {
+        convert_out(ops, sk.data() + (j - j0) * D, D, scale, dK.row(j));
+        convert_out(ops, sv.data() + (j - j0) * D, D, acc_t(1), dV.row(j));
       }
     }
   });
@@ -673,10 +690,14 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
   const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
                                                   window_right, dilation, score, sigmoid_bias, softcap, scale);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
-  at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::full({P.batch, P.q_heads, P.q_len}, -std::numeric_limits<double>::infinity(),
-                            q.options().dtype(lse_dtype(q.scalar_type())));
-  if (out.numel() == 0 || P.k_len == 0) return {out, lse};
+  const auto lse_options = q.options().dtype(lse_dtype(q.scalar_type()));
+  if (q.numel() == 0 || P.k_len == 0) {  // no key at all: zeros and lse = -inf
+    return {at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous)),
+            at::full({P.batch, P.q_heads, P.q_len}, -std::numeric_limits<double>::infinity(), lse_options)};
+  }
+  // The kernel writes every row of out and lse.
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({P.batch, P.q_heads, P.q_len}, lse_options);
   const TilePlan plan(P, global_mask);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_fwd_cpu", [&] {
@@ -698,10 +719,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const at::Tensor grad_out = with_contiguous_rows(grad_out_in), out = with_contiguous_rows(out_in);
   const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor dq = at::zeros(q.sizes(), q.options().memory_format(contiguous));
-  at::Tensor dk = at::zeros(k.sizes(), k.options().memory_format(contiguous));
-  at::Tensor dv = at::zeros(v.sizes(), v.options().memory_format(contiguous));
-  if (q.numel() == 0 || k.numel() == 0) return {dq, dk, dv};
+  if (q.numel() == 0 || k.numel() == 0) {
+    return {at::zeros(q.sizes(), q.options().memory_format(contiguous)),
+            at::zeros(k.sizes(), k.options().memory_format(contiguous)),
+            at::zeros(v.sizes(), v.options().memory_format(contiguous))};
+  }
+  // The kernel writes every row of dq, dk and dv.
+  at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(contiguous));
+  at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(contiguous));
+  at::Tensor dv = at::empty(v.sizes(), v.options().memory_format(contiguous));
   const TilePlan plan(P, global_mask);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_bwd_cpu", [&] {

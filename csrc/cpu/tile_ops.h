@@ -13,6 +13,9 @@
 // so the masked triangles at the band's edges cost (almost) nothing.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 
 namespace longreach::cpu {
@@ -64,6 +67,14 @@ struct TileOps {
 
   // dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n (m, n <= vec_width).
   void (*transpose)(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t m, int64_t n);
+
+  // dst[i] = mul * src[i] across types (float tables only; null in double
+  // tables): 16-bit inputs to float, and float results back with
+  // round-to-nearest-even, as c10's scalar conversions do.
+  void (*bf16_to_float)(const c10::BFloat16* src, int64_t n, float mul, float* dst);
+  void (*half_to_float)(const c10::Half* src, int64_t n, float mul, float* dst);
+  void (*float_to_bf16)(const float* src, int64_t n, float mul, c10::BFloat16* dst);
+  void (*float_to_half)(const float* src, int64_t n, float mul, c10::Half* dst);
 };
 
 template <typename T>

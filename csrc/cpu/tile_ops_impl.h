@@ -478,6 +478,45 @@ void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t m, 
   at::vec::transpose_mxn<T>(src, ld_src, dst, ld_dst, static_cast<int>(m), static_cast<int>(n));
 }
 
+// Only Vectorized members here, no scalar c10 conversions: an inline function
+// compiled with this file's -m flags must not be the copy the linker keeps.
+template <typename H>
+void to_float(const H* src, int64_t n, float mul, float* dst) {
+  using VH = Vectorized<H>;
+  using VF = Vectorized<float>;
+  const VF m(mul);
+  for (int64_t i = 0; i < n; i += VH::size()) {
+    const int64_t cnt = std::min<int64_t>(VH::size(), n - i);
+    auto [lo, hi] = at::vec::convert_to_float<H>(cnt == VH::size() ? VH::loadu(src + i) : VH::loadu(src + i, cnt));
+    (lo * m).store(dst + i, std::min<int64_t>(cnt, VF::size()));
+    if (cnt > VF::size()) (hi * m).store(dst + i + VF::size(), cnt - VF::size());
+  }
+}
+
+template <typename H>
+void from_float(const float* src, int64_t n, float mul, H* dst) {
+  using VH = Vectorized<H>;
+  using VF = Vectorized<float>;
+  const VF m(mul);
+  for (int64_t i = 0; i < n; i += VH::size()) {
+    const int64_t cnt = std::min<int64_t>(VH::size(), n - i);
+    const VF lo = VF::loadu(src + i, std::min<int64_t>(cnt, VF::size())) * m;
+    const VF hi = cnt > VF::size() ? VF::loadu(src + i + VF::size(), cnt - VF::size()) * m : VF(0.f);
+    at::vec::convert_from_float<H>(lo, hi).store(dst + i, cnt);
+  }
+}
+
+template <typename T>
+void set_conversions(TileOps<T>&) {}
+
+template <>
+void set_conversions<float>(TileOps<float>& ops) {
+  ops.bf16_to_float = &to_float<c10::BFloat16>;
+  ops.half_to_float = &to_float<c10::Half>;
+  ops.float_to_bf16 = &from_float<c10::BFloat16>;
+  ops.float_to_half = &from_float<c10::Half>;
+}
+
 template <typename T>
 TileOps<T> make_ops() {
   TileOps<T> ops;
@@ -491,6 +530,11 @@ TileOps<T> make_ops() {
   ops.softmax_grad_rows = &softmax_grad_rows<T>;
   ops.sigmoid_grad_rows = &sigmoid_grad_rows<T>;
   ops.transpose = &transpose<T>;
+  ops.bf16_to_float = nullptr;
+  ops.half_to_float = nullptr;
+  ops.float_to_bf16 = nullptr;
+  ops.float_to_half = nullptr;
+  set_conversions<T>(ops);
   return ops;
 }
 
