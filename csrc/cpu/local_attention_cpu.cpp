@@ -1,33 +1,36 @@
 // CPU forward and backward of longreach::local_attention.
 //
-// Flash-style and O(L * keys per row): work is cut into RowChunks (tile_plan.h),
-// runs of blocks of 64 query rows; each block visits the span of keys its
-// windows cover, in tiles of up to kKeyTile keys, then the global extras. A
-// score tile is kept transposed (keys x rows, see tile_ops.h) and every product
-// runs on the register-blocked vector kernels of tile_ops.h:
+// Flash-style and O(L * keys per row). Work is cut into RowChunks (tile_plan.h):
+// runs of blocks of 64 query rows of one (batch, kv head, residue class). A
+// chunk packs the keys its blocks read once (K^T and V^T as panel-major "B"
+// operands, see pack_columns) and serves every query head of its GQA group.
+// Each block visits the span of keys its windows cover, in tiles of up to
+// kKeyTile keys, then the global keys outside the band ("extras"). In a tile,
+// row a sees one run of keys [first[a], end[a]) (plan_runs), and every product
+// runs on the register-blocked vector kernels of tile_ops.h, banded by those
+// runs so that the masked triangles at the band's edges are (almost) skipped:
 //
-//   forward:  S^T = K Q^T,  online softmax (or sigmoid) down the columns,
-//             O += P V
-//   backward: S^T = K Q^T,  dP^T = V dO^T,  P and dS,
+//   forward:  S = Q K^T,  online softmax (or sigmoid) along the rows,  O += P V
+//   backward: S = Q K^T,  dP = dO V^T,  P and dS,
 //             dQ += dS K,   dK += dS^T Q,   dV += P^T dO
 //
 // The backward is one pass over the rows: a chunk accumulates the dK and dV
-// of the keys its blocks touch in private float buffers, and a final pass sums
-// the chunks' buffers per key in a fixed order, so the result is
-// deterministic and no key is counted twice. The edge masks and the optional
-// soft-cap / ALiBi transform are applied to the tiles with the shared scalar
-// math of csrc/common (window.h, scores.h).
+// of the keys it touches in private float buffers, and a final pass sums the
+// chunks' buffers per key in plan order, so results are deterministic and do
+// not depend on the number of threads. The window and score math come from
+// csrc/common (window.h: window_key_range, in_window, tile_in_window;
+// scores.h: soft-cap, ALiBi and their gradients, the softmax / sigmoid
+// gradients).
 //
-// float32 and float64 inputs are read in place; bfloat16 and float16 rows are
-// converted to float once per chunk and accumulated in float.
+// float32 and float64 rows are read in place; bfloat16 and float16 rows are
+// converted to float once per chunk (keys) or block (queries) and accumulated
+// in float.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <string>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -42,24 +45,10 @@
 namespace longreach::cpu {
 namespace {
 
-#include <cstdlib>
-#include <ctime>
-double dev_now() { timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }  // DEV
-double dev_t[4] = {0, 0, 0, 0};
-double dev_elems = 0;
-int64_t dev_knob_env(const char* name, int64_t dflt) { const char* e = std::getenv(name); return e ? std::atoi(e) : dflt; }  // DEV
-int64_t dev_kt = 512, dev_skip = 0, dev_r = 64, dev_odd = 1, dev_report = 0;
-void dev_refresh() {
-  dev_kt = dev_knob_env("LR_KT", 1024); dev_skip = dev_knob_env("LR_SKIP", 0); dev_r = dev_knob_env("LR_R", 64);
-  dev_odd = dev_knob_env("LR_ODD", 1); dev_report = dev_knob_env("LR_REPORT", 0);
-  dev_row_block_value() = dev_knob_env("LR_BM", 64);
-}
-int64_t dev_knob(const char* name, int64_t) {
-  std::string n(name);
-  if (n == "LR_KT") return dev_kt; if (n == "LR_SKIP") return dev_skip; if (n == "LR_R") return dev_r;
-  if (n == "LR_ODD") return dev_odd; return dev_report;
-}
-#define kKeyTile dev_kt
+// Most keys per score tile: a block's whole span for windows up to ~1000 keys,
+// so each row's softmax runs once, without rescaling (measured best on
+// AVX-512; the S tile is 64 x 1024 floats, an L2-resident 256 KiB).
+constexpr int64_t kKeyTile = 1024;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -142,7 +131,7 @@ void load_rows(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& src, i
 
 // Keys as columns, the B operand of S = Q K^T and dP = dO V^T, panel-major as
 // gemm_band_n wants it: element (x, r) = mul * src.row(index(r))[x] at
-// dst[((r / W) * D + x) * W + r % W]. One zero group of slack past the last key
+// dst[((r / W) * (D + 1) + x) * W + r % W] (a padding row per group). One zero group of slack past the last key
 // (gemm_band_n may read whole vectors there). Each group of W keys is copied
 // into a small row-major block, then transposed with the ISA's shuffles.
 template <typename scalar_t, typename acc_t, typename IndexFn>
@@ -150,12 +139,12 @@ void pack_columns(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& src
                   int64_t D, acc_t mul, std::vector<acc_t>* dst) {
   const int64_t W = ops.vec_width;
   const int64_t groups = (n + W - 1) / W + 1;
-  dst->assign(groups * D * W, acc_t(0));
+  dst->assign(groups * (D + 1) * W, acc_t(0));
   std::vector<acc_t> rows(W * D);
   for (int64_t g = 0; g * W < n; ++g) {
     const int64_t r0 = g * W, nr = std::min(W, n - r0);
     for (int64_t r = 0; r < nr; ++r) convert_in(ops, src.row(index(r0 + r)), D, mul, rows.data() + r * D);
-    acc_t* block = dst->data() + g * D * W;
+    acc_t* block = dst->data() + g * (D + 1) * W;
     for (int64_t x0 = 0; x0 < D; x0 += W) {
       ops.transpose(rows.data() + x0, D, block + x0 * W, W, nr, std::min(W, D - x0));
     }
@@ -192,7 +181,24 @@ struct TileRuns {
   std::vector<int64_t> first, end, band_first, band_end;
   bool interior = false;
   bool masked = false;
+  // The transpose, for the key-side products of the backward: key c is in the
+  // runs of rows [key_first[c], key_end[c]).
+  std::vector<int64_t> key_first, key_end;
 };
+
+// Runs are monotone (first and end never decrease with the row), so the rows
+// whose run holds key c form one interval, found by two pointers.
+void transpose_runs(int64_t nq, int64_t nk, TileRuns* runs) {
+  runs->key_first.resize(nk);
+  runs->key_end.resize(nk);
+  int64_t lo = 0, hi = 0;
+  for (int64_t c = 0; c < nk; ++c) {
+    while (lo < nq && runs->end[lo] <= c) ++lo;    // rows whose run ends before c
+    while (hi < nq && runs->first[hi] <= c) ++hi;  // rows whose run starts at or before c
+    runs->key_first[c] = lo;
+    runs->key_end[c] = std::max(lo, hi);
+  }
+}
 
 template <typename acc_t>
 void plan_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, bool span_masked, int64_t valid_from,
@@ -303,8 +309,8 @@ struct KeyOperands {
   Rows<acc_t> k, v;           // K and V rows
   int64_t D = 0, W = 0;
   // The panels from column c0 on (c0 a multiple of W).
-  const acc_t* kT_from(int64_t c0) const { return kT.data() + c0 / W * D * W; }
-  const acc_t* vT_from(int64_t c0) const { return vT.data() + c0 / W * D * W; }
+  const acc_t* kT_from(int64_t c0) const { return kT.data() + c0 / W * (D + 1) * W; }
+  const acc_t* vT_from(int64_t c0) const { return vT.data() + c0 / W * (D + 1) * W; }
 };
 
 template <typename scalar_t, typename acc_t, typename IndexFn>
@@ -382,14 +388,6 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const auto& chunks = plan.row_chunks();
 
-  struct Rep { ~Rep() {} };
-  if (dev_knob("LR_REPORT", 0)) {
-    static bool once = false;
-    if (once) fprintf(stderr, "qk %.3f  softmax %.3f  pv %.3f  (ms) elems %.3g -> qk %.1f GF/s pv %.1f GF/s sm %.3f ns/elem\n", dev_t[0]*1e3, dev_t[1]*1e3, dev_t[2]*1e3, dev_elems,
-      dev_elems*2*D/dev_t[0]/1e9, dev_elems*2*D/dev_t[2]/1e9, dev_t[1]/dev_elems*1e9);
-    once = true;
-    dev_t[0] = dev_t[1] = dev_t[2] = 0; dev_elems = 0;
-  }
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> ws(D, W, /*backward=*/false, /*softcap=*/false);
     for (int64_t ci = begin; ci < end; ++ci) {
@@ -411,7 +409,7 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
         for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
           const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
           load_rows(ops, head_rows<const scalar_t>(q, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
-                    rows_are_regular(ws.rows) && !(dev_skip & 16), D, &ws.q);
+                    rows_are_regular(ws.rows), D, &ws.q);
           std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
           std::fill(ws.m.begin(), ws.m.begin() + nq, neg_inf);
           std::fill(ws.l.begin(), ws.l.begin() + nq, acc_t(0));
@@ -422,37 +420,23 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
             const KeyOperands<acc_t>& ko = keys.list != nullptr ? ws.extra : ws.span;
             TileRuns& runs = ws.runs;
             plan_runs(bc, keys, masked, valid_from, &runs);
+            const int64_t* first = runs.first.data();
+            const int64_t* last = runs.end.data();
             acc_t* S = ws.S.data();
-            const int64_t skip = dev_skip;
-            const int64_t R = dev_r;
-            for (int64_t a0 = 0; a0 < nq; a0 += R) {
-            const int64_t nr = std::min(R, nq - a0);
-            const int64_t* rf = runs.first.data() + a0;
-            const int64_t* re = runs.end.data() + a0;
-            double t0 = dev_now();
-            for (int64_t a = 0; a < nr; ++a) dev_elems += re[a] - rf[a];
-            if (!(skip & 2)) ops.gemm_band_n(nr, keys.n, D, ws.q.row(a0), ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s,
-                            rf, re);
-            double t1 = dev_now(); dev_t[0] += t1 - t0;
-            finalize_tile(bc, keys, runs, S, ws.ld_s, static_cast<acc_t*>(nullptr), a0, a0 + nr);
-            if (skip & 1) {
-            } else if (sigmoid_score) {
-              ops.sigmoid_rows(S, ws.ld_s, nr, rf, re, bias);
+            ops.gemm_band_n(nq, keys.n, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
+            finalize_tile(bc, keys, runs, S, ws.ld_s, static_cast<acc_t*>(nullptr));
+            if (sigmoid_score) {
+              ops.sigmoid_rows(S, ws.ld_s, nq, first, last, bias);
             } else {
-              ops.softmax_rows(S, ws.ld_s, nr, rf, re, ws.m.data() + a0, ws.l.data() + a0,
-                               ws.alpha.data() + a0);
-              for (int64_t a = a0; a < a0 + nr && !first_tile; ++a) {  // nothing to rescale before the first tile
+              ops.softmax_rows(S, ws.ld_s, nq, first, last, ws.m.data(), ws.l.data(), ws.alpha.data());
+              for (int64_t a = 0; a < nq && !first_tile; ++a) {  // nothing to rescale before the first tile
                 const acc_t al = ws.alpha[a];
                 if (al == acc_t(1)) continue;
                 acc_t* o = ws.acc.data() + a * D;
                 for (int64_t d = 0; d < D; ++d) o[d] *= al;
               }
             }
-            double t2 = dev_now(); dev_t[1] += t2 - t1;
-            if (!(skip & 4)) ops.gemm_band_k(nr, D, keys.n, S, ws.ld_s, 1, ko.v.row(col0), ko.v.ld, ws.acc.data() + a0 * D, D,
-                            rf, re);
-            dev_t[2] += dev_now() - t2;
-            }
+            ops.gemm_band_k(nq, D, keys.n, S, ws.ld_s, 1, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);
             first_tile = false;
           });
 
@@ -607,8 +591,11 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
               dk_dst = grads.dk.data() + col0 * D;
               dv_dst = grads.dv.data() + col0 * D;
             }
-            ops.gemm(nk, D, nq, G, 1, ws.ld_s, ws.q.ptr, ws.q.ld, dk_dst, D, true);
-            ops.gemm(nk, D, nq, S, 1, ws.ld_s, ws.go.ptr, ws.go.ld, dv_dst, D, true);
+            transpose_runs(nq, nk, &runs);
+            ops.gemm_band_k(nk, D, nq, G, 1, ws.ld_s, ws.q.ptr, ws.q.ld, dk_dst, D, runs.key_first.data(),
+                            runs.key_end.data());
+            ops.gemm_band_k(nk, D, nq, S, 1, ws.ld_s, ws.go.ptr, ws.go.ld, dv_dst, D, runs.key_first.data(),
+                            runs.key_end.data());
             if (extra) {
               for (int64_t c = 0; c < nk; ++c) {
                 const int64_t rank = ws.keys.extra_ranks[col0 + c];
@@ -686,7 +673,6 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right, int64_t dilation, c10::string_view score,
     c10::optional<double> sigmoid_bias, double softcap, double scale) {
-  dev_refresh();
   const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
                                                   window_right, dilation, score, sigmoid_bias, softcap, scale);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
@@ -715,7 +701,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
   const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
                                                   window_right, dilation, score, sigmoid_bias, softcap, scale);
   check_backward_inputs(P, q_in, grad_out_in, out_in, lse, grad_lse);
-  dev_refresh();
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const at::Tensor grad_out = with_contiguous_rows(grad_out_in), out = with_contiguous_rows(out_in);
   const auto contiguous = at::MemoryFormat::Contiguous;

@@ -35,13 +35,15 @@ struct TileOps {
   // widened to whole vectors and to the union over the rows of one register
   // block. C may be written up to round_up(n, vec_width) columns and B read as
   // far; other entries of C are left untouched. B is panel-major: column c of
-  // row p at B[(c / vec_width) * k * vec_width + p * vec_width + c % vec_width]
-  // (each vector of columns a contiguous k x vec_width block).
+  // row p at B[(c / vec_width) * (k + 1) * vec_width + p * vec_width + c % vec_width]
+  // (each vector of columns a contiguous k x vec_width block, plus one vector
+  // of padding so that the blocks are not a multiple of 4 KiB apart).
   void (*gemm_band_n)(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B,
                       T* C, int64_t ldc, const int64_t* first, const int64_t* end);
 
   // C += A @ B where row a of A is non-zero only in columns [first[a], end[a])
   // (A's other entries in the union of its register block must be zero).
+  // Banded products and row operations take at most 4096 rows.
   void (*gemm_band_k)(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B,
                       int64_t ldb, T* C, int64_t ldc, const int64_t* first, const int64_t* end);
 

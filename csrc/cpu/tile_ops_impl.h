@@ -46,8 +46,8 @@ constexpr int kNV = 2;
 #endif
 constexpr int64_t kKC = 128;  // k per pass: a 128 x 64-float B panel is 32 KiB, inside L1
 // Banded products and row operations handle at most this many rows per call
-// (one block of query rows).
-constexpr int64_t kMaxRows = 256;
+// (a block of query rows, or the keys of a tile).
+constexpr int64_t kMaxRows = 4096;
 constexpr int64_t kMaxBlocks = (kMaxRows + kMR - 1) / kMR;
 
 // exp(x - shift) for the softmax, sigmoid and their gradients. float on
@@ -270,7 +270,7 @@ void gemm_band_n(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int
     lo[blk] = lo[blk] / W * W;                          // whole vectors
     hi[blk] = std::min(n_vec, (hi[blk] + W - 1) / W * W);
   }
-  gemm_loops<T>(m, n_vec, k, A, a_row, a_col, BLayout<T>{B_panels, W, k * W}, C, ldc, false,
+  gemm_loops<T>(m, n_vec, k, A, a_row, a_col, BLayout<T>{B_panels, W, (k + 1) * W}, C, ldc, false,
                 [&](int64_t blk, int64_t* c0, int64_t* c1, int64_t*, int64_t*) {
                   *c0 = std::max(*c0, lo[blk]);
                   *c1 = std::min(*c1, hi[blk]);

@@ -16,7 +16,6 @@ int64_t class_count(int64_t n, int64_t cls, int64_t d) { return cls < n ? ceil_d
 
 // Longest run of blocks one chunk takes: bounds the per-thread packed key
 // operands and the chunk's key-gradient buffers.
-#include <cstdlib>
 constexpr int64_t kMaxChunkBlocks = 64;
 // Chunks wanted overall, so that up to a few dozen threads all get work; more
 // chunks only cost the re-packing and re-summing of the keys they share.

@@ -26,10 +26,7 @@
 
 namespace longreach::cpu {
 
-#include <cstdlib>
-inline int64_t& dev_row_block_value() { static int64_t v = 64; return v; }  // DEV
-inline int64_t dev_row_block() { return dev_row_block_value(); }
-#define kRowBlock dev_row_block()
+constexpr int64_t kRowBlock = 64;  // query rows per block
 
 // keys lo, lo + stride, ..., lo + (count - 1) * stride
 struct KeyRange {
