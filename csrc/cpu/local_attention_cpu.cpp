@@ -370,9 +370,12 @@ void load_block(const TileOps<acc_t>& ops, const AttentionParams& P, const TileP
   }
 }
 
+// Equally spaced rows can be read in place with one leading dimension.
 bool rows_are_regular(const std::vector<int64_t>& rows) {
-  const int64_t n = static_cast<int64_t>(rows.size());
-  return n < 2 || (rows.back() - rows.front()) == (n - 1) * (rows[1] - rows[0]);
+  for (size_t a = 2; a < rows.size(); ++a) {
+    if (rows[a] - rows[a - 1] != rows[1] - rows[0]) return false;
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------- forward --

@@ -1,0 +1,118 @@
+"""The structure of the CPU kernels (csrc/cpu/): the cases their tiling,
+chunking and vector code treat specially, checked against the dense reference.
+
+- every instruction-set copy of the tile kernels (ATen's DEFAULT, AVX2 and
+  AVX512 capabilities, forced with ATEN_CPU_CAPABILITY in a subprocess);
+- spans of more than one key tile (1024 keys) and more than 1024 global
+  extras, so the online softmax crosses tiles;
+- head dims that are not a multiple of the vector width (padded columns);
+- many chunks per head (the key-gradient reduction sums their buffers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import longreach
+from longreach import reference
+from attention_testing import assert_close, grads, random_qkv, standard_alibi_slopes, tight_tolerance
+
+F64 = torch.float64
+
+
+def check_against_reference(q_len, k_len, head_dim, dtype=F64, q_heads=2, kv_heads=1, batch=1, **kwargs):
+    """Largest scaled error of out and the three gradients vs the reference."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(batch, q_heads, kv_heads, q_len, k_len, head_dim, dtype, "cpu"))
+    out = longreach.local_attention(q, k, v, **kwargs)
+    with torch.no_grad():
+        qd, kd, vd = (t.detach().to(F64).requires_grad_() for t in (q, k, v))
+    with torch.enable_grad():
+        expected = reference.local_attention(qd, kd, vd, **kwargs)
+    cot = torch.randn_like(expected)
+    got_grads = grads([out], [cot.to(dtype)], [q, k, v])
+    want_grads = grads([expected], [cot], [qd, kd, vd])
+    assert_close(out, expected, tight_tolerance(dtype), "out")
+    for name, a, b in zip(("dq", "dk", "dv"), got_grads, want_grads):
+        assert_close(a, b, tight_tolerance(dtype) * 4, name)
+
+
+@pytest.mark.parametrize(
+    "q_len,k_len,window,global_pattern",
+    [
+        (1100, 1100, (None, None), None),   # two key tiles per block
+        (1300, 1300, (1100, 0), None),      # a windowed span longer than a tile
+        (40, 1200, (None, 0), None),        # few rows, long key span (decoding-like)
+        (1200, 1200, (3, 3), "many"),       # > 1024 global keys outside the band: two extras tiles
+    ],
+)
+def test_spans_longer_than_one_key_tile(q_len, k_len, window, global_pattern):
+    kwargs = dict(window=window)
+    if global_pattern == "many":
+        gmask = torch.zeros(1, k_len, dtype=torch.bool)
+        gmask[0, ::1] = torch.rand(k_len) < 0.9
+        kwargs["global_mask"] = gmask
+    check_against_reference(q_len, k_len, 16, **kwargs)
+
+
+@pytest.mark.parametrize("head_dim", [1, 7, 40, 72, 100, 128])
+def test_head_dims_that_are_not_a_vector_multiple(head_dim):
+    check_against_reference(150, 170, head_dim, window=(20, 5), dilation=2, alibi_slopes=standard_alibi_slopes(2))
+
+
+def test_many_chunks_share_keys():
+    """4096 rows of one head: 64 chunks, whose key spans overlap by the window."""
+    check_against_reference(4096, 4096, 8, q_heads=1, kv_heads=1, window=(300, 20))
+
+
+def test_random_global_patterns():
+    """Global rows taken out of a block leave irregular row sets (which must not
+    be read as equally spaced) and global keys inside a span widen the rows'
+    runs; random masks of every density, small windows, several dilations."""
+    gen = torch.Generator().manual_seed(1234)
+    for _ in range(150):
+        length = int(torch.randint(20, 160, (1,), generator=gen))
+        side = int(torch.randint(0, 6, (1,), generator=gen))
+        dilation = 1 + int(torch.randint(0, 6, (1,), generator=gen)) // 3  # 1 twice as often as 2
+        density = float(torch.rand(1, generator=gen))
+        gmask = torch.rand(1, length, generator=gen) < density
+        check_against_reference(length, length, 4, window=(side, side), dilation=dilation, global_mask=gmask)
+
+
+ISA_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import test_cpu_kernels as t
+from attention_testing import standard_alibi_slopes
+cases = [
+    dict(q_len=300, k_len=300, head_dim=40, window=(50, 0), causal=True),
+    dict(q_len=200, k_len=260, head_dim=24, window=(30, 7), dilation=3, alibi_slopes=standard_alibi_slopes(2)),
+    dict(q_len=150, k_len=150, head_dim=16, window=(9, 9), score="sigmoid", softcap=3.0),
+    dict(q_len=1100, k_len=1100, head_dim=8, window=(None, None)),
+]
+gmask = torch.rand(1, 180) < 0.1
+cases.append(dict(q_len=180, k_len=180, head_dim=32, window=(12, 3), global_mask=gmask))
+for case in cases:
+    for dtype in (torch.float64, torch.float32):
+        t.check_against_reference(dtype=dtype, **case)
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability()}))
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_instruction_set_copy_matches_the_reference(capability):
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT" and capability != "default":
+        pytest.skip("this CPU (or build) only has ATen's DEFAULT capability")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-c", ISA_SCRIPT, tests_dir], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    ran = json.loads(run.stdout.strip().splitlines()[-1])["capability"]
+    if ran.lower() != capability:  # ATen never goes above what the CPU has
+        pytest.skip(f"asked for {capability}, this CPU ran {ran}")
