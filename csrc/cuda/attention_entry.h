@@ -20,11 +20,14 @@
 
 namespace longreach::cuda_kernels {
 
-// The CUDA kernels' dtypes (DESIGN.md section 1): no float64 on CUDA.
-inline void check_cuda_dtype(const at::Tensor& q) {
+// What the CUDA kernels support beyond the shared checks: float16, bfloat16
+// and float32 (DESIGN.md section 1: no float64 on CUDA), head dims up to 256.
+inline void check_cuda_inputs(const at::Tensor& q) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "local_attention (CUDA): q has dtype ",
               q.dtype(), "; the CUDA kernels support float16, bfloat16 and float32 (use float32, or run float64 on CPU)");
+  TORCH_CHECK(q.size(3) <= 256, "local_attention (CUDA): head dim ", q.size(3),
+              " is not supported; expected 1 .. 256");
 }
 
 template <typename F>
@@ -52,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(Backend& backend, const at:
                                                      c10::optional<double> sigmoid_bias, double softcap, double scale) {
   const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
                                                   window_right, dilation, score, sigmoid_bias, softcap, scale);
-  check_cuda_dtype(q_in);
+  check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::full({P.batch, P.q_heads, P.q_len}, -std::numeric_limits<double>::infinity(),
@@ -79,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
                                                   window_right, dilation, score, sigmoid_bias, softcap, scale);
   check_backward_inputs(P, q_in, grad_out_in, out_in, lse_in, grad_lse);
-  check_cuda_dtype(q_in);
+  check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const at::Tensor grad_out = with_contiguous_rows(grad_out_in);
   const auto contiguous = at::MemoryFormat::Contiguous;

@@ -8,11 +8,10 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <type_traits>
-#include <utility>
 
 #include "../common/params.h"
 #include "attention_blocks.cuh"
+#include "tile_dispatch.h"
 
 namespace longreach::cuda_kernels {
 
@@ -78,20 +77,6 @@ AttentionArgs<T, acc_t> make_attention_args(const AttentionParams& P, const at::
   a.vec_loads = rows_are_16b_aligned(q) && rows_are_16b_aligned(k) && rows_are_16b_aligned(v) &&
                 rows_are_16b_aligned(grad_out);
   return a;
-}
-
-// Calls f(std::integral_constant<int, DMAX>) for the head-dim bucket of D:
-// three tile configurations cover every head dim up to 256.
-template <typename F>
-void dispatch_head_dim(int64_t D, F&& f) {
-  TORCH_CHECK(D >= 1 && D <= 256, "local_attention (CUDA): head dim ", D, " is not supported; expected 1 .. 256");
-  if (D <= 64) {
-    f(std::integral_constant<int, 64>{});
-  } else if (D <= 128) {
-    f(std::integral_constant<int, 128>{});
-  } else {
-    f(std::integral_constant<int, 256>{});
-  }
 }
 
 }  // namespace longreach::cuda_kernels
