@@ -18,15 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @functools.lru_cache(maxsize=None)
 def load():
+    import torch
     from torch.utils import cpp_extension
 
-    build_dir = ROOT / "build" / "cuda_emulation"
+    # One build per torch version (its headers and C++ standard differ).
+    build_dir = ROOT / "build" / "cuda_emulation" / torch.__version__.replace("+", "_")
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name="longreach_cuda_emulation",
         sources=[str(ROOT / "tests" / "emulation" / "attention_emulation.cpp"), str(ROOT / "csrc" / "attention_params.cpp")],
         extra_include_paths=[str(ROOT / "csrc")],
-        extra_cflags=["-O2", "-std=c++17"],
+        extra_cflags=["-O2"],  # the C++ standard is the one torch asks for
         build_directory=str(build_dir),
         verbose=bool(os.environ.get("LONGREACH_VERBOSE_BUILD")),
     )

@@ -229,3 +229,87 @@ def test_cuda_kernel_registration_matches_the_build():
     else:
         with pytest.raises(RuntimeError, match="no CUDA kernels"):
             check_device_supported("local_attention_fwd", _FakeCudaTensor())
+
+
+# ------------------------------------------------------------------ RoPE --
+
+
+def _rope_tables(positions, half, dtype=torch.float32):
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(half, dtype=torch.float64) / half))
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq[None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+@pytest.mark.parametrize("ids", [None, "batch", "shared"])
+def test_rotary_cuda_matches_cpu_forward_and_backward(dtype, interleaved, partial, ids):
+    B, H, L, D = 2, 3, 37, 64
+    half = 16 if partial else D // 2
+    cos, sin = _rope_tables(100, half)
+    x = torch.randn(B, L, H, D, dtype=dtype).transpose(1, 2)  # strided (B, H, L, D)
+    position_ids = None
+    if ids == "batch":
+        position_ids = torch.randint(0, 100, (B, L))
+    elif ids == "shared":
+        position_ids = torch.arange(5, 5 + L)[None]
+    grad = torch.randn(B, H, L, D, dtype=dtype)
+
+    def run(device):
+        xd = x.to(device).requires_grad_()
+        pid = None if position_ids is None else position_ids.to(device)
+        out = longreach.apply_rotary(xd, cos.to(device), sin.to(device), pid, interleaved=interleaved)
+        (gx,) = torch.autograd.grad(out, xd, grad.to(device))
+        return out.cpu(), gx.cpu()
+
+    (out_gpu, gx_gpu), (out_cpu, gx_cpu) = run("cuda"), run("cpu")
+    # The GPU contracts x1*c - x2*s into fused multiply-adds: a last-bit difference.
+    tol = {torch.float64: dict(atol=1e-12, rtol=1e-12), torch.float32: dict(atol=1e-6, rtol=1e-6)}.get(dtype, TOL[dtype])
+    torch.testing.assert_close(out_gpu, out_cpu, **tol)
+    torch.testing.assert_close(gx_gpu, gx_cpu, **tol)
+
+
+@needs_gpu
+def test_rotary_qk_cuda_matches_cpu_and_rejects_out_of_table_positions():
+    cos, sin = _rope_tables(64, 16)
+    q, k = torch.randn(2, 8, 40, 32), torch.randn(2, 2, 40, 32)
+    pid = torch.randint(0, 64, (2, 40))
+    got = longreach.apply_rotary_qk(q.cuda(), k.cuda(), cos.cuda(), sin.cuda(), pid.cuda())
+    want = longreach.apply_rotary_qk(q, k, cos, sin, pid)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="position_ids holds 64 but the cos / sin tables have only 64 rows"):
+        longreach.apply_rotary(q.cuda(), cos.cuda(), sin.cuda(), torch.full((1, 40), 64, device="cuda"))
+
+
+@needs_gpu
+def test_rotary_in_cuda_graphs_with_position_ids():
+    torch._dynamo.reset()
+    cos, sin = _rope_tables(128, 32)
+    cos, sin = cos.cuda(), sin.cuda()
+    q = torch.randn(2, 4, 50, 64, device="cuda", dtype=torch.bfloat16)
+    pid = torch.randint(0, 128, (2, 50), device="cuda")
+
+    def rope(q, pid):
+        return longreach.apply_rotary(q, cos, sin, pid)
+
+    compiled = torch.compile(rope, mode="reduce-overhead", fullgraph=True)
+    want = rope(q, pid)
+    for _ in range(3):
+        got = compiled(q, pid)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@needs_gpu
+def test_opcheck_on_cuda():
+    q, k, v, kw = _make_inputs((1, 2, 1, 33, 41, 32), dict(window=(4, 2), dilation=2, global_every=9), torch.float32,
+                               "cuda")
+    for t in (q, k, v):
+        t.requires_grad_()
+    args = (q, k, v, kw["global_mask"], None, 4, 2, 2, "softmax", None, 0.0, 32 ** -0.5)
+    torch.library.opcheck(torch.ops.longreach.local_attention_fwd.default, args)
+    cos, sin = _rope_tables(50, 16)
+    torch.library.opcheck(torch.ops.longreach.apply_rotary.default,
+                          (q.detach(), cos.cuda(), sin.cuda(), None, False, False))

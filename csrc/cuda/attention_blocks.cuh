@@ -440,27 +440,31 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
         const acc_t s = sS[e];
         sP[e] = static_cast<T>(s == neg_infinity<acc_t>() ? acc_t(0) : sigmoid<acc_t>(s + bias));
       }
-    } else {  // online softmax, one row per thread
-      for (int r = t.tid; r < BM; r += t.nthreads) {
-        acc_t* s = sS + r * BN;
+    } else {  // online softmax: a warp per row, its lanes over the row's keys
+      for (int r = t.warp; r < BM; r += t.nwarps) {
+        const acc_t* s = sS + r * BN;
         acc_t tile_max = neg_infinity<acc_t>();
-        for (int c = 0; c < BN; ++c) tile_max = s[c] > tile_max ? s[c] : tile_max;
+        for (int c = t.lane; c < BN; c += t.warp_size) tile_max = s[c] > tile_max ? s[c] : tile_max;
+        tile_max = warp_max(tile_max);
         const acc_t m_old = row_max[r];
         const acc_t m_new = m_old > tile_max ? m_old : tile_max;
         acc_t alpha = acc_t(1), sum = acc_t(0);
         if (m_new == neg_infinity<acc_t>()) {  // nothing allowed in this row so far
-          for (int c = 0; c < BN; ++c) sP[r * BN + c] = static_cast<T>(acc_t(0));
+          for (int c = t.lane; c < BN; c += t.warp_size) sP[r * BN + c] = static_cast<T>(acc_t(0));
         } else {
           alpha = exp(m_old - m_new);  // 0 when m_old = -inf
-          for (int c = 0; c < BN; ++c) {
+          for (int c = t.lane; c < BN; c += t.warp_size) {
             const acc_t p = exp(s[c] - m_new);
             sum += p;
-            sP[r * BN + c] = static_cast<T>(p);
+            sP[r * BN + c] = static_cast<T>(p);  // may alias s[c] (float32): read above
           }
         }
-        row_sum[r] = row_sum[r] * alpha + sum;
-        row_max[r] = m_new;
-        row_scale[r] = alpha;
+        sum = warp_sum(sum);  // also orders every lane's read of row_max[r] before lane 0's write
+        if (t.lane == 0) {
+          row_sum[r] = row_sum[r] * alpha + sum;
+          row_max[r] = m_new;
+          row_scale[r] = alpha;
+        }
       }
       block_sync();
       for (int e = t.tid; e < BM * Dp; e += t.nthreads) sO[(e / Dp) * DMAX + e % Dp] *= row_scale[e / Dp];

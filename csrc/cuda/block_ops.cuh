@@ -37,21 +37,44 @@
 
 namespace longreach::cuda_kernels {
 
-// The block's thread layout; one thread and one warp on the host.
+// The block's thread layout; one thread, one warp of one lane on the host.
 struct BlockCtx {
   int tid;
   int nthreads;
   int warp;
   int nwarps;
+  int lane;
+  int warp_size;
 };
 
 LR_HOST_DEVICE BlockCtx block_ctx() {
 #if defined(__CUDA_ARCH__)
   return {static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x / 32),
-          static_cast<int>(blockDim.x / 32)};
+          static_cast<int>(blockDim.x / 32), static_cast<int>(threadIdx.x % 32), 32};
 #else
-  return {0, 1, 0, 1};
+  return {0, 1, 0, 1, 0, 1};
 #endif
+}
+
+// Max / sum over the lanes of a warp, in a fixed (butterfly) order; every lane
+// gets the result. The identity on the host, where a warp has one lane.
+template <typename U>
+LR_HOST_DEVICE U warp_max(U x) {
+#if defined(__CUDA_ARCH__)
+  for (int s = 16; s > 0; s /= 2) {
+    const U other = __shfl_xor_sync(0xffffffffu, x, s);
+    x = other > x ? other : x;
+  }
+#endif
+  return x;
+}
+
+template <typename U>
+LR_HOST_DEVICE U warp_sum(U x) {
+#if defined(__CUDA_ARCH__)
+  for (int s = 16; s > 0; s /= 2) x += __shfl_xor_sync(0xffffffffu, x, s);
+#endif
+  return x;
 }
 
 LR_HOST_DEVICE void block_sync() {
@@ -189,8 +212,12 @@ LR_HOST_DEVICE void mm_abt(acc_t* C, int ldc, const T* A, int lda, const T* B, i
     const int m = e / N, n = e % N;
     const T* a = A + m * lda;
     const T* bb = B + n * ldb;
+    // Lanes of a warp have consecutive n: starting each at k = n (mod K) puts
+    // their reads of B's rows in different shared-memory banks.
     acc_t sum = acc_t(0);
-    for (int k = 0; k < K; ++k) sum += static_cast<acc_t>(a[k]) * static_cast<acc_t>(bb[k]);
+    for (int i = 0, k = n % K; i < K; ++i, k = (k + 1 == K ? 0 : k + 1)) {
+      sum += static_cast<acc_t>(a[k]) * static_cast<acc_t>(bb[k]);
+    }
     C[m * ldc + n] = sum;
   }
 }
