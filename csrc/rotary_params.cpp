@@ -16,15 +16,15 @@ RotaryParams make_rotary_params(const at::Tensor& x, const char* x_name, const a
                                 bool interleaved, bool conjugate) {
   TORCH_CHECK(x.dim() == 4, "apply_rotary: ", x_name, " must be a 4-D tensor (B, H, L, D), got shape ",
               x.sizes());
-  TORCH_CHECK(is_supported_float(x.scalar_type()), "apply_rotary: ", x_name, " has dtype ", x.dtype(),
+  TORCH_CHECK(is_supported_float(x.scalar_type()), "apply_rotary: ", x_name, " has dtype ", x.scalar_type(),
               "; expected float32, float64, bfloat16 or float16");
   TORCH_CHECK(cos.dim() == 2, "apply_rotary: cos must be a 2-D table (max_positions, rot_dim / 2), got shape ",
               cos.sizes());
   TORCH_CHECK(cos.sizes() == sin.sizes(), "apply_rotary: cos and sin must have the same shape, got cos ",
               cos.sizes(), " and sin ", sin.sizes());
   TORCH_CHECK(is_supported_float(cos.scalar_type()) && cos.scalar_type() == sin.scalar_type(),
-              "apply_rotary: cos and sin must share one floating dtype, got cos ", cos.dtype(), " and sin ",
-              sin.dtype());
+              "apply_rotary: cos and sin must share one floating dtype, got cos ", cos.scalar_type(), " and sin ",
+              sin.scalar_type());
   TORCH_CHECK(cos.device() == x.device() && sin.device() == x.device(), "apply_rotary: cos and sin are on ",
               cos.device(), " and ", sin.device(), " but ", x_name, " is on ", x.device());
 
@@ -45,7 +45,8 @@ RotaryParams make_rotary_params(const at::Tensor& x, const char* x_name, const a
 
   if (position_ids.has_value()) {
     const at::Tensor& pos = *position_ids;
-    TORCH_CHECK(pos.scalar_type() == at::kLong, "apply_rotary: position_ids must be int64, got ", pos.dtype());
+    TORCH_CHECK(pos.scalar_type() == at::kLong, "apply_rotary: position_ids must be int64, got ",
+                pos.scalar_type());
     TORCH_CHECK(pos.dim() == 2 && (pos.size(0) == P.batch || pos.size(0) == 1) && pos.size(1) == P.seq_len,
                 "apply_rotary: position_ids must have shape (B, L) = (", P.batch, ", ", P.seq_len,
                 ") or (1, L), got ", pos.sizes());

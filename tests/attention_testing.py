@@ -20,10 +20,10 @@ def standard_alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def balanced_alibi_slopes(num_heads: int) -> torch.Tensor:
-    """SWAT's balanced ALiBi: half the heads +2^-k, the other half -2^-k
-    (k following the standard schedule over H/2 heads), so half the heads
-    reward distance instead of penalising it."""
-    half = standard_alibi_slopes(num_heads // 2)
+    """SWAT's balanced ALiBi as the issue states it: half the heads +2^-k and the
+    other half -2^-k, k = 1..H/2, so half the heads reward distance instead of
+    penalising it (written out here independently of longreach.alibi_slopes)."""
+    half = torch.tensor([2.0 ** -k for k in range(1, num_heads // 2 + 1)], dtype=torch.float32)
     return torch.cat([half, -half])
 
 
@@ -92,6 +92,17 @@ def window_for(name: str, q_len: int, k_len: int) -> Tuple[Optional[int], Option
 # Data and errors.
 
 
+def precise_dtype(device) -> torch.dtype:
+    """The most precise dtype the kernels have on `device`: float64 on CPU,
+    float32 on CUDA (which has no float64 path)."""
+    return torch.float32 if str(device).startswith("cuda") else torch.float64
+
+
+def tight_tolerance(dtype: torch.dtype) -> float:
+    """Scaled-error tolerance for comparisons that should agree to rounding."""
+    return 1e-12 if dtype == torch.float64 else 2e-5
+
+
 def random_qkv(batch, q_heads, kv_heads, q_len, k_len, head_dim, dtype, device, generator=None):
     """q, k, v drawn in float64 then cast, so every dtype sees the same values."""
     def draw(*shape):
@@ -118,14 +129,29 @@ def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a - e).abs().max() / max(1.0, float(e.abs().max())))
 
 
+def rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Root-mean-square error / root-mean-square of expected (finite entries, float64).
+
+    More sensitive than the max error to accumulation in a low precision,
+    which the final rounding of the output would otherwise hide."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    finite = torch.isfinite(e)
+    a, e = a[finite], e[finite]
+    if e.numel() == 0:
+        return 0.0
+    return float((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-300))
+
+
 def assert_close(actual, expected, tol: float, what: str) -> None:
     err = scaled_error(actual, expected)
     assert err <= tol, f"{what}: scaled error {err:.3g} > tolerance {tol:.3g}"
 
 
 def grads(outputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]):
-    """Vector-Jacobian product: d(sum_i <outputs_i, cotangents_i>) / d inputs."""
-    return torch.autograd.grad(list(outputs), list(inputs), list(cotangents), allow_unused=False)
+    """Vector-Jacobian product: d(sum_i <outputs_i, cotangents_i>) / d inputs
+    (zeros for an input the outputs do not depend on, e.g. v for the lse)."""
+    return torch.autograd.grad(list(outputs), list(inputs), list(cotangents), materialize_grads=True)
 
 
 def dense_allowed_mask(q_len: int, k_len: int, left, right, dilation: int = 1) -> torch.Tensor:

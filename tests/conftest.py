@@ -4,16 +4,24 @@
   is present (skipped otherwise), so the CUDA kernels get the same tests.
 - ``LONGREACH_EXTENDED_TESTS=1`` (testenv.extended_tests_enabled) turns on the
   big grids; tests marked ``@pytest.mark.extended`` are skipped without it.
+- OMP_WAIT_POLICY=PASSIVE unless set (see below).
 - Every test starts from a seed derived from its own node id, so a failure
   reproduces when the test runs alone and tests do not share random streams.
 """
 
 from __future__ import annotations
 
+import os
 import zlib
 
-import pytest
-import torch
+# On a machine busier than its cores (CI runners, shared boxes), OpenMP threads
+# that spin at barriers while their partners are descheduled made small tensor
+# ops ~30x slower. Sleeping instead of spinning removes that and keeps the
+# kernels multithreaded. Must be set before torch (libgomp) loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from testenv import EXTENDED_ENV, extended_tests_enabled
 

@@ -27,7 +27,9 @@ from attention_testing import (
     assert_close,
     global_mask_for,
     grads,
+    precise_dtype,
     random_qkv,
+    tight_tolerance,
     window_for,
 )
 from testenv import extended_tests_enabled, skip_unsupported_dtype
@@ -207,22 +209,24 @@ def test_special_cases_match_reference(case, device):
 
 @pytest.mark.parametrize("bias", [-3.0, 0.0, 1.5])
 def test_explicit_sigmoid_bias(bias, device):
-    q, k, v = random_qkv(2, 4, 2, 33, 40, 16, torch.float64, device)
+    dtype = precise_dtype(device)
+    q, k, v = random_qkv(2, 4, 2, 33, 40, 16, dtype, device)
     kwargs = dict(window=(5, 2), dilation=2, score="sigmoid", sigmoid_bias=bias)
     inputs = [t.requires_grad_() for t in (q, k, v)]
-    ref_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref_inputs = [t.detach().to(torch.float64).requires_grad_() for t in (q, k, v)]
     got = longreach.local_attention(*inputs, **kwargs)
     want = reference.local_attention(*ref_inputs, **kwargs)
-    assert_close(got, want, 1e-10, "out")
+    assert_close(got, want, tight_tolerance(dtype), "out")
     g = torch.randn_like(want)
-    for name, a, b in zip("qkv", grads([got], [g], inputs), grads([want], [g], ref_inputs)):
-        assert_close(a, b, 1e-10, f"d{name}")
+    for name, a, b in zip("qkv", grads([got], [g.to(dtype)], inputs), grads([want], [g], ref_inputs)):
+        assert_close(a, b, tight_tolerance(dtype), f"d{name}")
 
 
 def test_global_all_equals_unbounded(device):
     """Independent of the reference: all-global attention is plain full attention."""
-    q, k, v = random_qkv(2, 4, 2, 50, 50, 16, torch.float64, device)
+    dtype = precise_dtype(device)
+    q, k, v = random_qkv(2, 4, 2, 50, 50, 16, dtype, device)
     everything = torch.ones(2, 50, dtype=torch.bool, device=device)
     windowed = longreach.local_attention(q, k, v, window=(2, 1), dilation=3, global_mask=everything)
     full = longreach.local_attention(q, k, v)
-    assert_close(windowed, full, 1e-12, "out")
+    assert_close(windowed, full, tight_tolerance(dtype), "out")

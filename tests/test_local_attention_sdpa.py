@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 
 import longreach
-from attention_testing import assert_close, dense_allowed_mask, grads, random_qkv, standard_alibi_slopes
+from attention_testing import (
+    assert_close,
+    dense_allowed_mask,
+    grads,
+    precise_dtype,
+    random_qkv,
+    standard_alibi_slopes,
+    tight_tolerance,
+)
 from testenv import skip_unsupported_dtype
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -80,10 +88,12 @@ def test_causal_equals_sdpa_bottom_right(heads, lengths, gqa_via, dtype, device)
 
 def test_unbounded_window_forms_agree(device):
     """None, a window wider than the sequence and (None, None) with causal=False are one thing."""
-    q, k, v = random_qkv(1, 4, 2, 20, 30, 16, torch.float64, device)
+    dtype = precise_dtype(device)
+    q, k, v = random_qkv(1, 4, 2, 20, 30, 16, dtype, device)
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
     for window in [None, (None, None), (30, 30), (10**9, 10**9)]:
-        assert_close(longreach.local_attention(q, k, v, window=window), want, 1e-12, f"window={window}")
+        got = longreach.local_attention(q, k, v, window=window)
+        assert_close(got, want, tight_tolerance(dtype), f"window={window}")
 
 
 @pytest.mark.parametrize(
@@ -98,7 +108,7 @@ def test_window_equals_sdpa_with_band_mask(window, causal, dilation, lengths, de
     left, right = window
     mask = dense_allowed_mask(*lengths, left, 0 if causal else right, dilation).to(device)
     compare_fwd_bwd(
-        device, torch.float64, (2, 4, 2, *lengths, 16),
+        device, precise_dtype(device), (2, 4, 2, *lengths, 16),
         lambda q, k, v: longreach.local_attention(q, k, v, window=window, causal=causal, dilation=dilation),
         lambda q, k, v: sdpa(q, k, v, gqa_via="enable_gqa", attn_mask=mask),
     )
@@ -121,7 +131,7 @@ def test_global_tokens_equal_sdpa_mask(lengths, device):
                 mask[b, i] = True
     mask, gmask = mask[:, None].to(device), gmask.to(device)
     compare_fwd_bwd(
-        device, torch.float64, (2, 4, 4, q_len, k_len, 16),
+        device, precise_dtype(device), (2, 4, 4, q_len, k_len, 16),
         lambda q, k, v: longreach.local_attention(q, k, v, window=(2, 2), global_mask=gmask),
         lambda q, k, v: sdpa(q, k, v, gqa_via="enable_gqa", attn_mask=mask),
     )
@@ -138,9 +148,10 @@ def test_alibi_equals_sdpa_additive_bias(causal, sign, device):
     bias = -slopes.to(torch.float64)[:, None, None] * distance  # (H, Lq, Lk)
     if causal:
         bias = bias.masked_fill(torch.arange(k_len)[None, None, :] > pos[None], float("-inf"))
-    bias, slopes = bias.to(device), slopes.to(device)
+    dtype = precise_dtype(device)
+    bias, slopes = bias.to(device=device, dtype=dtype), slopes.to(device)
     compare_fwd_bwd(
-        device, torch.float64, (2, heads, 2, q_len, k_len, 16),
+        device, dtype, (2, heads, 2, q_len, k_len, 16),
         lambda q, k, v: longreach.local_attention(q, k, v, causal=causal, alibi_slopes=slopes),
         lambda q, k, v: sdpa(q, k, v, gqa_via="enable_gqa", attn_mask=bias),
     )
@@ -149,7 +160,7 @@ def test_alibi_equals_sdpa_additive_bias(causal, sign, device):
 @pytest.mark.parametrize("scale", [0.05, 1.0])
 def test_custom_scale_equals_sdpa(scale, device):
     compare_fwd_bwd(
-        device, torch.float64, (1, 4, 1, 23, 23, 80),
+        device, precise_dtype(device), (1, 4, 1, 23, 23, 80),
         lambda q, k, v: longreach.local_attention(q, k, v, causal=True, scale=scale),
         lambda q, k, v: sdpa(q, k, v, gqa_via="enable_gqa", is_causal=True, scale=scale),
     )

@@ -7,7 +7,12 @@ kernels, plus the RoPE family of positional schemes.
 
 from . import reference
 from .ops import local_attention
+from .position_ids import pose_position_ids, segment_position_ids
+from .positional import alibi_slopes, rope_frequencies
+from .rotary import apply_rotary, apply_rotary_qk
 
 __version__ = "0.1.0"
 
 __all__ = ["local_attention", "reference", "__version__"]
+__all__ += ["apply_rotary", "apply_rotary_qk", "rope_frequencies", "alibi_slopes", "pose_position_ids",
+            "segment_position_ids"]

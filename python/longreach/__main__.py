@@ -8,7 +8,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="longreach", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="the main job on its embedded default")
+    sub.add_parser("extrapolate", add_help=False,
+                   help="train short, test long: attention/position schemes on longer inputs than trained")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "extrapolate":  # its own parser (longreach/extrapolate/cli.py) takes the rest
+        from .extrapolate.cli import main as extrapolate_main
+
+        return extrapolate_main(rest)
     parser.error(f"command {args.command!r} is not implemented yet")
     return 2
 

@@ -43,6 +43,19 @@ def normalize_window(window, causal: bool) -> Tuple[int, int]:
     return left, right
 
 
+def check_same_device(q, k, v, global_mask=None, alibi_slopes=None) -> None:
+    """All tensor arguments on q's device. Checked here because a "meta" tensor
+    among CPU ones would route the call to the fake kernel, which returns
+    uninitialised memory instead of reaching the C++ device check."""
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(
+            f"local_attention: q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}"
+        )
+    for name, t in (("global_mask", global_mask), ("alibi_slopes", alibi_slopes)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"local_attention: {name} is on {t.device} but q is on {q.device}; expected {q.device}")
+
+
 def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -86,6 +99,7 @@ def local_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     left, right = normalize_window(window, causal)
+    check_same_device(q, k, v, global_mask, alibi_slopes)
     check_device_supported("local_attention_fwd", q)
     out, lse = torch.ops.longreach.local_attention_fwd(
         q, k, v, global_mask, alibi_slopes, left, right, dilation, score,
@@ -102,6 +116,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("longreach::local_attention_fwd")
 def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation,
                               score, sigmoid_bias, softcap, scale):
+    check_same_device(q, k, v, global_mask, alibi_slopes)
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -110,6 +125,7 @@ def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, w
 @torch.library.register_fake("longreach::local_attention_bwd")
 def _local_attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
                               window_right, dilation, score, sigmoid_bias, softcap, scale):
+    check_same_device(q, k, v, global_mask, alibi_slopes)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

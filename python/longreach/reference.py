@@ -110,7 +110,8 @@ def local_attention(
 
     neg_inf = torch.tensor(float("-inf"), dtype=compute, device=q.device)
     s = torch.where(allowed, s, neg_inf)
-    row_max = s.amax(dim=-1, keepdim=True).detach()
+    # amax over an empty key dim (Lk = 0) is an error; such rows have no key anyway.
+    row_max = s.amax(dim=-1, keepdim=True).detach() if k_len > 0 else s.new_full(s.shape[:-1] + (1,), float("-inf"))
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max)  # exactly 0 where masked
     total = e.sum(dim=-1, keepdim=True)

@@ -16,7 +16,6 @@ def patch(model, **options):
 
     if is_longformer_model(model):
         return patch_longformer(model, **options)
-    raise NotImplementedError(
-        f"longreach.hf.patch: no supported attention found in {type(model).__name__} "
-        "(supported so far: transformers Longformer models)"
-    )
+    from .decoder import patch_decoder
+
+    return patch_decoder(model, **options)

@@ -1,0 +1,114 @@
+"""Training and evaluation loops of the study (model-agnostic: any ids -> logits module)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import BatchSampler, segments
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class TrainResult:
+    losses: List[float] = field(default_factory=list)  # bits per byte of each training batch
+    seconds: float = 0.0
+
+    @property
+    def final_bpb(self) -> float:
+        """Mean training bpb over the last 10 % of steps (a less noisy end-of-training figure)."""
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return sum(tail) / len(tail)
+
+
+def learning_rate(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up over the first 5 % of steps, then cosine decay to 10 % of the peak."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train(
+    model: torch.nn.Module,
+    sampler: BatchSampler,
+    steps: int,
+    lr: float,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """AdamW on next-byte cross-entropy; returns per-step training bits per byte."""
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    result = TrainResult()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, steps, lr)
+        inputs, targets = sampler.next()
+        logits = model(inputs.to(device))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: training loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bpb = loss.item() / LN2
+        result.losses.append(bpb)
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(bpb=f"{bpb:.3f}")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    chunks: torch.Tensor,
+    lengths: Sequence[int],
+    configure: Callable[[int], None],
+    tokens_per_batch: int = 16384,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "eval",
+) -> Dict[int, float]:
+    """Bits per byte on the held-out chunks at each length (same bytes scored at every length).
+
+    ``configure(length)`` is called before each length (eval-time RoPE scaling).
+    Segments are batched so a batch holds about ``tokens_per_batch`` bytes.
+    """
+    model.to(device).eval()
+    plans = []
+    for length in lengths:
+        inputs, targets = segments(chunks, length)
+        per_batch = max(1, tokens_per_batch // length)
+        plans.append((length, inputs, targets, per_batch))
+    total = sum(math.ceil(inp.shape[0] / pb) for _, inp, _, pb in plans)
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
+    out: Dict[int, float] = {}
+    for length, inputs, targets, per_batch in plans:
+        configure(length)
+        nats = 0.0
+        for i in range(0, inputs.shape[0], per_batch):
+            logits = model(inputs[i:i + per_batch].to(device))
+            nats += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).double(),
+                targets[i:i + per_batch].to(device).reshape(-1),
+                reduction="sum",
+            ).item()
+            bar.update(1)
+        out[length] = nats / (targets.numel() * LN2)
+        bar.set_postfix({f"bpb@{length}": f"{out[length]:.3f}"})
+    bar.close()
+    return out

@@ -1,0 +1,318 @@
+"""longreach inside Hugging Face decoder models (Llama, Mistral, Qwen2, Gemma2/3 and the like).
+
+These models call `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)` in
+every attention layer and build their masks through `AttentionMaskInterface`. `patch_decoder`
+registers a `longreach` entry in both and switches the model to it:
+
+- the mask function (`longreach_mask`) returns no dense mask, only which keys exist: None when
+  nothing is padded, else a (B, K) bool tensor over the first K keys of the layer's key array,
+  K being the last key a causal query can see (a static cache's unused tail is cut off). It also
+  checks that the pattern transformers asked for is the plain causal one (packed sequences or
+  custom patterns would need a mask the kernel cannot express, so they raise);
+- the attention function (`longreach_attention_forward`) applies causal, the layer's sliding
+  window (or the `window` option), soft-capping, the layer's `scaling`, GQA and ALiBi/sigmoid
+  options in the fused op, with exact left/right padding (`longreach.padding`).
+
+Options are stored in `config.longreach` (a dict), so they travel with save_pretrained.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..padding import local_attention_padded
+from ..positional import ALIBI_KINDS, alibi_slopes
+
+ATTENTION_NAME = "longreach"
+OPTIONS_ATTR = "longreach"
+SCORES = ("softmax", "sigmoid")
+
+__all__ = ["patch_decoder", "register", "longreach_attention_forward", "longreach_mask", "ATTENTION_NAME"]
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _check_options(window, score, alibi, softcap, rope_scaling) -> Dict[str, Any]:
+    """Validate the user's options; returns the dict stored in config.longreach (None = keep the model's)."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(
+            f"longreach.hf.patch: window must be a positive int (keys per causal window, current token "
+            f"included, like Hugging Face's sliding_window) or None, got {window!r}"
+        )
+    if score is not None and score not in SCORES:
+        raise ValueError(f"longreach.hf.patch: score must be one of {SCORES} or None, got {score!r}")
+    if alibi is not None and alibi not in ALIBI_KINDS:
+        raise ValueError(f"longreach.hf.patch: alibi must be one of {ALIBI_KINDS} or None, got {alibi!r}")
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (softcap > 0 and math.isfinite(softcap))
+    ):
+        raise ValueError(f"longreach.hf.patch: softcap must be a positive number or None, got {softcap!r}")
+    if rope_scaling is not None and not isinstance(rope_scaling, dict):
+        raise ValueError(
+            f"longreach.hf.patch: rope_scaling must be a dict like {{'rope_type': 'yarn', 'factor': 4.0}} or None, "
+            f"got {rope_scaling!r}"
+        )
+    options = {"window": window, "score": score, "alibi": alibi, "softcap": None if softcap is None else float(softcap),
+               "rope_scaling": None if rope_scaling is None else copy.deepcopy(rope_scaling)}
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def _options(config) -> Dict[str, Any]:
+    return getattr(config, OPTIONS_ATTR, None) or {}
+
+
+# --------------------------------------------------------------------------- mask function
+
+
+_PACKED_MESSAGE = (
+    "longreach: this batch packs several sequences into one row (position_ids restart inside a row, or "
+    "cu_seq_lens were given): the kernel has no variable-length support yet and would attend across "
+    "sequence boundaries. Pass one sequence per row with an attention_mask (padding is exact)."
+)
+
+
+def _require(ok: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless every element of `ok` is True (eager mode only).
+
+    Under torch.compile the check is skipped: reading the tensor would break the graph (an
+    error with fullgraph=True), and an in-graph assertion (torch._assert_async) is fused into
+    a parallel C++ kernel by inductor, where a failure aborts the process instead of raising.
+    """
+    if not torch.compiler.is_compiling() and not bool(ok.all()):
+        raise ValueError(message)
+
+
+def _check_causal_pattern(mask_function, batch_size, q_length, q_offset, device) -> None:
+    """Probe transformers' mask function next to the diagonal: it must be the causal pattern.
+
+    The kernel applies causal + window itself and ignores the pattern transformers asked for,
+    so a different one must raise rather than be lost: a token that cannot see itself or its
+    left neighbour (packed sequences, as transformers finds them from position_ids restarts
+    when there is no cache) or that sees its right neighbour (bidirectional or block
+    attention). Costs O(B * Lq) and is traceable, so it also runs under torch.compile.
+    """
+    if q_length < 2:
+        return
+    batch = torch.arange(batch_size, device=device)[:, None]
+    head = torch.zeros((), dtype=torch.long, device=device)
+    rows = torch.arange(1, q_length, device=device)[None, :] + q_offset  # each has a left neighbour
+
+    def probe(delta):
+        try:
+            allowed = mask_function(batch, head, rows, rows + delta)
+        except Exception as error:  # a custom (non index-based) pattern, e.g. image-token overlays
+            raise ValueError(
+                "longreach: cannot evaluate the attention pattern this model asked for (a custom mask function); "
+                "longreach's Hugging Face decoder path supports the plain causal / sliding-window patterns only"
+            ) from error
+        return torch.as_tensor(allowed, device=device).expand(batch_size, q_length - 1)
+
+    _require(probe(0) & probe(-1), _PACKED_MESSAGE)
+    _require(
+        ~probe(1) | (rows + 1 >= q_offset + q_length),  # the last row's right neighbour does not exist
+        "longreach: the model asked for a non-causal attention pattern (bidirectional or block attention, "
+        "e.g. image tokens); longreach's Hugging Face decoder path supports causal attention only",
+    )
+
+
+def _check_not_packed(position_ids, key_valid, q_length) -> None:
+    """Raise when position_ids restart between two real tokens of a row (a packed batch).
+
+    transformers itself only looks for packing when there is no cache; this also covers a
+    first forward with use_cache=True. Padding tokens are skipped (generate gives them dummy
+    positions).
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != q_length:
+        return
+    if q_length < 2:
+        return
+    steps_ok = position_ids[:, 1:] - position_ids[:, :-1] == 1
+    if key_valid is not None:
+        real = key_valid[:, -q_length:]
+        steps_ok = steps_ok | ~(real[:, 1:] & real[:, :-1])
+    _require(steps_ok, _PACKED_MESSAGE)
+
+
+def longreach_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: Optional[torch.Tensor] = None,
+    config=None,
+    device="cpu",
+    **kwargs,
+) -> Optional[torch.Tensor]:
+    """AttentionMaskInterface entry: None, or (B, K) bool of real keys over the first K keys.
+
+    K = q_offset - kv_offset + q_length, the key index after the last query (queries see no
+    key beyond it). For growing caches K == kv_length; for a static cache's layer it cuts the
+    unused tail. The attention function slices keys to K, so its bottom-right alignment holds.
+    """
+    if isinstance(q_offset, torch.Tensor):
+        if torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "longreach: static caches under torch.compile are not supported (the number of filled cache "
+                "slots is a traced tensor); use the default DynamicCache"
+            )
+        q_offset = int(q_offset)
+    if mask_function is not None:
+        _check_causal_pattern(mask_function, batch_size, q_length, q_offset, device)
+    horizon = q_offset - kv_offset + q_length
+    if not 0 < horizon <= kv_length:
+        raise ValueError(f"longreach: inconsistent cache sizes (q_offset={q_offset}, kv_offset={kv_offset}, "
+                         f"q_length={q_length}, kv_length={kv_length})")
+    if attention_mask is None:
+        if horizon == kv_length:
+            return None
+        return torch.ones(batch_size, horizon, dtype=torch.bool, device=device)
+    valid = attention_mask.to(device=device, dtype=torch.bool)
+    if valid.shape[-1] < kv_offset + horizon:  # a static cache's mask stops at the filled slots
+        valid = torch.nn.functional.pad(valid, (0, kv_offset + horizon - valid.shape[-1]))
+    valid = valid[:, kv_offset : kv_offset + horizon]
+    # One host sync per mask (as transformers' own sdpa mask does when not compiling); under
+    # torch.compile it is a graph break, after which the unpadded case runs without any.
+    if horizon == kv_length and bool(valid.all()):
+        return None
+    return valid
+
+
+# --------------------------------------------------------------------------- attention function
+
+_SLOPES_CACHE: Dict[tuple, torch.Tensor] = {}
+
+
+def _alibi_slopes(kind: str, num_heads: int, device) -> torch.Tensor:
+    key = (kind, num_heads, str(device))
+    if key not in _SLOPES_CACHE:
+        _SLOPES_CACHE[key] = alibi_slopes(num_heads, kind, device=device)
+    return _SLOPES_CACHE[key]
+
+
+def longreach_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+):
+    """AttentionInterface entry: q (B, Hq, Lq, D), k/v (B, Hk, Lk, D) -> ((B, Lq, Hq, D), None)."""
+    options = _options(module.config)
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("longreach: attention sinks (s_aux) are not supported")
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        raise ValueError(_PACKED_MESSAGE)
+    if dropout:
+        raise ValueError(
+            f"longreach: attention dropout is not supported (got dropout={dropout}); "
+            "set config.attention_dropout = 0.0"
+        )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal:
+        raise NotImplementedError("longreach: the Hugging Face decoder path supports causal attention only")
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
+            raise ValueError(
+                "longreach: got a prepared attention mask of shape "
+                f"{tuple(attention_mask.shape)} and dtype {attention_mask.dtype}; longreach takes a 2-D padding "
+                "mask (batch, keys) and applies causal and window masking itself. Pass the 2-D attention_mask."
+            )
+        if attention_mask.shape[1] < key.shape[2]:  # static cache: drop the unused tail
+            key = key[:, :, : attention_mask.shape[1]]
+            value = value[:, :, : attention_mask.shape[1]]
+
+    _check_not_packed(kwargs.get("position_ids"), attention_mask, query.shape[2])
+
+    window = options.get("window", sliding_window)
+    left = None if window is None else window - 1
+    cap = options.get("softcap", softcap)
+    alibi = options.get("alibi")
+    slopes = None if alibi is None else _alibi_slopes(alibi, query.shape[1], query.device)
+    out = local_attention_padded(
+        query, key, value, attention_mask,
+        causal=True,
+        window=(left, 0),
+        alibi_slopes=slopes,
+        score=options.get("score", "softmax"),
+        softcap=cap,
+        scale=scaling,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register `longreach` in transformers' AttentionInterface and AttentionMaskInterface (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, longreach_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, longreach_mask)
+
+
+# --------------------------------------------------------------------------- patch
+
+
+def is_decoder_model(model) -> bool:
+    """True for transformers models whose attention goes through AttentionInterface."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (
+        isinstance(base, PreTrainedModel)
+        and bool(base.is_backend_compatible())
+        and bool(base._can_set_attn_implementation())
+    )
+
+
+def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None, softcap=None):
+    """Switch a transformers decoder model to longreach attention, in place; returns the model.
+
+    window: int W, every layer attends to the last W keys (current token included), like
+    Hugging Face's `sliding_window=W`; None keeps each layer's own (full or sliding).
+    score: "softmax" / "sigmoid"; alibi: "standard" / "balanced" slopes added to the scores;
+    softcap: a positive float replacing the model's attention-logit soft-cap (None keeps it).
+    rope_scaling: a Hugging Face rope-scaling dict (rope_type linear / yarn / dynamic / ...)
+    that replaces the model's rotary embedding. Calling it with no option on a model saved
+    after patching restores the saved options.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not is_decoder_model(base):
+        raise TypeError(
+            f"longreach.hf.patch: {type(base).__name__} does not route its attention through transformers' "
+            "AttentionInterface (its class is not marked _supports_attention_backend), so longreach cannot "
+            "replace it; supported: decoder models such as Llama, Mistral, Qwen2, Gemma2, Gemma3"
+        )
+    options = _check_options(window, score, alibi, softcap, rope_scaling)
+    config = base.config.get_text_config(decoder=True)
+    if not options:
+        options = _options(config)  # re-patching a model loaded from a patched checkpoint
+    if "rope_scaling" in options:
+        from .rope import swap_rotary_embedding
+
+        swap_rotary_embedding(base, options["rope_scaling"])
+    if "window" in options:
+        # The cache follows config.sliding_window: sliding layers then keep the window - 1 keys
+        # the window needs (not fewer), and a model without sliding layers (no layer_types, e.g.
+        # Llama) gets bounded sliding caches instead of caches that grow with the sequence.
+        config.sliding_window = options["window"]
+    setattr(config, OPTIONS_ATTR, options)
+    register()
+    base.set_attn_implementation(ATTENTION_NAME)
+    if config._attn_implementation != ATTENTION_NAME:
+        raise TypeError(f"longreach.hf.patch: transformers refused to switch {type(base).__name__} to longreach")
+    return model

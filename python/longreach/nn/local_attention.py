@@ -1,0 +1,224 @@
+"""LocalSelfAttention: projections, positional scheme, the fused local-attention op, output projection."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..padding import local_attention_padded
+from ..positional import ALIBI_KINDS
+from .alibi import ALiBi
+from .kv_cache import SlidingKVCache
+from .rotary import RotaryEmbedding
+
+POSITIONAL = ("rope", "alibi", "alibi+rope", None)
+SCORES = ("softmax", "sigmoid")
+
+Window = Union[None, int, Tuple[Optional[int], Optional[int]]]
+
+
+def resolve_window(window: Window, causal: bool, owner: str = "LocalSelfAttention") -> Tuple[Optional[int], Optional[int]]:
+    """The op's (left, right) from a module's `window` argument.
+
+    None: unbounded. An int W (causal only): the last W keys, the current one included, as
+    Hugging Face's sliding_window=W, i.e. (W - 1, 0). A pair (left, right): the op's own
+    convention (keys on each side, None = unbounded); causal forces right = 0.
+    """
+    if window is None:
+        return None, (0 if causal else None)
+    if isinstance(window, int) and not isinstance(window, bool):
+        if window < 1:
+            raise ValueError(f"{owner}: window must be a positive int, a (left, right) pair or None, got {window}")
+        if not causal:
+            raise ValueError(
+                f"{owner}: an int window ({window}) means 'the last W keys' and needs causal=True; "
+                "pass a (left, right) pair for bidirectional attention"
+            )
+        return window - 1, 0
+    if isinstance(window, (tuple, list)) and len(window) == 2:
+        left, right = window
+        for name, side in (("left", left), ("right", right)):
+            if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 0):
+                raise ValueError(f"{owner}: window {name} must be a non-negative int or None, got {side!r}")
+        return left, (0 if causal else right)
+    raise ValueError(f"{owner}: window must be a positive int, a (left, right) pair or None, got {window!r}")
+
+
+class LocalSelfAttention(nn.Module):
+    """Multi-head (GQA/MQA) self-attention over a sliding window, on the fused longreach op.
+
+    Args:
+        embed_dim: model width E. num_heads: query heads Hq (E % Hq == 0 unless head_dim is
+            given). num_kv_heads: key/value heads Hk (Hq % Hk == 0); None = num_heads.
+        window: None (unbounded), an int W (causal: the last W keys, current one included),
+            or a (left, right) pair in the op's convention.
+        causal: mask future keys. dilation: window step (longreach.local_attention).
+        score: "softmax", or "sigmoid" (no normalisation; bias `sigmoid_bias`, default
+            -ln(left + right + 1), fixed by the window so a result never depends on the
+            sequence length; an unbounded sigmoid window needs an explicit sigmoid_bias).
+        positional: "rope", "alibi", "alibi+rope" or None. rope_scaling: a Hugging Face
+            rope-scaling dict for the RoPE tables (PI, YaRN, ...); rope_base and
+            max_position_embeddings complete the RoPE configuration. alibi: "standard" or
+            "balanced" slopes.
+        softcap: soft-cap of the scores (c * tanh(s / c)), None = off.
+        bias: biases in the projections. dropout: on the attention output, before the output
+            projection (the fused op has no attention-probability dropout).
+        rotary: share an existing RotaryEmbedding (e.g. one per model) instead of owning one.
+
+    SWAT (Fu et al. 2025) in one call: ``LocalSelfAttention(E, H, window=W, score="sigmoid",
+    positional="alibi+rope", alibi="balanced")`` (also ``LocalSelfAttention.swat(E, H, W)``).
+
+    forward(x, padding_mask=None, position_ids=None, cache=None):
+        x: (B, L, E). padding_mask: (B, L) bool, True for real tokens (left and/or right
+        padding; real tokens of a row must be contiguous). position_ids: (B, L) or (1, L)
+        long, the RoPE positions (default: 0..L-1, continuing after a cache's tokens); ALiBi
+        and the window use token distances. cache: a `SlidingKVCache` (causal only), which
+        is extended by this call. Returns (B, L, E); padding rows are zeros before the
+        output projection.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        window: Window = None,
+        causal: bool = True,
+        dilation: int = 1,
+        score: str = "softmax",
+        positional: Optional[str] = "rope",
+        rope_scaling: Optional[Mapping[str, Any]] = None,
+        alibi: str = "standard",
+        softcap: Optional[float] = None,
+        bias: bool = False,
+        dropout: float = 0.0,
+        *,
+        head_dim: Optional[int] = None,
+        rope_base: float = 10000.0,
+        max_position_embeddings: int = 2048,
+        sigmoid_bias: Optional[float] = None,
+        rotary: Optional[RotaryEmbedding] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        for arg, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
+                or num_heads % num_kv_heads:
+            raise ValueError(f"{name}: num_kv_heads must be a positive divisor of num_heads={num_heads}, "
+                             f"got {num_kv_heads!r}")
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"{name}: embed_dim={embed_dim} is not divisible by num_heads={num_heads} "
+                                 "(pass head_dim to choose it freely)")
+            head_dim = embed_dim // num_heads
+        if score not in SCORES:
+            raise ValueError(f"{name}: score must be one of {SCORES}, got {score!r}")
+        if positional not in POSITIONAL:
+            raise ValueError(f"{name}: positional must be one of {POSITIONAL}, got {positional!r}")
+        if alibi not in ALIBI_KINDS:
+            raise ValueError(f"{name}: alibi must be one of {ALIBI_KINDS}, got {alibi!r}")
+        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+            raise ValueError(f"{name}: dilation must be an int >= 1, got {dilation!r}")
+        if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+            raise ValueError(f"{name}: softcap must be a positive number or None, got {softcap!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
+        if rope_scaling is not None and positional not in ("rope", "alibi+rope"):
+            raise ValueError(f"{name}: rope_scaling={dict(rope_scaling)!r} needs positional='rope' or 'alibi+rope', "
+                             f"got positional={positional!r}")
+        self.window = resolve_window(window, causal, name)
+        left, right = self.window
+        if score == "sigmoid" and sigmoid_bias is None:
+            if left is None or right is None:
+                raise ValueError(f"{name}: score='sigmoid' with an unbounded window needs an explicit sigmoid_bias "
+                                 "(the default -ln(keys per window) would depend on the sequence length)")
+            sigmoid_bias = -math.log(left + right + 1)
+
+        self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
+        self.causal, self.dilation, self.score = causal, dilation, score
+        self.positional, self.softcap, self.sigmoid_bias = positional, softcap, sigmoid_bias
+        factory = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
+        self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.rotary = None
+        if positional in ("rope", "alibi+rope"):
+            self.rotary = rotary if rotary is not None else RotaryEmbedding(
+                head_dim, rope_base, max_position_embeddings, rope_scaling, device=device)
+        self.alibi = ALiBi(num_heads, alibi, device=device) if positional in ("alibi", "alibi+rope") else None
+
+    @classmethod
+    def swat(cls, embed_dim: int, num_heads: int, window: int, **kwargs) -> "LocalSelfAttention":
+        """SWAT's attention: causal window of `window` keys, sigmoid scores, balanced ALiBi plus RoPE."""
+        return cls(embed_dim, num_heads, window=window, causal=True, score="sigmoid", positional="alibi+rope",
+                   alibi="balanced", **kwargs)
+
+    def cache_size(self) -> Optional[int]:
+        """Past keys a causal query can reach (what a SlidingKVCache must keep); None = all."""
+        left = self.window[0]
+        return None if left is None else left * self.dilation
+
+    def new_cache(self) -> SlidingKVCache:
+        return SlidingKVCache(self.cache_size())
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        padding_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        cache: Optional[SlidingKVCache] = None,
+    ) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"{type(self).__name__}: x must be (batch, length, {self.embed_dim}), "
+                             f"got {tuple(x.shape)}")
+        batch, length, _ = x.shape
+        if padding_mask is not None:
+            if tuple(padding_mask.shape) != (batch, length):
+                raise ValueError(f"{type(self).__name__}: padding_mask must be (batch, length) = ({batch}, {length}), "
+                                 f"got {tuple(padding_mask.shape)}")
+            padding_mask = padding_mask.to(torch.bool)
+        if cache is not None and not self.causal:
+            raise ValueError(f"{type(self).__name__}: a KV cache needs causal=True")
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+        if self.rotary is not None:
+            offset = 0 if cache is None else cache.seen
+            seq_len = None
+            if position_ids is None:
+                seq_len = offset + length
+                if offset:
+                    position_ids = torch.arange(offset, offset + length, device=x.device)[None]
+            q, k = self.rotary(q, k, position_ids=position_ids, seq_len=seq_len)
+
+        key_valid = padding_mask
+        if cache is not None:
+            k, v, key_valid = cache.update(k, v, padding_mask)
+        out = local_attention_padded(
+            q, k, v, key_valid,
+            causal=self.causal,
+            window=self.window,
+            dilation=self.dilation,
+            alibi_slopes=None if self.alibi is None else self.alibi(),
+            score=self.score,
+            sigmoid_bias=self.sigmoid_bias,
+            softcap=self.softcap,
+        )
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.o_proj(self.dropout(out))
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"window={self.window}, causal={self.causal}, dilation={self.dilation}, score={self.score!r}, "
+                f"positional={self.positional!r}, softcap={self.softcap}")

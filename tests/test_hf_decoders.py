@@ -1,0 +1,424 @@
+"""longreach.hf.patch on Hugging Face decoders: tiny models from configs, random weights.
+
+The truth is transformers' own attention on the same weights: `eager` (the only one with
+soft-capping, used for Gemma2) and `sdpa`. Logits are compared at real (non-padding) tokens
+only: what a model computes at padding positions is unspecified (eager even gives NaN there
+in float64, and NaN can leak from them into later layers, which is why float64 comparisons
+use sdpa).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import longreach.hf  # noqa: E402
+from longreach.hf import decoder  # noqa: E402
+
+VOCAB = 61
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    initializer_range=0.3,  # scores of a few units, so that soft-capping and windows change the logits
+)
+SLIDING = 5  # shorter than the test sequences, so the sliding windows matter
+
+
+def build(family: str, attn: str = "eager", dtype=torch.float32, **overrides):
+    """A tiny model of a family with random weights (seeded by the test) in eval mode."""
+    if family == "llama":
+        config = transformers.LlamaConfig(**{**COMMON, **overrides})
+        cls = transformers.LlamaForCausalLM
+    elif family == "mistral":
+        config = transformers.MistralConfig(**{**COMMON, "sliding_window": SLIDING, **overrides})
+        cls = transformers.MistralForCausalLM
+    elif family == "qwen2":  # layer 0 full attention, layer 1 sliding
+        config = transformers.Qwen2Config(
+            **{**COMMON, "use_sliding_window": True, "sliding_window": SLIDING, "max_window_layers": 1, **overrides}
+        )
+        cls = transformers.Qwen2ForCausalLM
+    elif family == "gemma2":  # soft-capping, query_pre_attn_scalar != head_dim, sliding/full layers
+        config = transformers.Gemma2Config(
+            **{**COMMON, "head_dim": 8, "sliding_window": SLIDING, "query_pre_attn_scalar": 13,
+               "attn_logit_softcapping": 2.0, "final_logit_softcapping": None, **overrides}
+        )
+        cls = transformers.Gemma2ForCausalLM
+    elif family == "gemma3":  # per-layer-type rope parameters, 5:1-style sliding/full layers
+        config = transformers.Gemma3TextConfig(
+            **{**COMMON, "num_hidden_layers": 3, "head_dim": 8, "sliding_window": SLIDING, "query_pre_attn_scalar": 13,
+               "layer_types": ["sliding_attention", "sliding_attention", "full_attention"], **overrides}
+        )
+        cls = transformers.Gemma3ForCausalLM
+    else:
+        raise AssertionError(family)
+    config._attn_implementation = attn
+    return cls(config).to(dtype).eval()
+
+
+def patched_copy(model, **options):
+    return longreach.hf.patch(copy.deepcopy(model), **options)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3"]
+
+
+def reference_attn(family: str) -> str:
+    return "eager" if family == "gemma2" else "sdpa"  # sdpa has no soft-capping
+
+
+def padding_mask(kind: str, batch: int, length: int) -> torch.Tensor:
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if kind == "left":
+        for row in range(1, batch):
+            mask[row, : 3 * row] = 0
+    elif kind == "right":
+        for row in range(1, batch):
+            mask[row, length - 3 * row :] = 0
+    return mask
+
+
+def test_qwen2_config_really_mixes_full_and_sliding_layers():
+    model = build("qwen2")
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [None, SLIDING]
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(family, padding):
+    ids = torch.randint(3, VOCAB, (3, 14))
+    mask = padding_mask(padding, 3, 14)
+    real = mask.bool()
+    for attn in sorted({"eager", reference_attn(family)}):
+        reference = build(family, attn)
+        patched = patched_copy(reference)
+        assert patched.config._attn_implementation == "longreach"
+        with torch.no_grad():
+            expected = reference(ids, attention_mask=mask).logits
+            got = patched(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-5, msg=f"vs {attn}")
+
+
+def test_float64_logits_match_sdpa_tightly():
+    reference = build("mistral", "sdpa", torch.float64)
+    patched = patched_copy(reference)
+    ids = torch.randint(3, VOCAB, (3, 14))
+    mask = padding_mask("left", 3, 14)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        got = patched(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_with_cache_matches(family):
+    """Left-padded batch, prompt longer than the sliding window, continuation past it."""
+    reference = build(family, reference_attn(family))
+    patched = patched_copy(reference)
+    ids = torch.randint(3, VOCAB, (3, 9))
+    mask = padding_mask("left", 3, 9)
+    kwargs = dict(attention_mask=mask, max_new_tokens=9, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True, eos_token_id=None)
+    expected = reference.generate(ids, **kwargs)
+    got = patched.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step_got, step_expected in zip(got.logits, expected.logits):
+        torch.testing.assert_close(step_got, step_expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_generation_with_static_cache_matches(family):
+    """Static caches hand the kernel the whole preallocated key array (unused tail included)
+    for full layers, and a rolling window for sliding ones."""
+    reference = build(family, reference_attn(family))
+    patched = patched_copy(reference)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    mask = padding_mask("left", 2, 8)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    expected = reference.generate(ids, **kwargs)
+    got = patched.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_match(family):
+    """float64; eager (Gemma2) takes its softmax in float32, hence the looser tolerance there."""
+    attn = reference_attn(family)
+    reference = build(family, attn, torch.float64)
+    patched = patched_copy(reference)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    mask = padding_mask("right", 2, 12)
+    weights = torch.randn(2, 12, VOCAB, dtype=torch.float64) * mask[..., None]  # loss on real tokens only
+    for model in (reference, patched):
+        (model(ids, attention_mask=mask).logits * weights).sum().backward()
+    tolerance = 1e-5 if attn == "eager" else 1e-10
+    for (name, p_ref), (_, p_got) in zip(reference.named_parameters(), patched.named_parameters()):
+        scale = p_ref.grad.abs().max().item()
+        torch.testing.assert_close(p_got.grad, p_ref.grad, atol=tolerance * scale, rtol=0, msg=name)
+
+
+def test_window_option_turns_llama_into_a_sliding_window_model():
+    """patch(llama, window=W) == Mistral with sliding_window=W on the same weights, cache included."""
+    llama = build("llama", "sdpa")
+    mistral = build("mistral", "sdpa", sliding_window=4)
+    mistral.load_state_dict(llama.state_dict())
+    patched = patched_copy(llama, window=4)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    mask = padding_mask("left", 2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            patched(ids, attention_mask=mask).logits[mask.bool()],
+            mistral(ids, attention_mask=mask).logits[mask.bool()], atol=2e-5, rtol=1e-5,
+        )
+        unwindowed = llama(ids, attention_mask=mask).logits[mask.bool()]
+        assert (patched(ids, attention_mask=mask).logits[mask.bool()] - unwindowed).abs().max() > 1e-3
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert torch.equal(patched.generate(ids, **kwargs), mistral.generate(ids, **kwargs))
+    # the generation cache keeps only the window
+    cache = transformers.DynamicCache(config=patched.config)
+    assert all(type(layer).__name__ == "DynamicSlidingWindowLayer" for layer in cache.layers)
+
+
+def test_window_option_overrides_sliding_layers():
+    """Gemma2 patched with window=3 == Gemma2 whose config says sliding_window=3 on every layer type."""
+    reference = build("gemma2", "eager", layer_types=["sliding_attention", "sliding_attention"], sliding_window=3)
+    patched = patched_copy(build("gemma2", "eager"), window=3)
+    patched.load_state_dict(reference.state_dict())
+    ids = torch.randint(3, VOCAB, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, reference(ids).logits, atol=2e-5, rtol=1e-5)
+
+
+def test_softcap_option_overrides_the_model():
+    reference = build("gemma2", "eager", attn_logit_softcapping=1.5)
+    patched = patched_copy(build("gemma2", "eager"), softcap=1.5)
+    patched.load_state_dict(reference.state_dict())
+    ids = torch.randint(3, VOCAB, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, reference(ids).logits, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options, reference_kwargs",
+    [
+        (dict(score="sigmoid", window=4), dict(score="sigmoid", window=(3, 0))),
+        (dict(alibi="standard"), dict(alibi="standard")),
+        (dict(alibi="balanced", score="sigmoid", window=6), dict(alibi="balanced", score="sigmoid", window=(5, 0))),
+    ],
+)
+def test_score_and_alibi_options_reach_the_kernel(options, reference_kwargs):
+    """The patched Llama equals the same Llama whose attention is the dense reference op with
+    those options. (The slopes themselves are tested with longreach.alibi_slopes.)"""
+    from longreach import alibi_slopes
+    from longreach import reference as ref_ops
+
+    model = build("llama", "eager")
+    patched = patched_copy(model, **options)
+    kwargs = dict(reference_kwargs)
+    kind = kwargs.pop("alibi", None)
+    slopes = None if kind is None else alibi_slopes(COMMON["num_attention_heads"], kind)
+
+    def oracle_attention(module, q, k, v, mask, scaling=None, **ignored):
+        out = ref_ops.local_attention(q, k, v, causal=True, scale=scaling, alibi_slopes=slopes, **kwargs)
+        return out.transpose(1, 2), None
+
+    transformers.AttentionInterface.register("longreach_test_oracle", oracle_attention)
+    oracle = copy.deepcopy(model)
+    oracle.set_attn_implementation("longreach_test_oracle")
+    ids = torch.randint(3, VOCAB, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, oracle(ids).logits, atol=2e-5, rtol=1e-5)
+        assert (patched(ids).logits - model(ids).logits).abs().max() > 1e-3
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    "longrope": {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0, 1.1, 1.3, 2.0],
+                 "long_factor": [1.0, 2.0, 3.0, 4.0]},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_SCALINGS))
+def test_rope_scaling_matches_transformers(rope, tmp_path):
+    """patch(rope_scaling=...) == the same weights in a model configured with that scaling by
+    transformers itself; sequences run past the pretraining length (16) so dynamic and
+    longrope switch frequencies. The scaling survives save_pretrained in plain transformers."""
+    scaling = ROPE_SCALINGS[rope]
+    plain = build("llama", "sdpa", max_position_embeddings=16)
+    scaled = build("llama", "sdpa", max_position_embeddings=16,
+                   rope_parameters={"rope_theta": 10000.0, **scaling})
+    scaled.load_state_dict(plain.state_dict())
+    patched = patched_copy(plain, rope_scaling=scaling)
+    assert type(patched.model.rotary_emb).__name__ == "ScaledRotaryEmbedding"
+    for length in (12, 40, 12):  # dynamic: grow past the original length, then back
+        ids = torch.randint(3, VOCAB, (2, length))
+        with torch.no_grad():
+            expected = scaled(ids).logits
+            torch.testing.assert_close(patched(ids).logits, expected, atol=2e-5, rtol=1e-5, msg=f"length {length}")
+    if rope != "dynamic":  # dynamic equals plain RoPE within the pretraining length
+        with torch.no_grad():
+            assert (plain(ids).logits - expected).abs().max() > 1e-3
+    patched.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, VOCAB, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, scaled(ids).logits, atol=2e-5, rtol=1e-5)
+
+
+def test_rope_scaling_per_layer_type_gemma3():
+    """Gemma3 keeps RoPE parameters per layer type; a scaling keyed by type changes only those layers."""
+    plain = build("gemma3", "sdpa")
+    parameters = {key: dict(value) for key, value in plain.config.rope_parameters.items()}
+    parameters["full_attention"].update({"rope_type": "linear", "factor": 8.0})
+    scaled = build("gemma3", "sdpa", rope_parameters=parameters)
+    scaled.load_state_dict(plain.state_dict())
+    patched = patched_copy(plain, rope_scaling={"full_attention": {"rope_type": "linear", "factor": 8.0}})
+    assert patched.config.rope_parameters["sliding_attention"] == plain.config.rope_parameters["sliding_attention"]
+    ids = torch.randint(3, VOCAB, (2, 14))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, scaled(ids).logits, atol=2e-5, rtol=1e-5)
+        assert (patched(ids).logits - plain(ids).logits).abs().max() > 1e-3
+
+
+def test_rope_scaling_with_window_generates_like_transformers():
+    """The long-context recipe (window + YaRN) through generate() with a cache."""
+    scaling = ROPE_SCALINGS["yarn"]
+    reference = build("mistral", "sdpa", max_position_embeddings=16, sliding_window=6,
+                      rope_parameters={"rope_theta": 10000.0, **scaling})
+    patched = patched_copy(build("llama", "sdpa", max_position_embeddings=16), window=6, rope_scaling=scaling)
+    patched.load_state_dict(reference.state_dict())
+    ids = torch.randint(3, VOCAB, (2, 20))
+    mask = padding_mask("left", 2, 20)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(patched.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+
+
+def test_packed_sequences_raise():
+    patched = patched_copy(build("llama"))
+    ids = torch.randint(3, VOCAB, (1, 10))
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])
+    for use_cache in (False, True):  # without a cache transformers builds a packed mask; with one it does not
+        with pytest.raises(ValueError, match="packs several sequences"):
+            patched(ids, position_ids=packed, use_cache=use_cache)
+    with pytest.raises(ValueError, match="packs several sequences"):
+        patched(ids, cu_seq_lens_q=torch.tensor([0, 4, 10]), cu_seq_lens_k=torch.tensor([0, 4, 10]))
+    # plain positions with an offset are fine
+    patched(ids, position_ids=torch.arange(5, 15)[None])
+
+
+def test_padding_in_the_middle_raises():
+    patched = patched_copy(build("llama"))
+    ids = torch.randint(3, VOCAB, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 3] = 0
+    with pytest.raises(ValueError, match="padding in the middle"):
+        patched(ids, attention_mask=mask)
+
+
+def test_prepared_4d_mask_raises():
+    patched = patched_copy(build("llama"))
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with pytest.raises(ValueError, match="2-D padding mask"):
+        patched(ids, attention_mask=torch.zeros(1, 1, 6, 6))
+
+
+def test_attention_dropout_raises():
+    patched = patched_copy(build("llama", attention_dropout=0.1)).train()
+    with pytest.raises(ValueError, match="dropout"):
+        patched(torch.randint(3, VOCAB, (1, 6)))
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(window=0), "window must be a positive int.*got 0"),
+        (dict(window=-3), "window must be a positive int.*got -3"),
+        (dict(window=2.5), "window must be a positive int.*got 2.5"),
+        (dict(score="relu"), "score must be one of.*'relu'"),
+        (dict(alibi="steep"), "alibi must be one of.*'steep'"),
+        (dict(softcap=-1.0), "softcap must be a positive number.*-1.0"),
+        (dict(rope_scaling="yarn"), "rope_scaling must be a dict"),
+        (dict(rope_scaling={"rope_type": "stretchy", "factor": 2.0}), "rope_scaling.*rope_type.*'stretchy'"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": -2.0}), "factor"),
+        (dict(rope_scaling={"rope_type": "ntk", "factor": 2.0}), "'ntk' is longreach's static NTK scaling"),
+    ],
+)
+def test_bad_options_raise(options, match):
+    with pytest.raises(ValueError, match=match):
+        longreach.hf.patch(build("llama"), **options)
+
+
+def test_model_without_attention_interface_raises():
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4)
+    with pytest.raises(TypeError, match="BloomForCausalLM does not route its attention through"):
+        longreach.hf.patch(transformers.BloomForCausalLM(config))
+    with pytest.raises(TypeError, match="does not route its attention"):
+        longreach.hf.patch(torch.nn.Linear(2, 2))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    patched = patched_copy(build("mistral"))
+    compiled = torch.compile(patched, fullgraph=True)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    expected = patched(ids).logits
+    got = compiled(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    got.sum().backward()  # the fused op's backward inside the compiled graph
+    assert patched.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.extended  # ~1 minute of compiling on 2 cores
+def test_torch_compile_with_padding_breaks_the_graph_but_matches():
+    """A padding mask is read on the host (one graph break per forward); fullgraph=True refuses it."""
+    patched = patched_copy(build("llama"), window=4)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    mask = padding_mask("left", 2, 12)
+    with torch.no_grad():
+        expected = patched(ids, attention_mask=mask).logits
+        got = torch.compile(patched)(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    patched = patched_copy(build("qwen2"), window=4)
+    patched.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.longreach == {"window": 4}
+    longreach.hf.patch(loaded)  # no options: the saved ones
+    assert loaded.config._attn_implementation == "longreach"
+    ids = torch.randint(3, VOCAB, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, patched(ids).logits, atol=0, rtol=0)
+
+
+def test_lora_finetuning_with_gradient_checkpointing_lowers_the_loss(monkeypatch):
+    peft = pytest.importorskip("peft")
+    model = patched_copy(build("llama"), window=6)
+    model.activation_checkpointing_enable()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    calls = []
+    kernel = decoder.local_attention_padded
+    monkeypatch.setattr(decoder, "local_attention_padded", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    ids = torch.randint(3, VOCAB, (4, 16))
+    mask = padding_mask("left", 4, 16)
+    labels = ids.masked_fill(mask == 0, -100)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    # checkpointing recomputed each layer's attention in the backward: 2 layers x (forward + recompute)
+    assert len(calls) == 6 * 2 * 2
+    assert model.base_model.model.config._attn_implementation == "longreach"
