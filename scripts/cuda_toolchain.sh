@@ -9,7 +9,8 @@
 # (torch.version.cuda), so the extension and torch share one runtime. The
 # machine's nvcc (CUDACXX, PATH, /usr/local/cuda) is used when its major
 # matches; otherwise the matching compiler, runtime headers and CCCL come from
-# PyPI (nvidia-cuda-nvcc / -runtime / -cccl, pinned to torch's major.minor)
+# PyPI (nvidia-cuda-nvcc / -runtime / -cccl, and for CUDA 13 nvidia-nvvm /
+# nvidia-cuda-crt, all pinned to torch's major.minor)
 # into the same venv, and CUDACXX points at that nvcc. Also installs
 # cuobjdump of the same major version (for the CI check that kernels are in the .so).
 # Set LONGREACH_PIP_NVCC=1 to take the PyPI compiler even when versions match.
@@ -49,16 +50,29 @@ if [[ -n "$machine_version" && "${machine_version%%.*}" == "$torch_major" && -z 
   nvcc="$machine_nvcc"
 else
   log "installing nvcc, runtime headers and CCCL for CUDA $torch_cuda from PyPI"
-  "$PY" -m pip install --quiet "nvidia-cuda-nvcc${pkg_suffix}${pin}" "nvidia-cuda-runtime${pkg_suffix}${pin}" \
-    "nvidia-cuda-cccl${pkg_suffix}${pin}" >&2
+  pkgs=("nvidia-cuda-nvcc${pkg_suffix}${pin}" "nvidia-cuda-runtime${pkg_suffix}${pin}" "nvidia-cuda-cccl${pkg_suffix}${pin}")
+  # CUDA 13 splits the compiler's front end (nvvm) and crt headers into packages
+  # that nvcc requires unpinned: pin them too, or cicc emits PTX newer than ptxas reads.
+  [[ "$torch_major" -ge 13 ]] && pkgs+=("nvidia-nvvm${pin}" "nvidia-cuda-crt${pin}")
+  "$PY" -m pip install --quiet "${pkgs[@]}" >&2
   nvcc="$(ls "$site"/nvidia/*/bin/nvcc 2>/dev/null | head -n1 || true)"
   if [[ -z "$nvcc" ]]; then
     log "no nvcc found under $site/nvidia after installing the PyPI toolchain"
     exit 1
   fi
-  # Split (CUDA 12) wheel layouts keep headers beside, not under, the compiler.
+  # nvcc.profile looks for libraries in <top>/lib64 and CMake's FindCUDAToolkit
+  # for an unversioned libcudart.so; the wheels ship <top>/lib/libcudart.so.N.
+  top="$(dirname "$(dirname "$nvcc")")"
+  if [[ -d "$top/lib" && ! -e "$top/lib64" ]]; then ln -s lib "$top/lib64"; fi
+  for lib in "$site"/nvidia/*/lib/libcudart.so.[0-9]*; do
+    [[ -e "$lib" && ! -e "$(dirname "$lib")/libcudart.so" ]] && ln -s "$(basename "$lib")" "$(dirname "$lib")/libcudart.so"
+  done
+  # Split (CUDA 12) wheel layouts keep the runtime and CCCL headers beside,
+  # not under, the compiler: name those include dirs (and no others).
   includes=""
-  for dir in "$site"/nvidia/*/include; do includes+=" -I$dir"; done
+  for dir in "$site"/nvidia/*/include; do
+    if [[ -e "$dir/cuda_runtime.h" || -d "$dir/cub" || -d "$dir/cuda/std" ]]; then includes+=" -I$dir"; fi
+  done
   echo "export CUDAFLAGS=\"\${CUDAFLAGS:-}${includes}\""
 fi
 log "using $nvcc ($(nvcc_version "$nvcc"))"
