@@ -159,19 +159,24 @@ def test_kernels_run_on_the_current_stream():
 @needs_gpu
 def test_torch_compile_reduce_overhead_cuda_graphs():
     """CUDA-graph capture fails if a kernel is launched on a stream other than
-    the current (capturing) one, and replays must match eager results."""
+    the current (capturing) one, and replays must match eager results; the
+    backward graph is captured too."""
     torch._dynamo.reset()
     q, k, v, kw = _make_inputs((2, 4, 2, 128, 128, 64), dict(window=(24, 0), causal=True), torch.bfloat16, "cuda")
 
-    def step(q, k, v):
-        out = longreach.local_attention(q, k, v, **kw)
-        return out, torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    def attention(q, k, v):
+        return longreach.local_attention(q, k, v, **kw)
 
-    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    want_out, want_grads = step(qg, kg, vg)
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.float().square().sum().backward()
+        return out.detach().clone(), [t.grad for t in leaves]
+
+    want_out, want_grads = run(attention)
+    compiled = torch.compile(attention, mode="reduce-overhead", fullgraph=True)
     for _ in range(3):  # warm-up, record, replay
-        got_out, got_grads = compiled(qg, kg, vg)
+        got_out, got_grads = run(compiled)
     torch.cuda.synchronize()
     torch.testing.assert_close(got_out, want_out, atol=0, rtol=0)
     for a, b in zip(got_grads, want_grads):
