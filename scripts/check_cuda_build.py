@@ -3,8 +3,10 @@
 1. `import longreach` works and does not initialise CUDA.
 2. Every op has a kernel registered for the CUDA dispatch key.
 3. The extension holds device code for every architecture of
-   LONGREACH_CUDA_ARCHS (`cuobjdump --list-elf`), and the kernels' resource
-   usage (registers, spills) is printed (`cuobjdump --dump-resource-usage`).
+   LONGREACH_CUDA_ARCHS (`cuobjdump --list-elf`), the float16 / bfloat16
+   attention kernels use tensor cores (wmma.mma.sync in their embedded PTX,
+   when PTX is embedded), and the kernels' resource usage (registers, spills)
+   is printed (`cuobjdump --dump-resource-usage`).
 
 Usage: python scripts/check_cuda_build.py  (LONGREACH_CUOBJDUMP names cuobjdump;
 scripts/cuda_toolchain.sh sets it). Exits non-zero on any failure.
@@ -50,6 +52,21 @@ def main() -> None:
         if not found:
             fail(f"no sm_{arch} device code in {_C.__file__}:\n{elfs}")
         print(f"check_cuda_build: sm_{arch}: {len(found)} cubins")
+
+    ptx = subprocess.run([cuobjdump, "--dump-ptx", _C.__file__], capture_output=True, text=True, check=True).stdout
+    if ".version" in ptx:  # archs given as NN-real embed no PTX
+        mma_per_file: dict = {}
+        current = None
+        for line in ptx.splitlines():
+            if line.startswith("identifier"):
+                current = os.path.basename(line.split("=", 1)[1].strip())
+            elif "wmma.mma.sync" in line or "mma.sync.aligned" in line:
+                mma_per_file[current] = mma_per_file.get(current, 0) + 1
+        for name in ("local_attention_f16.cu", "local_attention_bf16.cu"):
+            if not mma_per_file.get(name):
+                fail(f"no tensor-core (mma.sync) instructions in the PTX of {name}")
+        print("check_cuda_build: tensor-core mma instructions: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(mma_per_file.items())))
 
     usage = subprocess.run([cuobjdump, "--dump-resource-usage", _C.__file__], capture_output=True, text=True,
                            check=True).stdout
