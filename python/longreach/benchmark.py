@@ -26,7 +26,7 @@ How things are counted (docs/benchmarking.md says the same):
   method's GFLOP/s is "per useful FLOP of what it computes".
 - Peak memory beyond inputs is the growth of the process's resident set (RSS)
   while the method runs, plus the state it builds once per length (e.g. the
-  dense mask). Each method runs in its own subprocess; before measuring, glibc
+  dense mask). Each method and pass runs in its own subprocess; after its timings, glibc
   is told to serve every allocation >= 128 KiB with mmap and to return freed
   memory (mallopt + malloc_trim), the kernel's peak-RSS mark is reset
   (/proc/self/clear_refs), and the peak is read back from VmHWM. This sees
@@ -329,13 +329,13 @@ class _PeakRSS:
 
 
 def _time_calls(fn: Callable[[], object], repeats: int, max_seconds: float) -> Tuple[List[float], float]:
-    """One warm-up call, then up to `repeats` timed calls within `max_seconds` (at least one)."""
+    """One warm-up call (it may compile), then timed calls: at least one, at most `repeats`,
+    and no further call once the timed ones plus the next would pass `max_seconds`."""
     start = time.perf_counter()
     fn()
     warm = time.perf_counter() - start
-    count = max(1, min(repeats, int(max_seconds / max(warm, 1e-9))))
-    times = []
-    for _ in range(count):
+    times: List[float] = []
+    while len(times) < repeats and (not times or sum(times) + _median(times) <= max_seconds):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -348,43 +348,57 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
-def measure_method(cfg: BenchConfig, name: str, length: int, passes: Sequence[str],
-                   emit: Callable[[dict], None]) -> None:
-    """Time (and measure memory of) one method at one length; emit one dict per pass."""
-    method = METHODS[name]
-    dtype = DTYPES[cfg.dtype]
-    rss = _PeakRSS() if cfg.memory else None
+def _make_call(cfg: BenchConfig, attention: Callable, length: int, pass_name: str) -> Callable[[], object]:
+    """The timed call of one pass on fresh inputs (seeded by the length)."""
     shape = (cfg.batch, cfg.heads, length, cfg.head_dim)
     gen = torch.Generator().manual_seed(length)
-    q, k, v, grad_out = (torch.randn(shape, generator=gen).to(dtype) for _ in range(4))
-    before = rss.settled_rss() if rss and rss.available else 0
-    attention = method.build(cfg, length)
-    state = (rss.settled_rss() - before) if rss and rss.available else 0
+    q, k, v, grad_out = (torch.randn(shape, generator=gen).to(DTYPES[cfg.dtype]) for _ in range(4))
+    if pass_name == "forward":
+        return lambda: attention(q, k, v)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    return lambda: torch.autograd.grad(attention(*leaves), leaves, grad_out)
 
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    calls = {
-        "forward": lambda: attention(q, k, v),
-        "forward+backward": lambda: torch.autograd.grad(attention(*leaves), leaves, grad_out),
-    }
-    timed = {}
-    for pass_name in passes:
+
+def measure_method(cfg: BenchConfig, name: str, pass_name: str, lengths: Sequence[int],
+                   emit: Callable[[dict], None]) -> None:
+    """Time one pass of one method at each length, then measure its peak memory there.
+
+    Emits one timing dict per length as soon as it is known, then one memory dict per length.
+    All timings come first because the memory measurement switches malloc to a slower,
+    exact mode for the rest of the process. One process per pass, because a failed attempt
+    (FlexAttention's missing CPU backward) leaves torch.compile running later calls eagerly.
+    """
+    method = METHODS[name]
+    timed = []
+    for length in lengths:
         row = {"method": name, "pass_name": pass_name, "length": length}
         try:
-            times, warm = _time_calls(calls[pass_name], cfg.repeats, cfg.max_seconds)
-            timed[pass_name] = row
+            call = _make_call(cfg, method.build(cfg, length), length, pass_name)
+            times, warm = _time_calls(call, cfg.repeats, cfg.max_seconds)
             row.update(status="ok", times=times, warmup_s=warm)
+            timed.append(length)
         except NotImplementedError as err:  # e.g. a backward PyTorch does not have on CPU
             row.update(status="unsupported", note=_one_line(err))
-            emit(row)
-        except Exception as err:  # noqa: BLE001  (report and go on with the other passes)
+        except Exception as err:  # noqa: BLE001  (report it and go on with the other lengths)
             row.update(status="failed", note=f"{type(err).__name__}: {_one_line(err)}")
-            emit(row)
-    if rss is not None and rss.available:
-        rss.exact_mode()
-    for pass_name, row in timed.items():
-        if rss is not None and rss.available:
-            row.update(peak_bytes=state + rss.peak_growth(calls[pass_name]), state_bytes=state)
+        call = None
         emit(row)
+    rss = _PeakRSS()
+    if not (cfg.memory and rss.available):
+        return
+    rss.exact_mode()
+    for length in timed:
+        # Built twice: the first build pays one-time costs (imports of torch.compile and friends)
+        # that are no state of this length; the second one's RSS growth is the state (a mask).
+        method.build(cfg, length)  # dropped at once
+        before = rss.settled_rss()
+        attention = method.build(cfg, length)
+        state = rss.settled_rss() - before
+        call = _make_call(cfg, attention, length, pass_name)  # warm already: same shapes were timed
+        peak = rss.peak_growth(call)
+        emit({"memory": True, "method": name, "pass_name": pass_name, "length": length,
+              "peak_bytes": state + peak, "state_bytes": state})
+        attention = call = None
 
 
 def measure_gemm(size: int, dtype: str, repeats: int, max_seconds: float) -> dict:
@@ -415,8 +429,7 @@ def worker_main() -> None:
         for dtype in job["dtypes"]:
             emit(measure_gemm(cfg.gemm_size, dtype, cfg.repeats, cfg.max_seconds))
         return
-    for length, passes in job["cases"]:
-        measure_method(cfg, job["method"], length, passes, emit)
+    measure_method(cfg, job["method"], job["pass_name"], job["lengths"], emit)
 
 
 def config_from_dict(data: dict) -> BenchConfig:
@@ -456,32 +469,30 @@ def run_benchmark(cfg: BenchConfig, out=None) -> Tuple[List[Result], List[Roof]]
     results: List[Result] = []
     for name in ("longreach",) + tuple(cfg.baselines):
         method = METHODS[name]
-        cases, planned = [], {}
-        for length in cfg.lengths:
-            keys = keys_per_row(length, length, method.window(cfg))
-            todo = []
-            for pass_name in cfg.passes():
-                result = _blank_result(cfg, name, pass_name, length, keys)
-                planned[(length, pass_name)] = result
+        for pass_name in cfg.passes():
+            planned, todo = {}, []
+            for length in cfg.lengths:
+                result = _blank_result(cfg, name, pass_name, length, keys_per_row(length, length, method.window(cfg)))
+                planned[length] = result
                 reason = method.skip(cfg, length, pass_name)
                 if reason:
-                    result.status = "skipped"
-                    result.note = reason
+                    result.status, result.note = "skipped", reason
                 else:
-                    todo.append(pass_name)
-            if todo:
-                cases.append((length, todo))
-        if cases:
-            print(f"measuring {name} at L = {', '.join(str(c[0]) for c in cases)} ...", file=out, flush=True)
-            rows, error = _run_worker({"kind": "method", "method": name, "cases": cases, "config": asdict(cfg)})
+                    todo.append(length)
+            results.extend(planned.values())
+            if not todo:
+                continue
+            print(f"measuring {name} {pass_name} at L = {', '.join(map(str, todo))} ...", file=out, flush=True)
+            rows, error = _run_worker({"kind": "method", "method": name, "pass_name": pass_name,
+                                       "lengths": todo, "config": asdict(cfg)})
             for row in rows:
-                _fill_result(planned[(row["length"], row["pass_name"])], row, roof, cfg)
-            for length, todo in cases:
-                for pass_name in todo:
-                    result = planned[(length, pass_name)]
-                    if result.status == "ok" and result.median_ms is None:
-                        result.status, result.note = "failed", error or "no result from the worker"
-        results.extend(planned.values())
+                _fill_result(planned[row["length"]], row, roof, cfg)
+            for length in todo:
+                result = planned[length]
+                if result.status == "ok" and result.median_ms is None:
+                    result.status, result.note = "failed", error or "no result from the worker"
+                elif result.status == "ok" and cfg.memory and result.peak_mib is None and error:
+                    result.note = f"memory not measured: {error}"
 
     print(file=out)
     print(format_table(cfg, results, roofs), file=out)
@@ -502,6 +513,10 @@ def _blank_result(cfg, name, pass_name, length, keys) -> Result:
 
 
 def _fill_result(result: Result, row: dict, roof: Roof, cfg: BenchConfig) -> None:
+    if row.get("memory"):
+        result.peak_mib = row["peak_bytes"] / 2**20
+        result.state_mib = row["state_bytes"] / 2**20
+        return
     result.status = row["status"]
     result.note = row.get("note", result.note)
     if row["status"] != "ok":
@@ -513,9 +528,6 @@ def _fill_result(result: Result, row: dict, roof: Roof, cfg: BenchConfig) -> Non
     result.us_per_token = 1e6 * median / (cfg.batch * result.length)
     result.gflops = result.useful_gflop / median
     result.roof_fraction = result.gflops / roof.gflops
-    if "peak_bytes" in row:
-        result.peak_mib = row["peak_bytes"] / 2**20
-        result.state_mib = row["state_bytes"] / 2**20
 
 
 # ----------------------------------------------------------------------------- output
@@ -531,8 +543,8 @@ def _print_header(cfg: BenchConfig, out) -> None:
           f"load average {load}", file=out, flush=True)
 
 
-def _fmt(value, spec):
-    return "-" if value is None else format(value, spec)
+def _fmt(value, spec: str, width: int) -> str:
+    return ("-" if value is None else format(value, spec)).rjust(width)
 
 
 def format_table(cfg: BenchConfig, results: Sequence[Result], roofs: Sequence[Roof]) -> str:
@@ -545,6 +557,7 @@ def format_table(cfg: BenchConfig, results: Sequence[Result], roofs: Sequence[Ro
                  f"%roof = GFLOP/s / {cfg.dtype} GEMM")
     header = (f"{'method':<12} {'L':>6} {'keys/row':>8} {'median ms':>10} {'n':>2} {'us/token':>9} "
               f"{'GFLOP/s':>8} {'%roof':>6} {'peak MiB':>9}  note")
+    seen_notes = set()
     for pass_name in cfg.passes():
         lines += ["", f"== {pass_name} ==", header, "-" * len(header)]
         for length in cfg.lengths:
@@ -552,13 +565,16 @@ def format_table(cfg: BenchConfig, results: Sequence[Result], roofs: Sequence[Ro
                 if r.pass_name != pass_name or r.length != length:
                     continue
                 note = r.note if r.status != "ok" else ""
+                if note and (r.method, note) in seen_notes:
+                    note = "as above"
+                seen_notes.add((r.method, r.note))
                 if r.status == "ok" and r.state_mib and r.state_mib >= 0.05:
                     note = f"incl. {r.state_mib:.1f} MiB state built once (mask)"
                 lines.append(
-                    f"{r.method:<12} {r.length:>6} {r.keys_per_row:>8.1f} {_fmt(r.median_ms, '10.1f')} "
-                    f"{r.repeats if r.status == 'ok' else '-':>2} {_fmt(r.us_per_token, '9.2f')} "
-                    f"{_fmt(r.gflops, '8.2f')} {_fmt(r.roof_fraction, '6.1%')} "
-                    f"{_fmt(r.peak_mib, '9.1f')}  {(r.status + ': ' if r.status != 'ok' else '') + note}".rstrip())
+                    f"{r.method:<12} {r.length:>6} {r.keys_per_row:>8.1f} {_fmt(r.median_ms, '.1f', 10)} "
+                    f"{r.repeats if r.status == 'ok' else '-':>2} {_fmt(r.us_per_token, '.2f', 9)} "
+                    f"{_fmt(r.gflops, '.2f', 8)} {_fmt(r.roof_fraction, '.1%', 6)} "
+                    f"{_fmt(r.peak_mib, '.1f', 9)}  {(r.status + ': ' if r.status != 'ok' else '') + note}".rstrip())
     fits = scaling_fits(results)
     if fits:
         lines += ["", "time ~ L^p at a fixed window (least squares on log time vs log L; 1 = linear, 2 = quadratic):"]
@@ -574,7 +590,7 @@ def format_table(cfg: BenchConfig, results: Sequence[Result], roofs: Sequence[Ro
             break
     if cfg.memory:
         lines.append("  peak MiB: resident-set growth beyond the inputs q, k, v (and grad_out), including outputs,")
-        lines.append("  gradients and state built once per length; measured in a subprocess per method.")
+        lines.append("  gradients and state built once per length; measured after the timings, one subprocess per method and pass.")
     else:
         lines.append("  peak memory not measured (--no-memory).")
     return "\n".join(lines)
