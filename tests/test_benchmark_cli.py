@@ -52,7 +52,7 @@ def full_run(tmp_path_factory):
 
 def test_table_has_both_passes_every_method_and_the_roof(full_run):
     stdout, _, _ = full_run
-    assert "GEMM roof float32 256x256x256:" in stdout
+    assert "GEMM roof float32 256x256x256 (before):" in stdout and "GEMM roof float32 256x256x256 (after):" in stdout
     for section in ("== forward ==", "== forward+backward =="):
         assert stdout.count(section) == 1
     header = [line for line in stdout.splitlines() if line.startswith("method ")]
@@ -83,6 +83,7 @@ def test_csv_rows_are_complete_and_consistent(full_run):
         median_s = float(row["median_ms"]) / 1e3
         assert float(row["gflops"]) == pytest.approx(float(row["useful_gflop"]) / median_s)
         assert float(row["min_ms"]) <= float(row["median_ms"])
+        assert float(row["roof_fraction"]) == pytest.approx(float(row["gflops"]) / float(row["roof_gflops"]))
         assert int(row["repeats"]) == 1
         assert float(row["us_per_token"]) == pytest.approx(1e6 * median_s / length)
         # The call returns its output (and, with backward, three gradients): the peak holds them.
