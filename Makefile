@@ -38,3 +38,15 @@ bench: build
 
 clean:
 	rm -rf build $(VENV)
+
+# The CUDA build (docs/cuda.md): a venv of its own with torch's CUDA build, the
+# nvcc of torch's CUDA version, kernels for LONGREACH_CUDA_ARCHS checked in the
+# binary. Needs no GPU. test-cuda runs the whole suite against that build (the
+# device="cuda" copies and tests/test_cuda.py skip without a GPU), including the
+# host emulation of the CUDA kernels.
+.PHONY: build-cuda test-cuda
+build-cuda:
+	scripts/build_cuda.sh
+
+test-cuda: build-cuda
+	LONGREACH_CUDA_EMULATION=1 $${CUDA_VENV:-.venv-cuda}/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -28,3 +28,18 @@ TORCH_LIBRARY_FRAGMENT(longreach, m) {
   m.def("apply_rotary_qk(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids, bool interleaved, "
         "bool conjugate) -> (Tensor, Tensor)");
 }
+
+// Test hooks (CPU only): what the shared csrc/common window and tile-schedule
+// math computes, so tests can compare it with longreach.reference.allowed_keys.
+// Windows as in local_attention_fwd (-1 = unbounded).
+TORCH_LIBRARY_FRAGMENT(longreach, m) {
+  // Per row: [key_lo, key_hi] of window_key_range; per key: [row_lo, row_hi] of window_row_range.
+  m.def("_debug_window_ranges(int q_len, int k_len, int window_left, int window_right, int dilation) "
+        "-> (Tensor key_lo, Tensor key_hi, Tensor row_lo, Tensor row_hi)");
+  // Non-empty class tiles of `tile` rows (or keys, by_keys=True): rows (cls, first, last, band_lo, band_hi).
+  m.def("_debug_tile_bands(int q_len, int k_len, int window_left, int window_right, int dilation, int tile, "
+        "bool by_keys) -> Tensor");
+  // tile_in_window for each row (p_first, p_last, k_first, k_last) of `corners` (N, 4) int64.
+  m.def("_debug_tile_in_window(int q_len, int k_len, int window_left, int window_right, int dilation, "
+        "Tensor corners) -> Tensor");
+}

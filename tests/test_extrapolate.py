@@ -282,6 +282,11 @@ def test_paper_checks_on_known_curves():
     assert report.check("rope-yarn", {"rope-yarn": bpb["rope-yarn"]}, 64).agrees is None
     table = report.table(bpb, 64)
     assert "NO" in table and "rope-yarn" in table
+    # Every scheme ties at the training length: no scheme is "behind".
+    assert report.notes(bpb, 64) == []
+    behind = dict(bpb, swat={64: 2.3, 128: 2.3, 256: 2.3})
+    (note,) = report.notes(behind, 64)
+    assert note.startswith("swat is 0.30 bits per byte behind rope already at the training length")
 
 
 class _Uniform(torch.nn.Module):

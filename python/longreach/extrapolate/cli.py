@@ -43,8 +43,8 @@ class Profile:
 
 # The default run fits 10 minutes on a 2-core CPU, --quick fits 2 (see docs/extrapolation.md).
 PROFILES = {
-    "default": Profile(steps=600, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=8, lr=3e-3),
-    "quick": Profile(steps=60, batch_size=8, d_model=64, layers=2, heads=4, eval_chunks=2, lr=3e-3),
+    "default": Profile(steps=360, batch_size=16, d_model=64, layers=2, heads=4, eval_chunks=8, lr=6e-3),
+    "quick": Profile(steps=60, batch_size=8, d_model=64, layers=2, heads=4, eval_chunks=2, lr=6e-3),
 }
 
 
@@ -60,6 +60,10 @@ def _positive_int_list(flag: str, text: str) -> List[int]:
     if not values or any(v <= 0 for v in values):
         raise UsageError(f"{flag}: expected comma-separated positive integers, got {text!r}")
     return values
+
+
+def _profile_defaults(field: str) -> str:
+    return f"(default: {getattr(PROFILES['default'], field)}, with --quick: {getattr(PROFILES['quick'], field)})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,14 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: half the training length)")
     p.add_argument("--quick", action="store_true",
                    help="a small, fast run for smoke tests (under 2 minutes on 2 cores)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model")
-    p.add_argument("--batch-size", type=int, default=None, help="training sequences per step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
-    p.add_argument("--d-model", type=int, default=None, help="model width")
-    p.add_argument("--layers", type=int, default=None, help="transformer blocks")
-    p.add_argument("--heads", type=int, default=None, help="attention heads")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per model {_profile_defaults('steps')}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"training sequences per step {_profile_defaults('batch_size')}")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (AdamW) {_profile_defaults('lr')}")
+    p.add_argument("--d-model", type=int, default=None, help=f"model width {_profile_defaults('d_model')}")
+    p.add_argument("--layers", type=int, default=None, help=f"transformer blocks {_profile_defaults('layers')}")
+    p.add_argument("--heads", type=int, default=None, help=f"attention heads {_profile_defaults('heads')}")
     p.add_argument("--eval-chunks", type=int, default=None,
-                   help="held-out chunks of the longest length scored at every length")
+                   help=f"held-out chunks of the longest length scored at every length "
+                        f"{_profile_defaults('eval_chunks')}")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation and batches (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -188,17 +193,20 @@ def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> Dict[s
     bytes_scored = chunks.shape[0] * args.lengths[-1]
 
     print(f"corpus: {corpus.describe()}")
-    print(f"model: {dims.layers} layers, width {dims.d_model}, {dims.heads} heads; train {args.steps} steps "
-          f"x {args.batch_size} x {args.train_len} bytes; window {args.window}; seed {args.seed}")
+    settings = (f"{dims.layers} layers, width {dims.d_model}, {dims.heads} heads; {args.steps} training steps of "
+                f"{args.batch_size} x {args.train_len} bytes, peak lr {args.lr}; window {args.window}; seed {args.seed}")
+    print(f"model: {settings}")
     print(f"eval: {bytes_scored:,} held-out bytes at lengths {', '.join(map(str, args.lengths))}")
 
     results: Dict[str, Dict[int, float]] = {}
     timings: Dict[str, float] = {}
+    train_bpb: Dict[str, float] = {}
     for weights in models_to_train(args.scheme_names):
         model = build_model(SCHEMES[weights], dims, args.window, args.train_len, args.seed)
         sampler = data_mod.BatchSampler(stream, args.train_len, args.batch_size, args.seed)
         tr = train(model, sampler, args.steps, args.lr, args.device, progress, desc=f"train {weights}")
         timings[f"train {weights}"] = tr.seconds
+        train_bpb[weights] = tr.final_bpb
         for name in args.scheme_names:
             scheme = SCHEMES[name]
             if scheme.weights != weights:
@@ -220,18 +228,19 @@ def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> Dict[s
     report.plot(out / "bpb_vs_length.png", results, args.train_len, title)
     command = "python -m longreach extrapolate" + "".join(" " + shlex.quote(a) for a in argv_for_record)
     text_table = report.table(results, args.train_len)
-    (out / "results.md").write_text(
-        f"# Train short, test long\n\nCommand: `{command}`\n\nCorpus: {corpus.describe()}.\n\n"
-        f"Held-out bits per byte (lower is better), {bytes_scored:,} bytes scored at every length; "
-        f"trained at {args.train_len} bytes. 'flat' means within {report.FLAT_TOLERANCE} bits per byte "
-        f"of the training-length value.\n\n{report.table(results, args.train_len, markdown=True)}\n\n"
-        f"What the papers say:\n\n{report.claims(args.scheme_names)}\n\n"
-        f"Run time: {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).\n"
+    training = ", ".join(f"{k} {v:.3f}" for k, v in train_bpb.items())
+    report.write_markdown(
+        out / "results.md", results, args.train_len, command=command, corpus=corpus.describe(),
+        settings=f"{settings}; final training bits per byte: {training}",
+        bytes_scored=bytes_scored, names=args.scheme_names,
+        timing=f"{total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})",
     )
     print()
     print("held-out bits per byte (lower is better); 'flat' = within "
           f"{report.FLAT_TOLERANCE} of the {args.train_len}-byte value")
     print(text_table)
+    for note in report.notes(results, args.train_len):
+        print(f"note: {note}")
     print()
     print(f"total {total:.0f} s; wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'bpb_vs_length.png'}")
     return results

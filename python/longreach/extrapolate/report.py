@@ -103,9 +103,46 @@ def table(bpb: Dict[str, Dict[int, float]], train_len: int, markdown: bool = Fal
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
 
 
+# bits per byte behind the best scheme at the training length before a note says so.
+BEHIND_NOTE = 0.1
+
+
+def notes(bpb: Dict[str, Dict[int, float]], train_len: int) -> List[str]:
+    """Caveats the table alone would hide: schemes that are flat but far behind at the training length."""
+    at_1x = {name: curve[train_len] for name, curve in bpb.items()}
+    best = min(at_1x, key=at_1x.get)
+    out = []
+    for name, value in at_1x.items():
+        if value - at_1x[best] > BEHIND_NOTE:
+            out.append(
+                f"{name} is {value - at_1x[best]:.2f} bits per byte behind {best} already at the training "
+                f"length: with this training budget it learns less, so a flat curve here shows that it "
+                f"survives longer inputs, not that it is competitive."
+            )
+    return out
+
+
 def claims(names: Sequence[str]) -> str:
     """One line per scheme: its configuration and what its paper claims."""
     return "\n".join(f"- {n}: {SCHEMES[n].summary}. Paper: {SCHEMES[n].paper}." for n in names)
+
+
+def write_markdown(path: Path, bpb: Dict[str, Dict[int, float]], train_len: int, *, command: str, corpus: str,
+                   settings: str, bytes_scored: int, names: Sequence[str], timing: str) -> None:
+    """results.md: the command, data, settings, table, notes and the papers' claims."""
+    parts = [
+        "# Train short, test long",
+        f"Command: `{command}`",
+        f"Corpus: {corpus}.",
+        f"Model and training: {settings}.",
+        f"Held-out bits per byte (lower is better), the same {bytes_scored:,} bytes scored at every length; "
+        f"'flat' means within {FLAT_TOLERANCE} bits per byte of the value at the training length "
+        f"({train_len} bytes); 'below X' needs a margin of {BEAT_MARGIN}.",
+        table(bpb, train_len, markdown=True),
+    ]
+    parts += [f"Note: {n}" for n in notes(bpb, train_len)]
+    parts += ["What the papers say:", claims(names), f"Run time: {timing}."]
+    path.write_text("\n\n".join(parts) + "\n")
 
 
 def plot(path: Path, bpb: Dict[str, Dict[int, float]], train_len: int, title: str) -> None:

@@ -1,0 +1,703 @@
+// The bodies of the CUDA local-attention kernels: one function per kind of
+// thread block (forward, backward dQ, backward dK/dV), written with the
+// block-cooperative operations of block_ops.cuh so they also run on the host
+// (tests/emulation/). All window, dilation and score math comes from
+// csrc/common/.
+//
+// Work decomposition (the CUDA twin of cpu/tile_plan.*):
+//   * A row block is BM rows of one residue class (rows i = cls + d*m), or BM
+//     global rows. A class block visits the band of keys its rows' windows
+//     cover (common/tile_schedule.h), BN at a time, then the global keys outside
+//     that band. Global rows see every key, so their blocks visit all keys.
+//   * A key block (dK/dV) is the transpose: BN keys of one class visit the band
+//     of rows whose windows hold them plus all global rows; blocks of global
+//     keys visit every row.
+// Each (row, key) pair is therefore visited by exactly one block, and each side
+// of a tile carries a mode per index: 0 = excluded, 1 = always allowed,
+// 2 = allowed when inside the window band (common/window.h in_window).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "../common/params.h"
+#include "../common/scores.h"
+#include "../common/tile_schedule.h"
+#include "../common/window.h"
+#include "block_ops.cuh"
+
+namespace longreach::cuda_kernels {
+
+// A (B, H, L, D) tensor with a contiguous last dimension.
+template <typename T>
+struct HeadTensor {
+  T* data;
+  int64_t sb, sh, sl;
+  LR_HOST_DEVICE T* head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+};
+
+// Global tokens, precomputed on the device by the launcher (no host sync):
+// keys[b][0 .. count[b]) are the global key indices of batch b, sorted; the
+// ones from row_start[b] on sit at positions p >= Lk - Lq, i.e. are global rows
+// (row = key - (Lk - Lq)).
+struct GlobalTokens {
+  const uint8_t* flags = nullptr;  // (B, Lk) contiguous; null without global tokens
+  const int64_t* keys = nullptr;   // (B, Lk) contiguous
+  const int64_t* count = nullptr;  // (B,)
+  const int64_t* row_start = nullptr;
+  LR_HOST_DEVICE bool key_is_global(const AttentionParams& P, int64_t b, int64_t j) const {
+    return flags != nullptr && flags[b * P.k_len + j] != 0;
+  }
+  LR_HOST_DEVICE bool row_is_global(const AttentionParams& P, int64_t b, int64_t i) const {
+    const int64_t p = i + P.position_offset();
+    return flags != nullptr && p >= 0 && p < P.k_len && flags[b * P.k_len + p] != 0;
+  }
+  LR_HOST_DEVICE int64_t key_count(int64_t b) const { return flags != nullptr ? count[b] : 0; }
+  LR_HOST_DEVICE int64_t row_count(int64_t b) const { return flags != nullptr ? count[b] - row_start[b] : 0; }
+  LR_HOST_DEVICE int64_t key(const AttentionParams& P, int64_t b, int64_t n) const { return keys[b * P.k_len + n]; }
+  LR_HOST_DEVICE int64_t row(const AttentionParams& P, int64_t b, int64_t n) const {
+    return keys[b * P.k_len + row_start[b] + n] - P.position_offset();
+  }
+};
+
+template <typename T, typename acc_t>
+struct AttentionArgs {
+  AttentionParams P;
+  HeadTensor<const T> q, k, v;
+  HeadTensor<const T> grad_out;  // backward only
+  HeadTensor<T> out;             // forward: out; backward: unused
+  HeadTensor<T> dq, dk, dv;      // backward only
+  acc_t* lse;                    // (B, Hq, Lq) contiguous; forward writes it, backward reads it
+  const acc_t* row_dot;          // backward: dO.O - dlse per row, (B, Hq, Lq) contiguous
+  const float* slopes;           // ALiBi, null when off
+  int64_t slope_sb, slope_sh;
+  GlobalTokens global;
+  bool vec_loads;                // 16-byte loads are safe for q, k, v, grad_out
+};
+
+template <typename acc_t>
+LR_HOST_DEVICE acc_t neg_infinity() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+template <typename T, typename acc_t>
+LR_HOST_DEVICE acc_t alibi_slope_of(const AttentionArgs<T, acc_t>& a, int64_t b, int64_t h) {
+  return a.slopes == nullptr ? acc_t(0) : static_cast<acc_t>(a.slopes[b * a.slope_sb + h * a.slope_sh]);
+}
+
+// Head dims round up to a multiple of 16 (zero-padded) for the tile products.
+LR_HOST_DEVICE int padded_head_dim(int64_t D) { return static_cast<int>((D + 15) / 16 * 16); }
+
+// ------------------------------------------------------------ tile sides --
+
+// One side (rows or keys) of the current tile: indices (-1 = none) and modes.
+struct TileSide {
+  int64_t* idx;
+  uint8_t* mode;
+};
+
+// Is (row a, key c) of the tile allowed? (see the modes at the top)
+LR_HOST_DEVICE bool pair_allowed(const AttentionParams& P, int64_t row, uint8_t row_mode, int64_t key,
+                                 uint8_t key_mode) {
+  if (row_mode == 0 || key_mode == 0) return false;
+  if (row_mode == 1 || key_mode == 1) return true;
+  return in_window(P, row + P.position_offset(), key);
+}
+
+// The sets a row block walks through: its band of keys (masked), then either
+// the global keys outside the band (class blocks) or nothing (global-row
+// blocks walk all keys as their "band", always allowed).
+struct RowBlockPlan {
+  bool valid = false;
+  bool global_rows = false;  // this block holds global rows
+  int64_t first = 0;         // class blocks: class member range of the rows
+  int64_t cls = 0;
+  int64_t n_rows = 0;        // rows in the block
+  int64_t band_lo = 0, band_hi = -1;  // keys of the band (class blocks)
+  int64_t n_band = 0;                 // keys in the band; all keys for global-row blocks
+  int64_t n_tail = 0;                 // global keys visited after the band
+};
+
+template <int BM>
+LR_HOST_DEVICE RowBlockPlan plan_row_block(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+                                           int64_t block) {
+  RowBlockPlan r;
+  const int64_t d = P.dilation;
+  const int64_t per_class = tiles_per_class(P.q_len, d, BM);
+  const int64_t class_blocks = class_number(P.q_len, d) * per_class;
+  if (block < class_blocks) {
+    r.cls = block / per_class;
+    int64_t first, last;
+    class_tile_members(P.q_len, r.cls, d, BM, block % per_class, &first, &last);
+    if (first > last) return r;
+    r.valid = true;
+    r.first = first;
+    r.n_rows = last - first + 1;
+    const int64_t off = P.position_offset();
+    row_tile_key_band(P, class_member(r.cls, first, d) + off, class_member(r.cls, last, d) + off, &r.band_lo,
+                      &r.band_hi);
+    r.n_band = band_count(r.band_lo, r.band_hi, d);
+    r.n_tail = g.key_count(b);
+    return r;
+  }
+  const int64_t start = (block - class_blocks) * BM;
+  const int64_t n_global = g.row_count(b);
+  if (start >= n_global) return r;
+  r.valid = true;
+  r.global_rows = true;
+  r.first = start;
+  r.n_rows = n_global - start < BM ? n_global - start : BM;
+  r.n_band = P.k_len;
+  r.n_tail = 0;
+  return r;
+}
+
+// Row blocks per (batch, head): class blocks plus an upper bound of global-row
+// blocks (the real count lives on the device; surplus blocks exit at once).
+LR_HOST_DEVICE int64_t row_blocks(const AttentionParams& P, int64_t BM) {
+  int64_t n = class_number(P.q_len, P.dilation) * tiles_per_class(P.q_len, P.dilation, BM);
+  if (P.has_global) {
+    const int64_t max_global_rows = P.q_len < P.k_len ? P.q_len : P.k_len;
+    n += ceil_div_i64(max_global_rows, BM);
+  }
+  return n;
+}
+
+// Fills the rows of a row block: class blocks exclude global rows (mode 0),
+// which their own blocks handle; rows there are "check the window" (mode 2).
+template <int BM>
+LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+                                    const RowBlockPlan& r, TileSide rows) {
+  const BlockCtx t = block_ctx();
+  for (int a = t.tid; a < BM; a += t.nthreads) {
+    int64_t i = -1;
+    uint8_t mode = 0;
+    if (a < r.n_rows) {
+      if (r.global_rows) {
+        i = g.row(P, b, r.first + a);
+        mode = 1;
+      } else {
+        i = class_member(r.cls, r.first + a, P.dilation);
+        if (!g.row_is_global(P, b, i)) mode = 2;
+      }
+    }
+    rows.idx[a] = mode == 0 ? -1 : i;
+    rows.mode[a] = mode;
+  }
+}
+
+// Fills key tile `start .. start + BN` of a row block's walk: band keys
+// (stepping by d from band_lo, or all keys for global rows) when `in_band_part`,
+// else the global keys outside the band. Band keys that are global are always
+// allowed; a band tile lying wholly inside every row's window needs no mask.
+template <int BN>
+LR_HOST_DEVICE void fill_row_block_keys(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+                                        const RowBlockPlan& r, bool in_band_part, int64_t start, TileSide keys) {
+  const BlockCtx t = block_ctx();
+  const int64_t d = P.dilation;
+  bool whole_tile_in_window = false;
+  if (in_band_part && !r.global_rows) {
+    const int64_t off = P.position_offset();
+    const int64_t last = (start + BN < r.n_band ? start + BN : r.n_band) - 1;
+    whole_tile_in_window =
+        tile_in_window(P, class_member(r.cls, r.first, d) + off, class_member(r.cls, r.first + r.n_rows - 1, d) + off,
+                       r.band_lo + start * d, r.band_lo + last * d);
+  }
+  for (int c = t.tid; c < BN; c += t.nthreads) {
+    const int64_t n = start + c;
+    int64_t j = -1;
+    uint8_t mode = 0;
+    if (in_band_part) {
+      if (n < r.n_band) {
+        if (r.global_rows) {
+          j = n;
+          mode = 1;
+        } else {
+          j = r.band_lo + n * d;
+          mode = (whole_tile_in_window || g.key_is_global(P, b, j)) ? 1 : 2;
+        }
+      }
+    } else if (n < r.n_tail) {
+      j = g.key(P, b, n);
+      mode = in_band(j, r.band_lo, r.band_hi, d) ? 0 : 1;  // band keys were visited already
+    }
+    keys.idx[c] = j;
+    keys.mode[c] = mode;
+  }
+}
+
+// The transposed plan of a key block (dK/dV).
+struct KeyBlockPlan {
+  bool valid = false;
+  bool global_keys = false;
+  int64_t first = 0, cls = 0, n_keys = 0;
+  int64_t band_lo = 0, band_hi = -1;  // rows of the band (class blocks)
+  int64_t n_band = 0;                 // rows in the band; all rows for global-key blocks
+  int64_t n_tail = 0;                 // global rows visited after the band
+};
+
+template <int BN>
+LR_HOST_DEVICE KeyBlockPlan plan_key_block(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+                                           int64_t block) {
+  KeyBlockPlan r;
+  const int64_t d = P.dilation;
+  const int64_t per_class = tiles_per_class(P.k_len, d, BN);
+  const int64_t class_blocks = class_number(P.k_len, d) * per_class;
+  if (block < class_blocks) {
+    r.cls = block / per_class;
+    int64_t first, last;
+    class_tile_members(P.k_len, r.cls, d, BN, block % per_class, &first, &last);
+    if (first > last) return r;
+    r.valid = true;
+    r.first = first;
+    r.n_keys = last - first + 1;
+    key_tile_row_band(P, class_member(r.cls, first, d), class_member(r.cls, last, d), &r.band_lo, &r.band_hi);
+    r.n_band = band_count(r.band_lo, r.band_hi, d);
+    r.n_tail = g.row_count(b);
+    return r;
+  }
+  const int64_t start = (block - class_blocks) * BN;
+  const int64_t n_global = g.key_count(b);
+  if (start >= n_global) return r;
+  r.valid = true;
+  r.global_keys = true;
+  r.first = start;
+  r.n_keys = n_global - start < BN ? n_global - start : BN;
+  r.n_band = P.q_len;
+  return r;
+}
+
+LR_HOST_DEVICE int64_t key_blocks(const AttentionParams& P, int64_t BN) {
+  int64_t n = class_number(P.k_len, P.dilation) * tiles_per_class(P.k_len, P.dilation, BN);
+  if (P.has_global) n += ceil_div_i64(P.k_len, BN);
+  return n;
+}
+
+// Keys of a key block: class blocks exclude global keys (their own blocks
+// handle them); global-key blocks see every row.
+template <int BN>
+LR_HOST_DEVICE void fill_block_keys(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+                                    const KeyBlockPlan& r, TileSide keys) {
+  const BlockCtx t = block_ctx();
+  for (int c = t.tid; c < BN; c += t.nthreads) {
+    int64_t j = -1;
+    uint8_t mode = 0;
+    if (c < r.n_keys) {
+      if (r.global_keys) {
+        j = g.key(P, b, r.first + c);
+        mode = 1;
+      } else {
+        j = class_member(r.cls, r.first + c, P.dilation);
+        if (!g.key_is_global(P, b, j)) mode = 2;
+      }
+    }
+    keys.idx[c] = mode == 0 ? -1 : j;
+    keys.mode[c] = mode;
+  }
+}
+
+// Rows of tile `start .. start + BM` of a key block's walk: band rows (global
+// rows excluded: they come in the tail, always allowed), or all rows for a
+// global-key block.
+template <int BM>
+LR_HOST_DEVICE void fill_key_block_rows(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+                                        const KeyBlockPlan& r, bool in_band_part, int64_t start, TileSide rows) {
+  const BlockCtx t = block_ctx();
+  for (int a = t.tid; a < BM; a += t.nthreads) {
+    const int64_t n = start + a;
+    int64_t i = -1;
+    uint8_t mode = 0;
+    if (in_band_part) {
+      if (n < r.n_band) {
+        if (r.global_keys) {
+          i = n;
+          mode = 1;
+        } else {
+          i = r.band_lo + n * P.dilation;
+          mode = g.row_is_global(P, b, i) ? 0 : 2;
+        }
+      }
+    } else if (n < r.n_tail) {
+      i = g.row(P, b, n);
+      mode = 1;
+    }
+    rows.idx[a] = mode == 0 ? -1 : i;
+    rows.mode[a] = mode;
+  }
+}
+
+// Turns raw products S[a][c] = q_a . k_c into final scores (scale, softcap,
+// ALiBi), -inf where the pair is not allowed.
+template <typename acc_t, int BM, int BN>
+LR_HOST_DEVICE void finalize_scores(const AttentionParams& P, acc_t* S, TileSide rows, TileSide keys, acc_t slope) {
+  const BlockCtx t = block_ctx();
+  const acc_t scale = static_cast<acc_t>(P.scale), cap = static_cast<acc_t>(P.softcap);
+  for (int e = t.tid; e < BM * BN; e += t.nthreads) {
+    const int a = e / BN, c = e % BN;
+    if (!pair_allowed(P, rows.idx[a], rows.mode[a], keys.idx[c], keys.mode[c])) {
+      S[e] = neg_infinity<acc_t>();
+      continue;
+    }
+    S[e] = transform_score<acc_t>(scale * S[e], cap, slope,
+                                  abs_distance(rows.idx[a] + P.position_offset(), keys.idx[c]));
+  }
+}
+
+// ------------------------------------------------------------ tile shapes --
+
+// Tile sizes per (element type, head-dim bucket), chosen so every kernel's
+// shared memory stays under 99 KiB (the per-block limit of sm86/sm89; sm80
+// and sm90 allow more) with 128 threads per block.
+template <typename T, int DMAX>
+struct TileShape;
+// float16 / bfloat16 (tensor cores: multiples of 16)
+#define LR_TILE_SHAPE(T, DMAX, FM, FN, QM, QN, KM, KN)                                                \
+  template <>                                                                                         \
+  struct TileShape<T, DMAX> {                                                                         \
+    static constexpr int kFwdM = FM, kFwdN = FN, kDqM = QM, kDqN = QN, kDkvM = KM, kDkvN = KN;        \
+  };
+LR_TILE_SHAPE(c10::Half, 64, 64, 64, 64, 64, 32, 64)
+LR_TILE_SHAPE(c10::Half, 128, 64, 32, 32, 64, 32, 32)
+LR_TILE_SHAPE(c10::Half, 256, 32, 32, 32, 16, 32, 16)
+LR_TILE_SHAPE(c10::BFloat16, 64, 64, 64, 64, 64, 32, 64)
+LR_TILE_SHAPE(c10::BFloat16, 128, 64, 32, 32, 64, 32, 32)
+LR_TILE_SHAPE(c10::BFloat16, 256, 32, 32, 32, 16, 32, 16)
+LR_TILE_SHAPE(float, 64, 64, 32, 64, 32, 32, 32)
+LR_TILE_SHAPE(float, 128, 32, 32, 32, 32, 16, 32)
+LR_TILE_SHAPE(float, 256, 16, 16, 16, 16, 16, 16)
+#undef LR_TILE_SHAPE
+
+constexpr int kThreads = 128;
+constexpr int64_t kMaxSharedBytes = 99 * 1024;
+
+// When the element type is the accumulation type (float32), probabilities and
+// score gradients overwrite the scores in place instead of taking a buffer.
+template <typename T, typename acc_t>
+constexpr bool kAliasScores = std::is_same<T, acc_t>::value;
+
+// --------------------------------------------------------------- forward --
+
+template <typename T, typename acc_t, int DMAX, int BM, int BN>
+struct ForwardSmem {
+  static constexpr int64_t bytes() {
+    return smem_bytes<T>(BM * DMAX) + 2 * smem_bytes<T>(BN * DMAX) + smem_bytes<acc_t>(BM * BN) +
+           (kAliasScores<T, acc_t> ? 0 : smem_bytes<T>(BM * BN)) + smem_bytes<acc_t>(BM * DMAX) +
+           3 * smem_bytes<acc_t>(BM) + smem_bytes<int64_t>(BM) + smem_bytes<int64_t>(BN) + smem_bytes<uint8_t>(BM) +
+           smem_bytes<uint8_t>(BN);
+  }
+};
+
+template <typename T, typename acc_t, int DMAX, int BM, int BN>
+LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t block, int64_t h, int64_t b,
+                                  char* smem) {
+  const AttentionParams& P = a.P;
+  const RowBlockPlan plan = plan_row_block<BM>(P, a.global, b, block);
+  if (!plan.valid) return;  // uniform over the block: before any barrier
+  const BlockCtx t = block_ctx();
+  const int D = static_cast<int>(P.head_dim), Dp = padded_head_dim(P.head_dim);
+  const int64_t hk = h / P.group_size();
+  const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
+  const acc_t bias = static_cast<acc_t>(P.sigmoid_bias);
+  const acc_t slope = alibi_slope_of(a, b, h);
+
+  SmemCarver sm{smem};
+  T* sQ = sm.take<T>(BM * DMAX);
+  T* sK = sm.take<T>(BN * DMAX);
+  T* sV = sm.take<T>(BN * DMAX);
+  acc_t* sS = sm.take<acc_t>(BM * BN);
+  T* sP = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sS) : sm.take<T>(BM * BN);
+  acc_t* sO = sm.take<acc_t>(BM * DMAX);
+  acc_t* row_max = sm.take<acc_t>(BM);
+  acc_t* row_sum = sm.take<acc_t>(BM);
+  acc_t* row_scale = sm.take<acc_t>(BM);
+  TileSide rows{sm.take<int64_t>(BM), nullptr};
+  TileSide keys{sm.take<int64_t>(BN), nullptr};
+  rows.mode = sm.take<uint8_t>(BM);
+  keys.mode = sm.take<uint8_t>(BN);
+
+  fill_block_rows<BM>(P, a.global, b, plan, rows);
+  fill(sO, BM * DMAX, acc_t(0));
+  fill(row_max, BM, neg_infinity<acc_t>());
+  fill(row_sum, BM, acc_t(0));
+  block_sync();
+  load_rows(sQ, DMAX, a.q.head(b, h), a.q.sl, rows.idx, BM, D, Dp, a.vec_loads);
+
+  const int64_t n_band_tiles = ceil_div_i64(plan.n_band, BN), n_tail_tiles = ceil_div_i64(plan.n_tail, BN);
+  for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
+    const bool band_part = tile < n_band_tiles;
+    fill_row_block_keys<BN>(P, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
+    block_sync();
+    load_rows(sK, DMAX, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
+    load_rows(sV, DMAX, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
+    block_sync();
+    mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
+    block_sync();
+    finalize_scores<acc_t, BM, BN>(P, sS, rows, keys, slope);
+    block_sync();
+    if (sigmoid_score) {  // no running max or sum: each weight is final
+      for (int e = t.tid; e < BM * BN; e += t.nthreads) {
+        const acc_t s = sS[e];
+        sP[e] = static_cast<T>(s == neg_infinity<acc_t>() ? acc_t(0) : sigmoid<acc_t>(s + bias));
+      }
+    } else {  // online softmax: a warp per row, its lanes over the row's keys
+      for (int r = t.warp; r < BM; r += t.nwarps) {
+        const acc_t* s = sS + r * BN;
+        acc_t tile_max = neg_infinity<acc_t>();
+        for (int c = t.lane; c < BN; c += t.warp_size) tile_max = s[c] > tile_max ? s[c] : tile_max;
+        tile_max = warp_max(tile_max);
+        const acc_t m_old = row_max[r];
+        const acc_t m_new = m_old > tile_max ? m_old : tile_max;
+        acc_t alpha = acc_t(1), sum = acc_t(0);
+        if (m_new == neg_infinity<acc_t>()) {  // nothing allowed in this row so far
+          for (int c = t.lane; c < BN; c += t.warp_size) sP[r * BN + c] = static_cast<T>(acc_t(0));
+        } else {
+          alpha = exp(m_old - m_new);  // 0 when m_old = -inf
+          for (int c = t.lane; c < BN; c += t.warp_size) {
+            const acc_t p = exp(s[c] - m_new);
+            sum += p;
+            sP[r * BN + c] = static_cast<T>(p);  // may alias s[c] (float32): read above
+          }
+        }
+        sum = warp_sum(sum);  // also orders every lane's read of row_max[r] before lane 0's write
+        if (t.lane == 0) {
+          row_sum[r] = row_sum[r] * alpha + sum;
+          row_max[r] = m_new;
+          row_scale[r] = alpha;
+        }
+      }
+      block_sync();
+      for (int e = t.tid; e < BM * Dp; e += t.nthreads) sO[(e / Dp) * DMAX + e % Dp] *= row_scale[e / Dp];
+    }
+    block_sync();
+    mm_ab_acc<T, acc_t>(sO, DMAX, sP, BN, sV, DMAX, BM, Dp, BN);
+    block_sync();
+  }
+
+  // Normalise and write. A softmax row with no allowed key has sum 0: zeros, lse = -inf.
+  acc_t* lse = a.lse + (b * P.q_heads + h) * P.q_len;
+  for (int r = t.tid; r < BM; r += t.nthreads) {
+    const bool empty = !(row_sum[r] > acc_t(0));
+    if (sigmoid_score) {
+      row_scale[r] = acc_t(1);
+    } else {
+      row_scale[r] = empty ? acc_t(0) : acc_t(1) / row_sum[r];
+    }
+    if (rows.idx[r] >= 0) {
+      lse[rows.idx[r]] = sigmoid_score ? acc_t(0) : (empty ? neg_infinity<acc_t>() : row_max[r] + log(row_sum[r]));
+    }
+  }
+  block_sync();
+  T* out = a.out.head(b, h);
+  for (int e = t.tid; e < BM * D; e += t.nthreads) {
+    const int r = e / D, c = e % D;
+    if (rows.idx[r] >= 0) out[rows.idx[r] * a.out.sl + c] = static_cast<T>(sO[r * DMAX + c] * row_scale[r]);
+  }
+}
+
+// -------------------------------------------------------------- backward --
+
+// The probability (or sigmoid weight) and the gradient of the raw product
+// q.k for one allowed pair whose final score is s and whose dP is dp.
+template <typename acc_t>
+LR_HOST_DEVICE void score_backward(const AttentionParams& P, acc_t s, acc_t dp, acc_t row_lse, acc_t row_dot,
+                                   acc_t slope, int64_t distance, acc_t* prob, acc_t* ds) {
+  const acc_t cap = static_cast<acc_t>(P.softcap);
+  acc_t g;
+  if (P.score == ScoreKind::kSigmoid) {
+    *prob = sigmoid<acc_t>(s + static_cast<acc_t>(P.sigmoid_bias));
+    g = sigmoid_score_grad<acc_t>(*prob, dp);
+  } else {
+    if (row_lse == neg_infinity<acc_t>()) {  // empty row: no gradient
+      *prob = acc_t(0);
+      *ds = acc_t(0);
+      return;
+    }
+    *prob = exp(s - row_lse);
+    g = softmax_score_grad<acc_t>(*prob, dp, row_dot);
+  }
+  if (cap > acc_t(0)) g *= transform_score_grad<acc_t>(s, cap, slope, distance);
+  *ds = g * static_cast<acc_t>(P.scale);  // d(score)/d(q.k) includes the scale
+}
+
+// Per-element backward of one tile: S holds raw q.k, dP holds dO.v on entry;
+// on exit P (probabilities, element type) and dS (d loss / d q.k, element type).
+template <typename T, typename acc_t, int BM, int BN>
+LR_HOST_DEVICE void tile_backward(const AttentionParams& P, acc_t* S, acc_t* dP, T* Pout, T* dS, TileSide rows,
+                                  TileSide keys, const acc_t* row_lse, const acc_t* row_dot, acc_t slope) {
+  finalize_scores<acc_t, BM, BN>(P, S, rows, keys, slope);
+  block_sync();
+  const BlockCtx t = block_ctx();
+  for (int e = t.tid; e < BM * BN; e += t.nthreads) {
+    const int a = e / BN, c = e % BN;
+    acc_t prob = acc_t(0), ds = acc_t(0);
+    if (S[e] != neg_infinity<acc_t>()) {
+      score_backward<acc_t>(P, S[e], dP[e], row_lse[a], row_dot[a], slope,
+                            abs_distance(rows.idx[a] + P.position_offset(), keys.idx[c]), &prob, &ds);
+    }
+    // Pout / dS may alias S / dP (float32): each element is read before it is written.
+    Pout[e] = static_cast<T>(prob);
+    dS[e] = static_cast<T>(ds);
+  }
+}
+
+template <typename T, typename acc_t, int DMAX, int BM, int BN>
+struct DqSmem {
+  static constexpr int64_t bytes() {
+    return 2 * smem_bytes<T>(BM * DMAX) + 2 * smem_bytes<T>(BN * DMAX) + 2 * smem_bytes<acc_t>(BM * BN) +
+           (kAliasScores<T, acc_t> ? 0 : 2 * smem_bytes<T>(BM * BN)) + smem_bytes<acc_t>(BM * DMAX) +
+           2 * smem_bytes<acc_t>(BM) + smem_bytes<int64_t>(BM) + smem_bytes<int64_t>(BN) + smem_bytes<uint8_t>(BM) +
+           smem_bytes<uint8_t>(BN);
+  }
+};
+
+// dQ for one row block: the forward's walk over keys, recomputing P.
+template <typename T, typename acc_t, int DMAX, int BM, int BN>
+LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t block, int64_t h, int64_t b,
+                                      char* smem) {
+  const AttentionParams& P = a.P;
+  const RowBlockPlan plan = plan_row_block<BM>(P, a.global, b, block);
+  if (!plan.valid) return;
+  const BlockCtx t = block_ctx();
+  const int D = static_cast<int>(P.head_dim), Dp = padded_head_dim(P.head_dim);
+  const int64_t hk = h / P.group_size();
+  const acc_t slope = alibi_slope_of(a, b, h);
+
+  SmemCarver sm{smem};
+  T* sQ = sm.take<T>(BM * DMAX);
+  T* sdO = sm.take<T>(BM * DMAX);
+  T* sK = sm.take<T>(BN * DMAX);
+  T* sV = sm.take<T>(BN * DMAX);
+  acc_t* sS = sm.take<acc_t>(BM * BN);
+  acc_t* sdP = sm.take<acc_t>(BM * BN);
+  T* sP = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sS) : sm.take<T>(BM * BN);
+  T* sdS = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sdP) : sm.take<T>(BM * BN);
+  acc_t* sdQ = sm.take<acc_t>(BM * DMAX);
+  acc_t* row_lse = sm.take<acc_t>(BM);
+  acc_t* row_dot = sm.take<acc_t>(BM);
+  TileSide rows{sm.take<int64_t>(BM), nullptr};
+  TileSide keys{sm.take<int64_t>(BN), nullptr};
+  rows.mode = sm.take<uint8_t>(BM);
+  keys.mode = sm.take<uint8_t>(BN);
+
+  fill_block_rows<BM>(P, a.global, b, plan, rows);
+  fill(sdQ, BM * DMAX, acc_t(0));
+  block_sync();
+  const int64_t row_base = (b * P.q_heads + h) * P.q_len;
+  for (int r = t.tid; r < BM; r += t.nthreads) {
+    const int64_t i = rows.idx[r];
+    row_lse[r] = i >= 0 ? a.lse[row_base + i] : acc_t(0);
+    row_dot[r] = i >= 0 && a.row_dot != nullptr ? a.row_dot[row_base + i] : acc_t(0);
+  }
+  load_rows(sQ, DMAX, a.q.head(b, h), a.q.sl, rows.idx, BM, D, Dp, a.vec_loads);
+  load_rows(sdO, DMAX, a.grad_out.head(b, h), a.grad_out.sl, rows.idx, BM, D, Dp, a.vec_loads);
+
+  const int64_t n_band_tiles = ceil_div_i64(plan.n_band, BN), n_tail_tiles = ceil_div_i64(plan.n_tail, BN);
+  for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
+    const bool band_part = tile < n_band_tiles;
+    fill_row_block_keys<BN>(P, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
+    block_sync();
+    load_rows(sK, DMAX, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
+    load_rows(sV, DMAX, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
+    block_sync();
+    mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
+    mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
+    block_sync();
+    tile_backward<T, acc_t, BM, BN>(P, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope);
+    block_sync();
+    mm_ab_acc<T, acc_t>(sdQ, DMAX, sdS, BN, sK, DMAX, BM, Dp, BN);
+    block_sync();
+  }
+
+  T* dq = a.dq.head(b, h);
+  for (int e = t.tid; e < BM * D; e += t.nthreads) {
+    const int r = e / D, c = e % D;
+    if (rows.idx[r] >= 0) dq[rows.idx[r] * a.dq.sl + c] = static_cast<T>(sdQ[r * DMAX + c]);
+  }
+}
+
+template <typename T, typename acc_t, int DMAX, int BM, int BN>
+struct DkvSmem {
+  static constexpr int64_t bytes() {
+    return 2 * smem_bytes<T>(BN * DMAX) + 2 * smem_bytes<T>(BM * DMAX) + 2 * smem_bytes<acc_t>(BM * BN) +
+           (kAliasScores<T, acc_t> ? 0 : 2 * smem_bytes<T>(BM * BN)) + 2 * smem_bytes<acc_t>(BN * DMAX) +
+           2 * smem_bytes<acc_t>(BM) + smem_bytes<int64_t>(BM) + smem_bytes<int64_t>(BN) + smem_bytes<uint8_t>(BM) +
+           smem_bytes<uint8_t>(BN);
+  }
+};
+
+// dK and dV for one key block of one kv head, summing the query heads of its
+// GQA group: each key's gradient is written by exactly one block, no atomics.
+template <typename T, typename acc_t, int DMAX, int BM, int BN>
+LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t block, int64_t hk, int64_t b,
+                                       char* smem) {
+  const AttentionParams& P = a.P;
+  const KeyBlockPlan plan = plan_key_block<BN>(P, a.global, b, block);
+  if (!plan.valid) return;
+  const BlockCtx t = block_ctx();
+  const int D = static_cast<int>(P.head_dim), Dp = padded_head_dim(P.head_dim);
+
+  SmemCarver sm{smem};
+  T* sK = sm.take<T>(BN * DMAX);
+  T* sV = sm.take<T>(BN * DMAX);
+  T* sQ = sm.take<T>(BM * DMAX);
+  T* sdO = sm.take<T>(BM * DMAX);
+  acc_t* sS = sm.take<acc_t>(BM * BN);
+  acc_t* sdP = sm.take<acc_t>(BM * BN);
+  T* sP = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sS) : sm.take<T>(BM * BN);
+  T* sdS = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sdP) : sm.take<T>(BM * BN);
+  acc_t* sdK = sm.take<acc_t>(BN * DMAX);
+  acc_t* sdV = sm.take<acc_t>(BN * DMAX);
+  acc_t* row_lse = sm.take<acc_t>(BM);
+  acc_t* row_dot = sm.take<acc_t>(BM);
+  TileSide rows{sm.take<int64_t>(BM), nullptr};
+  TileSide keys{sm.take<int64_t>(BN), nullptr};
+  rows.mode = sm.take<uint8_t>(BM);
+  keys.mode = sm.take<uint8_t>(BN);
+
+  fill_block_keys<BN>(P, a.global, b, plan, keys);
+  fill(sdK, BN * DMAX, acc_t(0));
+  fill(sdV, BN * DMAX, acc_t(0));
+  block_sync();
+  load_rows(sK, DMAX, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
+  load_rows(sV, DMAX, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
+
+  const int64_t n_band_tiles = ceil_div_i64(plan.n_band, BM), n_tail_tiles = ceil_div_i64(plan.n_tail, BM);
+  for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
+    const acc_t slope = alibi_slope_of(a, b, h);
+    const int64_t row_base = (b * P.q_heads + h) * P.q_len;
+    for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
+      const bool band_part = tile < n_band_tiles;
+      fill_key_block_rows<BM>(P, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BM, rows);
+      block_sync();
+      for (int r = t.tid; r < BM; r += t.nthreads) {
+        const int64_t i = rows.idx[r];
+        row_lse[r] = i >= 0 ? a.lse[row_base + i] : acc_t(0);
+        row_dot[r] = i >= 0 && a.row_dot != nullptr ? a.row_dot[row_base + i] : acc_t(0);
+      }
+      load_rows(sQ, DMAX, a.q.head(b, h), a.q.sl, rows.idx, BM, D, Dp, a.vec_loads);
+      load_rows(sdO, DMAX, a.grad_out.head(b, h), a.grad_out.sl, rows.idx, BM, D, Dp, a.vec_loads);
+      block_sync();
+      mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
+      mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
+      block_sync();
+      tile_backward<T, acc_t, BM, BN>(P, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope);
+      block_sync();
+      mm_atb_acc<T, acc_t>(sdV, DMAX, sP, BN, sdO, DMAX, BN, Dp, BM);
+      mm_atb_acc<T, acc_t>(sdK, DMAX, sdS, BN, sQ, DMAX, BN, Dp, BM);
+      block_sync();
+    }
+  }
+
+  T* dk = a.dk.head(b, hk);
+  T* dv = a.dv.head(b, hk);
+  for (int e = t.tid; e < BN * D; e += t.nthreads) {
+    const int c = e / D, col = e % D;
+    if (keys.idx[c] >= 0) {
+      dk[keys.idx[c] * a.dk.sl + col] = static_cast<T>(sdK[c * DMAX + col]);
+      dv[keys.idx[c] * a.dv.sl + col] = static_cast<T>(sdV[c * DMAX + col]);
+    }
+  }
+}
+
+}  // namespace longreach::cuda_kernels

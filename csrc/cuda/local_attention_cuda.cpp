@@ -1,0 +1,76 @@
+// CUDA entry points of longreach::local_attention_fwd / _bwd (host code only;
+// the kernels live in the .cu files, free of ATen, so nvcc's device passes stay
+// cheap).
+//
+// Each entry point puts a CUDAGuard on the input's device, runs the shared
+// host logic of attention_entry.h (argument checks from attention_params.cpp,
+// allocations, global-token lists) and launches the kernels on the current
+// CUDA stream (c10::cuda::getCurrentCUDAStream, which at::cuda re-exports), so
+// the ops compose with torch.cuda streams and CUDA graphs.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "attention_entry.h"
+#include "attention_launchers.h"
+
+namespace longreach::cuda_kernels {
+namespace {
+
+struct CudaBackend {
+  cudaStream_t stream;
+
+  template <typename T>
+  void forward(const AttentionArgs<T, float>& a) {
+    launch_forward<T>(a, stream);
+  }
+  template <typename T>
+  void backward(const AttentionArgs<T, float>& a) {
+    launch_backward<T>(a, stream);
+  }
+
+  at::Tensor row_dot(const AttentionParams& P, const at::Tensor& grad_out, const at::Tensor& out,
+                     const c10::optional<at::Tensor>& grad_lse) {
+    at::Tensor result = at::empty({P.batch, P.q_heads, P.q_len}, out.options().dtype(at::kFloat));
+    at::Tensor glse;
+    if (grad_lse.has_value()) glse = grad_lse->to(at::kFloat).contiguous();
+    dispatch_cuda_dtype(out.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      launch_row_dot<T>(head_tensor<const T>(grad_out), head_tensor<const T>(out),
+                        glse.defined() ? glse.data_ptr<float>() : nullptr, result.data_ptr<float>(), P.q_heads,
+                        P.q_len, P.head_dim, result.numel(), stream);
+    });
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
+    const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
+    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
+  return attention_forward(backend, q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
+                           sigmoid_bias, softcap, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& global_mask,
+    const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
+    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
+  return attention_backward(backend, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
+                            window_right, dilation, score, sigmoid_bias, softcap, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longreach, CUDA, m) {
+  m.impl("local_attention_fwd", &local_attention_fwd_cuda);
+  m.impl("local_attention_bwd", &local_attention_bwd_cuda);
+}
+
+}  // namespace longreach::cuda_kernels

@@ -1,0 +1,85 @@
+"""Checks a CUDA build of longreach on any machine, GPU or not (CI's CUDA step).
+
+1. `import longreach` works and does not initialise CUDA.
+2. Every op has a kernel registered for the CUDA dispatch key.
+3. The extension holds device code for every architecture of
+   LONGREACH_CUDA_ARCHS (`cuobjdump --list-elf`), the float16 / bfloat16
+   attention kernels use tensor cores (wmma.mma.sync in their embedded PTX,
+   when PTX is embedded), and the kernels' resource usage (registers, spills)
+   is printed (`cuobjdump --dump-resource-usage`).
+
+Usage: python scripts/check_cuda_build.py  (LONGREACH_CUOBJDUMP names cuobjdump;
+scripts/cuda_toolchain.sh sets it). Exits non-zero on any failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+OPS = ["local_attention_fwd", "local_attention_bwd", "apply_rotary", "apply_rotary_qk"]
+
+
+def fail(message: str) -> None:
+    print(f"check_cuda_build: FAILED: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main() -> None:
+    import torch
+    import longreach
+    from longreach import _C
+
+    if torch.cuda.is_initialized():
+        fail("import longreach initialised CUDA")
+    print(f"check_cuda_build: torch {torch.__version__} (CUDA {torch.version.cuda}), library {_C.__file__}")
+
+    missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"longreach::{op}", "CUDA")]
+    if missing:
+        fail(f"no CUDA kernel registered for {missing}")
+    print(f"check_cuda_build: CUDA kernels registered for {OPS}")
+
+    cuobjdump = os.environ.get("LONGREACH_CUOBJDUMP") or shutil.which("cuobjdump")
+    if not cuobjdump:
+        fail("cuobjdump not found (run scripts/cuda_toolchain.sh, or set LONGREACH_CUOBJDUMP)")
+    elfs = subprocess.run([cuobjdump, "--list-elf", _C.__file__], capture_output=True, text=True, check=True).stdout
+    archs = [a.strip().split("-")[0] for a in os.environ.get("LONGREACH_CUDA_ARCHS", "80;90").split(";") if a.strip()]
+    for arch in archs:
+        found = [line for line in elfs.splitlines() if f"sm_{arch}" in line]
+        if not found:
+            fail(f"no sm_{arch} device code in {_C.__file__}:\n{elfs}")
+        print(f"check_cuda_build: sm_{arch}: {len(found)} cubins")
+
+    ptx = subprocess.run([cuobjdump, "--dump-ptx", _C.__file__], capture_output=True, text=True, check=True).stdout
+    if ".version" in ptx:  # archs given as NN-real embed no PTX
+        mma_per_file: dict = {}
+        current = None
+        for line in ptx.splitlines():
+            if line.startswith("identifier"):
+                current = os.path.basename(line.split("=", 1)[1].strip())
+            elif "wmma.mma.sync" in line or "mma.sync.aligned" in line:
+                mma_per_file[current] = mma_per_file.get(current, 0) + 1
+        for name in ("local_attention_f16.cu", "local_attention_bf16.cu"):
+            if not mma_per_file.get(name):
+                fail(f"no tensor-core (mma.sync) instructions in the PTX of {name}")
+        print("check_cuda_build: tensor-core mma instructions: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(mma_per_file.items())))
+
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", _C.__file__], capture_output=True, text=True,
+                           check=True).stdout
+    kernels = re.findall(r"Function ([^\s:]+):\s*\n?\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    if not kernels:
+        fail(f"no kernels in the resource usage dump:\n{usage[:2000]}")
+    spilling = [(name, stack, local) for name, reg, stack, shared, local in kernels if int(local) > 0]
+    print(f"check_cuda_build: {len(kernels)} kernels, max {max(int(k[1]) for k in kernels)} registers, "
+          f"{len(spilling)} with local-memory spills")
+    for name, stack, local in spilling:
+        print(f"  spills: {name} STACK:{stack} LOCAL:{local}")
+    print("check_cuda_build: ok")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+// Host emulation of the CUDA local-attention kernels, for tests on machines
+// without a GPU: the same block functions (csrc/cuda/attention_blocks.cuh) and
+// the same entry logic (csrc/cuda/attention_entry.h), with every block run in
+// a loop by one host "thread". Tile products take the plain-loop path (the
+// WMMA path needs sm80), so this checks the schedule, masks, online softmax,
+// score transforms and backward of the CUDA kernels, not the tensor-core code.
+// Built on the fly by tests/cuda_emulation.py.
+#include <torch/extension.h>
+
+#include <memory>
+#include <vector>
+
+#include "cuda/attention_entry.h"
+
+namespace longreach::cuda_kernels {
+namespace {
+
+struct HostBackend {
+  template <typename Body>
+  static void run_blocks(int64_t smem, int64_t blocks, int64_t heads, int64_t batch, Body&& body) {
+    TORCH_CHECK(smem <= kMaxSharedBytes, "emulation: block needs ", smem, " bytes of shared memory");
+    std::vector<char> buffer(static_cast<size_t>(smem) + 128);
+    char* base = buffer.data() + (128 - reinterpret_cast<uintptr_t>(buffer.data()) % 128) % 128;
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          // Poison shared memory so a read-before-write shows up as a wrong result.
+          std::fill(buffer.begin(), buffer.end(), static_cast<char>(0x7f));
+          body(blk, h, b, base);
+        }
+      }
+    }
+  }
+
+  template <typename T>
+  void forward(const AttentionArgs<T, float>& a) {
+    dispatch_head_dim(a.P.head_dim, [&](auto dmax) {
+      constexpr int DMAX = decltype(dmax)::value;
+      using S = TileShape<T, DMAX>;
+      run_blocks(ForwardSmem<T, float, DMAX, S::kFwdM, S::kFwdN>::bytes(), row_blocks(a.P, S::kFwdM), a.P.q_heads,
+                 a.P.batch, [&](int64_t blk, int64_t h, int64_t b, char* smem) {
+                   forward_block<T, float, DMAX, S::kFwdM, S::kFwdN>(a, blk, h, b, smem);
+                 });
+    });
+  }
+
+  template <typename T>
+  void backward(const AttentionArgs<T, float>& a) {
+    dispatch_head_dim(a.P.head_dim, [&](auto dmax) {
+      constexpr int DMAX = decltype(dmax)::value;
+      using S = TileShape<T, DMAX>;
+      run_blocks(DqSmem<T, float, DMAX, S::kDqM, S::kDqN>::bytes(), row_blocks(a.P, S::kDqM), a.P.q_heads,
+                 a.P.batch, [&](int64_t blk, int64_t h, int64_t b, char* smem) {
+                   backward_dq_block<T, float, DMAX, S::kDqM, S::kDqN>(a, blk, h, b, smem);
+                 });
+      run_blocks(DkvSmem<T, float, DMAX, S::kDkvM, S::kDkvN>::bytes(), key_blocks(a.P, S::kDkvN), a.P.kv_heads,
+                 a.P.batch, [&](int64_t blk, int64_t hk, int64_t b, char* smem) {
+                   backward_dkv_block<T, float, DMAX, S::kDkvM, S::kDkvN>(a, blk, hk, b, smem);
+                 });
+    });
+  }
+
+  at::Tensor row_dot(const AttentionParams&, const at::Tensor& grad_out, const at::Tensor& out,
+                     const c10::optional<at::Tensor>& grad_lse) {
+    at::Tensor r = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+    if (grad_lse.has_value()) r = r - grad_lse->to(at::kFloat);
+    return r.contiguous();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> emulated_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const c10::optional<at::Tensor>& global_mask,
+                                                const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+                                                int64_t window_right, int64_t dilation, const std::string& score,
+                                                c10::optional<double> sigmoid_bias, double softcap, double scale) {
+  HostBackend backend;
+  return attention_forward(backend, q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
+                           sigmoid_bias, softcap, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& global_mask,
+    const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
+    const std::string& score, c10::optional<double> sigmoid_bias, double softcap, double scale) {
+  HostBackend backend;
+  return attention_backward(backend, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
+                            window_right, dilation, score, sigmoid_bias, softcap, scale);
+}
+
+}  // namespace
+}  // namespace longreach::cuda_kernels
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fwd", &longreach::cuda_kernels::emulated_fwd);
+  m.def("bwd", &longreach::cuda_kernels::emulated_bwd);
+}

@@ -1,0 +1,116 @@
+"""The CUDA attention kernels, run on the host (tests/emulation/), against the
+CPU kernels and the reference: the GPU tests' configurations and tolerances,
+checked without a GPU.
+
+What this covers: the CUDA kernels' tile schedule, masks (window, dilation,
+global rows and keys), online softmax, sigmoid, ALiBi, soft-capping, lse and
+both backward passes, and the rounding of P and dS to the input dtype before
+the tile products, exactly as the CUDA code does them. What it does not cover:
+the WMMA tensor-core products, 16-byte loads and the real thread layout
+(those need a GPU: tests/test_cuda.py).
+
+Building the emulation takes a minute or two, so these tests run only with
+LONGREACH_CUDA_EMULATION=1 (the CUDA step of .ci/run sets it) or
+LONGREACH_EXTENDED_TESTS=1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import longreach
+from longreach import reference
+from testenv import extended_tests_enabled
+from test_cuda import CONFIGS, TOL, _make_inputs, _run
+
+pytestmark = pytest.mark.skipif(
+    not (os.environ.get("LONGREACH_CUDA_EMULATION", "") not in ("", "0") or extended_tests_enabled()),
+    reason="set LONGREACH_CUDA_EMULATION=1 to build and run the host emulation of the CUDA kernels",
+)
+
+
+@pytest.fixture(scope="module")
+def emulation():
+    import cuda_emulation
+
+    return cuda_emulation.load()
+
+
+def _op_args(q, kw):
+    window = kw.get("window", (None, None))
+    left, right = longreach.ops.normalize_window(window, kw.get("causal", False))
+    softcap = kw.get("softcap")
+    return (
+        kw.get("global_mask"),
+        kw.get("alibi_slopes"),
+        left,
+        right,
+        kw.get("dilation", 1),
+        kw.get("score", "softmax"),
+        kw.get("sigmoid_bias"),
+        0.0 if softcap is None else float(softcap),
+        q.shape[-1] ** -0.5,
+    )
+
+
+def _emulated_run(emulation, q, k, v, kw, grad_seed=1):
+    """What tests/test_cuda.py's _run computes, with the emulated kernels."""
+    args = _op_args(q, kw)
+    out, lse = emulation.fwd(q, k, v, *args)
+    softmax = kw.get("score", "softmax") == "softmax"
+    g = torch.Generator().manual_seed(grad_seed)
+    grad = torch.randn(out.shape, generator=g).to(out)
+    grad_lse = torch.where(torch.isfinite(lse), 0.1, 0.0).float() if softmax else None
+    dq, dk, dv = emulation.bwd(grad, grad_lse, q, k, v, out, lse, *args)
+    return out, (lse if softmax else None), dq, dk, dv
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name,kwargs,shape", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_emulated_cuda_kernels_match_cpu(emulation, name, kwargs, shape, dtype):
+    q, k, v, kw = _make_inputs(shape, kwargs, dtype, "cpu")
+    got = _emulated_run(emulation, q, k, v, kw)
+    want = _run(q.float(), k.float(), v.float(), kw)
+    for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        if a is None:
+            continue
+        if label == "lse":
+            assert torch.equal(torch.isinf(a), torch.isinf(b)), "empty rows must match"
+            a, b = a[torch.isfinite(a)], b[torch.isfinite(b)]
+        scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+        torch.testing.assert_close(a.float() / scale, b.float() / scale, **TOL[dtype], msg=f"{name} {label}")
+
+
+@pytest.mark.parametrize(
+    "q_len,k_len,window,causal,dilation,every",
+    [
+        (37, 53, (5, 3), False, 1, None),
+        (53, 37, (7, 0), True, 3, 5),
+        (1, 40, (None, None), False, 2, 7),
+        (90, 30, (4, 0), True, 1, None),  # rows at negative positions see nothing
+        (64, 64, (0, 0), False, 4, 9),
+        (70, 70, (2, None), False, 3, 4),
+    ],
+)
+def test_emulated_cuda_kernels_match_reference_in_float32(emulation, q_len, k_len, window, causal, dilation, every):
+    B, Hq, Hk, D = 2, 4, 2, 24
+    q, k, v = torch.randn(B, Hq, q_len, D), torch.randn(B, Hk, k_len, D), torch.randn(B, Hk, k_len, D)
+    kw = dict(window=window, causal=causal, dilation=dilation)
+    if every:
+        gm = torch.zeros(B, k_len, dtype=torch.bool)
+        gm[0, ::every] = True
+        gm[1, 3] = True
+        kw["global_mask"] = gm
+    for extra in (dict(), dict(alibi_slopes=torch.randn(B, Hq) * 0.3, softcap=4.0), dict(score="sigmoid")):
+        args = _op_args(q, {**kw, **extra})
+        out, lse = emulation.fwd(q, k, v, *args)
+        qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+        ref = reference.local_attention(qr, kr, vr, **kw, **extra)
+        torch.testing.assert_close(out.double(), ref, atol=3e-5, rtol=3e-5)
+        go = torch.randn_like(out)
+        dq, dk, dv = emulation.bwd(go, None, q, k, v, out, lse, *args)
+        for got, want in zip((dq, dk, dv), torch.autograd.grad(ref, (qr, kr, vr), go.double())):
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
