@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -378,6 +379,21 @@ bool rows_are_regular(const std::vector<int64_t>& rows) {
   return true;
 }
 
+// Runs body(item, scratch) for items 0..n-1 on the intra-op threads, handing
+// items out one at a time from a shared counter: on a machine where a core
+// can be taken away for a while, the other threads pick up its share instead
+// of waiting for it at the end. Which thread runs an item never changes the
+// result (items write disjoint outputs or private buffers).
+template <typename MakeScratch, typename Body>
+void parallel_items(int64_t n, MakeScratch&& make_scratch, Body&& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) body(i, scratch);
+  });
+}
+
 // ---------------------------------------------------------------- forward --
 
 template <typename scalar_t>
@@ -391,71 +407,69 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const auto& chunks = plan.row_chunks();
 
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> ws(D, W, /*backward=*/false, /*softcap=*/false);
-    for (int64_t ci = begin; ci < end; ++ci) {
-      const RowChunk& chunk = chunks[ci];
-      const int64_t b = chunk.batch, hk = chunk.kv_head;
-      const auto K = head_rows<const scalar_t>(k, b, hk);
-      const auto V = head_rows<const scalar_t>(v, b, hk);
-      const KeyRange chunk_keys = plan.span_of_chunk(chunk);
-      load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
-                        false, &ws.span);
+  auto make_scratch = [&] { return Scratch<acc_t>(D, W, /*backward=*/false, /*softcap=*/false); };
+  parallel_items(static_cast<int64_t>(chunks.size()), make_scratch, [&](int64_t ci, Scratch<acc_t>& ws) {
+    const RowChunk& chunk = chunks[ci];
+    const int64_t b = chunk.batch, hk = chunk.kv_head;
+    const auto K = head_rows<const scalar_t>(k, b, hk);
+    const auto V = head_rows<const scalar_t>(v, b, hk);
+    const KeyRange chunk_keys = plan.span_of_chunk(chunk);
+    load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
+                      false, &ws.span);
 
-      for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
-        load_block(ops, P, plan, chunk, t, K, V, false, ws);
-        if (ws.rows.empty()) continue;
-        const int64_t nq = static_cast<int64_t>(ws.rows.size());
-        // Offset of the block's span inside the chunk's key rows.
-        const int64_t span_row0 = ws.keys.span.count > 0 ? (ws.keys.span.lo - chunk_keys.lo) / chunk_keys.stride : 0;
+    for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
+      load_block(ops, P, plan, chunk, t, K, V, false, ws);
+      if (ws.rows.empty()) continue;
+      const int64_t nq = static_cast<int64_t>(ws.rows.size());
+      // Offset of the block's span inside the chunk's key rows.
+      const int64_t span_row0 = ws.keys.span.count > 0 ? (ws.keys.span.lo - chunk_keys.lo) / chunk_keys.stride : 0;
 
-        for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
-          const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
-          load_rows(ops, head_rows<const scalar_t>(q, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
-                    rows_are_regular(ws.rows), D, &ws.q);
-          std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
-          std::fill(ws.m.begin(), ws.m.begin() + nq, neg_inf);
-          std::fill(ws.l.begin(), ws.l.begin() + nq, acc_t(0));
-          bool first_tile = true;
+      for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
+        const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
+        load_rows(ops, head_rows<const scalar_t>(q, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
+                  rows_are_regular(ws.rows), D, &ws.q);
+        std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
+        std::fill(ws.m.begin(), ws.m.begin() + nq, neg_inf);
+        std::fill(ws.l.begin(), ws.l.begin() + nq, acc_t(0));
+        bool first_tile = true;
 
-          for_each_key_tile(ws.keys, span_row0, W, [&](const TileKeys& keys, bool masked, int64_t col0,
-                                                       int64_t valid_from) {
-            const KeyOperands<acc_t>& ko = keys.list != nullptr ? ws.extra : ws.span;
-            TileRuns& runs = ws.runs;
-            plan_runs(bc, keys, masked, valid_from, &runs);
-            const int64_t* first = runs.first.data();
-            const int64_t* last = runs.end.data();
-            acc_t* S = ws.S.data();
-            ops.gemm_band_n(nq, keys.n, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
-            finalize_tile(bc, keys, runs, S, ws.ld_s, static_cast<acc_t*>(nullptr));
-            if (sigmoid_score) {
-              ops.sigmoid_rows(S, ws.ld_s, nq, first, last, bias);
-            } else {
-              ops.softmax_rows(S, ws.ld_s, nq, first, last, ws.m.data(), ws.l.data(), ws.alpha.data());
-              for (int64_t a = 0; a < nq && !first_tile; ++a) {  // nothing to rescale before the first tile
-                const acc_t al = ws.alpha[a];
-                if (al == acc_t(1)) continue;
-                acc_t* o = ws.acc.data() + a * D;
-                for (int64_t d = 0; d < D; ++d) o[d] *= al;
-              }
+        for_each_key_tile(ws.keys, span_row0, W, [&](const TileKeys& keys, bool masked, int64_t col0,
+                                                     int64_t valid_from) {
+          const KeyOperands<acc_t>& ko = keys.list != nullptr ? ws.extra : ws.span;
+          TileRuns& runs = ws.runs;
+          plan_runs(bc, keys, masked, valid_from, &runs);
+          const int64_t* first = runs.first.data();
+          const int64_t* last = runs.end.data();
+          acc_t* S = ws.S.data();
+          ops.gemm_band_n(nq, keys.n, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
+          finalize_tile(bc, keys, runs, S, ws.ld_s, static_cast<acc_t*>(nullptr));
+          if (sigmoid_score) {
+            ops.sigmoid_rows(S, ws.ld_s, nq, first, last, bias);
+          } else {
+            ops.softmax_rows(S, ws.ld_s, nq, first, last, ws.m.data(), ws.l.data(), ws.alpha.data());
+            for (int64_t a = 0; a < nq && !first_tile; ++a) {  // nothing to rescale before the first tile
+              const acc_t al = ws.alpha[a];
+              if (al == acc_t(1)) continue;
+              acc_t* o = ws.acc.data() + a * D;
+              for (int64_t d = 0; d < D; ++d) o[d] *= al;
             }
-            ops.gemm_band_k(nq, D, keys.n, S, ws.ld_s, 1, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);
-            first_tile = false;
-          });
-
-          auto O = head_rows<scalar_t>(out, b, h);
-          acc_t* lse_row = lse.data_ptr<acc_t>() + (b * P.q_heads + h) * P.q_len;
-          for (int64_t a = 0; a < nq; ++a) {
-            const acc_t* src = ws.acc.data() + a * D;
-            if (sigmoid_score) {
-              convert_out(ops, src, D, acc_t(1), O.row(ws.rows[a]));
-              lse_row[ws.rows[a]] = acc_t(0);  // not defined for sigmoid
-              continue;
-            }
-            const bool empty = !(ws.l[a] > acc_t(0));  // a row with no allowed key returns zeros
-            convert_out(ops, src, D, empty ? acc_t(0) : acc_t(1) / ws.l[a], O.row(ws.rows[a]));
-            lse_row[ws.rows[a]] = empty ? neg_inf : ws.m[a] + std::log(ws.l[a]);
           }
+          ops.gemm_band_k(nq, D, keys.n, S, ws.ld_s, 1, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);
+          first_tile = false;
+        });
+
+        auto O = head_rows<scalar_t>(out, b, h);
+        acc_t* lse_row = lse.data_ptr<acc_t>() + (b * P.q_heads + h) * P.q_len;
+        for (int64_t a = 0; a < nq; ++a) {
+          const acc_t* src = ws.acc.data() + a * D;
+          if (sigmoid_score) {
+            convert_out(ops, src, D, acc_t(1), O.row(ws.rows[a]));
+            lse_row[ws.rows[a]] = acc_t(0);  // not defined for sigmoid
+            continue;
+          }
+          const bool empty = !(ws.l[a] > acc_t(0));  // a row with no allowed key returns zeros
+          convert_out(ops, src, D, empty ? acc_t(0) : acc_t(1) / ws.l[a], O.row(ws.rows[a]));
+          lse_row[ws.rows[a]] = empty ? neg_inf : ws.m[a] + std::log(ws.l[a]);
         }
       }
     }
@@ -519,100 +533,98 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
   const auto& chunks = plan.row_chunks();
   std::vector<ChunkKeyGrads<acc_t>> key_grads(chunks.size());
 
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> ws(D, W, /*backward=*/true, softcap);
-    for (int64_t ci = begin; ci < end; ++ci) {
-      const RowChunk& chunk = chunks[ci];
-      const int64_t b = chunk.batch, hk = chunk.kv_head;
-      const auto K = head_rows<const scalar_t>(k, b, hk);
-      const auto V = head_rows<const scalar_t>(v, b, hk);
-      ChunkKeyGrads<acc_t>& grads = key_grads[ci];
-      grads.span = plan.span_of_chunk(chunk);
-      const KeyRange& chunk_keys = grads.span;
-      load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
-                        true, &ws.span);
-      grads.dk.assign(chunk_keys.count * D, acc_t(0));
-      grads.dv.assign(chunk_keys.count * D, acc_t(0));
+  auto make_scratch = [&] { return Scratch<acc_t>(D, W, /*backward=*/true, softcap); };
+  parallel_items(static_cast<int64_t>(chunks.size()), make_scratch, [&](int64_t ci, Scratch<acc_t>& ws) {
+    const RowChunk& chunk = chunks[ci];
+    const int64_t b = chunk.batch, hk = chunk.kv_head;
+    const auto K = head_rows<const scalar_t>(k, b, hk);
+    const auto V = head_rows<const scalar_t>(v, b, hk);
+    ChunkKeyGrads<acc_t>& grads = key_grads[ci];
+    grads.span = plan.span_of_chunk(chunk);
+    const KeyRange& chunk_keys = grads.span;
+    load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
+                      true, &ws.span);
+    grads.dk.assign(chunk_keys.count * D, acc_t(0));
+    grads.dv.assign(chunk_keys.count * D, acc_t(0));
 
-      for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
-        load_block(ops, P, plan, chunk, t, K, V, true, ws);
-        if (ws.rows.empty()) continue;
-        const int64_t nq = static_cast<int64_t>(ws.rows.size());
-        if (!ws.keys.extras.empty() && grads.dk_extra.empty()) {
-          const int64_t n_global = static_cast<int64_t>(plan.global_keys(b).size());
-          grads.dk_extra.assign(n_global * D, acc_t(0));
-          grads.dv_extra.assign(n_global * D, acc_t(0));
+    for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
+      load_block(ops, P, plan, chunk, t, K, V, true, ws);
+      if (ws.rows.empty()) continue;
+      const int64_t nq = static_cast<int64_t>(ws.rows.size());
+      if (!ws.keys.extras.empty() && grads.dk_extra.empty()) {
+        const int64_t n_global = static_cast<int64_t>(plan.global_keys(b).size());
+        grads.dk_extra.assign(n_global * D, acc_t(0));
+        grads.dv_extra.assign(n_global * D, acc_t(0));
+      }
+      const int64_t span_row0 = ws.keys.span.count > 0 ? (ws.keys.span.lo - chunk_keys.lo) / chunk_keys.stride : 0;
+      const bool regular = rows_are_regular(ws.rows);
+      auto row_index = [&](int64_t a) { return ws.rows[a]; };
+
+      for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
+        const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
+        load_rows(ops, head_rows<const scalar_t>(q, b, h), nq, row_index, regular, D, &ws.q);
+        load_rows(ops, head_rows<const scalar_t>(grad_out, b, h), nq, row_index, regular, D, &ws.go);
+        const acc_t* lse_all = row_stats(lse_acc, b, h);
+        const acc_t* dot_all = row_stats(rowdot, b, h);
+        for (int64_t a = 0; a < nq; ++a) {
+          ws.lse[a] = sigmoid_score ? acc_t(0) : lse_all[ws.rows[a]];
+          ws.dot[a] = dot_all ? dot_all[ws.rows[a]] : acc_t(0);
         }
-        const int64_t span_row0 = ws.keys.span.count > 0 ? (ws.keys.span.lo - chunk_keys.lo) / chunk_keys.stride : 0;
-        const bool regular = rows_are_regular(ws.rows);
-        auto row_index = [&](int64_t a) { return ws.rows[a]; };
+        std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
 
-        for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
-          const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
-          load_rows(ops, head_rows<const scalar_t>(q, b, h), nq, row_index, regular, D, &ws.q);
-          load_rows(ops, head_rows<const scalar_t>(grad_out, b, h), nq, row_index, regular, D, &ws.go);
-          const acc_t* lse_all = row_stats(lse_acc, b, h);
-          const acc_t* dot_all = row_stats(rowdot, b, h);
-          for (int64_t a = 0; a < nq; ++a) {
-            ws.lse[a] = sigmoid_score ? acc_t(0) : lse_all[ws.rows[a]];
-            ws.dot[a] = dot_all ? dot_all[ws.rows[a]] : acc_t(0);
+        for_each_key_tile(ws.keys, span_row0, W, [&](const TileKeys& keys, bool masked, int64_t col0,
+                                                     int64_t valid_from) {
+          const bool extra = keys.list != nullptr;
+          const KeyOperands<acc_t>& ko = extra ? ws.extra : ws.span;
+          const int64_t nk = keys.n;
+          TileRuns& runs = ws.runs;
+          plan_runs(bc, keys, masked, valid_from, &runs);
+          acc_t* S = ws.S.data();
+          acc_t* G = ws.G.data();
+          acc_t* F = softcap ? ws.F.data() : nullptr;
+          const int64_t* first = runs.first.data();
+          const int64_t* last = runs.end.data();
+          // S = scale Q K^T, dP = dO V^T
+          ops.gemm_band_n(nq, nk, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
+          ops.gemm_band_n(nq, nk, D, ws.go.ptr, ws.go.ld, 1, ko.vT_from(col0), G, ws.ld_s, first, last);
+          finalize_tile(bc, keys, runs, S, ws.ld_s, F);
+          if (sigmoid_score) {
+            ops.sigmoid_grad_rows(S, G, F, ws.ld_s, nq, nk, first, last, bias);
+          } else {
+            ops.softmax_grad_rows(S, G, F, ws.ld_s, nq, nk, first, last, ws.lse.data(), ws.dot.data());
           }
-          std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
-
-          for_each_key_tile(ws.keys, span_row0, W, [&](const TileKeys& keys, bool masked, int64_t col0,
-                                                       int64_t valid_from) {
-            const bool extra = keys.list != nullptr;
-            const KeyOperands<acc_t>& ko = extra ? ws.extra : ws.span;
-            const int64_t nk = keys.n;
-            TileRuns& runs = ws.runs;
-            plan_runs(bc, keys, masked, valid_from, &runs);
-            acc_t* S = ws.S.data();
-            acc_t* G = ws.G.data();
-            acc_t* F = softcap ? ws.F.data() : nullptr;
-            const int64_t* first = runs.first.data();
-            const int64_t* last = runs.end.data();
-            // S = scale Q K^T, dP = dO V^T
-            ops.gemm_band_n(nq, nk, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
-            ops.gemm_band_n(nq, nk, D, ws.go.ptr, ws.go.ld, 1, ko.vT_from(col0), G, ws.ld_s, first, last);
-            finalize_tile(bc, keys, runs, S, ws.ld_s, F);
-            if (sigmoid_score) {
-              ops.sigmoid_grad_rows(S, G, F, ws.ld_s, nq, nk, first, last, bias);
-            } else {
-              ops.softmax_grad_rows(S, G, F, ws.ld_s, nq, nk, first, last, ws.lse.data(), ws.dot.data());
-            }
-            // dQ += dS K
-            ops.gemm_band_k(nq, D, nk, G, ws.ld_s, 1, ko.k.row(col0), ko.k.ld, ws.acc.data(), D, first, last);
-            // dK += dS^T Q, dV += P^T dO: into the chunk's span rows, or a scratch for extras
-            acc_t* dk_dst;
-            acc_t* dv_dst;
-            if (extra) {
-              ws.dk_tile.assign(nk * D, acc_t(0));
-              ws.dv_tile.assign(nk * D, acc_t(0));
-              dk_dst = ws.dk_tile.data();
-              dv_dst = ws.dv_tile.data();
-            } else {
-              dk_dst = grads.dk.data() + col0 * D;
-              dv_dst = grads.dv.data() + col0 * D;
-            }
-            transpose_runs(nq, nk, &runs);
-            ops.gemm_band_k(nk, D, nq, G, 1, ws.ld_s, ws.q.ptr, ws.q.ld, dk_dst, D, runs.key_first.data(),
-                            runs.key_end.data());
-            ops.gemm_band_k(nk, D, nq, S, 1, ws.ld_s, ws.go.ptr, ws.go.ld, dv_dst, D, runs.key_first.data(),
-                            runs.key_end.data());
-            if (extra) {
-              for (int64_t c = 0; c < nk; ++c) {
-                const int64_t rank = ws.keys.extra_ranks[col0 + c];
-                for (int64_t d = 0; d < D; ++d) {
-                  grads.dk_extra[rank * D + d] += ws.dk_tile[c * D + d];
-                  grads.dv_extra[rank * D + d] += ws.dv_tile[c * D + d];
-                }
+          // dQ += dS K
+          ops.gemm_band_k(nq, D, nk, G, ws.ld_s, 1, ko.k.row(col0), ko.k.ld, ws.acc.data(), D, first, last);
+          // dK += dS^T Q, dV += P^T dO: into the chunk's span rows, or a scratch for extras
+          acc_t* dk_dst;
+          acc_t* dv_dst;
+          if (extra) {
+            ws.dk_tile.assign(nk * D, acc_t(0));
+            ws.dv_tile.assign(nk * D, acc_t(0));
+            dk_dst = ws.dk_tile.data();
+            dv_dst = ws.dv_tile.data();
+          } else {
+            dk_dst = grads.dk.data() + col0 * D;
+            dv_dst = grads.dv.data() + col0 * D;
+          }
+          transpose_runs(nq, nk, &runs);
+          ops.gemm_band_k(nk, D, nq, G, 1, ws.ld_s, ws.q.ptr, ws.q.ld, dk_dst, D, runs.key_first.data(),
+                          runs.key_end.data());
+          ops.gemm_band_k(nk, D, nq, S, 1, ws.ld_s, ws.go.ptr, ws.go.ld, dv_dst, D, runs.key_first.data(),
+                          runs.key_end.data());
+          if (extra) {
+            for (int64_t c = 0; c < nk; ++c) {
+              const int64_t rank = ws.keys.extra_ranks[col0 + c];
+              for (int64_t d = 0; d < D; ++d) {
+                grads.dk_extra[rank * D + d] += ws.dk_tile[c * D + d];
+                grads.dv_extra[rank * D + d] += ws.dv_tile[c * D + d];
               }
             }
-          });
+          }
+        });
 
-          auto dQ = head_rows<scalar_t>(dq, b, h);
-          for (int64_t a = 0; a < nq; ++a) convert_out(ops, ws.acc.data() + a * D, D, scale, dQ.row(ws.rows[a]));
-        }
+        auto dQ = head_rows<scalar_t>(dq, b, h);
+        for (int64_t a = 0; a < nq; ++a) convert_out(ops, ws.acc.data() + a * D, D, scale, dQ.row(ws.rows[a]));
       }
     }
   });
