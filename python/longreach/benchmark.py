@@ -409,7 +409,7 @@ def measure_gemm(size: int, dtype: str, repeats: int, max_seconds: float) -> dic
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=gen).to(DTYPES[dtype]) for _ in range(2))
     out = torch.empty(size, size, dtype=DTYPES[dtype])
-    times, _ = _time_calls(lambda: torch.mm(a, b, out=out), max(repeats, 5), max_seconds)
+    times, _ = _time_calls(lambda: torch.mm(a, b, out=out), max(repeats, 10), max_seconds)
     median = _median(times)
     return {"gemm": True, "dtype": dtype, "size": size, "median_ms": 1e3 * median,
             "gflops": 2.0 * size**3 / median / 1e9}
