@@ -371,6 +371,21 @@ void load_block(const TileOps<acc_t>& ops, const AttentionParams& P, const TileP
   }
 }
 
+// Asks the caches for rows[a] + shift of a head, the query rows the next
+// head or block will read: they come from memory, and a micro-kernel waiting
+// for its first operands would stall.
+template <typename T>
+void prefetch_rows(const HeadRows<const T>& src, const std::vector<int64_t>& rows, int64_t D, int64_t n_rows,
+                   int64_t shift = 0) {
+  constexpr int64_t kLine = 64;
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t r : rows) {
+    if (r + shift >= n_rows) break;
+    const char* p = reinterpret_cast<const char*>(src.row(r + shift));
+    for (int64_t o = 0; o < bytes; o += kLine) __builtin_prefetch(p + o);
+  }
+}
+
 // Equally spaced rows can be read in place with one leading dimension.
 bool rows_are_regular(const std::vector<int64_t>& rows) {
   for (size_t a = 2; a < rows.size(); ++a) {
@@ -428,6 +443,12 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
         const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
         load_rows(ops, head_rows<const scalar_t>(q, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
                   rows_are_regular(ws.rows), D, &ws.q);
+        if (h + 1 < (hk + 1) * P.group_size()) {
+          prefetch_rows(head_rows<const scalar_t>(q, b, h + 1), ws.rows, D, P.q_len);
+        } else if (t + 1 < chunk.first_block + chunk.n_blocks) {
+          prefetch_rows(head_rows<const scalar_t>(q, b, hk * P.group_size()), ws.rows, D, P.q_len,
+                        kRowBlock * P.dilation);
+        }
         std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
         std::fill(ws.m.begin(), ws.m.begin() + nq, neg_inf);
         std::fill(ws.l.begin(), ws.l.begin() + nq, acc_t(0));
