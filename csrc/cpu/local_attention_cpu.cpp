@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <new>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -52,6 +53,25 @@ namespace {
 constexpr int64_t kKeyTile = 1024;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Scratch and packed operands start on a cache line, so the 64-byte vector
+// loads and stores of the kernels never straddle two lines.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, CacheLineAllocator<T>>;
 
 template <typename T>
 struct HeadRows {  // rows of one (batch, head) slice of a (B, H, L, D) tensor with contiguous rows
@@ -110,7 +130,7 @@ template <typename acc_t>
 struct Rows {
   const acc_t* ptr = nullptr;
   int64_t ld = 0;
-  std::vector<acc_t> copy;
+  Buffer<acc_t> copy;
   const acc_t* row(int64_t r) const { return ptr + r * ld; }
 };
 
@@ -137,11 +157,11 @@ void load_rows(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& src, i
 // into a small row-major block, then transposed with the ISA's shuffles.
 template <typename scalar_t, typename acc_t, typename IndexFn>
 void pack_columns(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& src, int64_t n, IndexFn&& index,
-                  int64_t D, acc_t mul, std::vector<acc_t>* dst) {
+                  int64_t D, acc_t mul, Buffer<acc_t>* dst) {
   const int64_t W = ops.vec_width;
   const int64_t groups = (n + W - 1) / W + 1;
   dst->assign(groups * (D + 1) * W, acc_t(0));
-  std::vector<acc_t> rows(W * D);
+  Buffer<acc_t> rows(W * D);
   for (int64_t g = 0; g * W < n; ++g) {
     const int64_t r0 = g * W, nr = std::min(W, n - r0);
     for (int64_t r = 0; r < nr; ++r) convert_in(ops, src.row(index(r0 + r)), D, mul, rows.data() + r * D);
@@ -306,7 +326,7 @@ void for_each_key_tile(const BlockKeys& keys, int64_t span_col0, int64_t W, F&& 
 // The key-side operands of a chunk (its span) or of a block's extras.
 template <typename acc_t>
 struct KeyOperands {
-  std::vector<acc_t> kT, vT;  // scale * K^T and V^T, keys as columns, panel-major (pack_columns)
+  Buffer<acc_t> kT, vT;  // scale * K^T and V^T, keys as columns, panel-major (pack_columns)
   Rows<acc_t> k, v;           // K and V rows
   int64_t D = 0, W = 0;
   // The panels from column c0 on (c0 a multiple of W).
@@ -333,10 +353,10 @@ void load_key_operands(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>
 template <typename acc_t>
 struct Scratch {
   int64_t ld_s;                  // leading dimension of the score tiles
-  std::vector<acc_t> S, G, F;    // kRowBlock x ld_s
-  std::vector<acc_t> acc;        // kRowBlock x D: output or dQ accumulator
-  std::vector<acc_t> m, l, alpha, lse, dot;
-  std::vector<acc_t> dk_tile, dv_tile;
+  Buffer<acc_t> S, G, F;    // kRowBlock x ld_s
+  Buffer<acc_t> acc;        // kRowBlock x D: output or dQ accumulator
+  Buffer<acc_t> m, l, alpha, lse, dot;
+  Buffer<acc_t> dk_tile, dv_tile;
   Rows<acc_t> q, go;
   KeyOperands<acc_t> span, extra;
   std::vector<int64_t> rows, pos;
@@ -530,8 +550,8 @@ at::Tensor softmax_row_dots(const AttentionParams& P, const at::Tensor& grad_out
 template <typename acc_t>
 struct ChunkKeyGrads {
   KeyRange span;
-  std::vector<acc_t> dk, dv;              // span.count x D
-  std::vector<acc_t> dk_extra, dv_extra;  // n_global x D, empty when no extras were visited
+  Buffer<acc_t> dk, dv;              // span.count x D
+  Buffer<acc_t> dk_extra, dv_extra;  // n_global x D, empty when no extras were visited
 };
 
 template <typename scalar_t>
@@ -659,7 +679,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
   constexpr int64_t kKeysPerTask = 256;
   const int64_t tasks_per_head = (P.k_len + kKeysPerTask - 1) / kKeysPerTask;
   at::parallel_for(0, P.batch * P.kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sk(kKeysPerTask * D), sv(kKeysPerTask * D);
+    Buffer<acc_t> sk(kKeysPerTask * D), sv(kKeysPerTask * D);
     auto add_rows = [D](const acc_t* src, acc_t* dst) {
       for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
     };
