@@ -287,6 +287,10 @@ def test_paper_checks_on_known_curves():
     behind = dict(bpb, swat={64: 2.3, 128: 2.3, 256: 2.3})
     (note,) = report.notes(behind, 64)
     assert note.startswith("swat is 0.30 bits per byte behind rope already at the training length")
+    # Schemes sharing weights get one note.
+    behind = {"alibi": {64: 2.0, 128: 2.0}, "rope": {64: 2.5, 128: 2.6}, "rope-pi": {64: 2.5, 128: 2.55}}
+    (note,) = report.notes(behind, 64)
+    assert note.startswith("rope (and rope-pi, same weights) is 0.50 bits per byte behind alibi")
 
 
 class _Uniform(torch.nn.Module):

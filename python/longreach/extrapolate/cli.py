@@ -44,7 +44,7 @@ class Profile:
 # The default run fits 10 minutes on a 2-core CPU, --quick fits 2 (see docs/extrapolation.md).
 PROFILES = {
     "default": Profile(steps=360, batch_size=16, d_model=64, layers=2, heads=4, eval_chunks=8, lr=6e-3),
-    "quick": Profile(steps=60, batch_size=8, d_model=64, layers=2, heads=4, eval_chunks=2, lr=6e-3),
+    "quick": Profile(steps=40, batch_size=8, d_model=64, layers=2, heads=4, eval_chunks=2, lr=6e-3),
 }
 
 
@@ -228,18 +228,22 @@ def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> Dict[s
     report.plot(out / "bpb_vs_length.png", results, args.train_len, title)
     command = "python -m longreach extrapolate" + "".join(" " + shlex.quote(a) for a in argv_for_record)
     text_table = report.table(results, args.train_len)
+    run_notes = report.notes(results, args.train_len)
+    if args.quick:
+        run_notes.insert(0, "--quick trains for a smoke test only: its models are barely trained and its "
+                            "numbers do not test the papers' claims.")
     training = ", ".join(f"{k} {v:.3f}" for k, v in train_bpb.items())
     report.write_markdown(
         out / "results.md", results, args.train_len, command=command, corpus=corpus.describe(),
         settings=f"{settings}; final training bits per byte: {training}",
-        bytes_scored=bytes_scored, names=args.scheme_names,
+        bytes_scored=bytes_scored, names=args.scheme_names, run_notes=run_notes,
         timing=f"{total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})",
     )
     print()
     print("held-out bits per byte (lower is better); 'flat' = within "
           f"{report.FLAT_TOLERANCE} of the {args.train_len}-byte value")
     print(text_table)
-    for note in report.notes(results, args.train_len):
+    for note in run_notes:
         print(f"note: {note}")
     print()
     print(f"total {total:.0f} s; wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'bpb_vs_length.png'}")

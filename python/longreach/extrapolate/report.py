@@ -108,16 +108,21 @@ BEHIND_NOTE = 0.1
 
 
 def notes(bpb: Dict[str, Dict[int, float]], train_len: int) -> List[str]:
-    """Caveats the table alone would hide: schemes that are flat but far behind at the training length."""
+    """Caveats the table alone would hide: schemes already far behind at the training length."""
     at_1x = {name: curve[train_len] for name, curve in bpb.items()}
     best = min(at_1x, key=at_1x.get)
     out = []
     for name, value in at_1x.items():
+        weights = SCHEMES[name].weights
+        if weights != name and weights in bpb:
+            continue  # same model as its weights' scheme at the training length: noted there
         if value - at_1x[best] > BEHIND_NOTE:
+            sharing = [n for n in bpb if n != name and SCHEMES[n].weights == name]
+            who = name + (f" (and {', '.join(sharing)}, same weights)" if sharing else "")
             out.append(
-                f"{name} is {value - at_1x[best]:.2f} bits per byte behind {best} already at the training "
-                f"length: with this training budget it learns less, so a flat curve here shows that it "
-                f"survives longer inputs, not that it is competitive."
+                f"{who} is {value - at_1x[best]:.2f} bits per byte behind {best} already at the training "
+                f"length: it learned less in this training budget, so compare the shape of its curve, "
+                f"not its level."
             )
     return out
 
@@ -128,8 +133,9 @@ def claims(names: Sequence[str]) -> str:
 
 
 def write_markdown(path: Path, bpb: Dict[str, Dict[int, float]], train_len: int, *, command: str, corpus: str,
-                   settings: str, bytes_scored: int, names: Sequence[str], timing: str) -> None:
-    """results.md: the command, data, settings, table, notes and the papers' claims."""
+                   settings: str, bytes_scored: int, names: Sequence[str], timing: str,
+                   run_notes: Sequence[str] = ()) -> None:
+    """results.md: the command, data, settings, table, notes (e.g. from `notes`) and the papers' claims."""
     parts = [
         "# Train short, test long",
         f"Command: `{command}`",
@@ -140,7 +146,7 @@ def write_markdown(path: Path, bpb: Dict[str, Dict[int, float]], train_len: int,
         f"({train_len} bytes); 'below X' needs a margin of {BEAT_MARGIN}.",
         table(bpb, train_len, markdown=True),
     ]
-    parts += [f"Note: {n}" for n in notes(bpb, train_len)]
+    parts += [f"Note: {n}" for n in run_notes]
     parts += ["What the papers say:", claims(names), f"Run time: {timing}."]
     path.write_text("\n\n".join(parts) + "\n")
 
