@@ -46,6 +46,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -442,16 +443,41 @@ def config_from_dict(data: dict) -> BenchConfig:
     return BenchConfig(**data)
 
 
-def _run_worker(job: dict) -> Tuple[List[dict], Optional[str]]:
-    """Run one job in a fresh interpreter; return its rows and an error text if it died."""
+def _run_worker(job: dict, on_row: Callable[[dict], None] = lambda row: None) -> Tuple[List[dict], Optional[str]]:
+    """Run one job in a fresh interpreter; return its rows and an error text if it died.
+
+    Rows are handed to `on_row` as they arrive (progress on long runs); stderr goes to a
+    temporary file, so a chatty worker cannot block on a full pipe.
+    """
     code = "from longreach.benchmark import worker_main; worker_main()"
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True)
-    rows = [json.loads(line[len(RESULT_MARK):]) for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    error = None
-    if proc.returncode != 0:
-        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-        error = f"worker exited with code {proc.returncode}: {tail}"
+    rows = []
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=stderr, text=True)
+        proc.stdin.write(json.dumps(job))
+        proc.stdin.close()
+        for line in proc.stdout:
+            if line.startswith(RESULT_MARK):
+                rows.append(json.loads(line[len(RESULT_MARK):]))
+                on_row(rows[-1])
+        returncode = proc.wait()
+        stderr.seek(0)
+        tail = " | ".join(stderr.read().strip().splitlines()[-3:])
+    error = f"worker exited with code {returncode}: {tail}" if returncode != 0 else None
     return rows, error
+
+
+def _progress(out) -> Callable[[dict], None]:
+    def show(row):
+        if row.get("memory"):
+            print(f"  L={row['length']}: peak {row['peak_bytes'] / 2**20:.1f} MiB", file=out, flush=True)
+        elif row["status"] == "ok":
+            print(f"  L={row['length']}: median {1e3 * _median(row['times']):.1f} ms of {len(row['times'])}",
+                  file=out, flush=True)
+        else:
+            print(f"  L={row['length']}: {row['status']}", file=out, flush=True)
+
+    return show
 
 
 # ----------------------------------------------------------------------------- the run
@@ -481,7 +507,7 @@ def run_benchmark(cfg: BenchConfig, out=None) -> Tuple[List[Result], List[Roof]]
                 continue
             print(f"measuring {name} {pass_name} at L = {', '.join(map(str, todo))} ...", file=out, flush=True)
             rows, error = _run_worker({"kind": "method", "method": name, "pass_name": pass_name,
-                                       "lengths": todo, "config": asdict(cfg)})
+                                       "lengths": todo, "config": asdict(cfg)}, _progress(out))
             for row in rows:
                 _fill_result(planned[row["length"]], row, cfg)
             for length in todo:
@@ -678,10 +704,9 @@ def plot_results(path: str, cfg: BenchConfig, results: Sequence[Result]) -> None
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(title, fontsize=9)
-    ax_time.legend(fontsize=7)
-    if ax_mem.lines:
-        ax_mem.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = ax_time.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.04 * math.ceil(len(labels) / 4), 1, 1))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fig.savefig(path, dpi=120)
