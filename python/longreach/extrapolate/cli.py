@@ -43,7 +43,7 @@ class Profile:
 
 # The default run fits 10 minutes on a 2-core CPU, --quick fits 2 (see docs/extrapolation.md).
 PROFILES = {
-    "default": Profile(steps=360, batch_size=16, d_model=64, layers=2, heads=4, eval_chunks=8, lr=6e-3),
+    "default": Profile(steps=500, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=8, lr=3e-3),
     "quick": Profile(steps=40, batch_size=8, d_model=64, layers=2, heads=4, eval_chunks=2, lr=6e-3),
 }
 
