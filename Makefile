@@ -31,7 +31,7 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: build
-	$(PY) -m longreach demo
+	$(PY) -m longreach extrapolate
 
 bench: build
 	$(PY) -m longreach bench
