@@ -545,14 +545,56 @@ at::Tensor softmax_row_dots(const AttentionParams& P, const at::Tensor& grad_out
   return rowdot;
 }
 
-// The key gradients one chunk accumulated (without the factor scale of dK):
-// rows of its span, and rows of the global keys (by rank) it reached as extras.
+// The key gradients one chunk accumulated (without the factor `scale` of dK).
+// Rows [own_begin, own_end) of its span are keys no other chunk's span holds:
+// with float/double outputs they accumulate in place in dK and dV. The other
+// span rows (the overlaps with the neighbouring chunks, or all of them) live in
+// `dk`/`dv`: rows [0, own_begin) first, then [own_end, span.count). Global keys
+// reached as extras go by rank into dk_extra/dv_extra.
 template <typename acc_t>
 struct ChunkKeyGrads {
   KeyRange span;
-  Buffer<acc_t> dk, dv;              // span.count x D
+  int64_t own_begin = 0, own_end = 0;
+  Buffer<acc_t> dk, dv;
   Buffer<acc_t> dk_extra, dv_extra;  // n_global x D, empty when no extras were visited
+  int64_t buffer_row(int64_t r) const { return r < own_begin ? r : r - (own_end - own_begin); }
+  bool owns(int64_t r) const { return r >= own_begin && r < own_end; }
 };
+
+// The span rows each chunk owns: those past the previous chunk's span and
+// before the next one's (spans of a run of blocks only grow). Only when the
+// outputs are the accumulation type and no global row (whose chunk sees every
+// key) shares the keys.
+template <typename acc_t>
+void assign_owned_rows(const TilePlan& plan, bool outputs_accumulate, std::vector<ChunkKeyGrads<acc_t>>* grads) {
+  const auto& chunks = plan.row_chunks();
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    (*grads)[ci].span = plan.span_of_chunk(chunks[ci]);
+  }
+  auto same_run = [&](size_t a, size_t b) {
+    return chunks[a].batch == chunks[b].batch && chunks[a].kv_head == chunks[b].kv_head &&
+           chunks[a].global_rows == chunks[b].global_rows && chunks[a].cls == chunks[b].cls;
+  };
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    ChunkKeyGrads<acc_t>& g = (*grads)[ci];
+    if (!outputs_accumulate || chunks[ci].global_rows || plan.has_global_rows(chunks[ci].batch) ||
+        g.span.count == 0) {
+      continue;
+    }
+    int64_t begin = 0, end = g.span.count;
+    if (ci > 0 && same_run(ci - 1, ci) && (*grads)[ci - 1].span.count > 0) {
+      const KeyRange& prev = (*grads)[ci - 1].span;
+      const int64_t prev_last = prev.at(prev.count - 1);
+      begin = std::clamp<int64_t>((prev_last - g.span.lo) / g.span.stride + 1, 0, g.span.count);
+    }
+    if (ci + 1 < chunks.size() && same_run(ci, ci + 1) && (*grads)[ci + 1].span.count > 0) {
+      const KeyRange& next = (*grads)[ci + 1].span;
+      end = std::clamp<int64_t>((next.lo - g.span.lo) / g.span.stride, begin, g.span.count);
+    }
+    g.own_begin = begin;
+    g.own_end = std::max(begin, end);
+  }
+}
 
 template <typename scalar_t>
 void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Tensor& grad_out,
@@ -573,6 +615,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
   };
   const auto& chunks = plan.row_chunks();
   std::vector<ChunkKeyGrads<acc_t>> key_grads(chunks.size());
+  assign_owned_rows(plan, std::is_same_v<scalar_t, acc_t>, &key_grads);
 
   auto make_scratch = [&] { return Scratch<acc_t>(D, W, /*backward=*/true, softcap); };
   parallel_items(static_cast<int64_t>(chunks.size()), make_scratch, [&](int64_t ci, Scratch<acc_t>& ws) {
@@ -581,12 +624,20 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
     const auto K = head_rows<const scalar_t>(k, b, hk);
     const auto V = head_rows<const scalar_t>(v, b, hk);
     ChunkKeyGrads<acc_t>& grads = key_grads[ci];
-    grads.span = plan.span_of_chunk(chunk);
     const KeyRange& chunk_keys = grads.span;
     load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
                       true, &ws.span);
-    grads.dk.assign(chunk_keys.count * D, acc_t(0));
-    grads.dv.assign(chunk_keys.count * D, acc_t(0));
+    const int64_t n_owned = grads.own_end - grads.own_begin;
+    grads.dk.assign((chunk_keys.count - n_owned) * D, acc_t(0));
+    grads.dv.assign((chunk_keys.count - n_owned) * D, acc_t(0));
+    // Owned rows accumulate in dK / dV themselves (only when scalar_t == acc_t).
+    acc_t* dk_own = reinterpret_cast<acc_t*>(head_rows<scalar_t>(dk, b, hk).row(0));
+    acc_t* dv_own = reinterpret_cast<acc_t*>(head_rows<scalar_t>(dv, b, hk).row(0));
+    const int64_t own_ld = chunk_keys.stride * dk.stride(2);
+    for (int64_t r = grads.own_begin; r < grads.own_end; ++r) {
+      std::fill(dk_own + chunk_keys.at(r) * dk.stride(2), dk_own + chunk_keys.at(r) * dk.stride(2) + D, acc_t(0));
+      std::fill(dv_own + chunk_keys.at(r) * dv.stride(2), dv_own + chunk_keys.at(r) * dv.stride(2) + D, acc_t(0));
+    }
 
     for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
       load_block(ops, P, plan, chunk, t, K, V, true, ws);
@@ -637,22 +688,34 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           // dQ += dS K
           ops.gemm_band_k(nq, D, nk, G, ws.ld_s, 1, ko.k.row(col0), ko.k.ld, ws.acc.data(), D, first, last);
           // dK += dS^T Q, dV += P^T dO: into the chunk's span rows, or a scratch for extras
-          acc_t* dk_dst;
-          acc_t* dv_dst;
+          transpose_runs(nq, nk, &runs);
+          // Keys [c0, c1) of the tile into rows of ld `ld` at dk_dst / dv_dst.
+          auto key_products = [&](int64_t c0, int64_t c1, acc_t* dk_dst, acc_t* dv_dst, int64_t ld) {
+            if (c0 >= c1) return;
+            ops.gemm_band_k(c1 - c0, D, nq, G + c0, 1, ws.ld_s, ws.q.ptr, ws.q.ld, dk_dst, ld,
+                            runs.key_first.data() + c0, runs.key_end.data() + c0);
+            ops.gemm_band_k(c1 - c0, D, nq, S + c0, 1, ws.ld_s, ws.go.ptr, ws.go.ld, dv_dst, ld,
+                            runs.key_first.data() + c0, runs.key_end.data() + c0);
+          };
           if (extra) {
             ws.dk_tile.assign(nk * D, acc_t(0));
             ws.dv_tile.assign(nk * D, acc_t(0));
-            dk_dst = ws.dk_tile.data();
-            dv_dst = ws.dv_tile.data();
+            key_products(0, nk, ws.dk_tile.data(), ws.dv_tile.data(), D);
           } else {
-            dk_dst = grads.dk.data() + col0 * D;
-            dv_dst = grads.dv.data() + col0 * D;
+            // Span rows col0 .. col0 + nk - 1: before, inside and after the owned rows.
+            const int64_t own0 = std::clamp<int64_t>(grads.own_begin - col0, 0, nk);
+            const int64_t own1 = std::clamp<int64_t>(grads.own_end - col0, own0, nk);
+            key_products(0, own0, grads.dk.data() + grads.buffer_row(col0) * D,
+                         grads.dv.data() + grads.buffer_row(col0) * D, D);
+            if (own0 < own1) {
+              const int64_t key = chunk_keys.at(col0 + own0);
+              key_products(own0, own1, dk_own + key * dk.stride(2), dv_own + key * dv.stride(2), own_ld);
+            }
+            if (own1 < nk) {
+              key_products(own1, nk, grads.dk.data() + grads.buffer_row(col0 + own1) * D,
+                           grads.dv.data() + grads.buffer_row(col0 + own1) * D, D);
+            }
           }
-          transpose_runs(nq, nk, &runs);
-          ops.gemm_band_k(nk, D, nq, G, 1, ws.ld_s, ws.q.ptr, ws.q.ld, dk_dst, D, runs.key_first.data(),
-                          runs.key_end.data());
-          ops.gemm_band_k(nk, D, nq, S, 1, ws.ld_s, ws.go.ptr, ws.go.ld, dv_dst, D, runs.key_first.data(),
-                          runs.key_end.data());
           if (extra) {
             for (int64_t c = 0; c < nk; ++c) {
               const int64_t rank = ws.keys.extra_ranks[col0 + c];
@@ -689,6 +752,8 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
       const int64_t j0 = (task % tasks_per_head) * kKeysPerTask, j1 = std::min(j0 + kKeysPerTask, P.k_len);
       std::fill(sk.begin(), sk.end(), acc_t(0));
       std::fill(sv.begin(), sv.end(), acc_t(0));
+      auto dK = head_rows<scalar_t>(dk, b, hk);
+      auto dV = head_rows<scalar_t>(dv, b, hk);
       const auto& globals = plan.global_keys(b);
       const auto g0 = std::lower_bound(globals.begin(), globals.end(), j0);
       const auto g1 = std::lower_bound(globals.begin(), globals.end(), j1);
@@ -700,8 +765,13 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           const int64_t i1 = std::min<int64_t>(r.count, j1 > r.lo ? (j1 - r.lo + r.stride - 1) / r.stride : 0);
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t row = r.at(i) - j0;
-            add_rows(g.dk.data() + i * D, sk.data() + row * D);
-            add_rows(g.dv.data() + i * D, sv.data() + row * D);
+            if (g.owns(i)) {  // accumulated in place (scalar_t == acc_t): read back before this task overwrites it
+              add_rows(reinterpret_cast<const acc_t*>(dK.row(r.at(i))), sk.data() + row * D);
+              add_rows(reinterpret_cast<const acc_t*>(dV.row(r.at(i))), sv.data() + row * D);
+              continue;
+            }
+            add_rows(g.dk.data() + g.buffer_row(i) * D, sk.data() + row * D);
+            add_rows(g.dv.data() + g.buffer_row(i) * D, sv.data() + row * D);
           }
         }
         if (!g.dk_extra.empty()) {
@@ -712,8 +782,6 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           }
         }
       }
-      auto dK = head_rows<scalar_t>(dk, b, hk);
-      auto dV = head_rows<scalar_t>(dv, b, hk);
       for (int64_t j = j0; j < j1; ++j) {
         convert_out(ops, sk.data() + (j - j0) * D, D, scale, dK.row(j));
         convert_out(ops, sv.data() + (j - j0) * D, D, acc_t(1), dV.row(j));

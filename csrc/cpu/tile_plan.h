@@ -72,9 +72,11 @@ class TilePlan {
     return p >= 0 && p < P_.k_len && key_is_global(b, p);
   }
   const std::vector<int64_t>& global_keys(int64_t b) const { return global_keys_[b]; }
+  bool has_global_rows(int64_t b) const { return !global_rows_[b].empty(); }
   // Position of global key j in global_keys(b).
   int64_t global_rank(int64_t b, int64_t j) const;
 
+  // Chunks of one (batch, kv head, class) are consecutive and in row order.
   const std::vector<RowChunk>& row_chunks() const { return chunks_; }
   // Rows of block `block` of the chunk's class (or of the global rows), ascending.
   void rows_of_block(const RowChunk& c, int64_t block, std::vector<int64_t>* rows) const;

@@ -1,0 +1,163 @@
+"""Controlled CPU-kernel measurements that complement `python -m longreach bench`.
+
+On a shared machine the wall-clock benchmark mostly measures who else is
+running: a preempted core stalls a two-thread run, and the GEMM roof moves by
+2x between runs. This script pins one thread and times with the thread's own
+CPU clock (time.thread_time), interleaving the methods round by round and
+keeping each one's best round, so that the ratios it prints are those of the
+kernels rather than of the neighbours.
+
+    python benchmarks/bench_cpu_kernels.py ratios          # fp32: longreach vs SDPA causal vs GEMM
+    python benchmarks/bench_cpu_kernels.py dtypes          # longreach fp32 vs bf16 vs fp16
+    python benchmarks/bench_cpu_kernels.py small           # L = 256 and decoding (Lq = 1), in microseconds
+
+Useful FLOPs are counted as in docs/benchmarking.md (forward 4 * B * H * L * keys_per_row * D,
+forward+backward 3.5x that; SDPA causal credited with its own causal pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import longreach
+
+
+def time_once(fn) -> float:
+    t = time.thread_time()
+    fn()
+    return time.thread_time() - t
+
+
+def best_time(fn, rounds: int) -> float:
+    fn()  # warm-up
+    return min(time_once(fn) for _ in range(rounds))
+
+
+def keys_per_row(length: int, left: int) -> float:
+    """Exact average number of keys a causal (left, 0) window allows per row."""
+    return sum(min(i + 1, left + 1) for i in range(length)) / length
+
+
+def attention_call(q, k, v, backward: bool, method: str, left: int, grad_out):
+    def forward():
+        if method == "longreach":
+            return longreach.local_attention(q, k, v, window=(left, 0), causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def run():
+        if backward:
+            torch.autograd.grad(forward(), (q, k, v), grad_out)
+        else:
+            with torch.no_grad():
+                forward()
+
+    return run
+
+
+def ratios(args) -> None:
+    """longreach vs SDPA causal vs a 2048^3 GEMM, interleaved, one thread, fp32."""
+    heads, length, dim, left = args.heads, args.length, 64, args.left
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, dim, generator=gen).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(1, heads, length, dim, generator=gen)
+    a, b = torch.randn(2048, 2048, generator=gen), torch.randn(2048, 2048, generator=gen)
+    kpr = {"longreach": keys_per_row(length, left), "sdpa_causal": (length + 1) / 2}
+    candidates = {"gemm": lambda: a @ b}
+    for method in ("longreach", "sdpa_causal"):
+        for backward in (False, True):
+            candidates[(method, backward)] = attention_call(q, k, v, backward, method, left, grad_out)
+    for fn in candidates.values():
+        fn()  # warm-up
+    best = {name: float("inf") for name in candidates}
+    for _ in range(args.rounds):
+        for name, fn in candidates.items():
+            best[name] = min(best[name], time_once(fn))
+    gemm = 2 * 2048**3 / best["gemm"] / 1e9
+    print(f"B=1 H={heads} L={length} D={dim} float32 window=({left}, 0), 1 thread, thread CPU time, "
+          f"best of {args.rounds} interleaved rounds")
+    print(f"GEMM 2048^3: {gemm:.1f} GFLOP/s")
+    print(f"{'method':12s} {'pass':17s} {'GFLOP/s':>8s} {'of GEMM':>8s}")
+    for method in ("longreach", "sdpa_causal"):
+        for backward in (False, True):
+            flops = 4 * heads * length * kpr[method] * dim * (3.5 if backward else 1.0)
+            gf = flops / best[(method, backward)] / 1e9
+            print(f"{method:12s} {'forward+backward' if backward else 'forward':17s} {gf:8.1f} {gf / gemm:8.2f}")
+
+
+def dtypes(args) -> None:
+    """longreach in float32, bfloat16 and float16 on the same values, interleaved."""
+    heads, length, dim, left = args.heads, args.length, 64, args.left
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(1, heads, length, dim, generator=gen) for _ in range(4)]
+    kinds = (torch.float32, torch.bfloat16, torch.float16)
+    candidates = {}
+    for dt in kinds:
+        q, k, v = (t.to(dt).requires_grad_() for t in base[:3])
+        for backward in (False, True):
+            candidates[(dt, backward)] = attention_call(q, k, v, backward, "longreach", left, base[3].to(dt))
+    for fn in candidates.values():
+        fn()  # warm-up
+    best = {key: float("inf") for key in candidates}
+    for _ in range(args.rounds):
+        for key, fn in candidates.items():
+            best[key] = min(best[key], time_once(fn))
+    kpr = keys_per_row(length, left)
+    print(f"B=1 H={heads} L={length} D={dim} window=({left}, 0), 1 thread, thread CPU time, "
+          f"best of {args.rounds} interleaved rounds")
+    print(f"{'dtype':10s} {'pass':17s} {'GFLOP/s':>8s} {'time / fp32':>12s}")
+    for backward in (False, True):
+        for dt in kinds:
+            flops = 4 * heads * length * kpr * dim * (3.5 if backward else 1.0)
+            t = best[(dt, backward)]
+            print(f"{str(dt).replace('torch.', ''):10s} {'forward+backward' if backward else 'forward':17s} "
+                  f"{flops / t / 1e9:8.1f} {t / best[(torch.float32, backward)]:12.2f}")
+
+
+def small(args) -> None:
+    """Small sizes, microseconds per call (best of N, one thread)."""
+    cases = {
+        "decode Lk=8192 window 512": (1, 8, 1, 8192, 511),
+        "decode Lk=4096 unbounded": (1, 8, 1, 4096, None),
+        "L=256 window 128": (1, 8, 256, 256, 127),
+        "L=256 unbounded (B=2)": (2, 8, 256, 256, None),
+    }
+    print("1 thread, thread CPU time, best of", args.rounds)
+    print(f"{'dtype':9s} {'case':27s} {'forward us':>11s} {'fwd+bwd us':>11s}")
+    for dt in (torch.float32, torch.bfloat16):
+        for name, (batch, heads, q_len, k_len, left) in cases.items():
+            q = torch.randn(batch, heads, q_len, 64, dtype=dt, requires_grad=True)
+            k, v = (torch.randn(batch, heads, k_len, 64, dtype=dt, requires_grad=True) for _ in range(2))
+            grad_out = torch.randn_like(q)
+
+            def forward():
+                return longreach.local_attention(q, k, v, window=(left, 0), causal=True)
+
+            def forward_no_grad():
+                with torch.no_grad():
+                    forward()
+
+            t_fwd = best_time(forward_no_grad, args.rounds) * 1e6
+            t_both = best_time(lambda: torch.autograd.grad(forward(), (q, k, v), grad_out), args.rounds) * 1e6
+            print(f"{str(dt).replace('torch.', ''):9s} {name:27s} {t_fwd:11.1f} {t_both:11.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("ratios", "dtypes", "small"))
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--left", type=int, default=511, help="window (left, 0), causal (default 511)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5; 30 for small)")
+    args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = 30 if args.what == "small" else 5
+    torch.set_num_threads(1)
+    {"ratios": ratios, "dtypes": dtypes, "small": small}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
