@@ -52,6 +52,16 @@ namespace {
 // AVX-512; the S tile is 64 x 1024 floats, an L2-resident 256 KiB).
 constexpr int64_t kKeyTile = 1024;
 
+// Longest chunk, in blocks of rows. The forward packs a chunk's K^T up front,
+// then every block rereads its span of it: at 16 blocks ((1024 + window) keys,
+// about 400 KiB for a 511-key window at D = 64) it is still in L2 when read;
+// at 64 blocks two threads at L = 32768 ran ~15% slower (the packed keys had
+// left L2). The backward keeps 64: its chunks sum their key gradients at the
+// end, and more, shorter chunks made it ~15% slower (measured 2 threads, L =
+// 32768, window (511, 0), D = 64).
+constexpr int64_t kForwardChunkBlocks = 16;
+constexpr int64_t kBackwardChunkBlocks = 64;
+
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Scratch and packed operands start on a cache line, so the 64-byte vector
@@ -808,7 +818,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
   // The kernel writes every row of out and lse.
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({P.batch, P.q_heads, P.q_len}, lse_options);
-  const TilePlan plan(P, global_mask);
+  const TilePlan plan(P, global_mask, kForwardChunkBlocks);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_fwd_cpu", [&] {
     forward_kernel<scalar_t>(P, plan, q, k, v, slopes, out, lse);
@@ -837,7 +847,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(contiguous));
   at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(contiguous));
   at::Tensor dv = at::empty(v.sizes(), v.options().memory_format(contiguous));
-  const TilePlan plan(P, global_mask);
+  const TilePlan plan(P, global_mask, kBackwardChunkBlocks);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_bwd_cpu", [&] {
     backward_kernel<scalar_t>(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, dq, dk, dv);

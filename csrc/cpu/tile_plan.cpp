@@ -14,16 +14,15 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Number of indices in [0, n) congruent to cls modulo d.
 int64_t class_count(int64_t n, int64_t cls, int64_t d) { return cls < n ? ceil_div(n - cls, d) : 0; }
 
-// Longest run of blocks one chunk takes: bounds the per-thread packed key
-// operands and the chunk's key-gradient buffers.
-constexpr int64_t kMaxChunkBlocks = 64;
 // Chunks wanted overall, so that up to a few dozen threads all get work; more
 // chunks only cost the re-packing and re-summing of the keys they share.
 constexpr int64_t kTargetChunks = 64;
 
 }  // namespace
 
-TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask) : P_(P) {
+TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask, int64_t max_chunk_blocks)
+    : P_(P) {
+  TORCH_CHECK(max_chunk_blocks >= 1, "TilePlan: max_chunk_blocks must be >= 1");
   const int64_t d = P.dilation;
   global_keys_.resize(P.batch);
   global_rows_.resize(P.batch);
@@ -43,7 +42,7 @@ TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& gl
   }
 
   // Chunks per run of blocks: enough for kTargetChunks overall, never longer
-  // than kMaxChunkBlocks. Fixed numbers, not the thread count: the order in
+  // than max_chunk_blocks. Fixed numbers, not the thread count: the order in
   // which key gradients are summed follows the chunks, and results must be
   // bit-identical for any number of threads.
   const int64_t classes = std::min(d, P.q_len);
@@ -51,7 +50,7 @@ TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& gl
   const int64_t wanted_per_run = std::max<int64_t>(1, ceil_div(kTargetChunks, runs));
   auto add_run = [&](int64_t b, int64_t hk, bool global_rows, int64_t cls, int64_t n_blocks) {
     if (n_blocks <= 0) return;
-    const int64_t pieces = std::min(n_blocks, std::max(wanted_per_run, ceil_div(n_blocks, kMaxChunkBlocks)));
+    const int64_t pieces = std::min(n_blocks, std::max(wanted_per_run, ceil_div(n_blocks, max_chunk_blocks)));
     for (int64_t t = 0; t < pieces; ++t) {
       const int64_t first = n_blocks * t / pieces, last = n_blocks * (t + 1) / pieces;
       chunks_.push_back({b, hk, global_rows, cls, first, last - first});

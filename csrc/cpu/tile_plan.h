@@ -60,7 +60,11 @@ struct BlockKeys {
 
 class TilePlan {
  public:
-  TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask);
+  // max_chunk_blocks: the longest run of blocks one chunk takes. It bounds the
+  // per-thread packed key operands (which should stay in L2 while the chunk's
+  // blocks reread them) and the chunk's key-gradient buffers; the forward's
+  // result does not depend on it, the backward's summation order does.
+  TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask, int64_t max_chunk_blocks);
 
   const AttentionParams& params() const { return P_; }
   bool has_global() const { return has_global_; }
