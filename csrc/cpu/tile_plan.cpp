@@ -4,15 +4,11 @@
 
 #include <algorithm>
 
+#include "../common/tile_schedule.h"
 #include "../common/window.h"
 
 namespace longreach::cpu {
 namespace {
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Number of indices in [0, n) congruent to cls modulo d.
-int64_t class_count(int64_t n, int64_t cls, int64_t d) { return cls < n ? ceil_div(n - cls, d) : 0; }
 
 // Chunks wanted overall, so that up to a few dozen threads all get work; more
 // chunks only cost the re-packing and re-summing of the keys they share.
@@ -47,10 +43,10 @@ TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& gl
   // bit-identical for any number of threads.
   const int64_t classes = std::min(d, P.q_len);
   const int64_t runs = std::max<int64_t>(1, P.batch * P.kv_heads * classes);
-  const int64_t wanted_per_run = std::max<int64_t>(1, ceil_div(kTargetChunks, runs));
+  const int64_t wanted_per_run = std::max<int64_t>(1, ceil_div_i64(kTargetChunks, runs));
   auto add_run = [&](int64_t b, int64_t hk, bool global_rows, int64_t cls, int64_t n_blocks) {
     if (n_blocks <= 0) return;
-    const int64_t pieces = std::min(n_blocks, std::max(wanted_per_run, ceil_div(n_blocks, max_chunk_blocks)));
+    const int64_t pieces = std::min(n_blocks, std::max(wanted_per_run, ceil_div_i64(n_blocks, max_chunk_blocks)));
     for (int64_t t = 0; t < pieces; ++t) {
       const int64_t first = n_blocks * t / pieces, last = n_blocks * (t + 1) / pieces;
       chunks_.push_back({b, hk, global_rows, cls, first, last - first});
@@ -59,9 +55,9 @@ TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& gl
   for (int64_t b = 0; b < P.batch; ++b) {
     for (int64_t hk = 0; hk < P.kv_heads; ++hk) {
       for (int64_t c = 0; c < classes; ++c) {
-        add_run(b, hk, false, c, ceil_div(class_count(P.q_len, c, d), kRowBlock));
+        add_run(b, hk, false, c, ceil_div_i64(class_count(P.q_len, c, d), kRowBlock));
       }
-      add_run(b, hk, true, 0, ceil_div(static_cast<int64_t>(global_rows_[b].size()), kRowBlock));
+      add_run(b, hk, true, 0, ceil_div_i64(static_cast<int64_t>(global_rows_[b].size()), kRowBlock));
     }
   }
 }
