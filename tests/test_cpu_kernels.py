@@ -6,7 +6,9 @@ chunking and vector code treat specially, checked against the dense reference.
 - spans of more than one key tile (1024 keys) and more than 1024 global
   extras, so the online softmax crosses tiles;
 - head dims that are not a multiple of the vector width (padded columns);
-- many chunks per head (the key-gradient reduction sums their buffers).
+- many chunks per head (the key-gradient reduction sums their buffers);
+- forwards of at most 4 query rows (decoding), which read keys as rows
+  instead of packing them (rows_dot / rows_axpy).
 """
 
 from __future__ import annotations
@@ -58,6 +60,41 @@ def test_spans_longer_than_one_key_tile(q_len, k_len, window, global_pattern):
         gmask[0, ::1] = torch.rand(k_len) < 0.9
         kwargs["global_mask"] = gmask
     check_against_reference(q_len, k_len, 16, **kwargs)
+
+
+FEW_ROW_CASES = {
+    "window": dict(window=(30, 0), causal=True),
+    "unbounded": dict(window=(None, 0), causal=True),
+    "two-sided": dict(window=(7, 7)),
+    "dilated": dict(window=(40, 0), causal=True, dilation=3),
+    "alibi softcap": dict(window=(25, 0), causal=True, softcap=2.0, alibi="balanced"),
+    "sigmoid": dict(window=(25, 0), causal=True, score="sigmoid", alibi="standard"),
+    "globals": dict(window=(5, 0), causal=True, global_mask="sparse"),
+    "globals two-sided": dict(window=(3, 3), global_mask="sparse"),
+}
+
+
+@pytest.mark.parametrize("q_len", [1, 2, 4, 5])  # 5: the packed path, same cases
+@pytest.mark.parametrize("case", sorted(FEW_ROW_CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_few_query_rows(q_len, case, dtype):
+    """Forwards with at most 4 query rows per head read K and V as rows
+    (TileOps::rows_dot / rows_axpy); decoding against a 1100-key cache (two
+    key tiles for the unbounded window), GQA, head dims that leave a partial
+    vector (18) and one that does not (64)."""
+    kwargs = dict(FEW_ROW_CASES[case])
+    alibi = kwargs.pop("alibi", None)
+    if alibi == "balanced":
+        kwargs["alibi_slopes"] = torch.tensor([0.5, 0.25, -0.5, -0.25])
+    elif alibi == "standard":
+        kwargs["alibi_slopes"] = standard_alibi_slopes(4)
+    if kwargs.get("global_mask") == "sparse":
+        gmask = torch.zeros(2, 1100, dtype=torch.bool)
+        gmask[:, [0, 3, 517, 1090]] = True
+        gmask[1, 1099] = True  # a global query row in batch 1
+        kwargs["global_mask"] = gmask
+    for head_dim in (18, 64):
+        check_against_reference(q_len, 1100, head_dim, dtype=dtype, q_heads=4, kv_heads=2, batch=2, **kwargs)
 
 
 @pytest.mark.parametrize("head_dim", [1, 7, 40, 72, 100, 128])
@@ -121,6 +158,8 @@ cases = [
     dict(q_len=200, k_len=260, head_dim=24, window=(30, 7), dilation=3, alibi_slopes=standard_alibi_slopes(2)),
     dict(q_len=150, k_len=150, head_dim=16, window=(9, 9), score="sigmoid", softcap=3.0),
     dict(q_len=1100, k_len=1100, head_dim=8, window=(None, None)),
+    dict(q_len=1, k_len=700, head_dim=40, window=(300, 0), causal=True, alibi_slopes=standard_alibi_slopes(2)),
+    dict(q_len=3, k_len=90, head_dim=8, window=(20, 2), dilation=2, score="sigmoid"),
 ]
 gmask = torch.rand(1, 180) < 0.1
 cases.append(dict(q_len=180, k_len=180, head_dim=32, window=(12, 3), global_mask=gmask))

@@ -47,6 +47,17 @@ struct TileOps {
   void (*gemm_band_k)(int64_t m, int64_t n, int64_t k, const T* A, int64_t a_row, int64_t a_col, const T* B,
                       int64_t ldb, T* C, int64_t ldc, const int64_t* first, const int64_t* end);
 
+  // Products for blocks of a handful of rows (decoding: one query row against
+  // a cache), where packing the keys would cost as much as using them. Keys
+  // are read as rows, in place.
+  // S[a][c] = mul * (A[a] . K[c]) (dot products of length k) for c in
+  // [first[a], end[a]); other entries of S are left untouched.
+  void (*rows_dot)(int64_t m, int64_t k, const T* A, int64_t lda, const T* K, int64_t ldk, T mul, T* S,
+                   int64_t ld_s, const int64_t* first, const int64_t* end);
+  // C[a][0:n] += sum over c in [first[a], end[a]) of S[a][c] * B[c][0:n].
+  void (*rows_axpy)(int64_t m, int64_t n, const T* S, int64_t ld_s, const T* B, int64_t ldb, T* C, int64_t ldc,
+                    const int64_t* first, const int64_t* end);
+
   // Forward, online softmax over one tile: for each row, the running max and
   // sum are updated from S[a][first:end], which becomes exp(s - max); alpha[a]
   // is the factor by which the row's earlier output must be rescaled. Within

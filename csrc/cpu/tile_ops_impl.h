@@ -323,6 +323,67 @@ Vectorized<T> lanes_below(int64_t count) {
   return Vectorized<T>::arange(T(0), T(1)) < Vectorized<T>(static_cast<T>(count));
 }
 
+// ------------------------------------------------------ few-row products --
+
+// Dot products of one row of A with keys as rows: one vector accumulator per
+// key, the keys of a run are independent, so consecutive keys overlap in the
+// pipeline; a horizontal sum per key is cheap next to reading the key from
+// memory, which is what decoding is bound by.
+template <typename T>
+void rows_dot(int64_t m, int64_t k, const T* A, int64_t lda, const T* K, int64_t ldk, T mul, T* S, int64_t ld_s,
+              const int64_t* first, const int64_t* end) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  for (int64_t a = 0; a < m; ++a) {
+    const T* q = A + a * lda;
+    T* s = S + a * ld_s;
+    for (int64_t c = first[a]; c < end[a]; ++c) {
+      const T* key = K + c * ldk;
+      V acc0(T(0)), acc1(T(0));
+      int64_t d = 0;
+      for (; d + 2 * W <= k; d += 2 * W) {
+        acc0 = at::vec::fmadd(V::loadu(q + d), V::loadu(key + d), acc0);
+        acc1 = at::vec::fmadd(V::loadu(q + d + W), V::loadu(key + d + W), acc1);
+      }
+      for (; d < k; d += W) {  // loadu(p, count) zero-fills the missing lanes
+        const int64_t n = std::min(W, k - d);
+        acc0 = at::vec::fmadd(load_n(q + d, n), load_n(key + d, n), acc0);
+      }
+      s[c] = mul * hsum(acc0 + acc1);
+    }
+  }
+}
+
+template <typename T>
+void rows_axpy(int64_t m, int64_t n, const T* S, int64_t ld_s, const T* B, int64_t ldb, T* C, int64_t ldc,
+               const int64_t* first, const int64_t* end) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  for (int64_t a = 0; a < m; ++a) {
+    const T* s = S + a * ld_s;
+    T* out = C + a * ldc;
+    // kNV vectors of the output row stay in registers while the run's keys stream by.
+    for (int64_t n0 = 0; n0 < n; n0 += kNV * W) {
+      V acc[kNV];
+      int64_t cnt[kNV];
+      for (int v = 0; v < kNV; ++v) {
+        cnt[v] = std::max<int64_t>(0, std::min(W, n - n0 - v * W));
+        acc[v] = cnt[v] > 0 ? load_n(out + n0 + v * W, cnt[v]) : V(T(0));
+      }
+      for (int64_t c = first[a]; c < end[a]; ++c) {
+        const V p(s[c]);
+        const T* row = B + c * ldb + n0;
+        for (int v = 0; v < kNV; ++v) {
+          if (cnt[v] > 0) acc[v] = at::vec::fmadd(p, load_n(row + v * W, cnt[v]), acc[v]);
+        }
+      }
+      for (int v = 0; v < kNV; ++v) {
+        if (cnt[v] > 0) acc[v].store(out + n0 + v * W, cnt[v]);
+      }
+    }
+  }
+}
+
 template <typename T>
 void fill_zero(T* p, int64_t n) {
   constexpr int64_t W = Vectorized<T>::size();
@@ -525,6 +586,8 @@ TileOps<T> make_ops() {
   ops.gemm = &gemm<T>;
   ops.gemm_band_n = &gemm_band_n<T>;
   ops.gemm_band_k = &gemm_band_k<T>;
+  ops.rows_dot = &rows_dot<T>;
+  ops.rows_axpy = &rows_axpy<T>;
   ops.softmax_rows = &softmax_rows<T>;
   ops.sigmoid_rows = &sigmoid_rows<T>;
   ops.softmax_grad_rows = &softmax_grad_rows<T>;
