@@ -37,6 +37,19 @@ def best_time(fn, rounds: int) -> float:
     return min(time_once(fn) for _ in range(rounds))
 
 
+def best_interleaved(candidates: dict, rounds: int) -> dict:
+    """Each candidate's best time over `rounds` rounds that run every candidate
+    in turn (after one warm-up each), so that a slow spell of the machine hits
+    all of them rather than one."""
+    for fn in candidates.values():
+        fn()  # warm-up
+    best = {key: float("inf") for key in candidates}
+    for _ in range(rounds):
+        for key, fn in candidates.items():
+            best[key] = min(best[key], time_once(fn))
+    return best
+
+
 def keys_per_row(length: int, left: int) -> float:
     """Exact average number of keys a causal (left, 0) window allows per row."""
     return sum(min(i + 1, left + 1) for i in range(length)) / length
@@ -70,12 +83,7 @@ def ratios(args) -> None:
     for method in ("longreach", "sdpa_causal"):
         for backward in (False, True):
             candidates[(method, backward)] = attention_call(q, k, v, backward, method, left, grad_out)
-    for fn in candidates.values():
-        fn()  # warm-up
-    best = {name: float("inf") for name in candidates}
-    for _ in range(args.rounds):
-        for name, fn in candidates.items():
-            best[name] = min(best[name], time_once(fn))
+    best = best_interleaved(candidates, args.rounds)
     gemm = 2 * 2048**3 / best["gemm"] / 1e9
     print(f"B=1 H={heads} L={length} D={dim} float32 window=({left}, 0), 1 thread, thread CPU time, "
           f"best of {args.rounds} interleaved rounds")
@@ -99,12 +107,7 @@ def dtypes(args) -> None:
         q, k, v = (t.to(dt).requires_grad_() for t in base[:3])
         for backward in (False, True):
             candidates[(dt, backward)] = attention_call(q, k, v, backward, "longreach", left, base[3].to(dt))
-    for fn in candidates.values():
-        fn()  # warm-up
-    best = {key: float("inf") for key in candidates}
-    for _ in range(args.rounds):
-        for key, fn in candidates.items():
-            best[key] = min(best[key], time_once(fn))
+    best = best_interleaved(candidates, args.rounds)
     kpr = keys_per_row(length, left)
     print(f"B=1 H={heads} L={length} D={dim} window=({left}, 0), 1 thread, thread CPU time, "
           f"best of {args.rounds} interleaved rounds")
