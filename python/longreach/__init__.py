@@ -5,6 +5,7 @@ sigmoid scores, fused ALiBi and soft-capping, with forward and backward
 kernels, plus the RoPE family of positional schemes.
 """
 
+from . import _vml_warmup  # first: before any threaded elementwise call (see the module)
 from . import reference
 from .ops import local_attention
 from .position_ids import pose_position_ids, segment_position_ids

@@ -13,23 +13,6 @@ from typing import Optional, Tuple
 import torch
 
 
-def _resolve_vml_dispatch() -> None:
-    """Call each elementwise function the oracle uses once, on one element.
-
-    PyTorch's CPU builds compute exp, log and tanh with oneMKL's VML, which picks
-    its kernel lazily on the first call; when that first call comes from several
-    intra-op threads at once, one thread's chunk can run the low-accuracy kernel
-    (pytorch/pytorch#188792: errors of ~1e-9 in float64). Seen here as rare
-    float64 reference mismatches in fresh processes on a busy machine. One-element
-    calls on one thread settle the choice before any threaded call.
-    """
-    for dtype in (torch.float32, torch.float64):
-        x = torch.zeros(1, dtype=dtype)
-        torch.exp(x), torch.log1p(x), torch.log(x + 1), torch.tanh(x), torch.sigmoid(x)
-
-
-_resolve_vml_dispatch()
-
 
 def allowed_keys(
     q_len: int,
