@@ -4,35 +4,37 @@
 #include <c10/util/irange.h>
 
 #include <cmath>
+#include <limits>
 
 #include "common/window.h"
+#include "dtype_names.h"
 
 namespace longreach {
 namespace {
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
-    TORCH_CHECK(t->dim() == 4, "local_attention: ", name, " must be a 4-D tensor (B, H, L, D), got shape ",
+    TORCH_CHECK_VALUE(t->dim() == 4, "local_attention: ", name, " must be a 4-D tensor (B, H, L, D), got shape ",
                 t->sizes());
   }
-  TORCH_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype(),
-              "local_attention: q, k and v must share one dtype, got q ", q.dtype(), ", k ", k.dtype(),
-              ", v ", v.dtype());
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "local_attention: q, k and v must share one dtype, got q ", dtype_name(q.scalar_type()), ", k ", dtype_name(k.scalar_type()),
+              ", v ", dtype_name(v.scalar_type()));
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(),
               "local_attention: q, k and v must be on one device, got q on ", q.device(), ", k on ",
               k.device(), ", v on ", v.device());
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-              "local_attention: q has dtype ", q.dtype(),
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "local_attention: q has dtype ", dtype_name(q.scalar_type()),
               "; expected float32, float64, bfloat16 or float16");
-  TORCH_CHECK(k.sizes() == v.sizes(), "local_attention: k and v must have the same shape, got k ",
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "local_attention: k and v must have the same shape, got k ",
               k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0), "local_attention: batch size of k (", k.size(0),
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "local_attention: batch size of k (", k.size(0),
               ") does not match q (", q.size(0), ")");
-  TORCH_CHECK(k.size(3) == q.size(3), "local_attention: head dim of k (", k.size(3),
+  TORCH_CHECK_VALUE(k.size(3) == q.size(3), "local_attention: head dim of k (", k.size(3),
               ") does not match q (", q.size(3), ")");
-  TORCH_CHECK(k.size(1) >= 1, "local_attention: k must have at least one head, got ", k.size(1));
-  TORCH_CHECK(q.size(1) % k.size(1) == 0, "local_attention: number of query heads (", q.size(1),
+  TORCH_CHECK_VALUE(k.size(1) >= 1, "local_attention: k must have at least one head, got ", k.size(1));
+  TORCH_CHECK_VALUE(q.size(1) % k.size(1) == 0, "local_attention: number of query heads (", q.size(1),
               ") must be a multiple of the number of key/value heads (", k.size(1), ")");
 }
 
@@ -53,31 +55,46 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
   P.k_len = k.size(2);
   P.head_dim = q.size(3);
 
-  TORCH_CHECK(window_left >= -1, "local_attention: window left must be >= 0 (or None/-1 for unbounded), got ",
+  TORCH_CHECK_VALUE(window_left >= -1, "local_attention: window left must be >= 0 (or None/-1 for unbounded), got ",
               window_left);
-  TORCH_CHECK(window_right >= -1,
+  TORCH_CHECK_VALUE(window_right >= -1,
               "local_attention: window right must be >= 0 (or None/-1 for unbounded), got ", window_right);
-  TORCH_CHECK(dilation >= 1, "local_attention: dilation must be >= 1, got ", dilation);
+  TORCH_CHECK_VALUE(dilation >= 1, "local_attention: dilation must be >= 1, got ", dilation);
   P.window_left = clip_window_side(window_left, P.q_len, P.k_len);
   P.window_right = clip_window_side(window_right, P.q_len, P.k_len);
-  P.dilation = dilation;
+  P.dilation = clip_dilation(dilation, P.q_len, P.k_len);
 
   if (score == "softmax") {
     P.score = ScoreKind::kSoftmax;
   } else if (score == "sigmoid") {
     P.score = ScoreKind::kSigmoid;
   } else {
-    TORCH_CHECK(false, "local_attention: score must be 'softmax' or 'sigmoid', got '", std::string(score), "'");
+    TORCH_CHECK_VALUE(false, "local_attention: score must be 'softmax' or 'sigmoid', got '", std::string(score), "'");
   }
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0,
               "local_attention: softcap must be a positive number (0 disables it), got ", softcap);
-  TORCH_CHECK(std::isfinite(scale), "local_attention: scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "local_attention: scale must be finite, got ", scale);
+  // float32, bfloat16 and float16 compute in float32: a value beyond its range
+  // would become inf there and turn every score into inf or NaN.
+  const bool float_compute = q.scalar_type() != at::kDouble;
+  const double compute_max = float_compute ? static_cast<double>(std::numeric_limits<float>::max())
+                                           : std::numeric_limits<double>::max();
+  const char* compute_name = float_compute ? "float32" : "float64";
+  TORCH_CHECK_VALUE(std::abs(scale) <= compute_max, "local_attention: scale ", scale, " does not fit the ",
+              compute_name, " computation of ", dtype_name(q.scalar_type()), " inputs (at most ", compute_max,
+              " in magnitude)");
+  TORCH_CHECK_VALUE(softcap <= compute_max, "local_attention: softcap ", softcap, " does not fit the ", compute_name,
+              " computation of ", dtype_name(q.scalar_type()), " inputs (at most ", compute_max,
+              "; use None for no soft-capping)");
   P.softcap = softcap;
   P.scale = scale;
   if (P.score == ScoreKind::kSigmoid) {
     if (sigmoid_bias.has_value()) {
-      TORCH_CHECK(std::isfinite(*sigmoid_bias), "local_attention: sigmoid_bias must be finite, got ",
+      TORCH_CHECK_VALUE(std::isfinite(*sigmoid_bias), "local_attention: sigmoid_bias must be finite, got ",
                   *sigmoid_bias);
+      TORCH_CHECK_VALUE(std::abs(*sigmoid_bias) <= compute_max, "local_attention: sigmoid_bias ", *sigmoid_bias,
+                  " does not fit the ", compute_name, " computation of ", dtype_name(q.scalar_type()),
+                  " inputs (at most ", compute_max, " in magnitude)");
       P.sigmoid_bias = *sigmoid_bias;
     } else {
       const int64_t n = full_window_size(P);
@@ -87,24 +104,24 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
 
   if (global_mask.has_value()) {
     const auto& g = *global_mask;
-    TORCH_CHECK(g.scalar_type() == at::kBool, "local_attention: global_mask must be a bool tensor, got ",
-                g.dtype());
-    TORCH_CHECK(g.dim() == 2 && g.size(0) == P.batch && g.size(1) == P.k_len,
+    TORCH_CHECK_TYPE(g.scalar_type() == at::kBool, "local_attention: global_mask must be a bool tensor, got ",
+                dtype_name(g.scalar_type()));
+    TORCH_CHECK_VALUE(g.dim() == 2 && g.size(0) == P.batch && g.size(1) == P.k_len,
                 "local_attention: global_mask must have shape (B, Lk) = (", P.batch, ", ", P.k_len,
                 "), got ", g.sizes());
-    TORCH_CHECK(g.device() == q.device(), "local_attention: global_mask is on ", g.device(),
+    TORCH_CHECK_VALUE(g.device() == q.device(), "local_attention: global_mask is on ", g.device(),
                 " but q is on ", q.device());
     P.has_global = true;
   }
   if (alibi_slopes.has_value()) {
     const auto& s = *alibi_slopes;
-    TORCH_CHECK(s.scalar_type() == at::kFloat, "local_attention: alibi_slopes must be float32, got ",
-                s.dtype());
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "local_attention: alibi_slopes must be float32, got ",
+                dtype_name(s.scalar_type()));
     const bool per_head = s.dim() == 1 && s.size(0) == P.q_heads;
     const bool per_batch_head = s.dim() == 2 && s.size(0) == P.batch && s.size(1) == P.q_heads;
-    TORCH_CHECK(per_head || per_batch_head, "local_attention: alibi_slopes must have shape (Hq,) = (",
+    TORCH_CHECK_VALUE(per_head || per_batch_head, "local_attention: alibi_slopes must have shape (Hq,) = (",
                 P.q_heads, ",) or (B, Hq) = (", P.batch, ", ", P.q_heads, "), got ", s.sizes());
-    TORCH_CHECK(s.device() == q.device(), "local_attention: alibi_slopes is on ", s.device(),
+    TORCH_CHECK_VALUE(s.device() == q.device(), "local_attention: alibi_slopes is on ", s.device(),
                 " but q is on ", q.device());
     P.has_alibi = true;
   }
@@ -114,17 +131,17 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
 void check_backward_inputs(const AttentionParams& P, const at::Tensor& q, const at::Tensor& grad_out,
                            const at::Tensor& out, const at::Tensor& lse,
                            const c10::optional<at::Tensor>& grad_lse) {
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "local_attention backward: grad_out and out must have q's shape ", q.sizes(), ", got ",
               grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(grad_out.dtype() == q.dtype() && out.dtype() == q.dtype(),
-              "local_attention backward: grad_out and out must have q's dtype ", q.dtype());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "local_attention backward: grad_out and out must have q's dtype ", dtype_name(q.scalar_type()));
   const std::vector<int64_t> lse_shape{P.batch, P.q_heads, P.q_len};
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape) && lse.scalar_type() == lse_dtype(q.scalar_type()),
-              "local_attention backward: lse must be ", c10::toString(lse_dtype(q.scalar_type())), " of shape ",
-              at::IntArrayRef(lse_shape), ", got ", lse.dtype(), " ", lse.sizes());
+  TORCH_CHECK_TYPE(lse.sizes() == at::IntArrayRef(lse_shape) && lse.scalar_type() == lse_dtype(q.scalar_type()),
+              "local_attention backward: lse must be ", dtype_name(lse_dtype(q.scalar_type())), " of shape ",
+              at::IntArrayRef(lse_shape), ", got ", dtype_name(lse.scalar_type()), " ", lse.sizes());
   if (grad_lse.has_value()) {
-    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "local_attention backward: grad_lse must have shape ",
+    TORCH_CHECK_VALUE(grad_lse->sizes() == lse.sizes(), "local_attention backward: grad_lse must have shape ",
                 lse.sizes(), ", got ", grad_lse->sizes());
   }
 }

@@ -87,6 +87,18 @@ LR_HOST_DEVICE int64_t clip_window_side(int64_t side, int64_t q_len, int64_t k_l
   return (side < 0 || side > cover) ? cover : side;
 }
 
+// Clip the dilation to max(Lq, Lk, 1). Rows sit at positions Lk - Lq .. Lk - 1
+// and keys at 0 .. Lk - 1, less than max(Lq, Lk) apart, so with any dilation
+// at least that large a row's residue class holds only its own position: the
+// problem is the same, and the products of window sides and the dilation
+// (at most (Lq + Lk + 1) * max(Lq, Lk)) and the residue arithmetic stay far
+// from overflowing for any dilation up to 2^63 - 1.
+LR_HOST_DEVICE int64_t clip_dilation(int64_t dilation, int64_t q_len, int64_t k_len) {
+  int64_t reach = q_len > k_len ? q_len : k_len;
+  if (reach < 1) reach = 1;
+  return dilation > reach ? reach : dilation;
+}
+
 }  // namespace longreach
 
 namespace longreach {

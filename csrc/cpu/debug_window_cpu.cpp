@@ -28,7 +28,7 @@ AttentionParams window_params(int64_t q_len, int64_t k_len, int64_t window_left,
   P.head_dim = 1;
   P.window_left = clip_window_side(window_left, q_len, k_len);
   P.window_right = clip_window_side(window_right, q_len, k_len);
-  P.dilation = dilation;
+  P.dilation = clip_dilation(dilation, q_len, k_len);
   return P;
 }
 
@@ -51,7 +51,7 @@ at::Tensor debug_tile_bands(int64_t q_len, int64_t k_len, int64_t window_left, i
                             int64_t tile, bool by_keys) {
   const AttentionParams P = window_params(q_len, k_len, window_left, window_right, dilation);
   TORCH_CHECK(tile >= 1, "_debug_tile_bands: tile must be >= 1, got ", tile);
-  const int64_t n = by_keys ? k_len : q_len, d = dilation, off = P.position_offset();
+  const int64_t n = by_keys ? k_len : q_len, d = P.dilation, off = P.position_offset();
   std::vector<int64_t> rows;
   for (int64_t cls = 0; cls < class_number(n, d); ++cls) {
     for (int64_t t = 0; t < tiles_per_class(n, d, tile); ++t) {

@@ -264,10 +264,16 @@ void plan_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, bool span_ma
   if (g_last < 0) return;
   runs->band_first = runs->first;
   runs->band_end = runs->end;
+  // Widen every run to its hull with [g_first, g_last]. The band runs are
+  // monotone, an empty one sitting at column 0 (band left of the tile, or a
+  // row at a negative position when Lq > Lk) or nk (band right of it); taking
+  // min/max with constants keeps them monotone, which transpose_runs (the
+  // backward's key-side products) relies on. Columns before valid_from are
+  // never in a run: their global keys are the block's extras.
   for (int64_t a = 0; a < nq; ++a) {
-    const bool band_empty = runs->first[a] >= runs->end[a];
-    runs->first[a] = band_empty ? g_first : std::min(runs->first[a], g_first);
-    runs->end[a] = band_empty ? g_last + 1 : std::max(runs->end[a], g_last + 1);
+    const int64_t f = std::max(runs->first[a], valid_from);
+    runs->first[a] = std::min(f, g_first);
+    runs->end[a] = std::max(std::max(runs->end[a], f), g_last + 1);
   }
   runs->interior = true;
 }
@@ -547,7 +553,8 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
             lse_row[ws.rows[a]] = acc_t(0);  // not defined for sigmoid
             continue;
           }
-          const bool empty = !(ws.l[a] > acc_t(0));  // a row with no allowed key returns zeros
+          // A row with no allowed key returns zeros; a NaN sum (a NaN score) gives NaN.
+          const bool empty = ws.l[a] == acc_t(0);
           convert_out(ops, src, D, empty ? acc_t(0) : acc_t(1) / ws.l[a], O.row(ws.rows[a]));
           lse_row[ws.rows[a]] = empty ? neg_inf : ws.m[a] + std::log(ws.l[a]);
         }

@@ -95,12 +95,14 @@ Vectorized<T> neg_inf_vec() {
 }
 
 // sigmoid(x) = 1 / (1 + exp(-x)), exactly 0 at x = -inf (masked keys), so that
-// rows with nothing allowed stay exact zeros.
+// rows with nothing allowed stay exact zeros, and NaN at x = NaN (the fast
+// float exp clamps its input and would give a weight of 1).
 template <typename T>
 Vectorized<T> vsigmoid(const Vectorized<T>& x) {
   const Vectorized<T> one(T(1));
   const Vectorized<T> s = one / (one + vexp(Vectorized<T>(T(0)) - x));
-  return Vectorized<T>::blendv(s, Vectorized<T>(T(0)), x == neg_inf_vec<T>());
+  const Vectorized<T> masked = Vectorized<T>::blendv(s, Vectorized<T>(T(0)), x == neg_inf_vec<T>());
+  return Vectorized<T>::blendv(masked, x, x.isnan());
 }
 
 // ------------------------------------------------------------------ gemm --
@@ -385,12 +387,17 @@ void rows_axpy(int64_t m, int64_t n, const T* S, int64_t ld_s, const T* B, int64
 }
 
 template <typename T>
-void fill_zero(T* p, int64_t n) {
+void fill_value(T* p, int64_t n, T value) {
   constexpr int64_t W = Vectorized<T>::size();
-  const Vectorized<T> z(T(0));
+  const Vectorized<T> z(value);
   int64_t c = 0;
   for (; c + W <= n; c += W) z.store(p + c);
   if (c < n) z.store(p + c, n - c);
+}
+
+template <typename T>
+void fill_zero(T* p, int64_t n) {
+  fill_value(p, n, T(0));
 }
 
 // Zero row[lo:first) and row[end:hi) (the parts of a register block's union outside this row's run).
@@ -436,7 +443,18 @@ void softmax_rows(T* S, int64_t ld, int64_t m, const int64_t* first, const int64
         mx0 = at::vec::maximum(mx0, x);
       }
       const T m_old = row_max[a];
-      const T m_new = std::max(m_old, hmax(at::vec::maximum(mx0, mx1)));
+      const T tile_max = hmax(at::vec::maximum(mx0, mx1));  // NaN if any score is NaN
+      const T m_new = std::isnan(tile_max) ? tile_max : std::max(m_old, tile_max);
+      if (std::isnan(m_new)) {
+        // A NaN score (from a NaN in q, k, the scale or the slope) makes the
+        // row NaN, as the dense softmax does; the fast exp below would turn
+        // it into a finite number. NaN stays in row_max and row_sum.
+        fill_value(s + f, e - f, m_new);
+        alpha[a] = m_new;
+        tile_sum[a] = m_new;
+        row_max[a] = m_new;
+        continue;
+      }
       if (m_new == neg_inf) {  // nothing allowed yet (all scores -inf)
         fill_zero(s + f, e - f);
         continue;
@@ -501,6 +519,11 @@ void softmax_grad_rows(T* S, T* G, const T* factor, int64_t ld, int64_t m, int64
     const int64_t f = empty_row ? n : first[a], e = empty_row ? n : end[a];
     zero_outside(s, 0, n, f, e);
     zero_outside(g, 0, n, f, e);
+    if (std::isnan(lse[a])) {  // a NaN row (see softmax_rows) passes NaN to every key it sees
+      fill_value(s + f, e - f, lse[a]);
+      fill_value(g + f, e - f, lse[a]);
+      continue;
+    }
     const V dot(rowdot[a]);
     const T l = lse[a];
     for_each_vector<T>(f, e, [&](int64_t c, int64_t cnt) {

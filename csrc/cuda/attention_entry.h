@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "../attention_params.h"
+#include "../dtype_names.h"
 #include "attention_launch.h"
 
 namespace longreach::cuda_kernels {
@@ -25,7 +26,7 @@ namespace longreach::cuda_kernels {
 inline void check_cuda_inputs(const at::Tensor& q) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "local_attention (CUDA): q has dtype ",
-              q.dtype(), "; the CUDA kernels support float16, bfloat16 and float32 (use float32, or run float64 on CPU)");
+              dtype_name(q.scalar_type()), "; the CUDA kernels support float16, bfloat16 and float32 (use float32, or run float64 on CPU)");
   TORCH_CHECK(q.size(3) <= 256, "local_attention (CUDA): head dim ", q.size(3),
               " is not supported; expected 1 .. 256");
 }

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "../common/rotary.h"
+#include "../dtype_names.h"
 #include "../rotary_params.h"
 #include "rotary_launcher.h"
 
@@ -60,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> apply_rotary_qk_cuda(const at::Tensor& q, con
   const RotaryParams Pq = make_rotary_params(q, "q", cos, sin, position_ids, interleaved, conjugate);
   const RotaryParams Pk = make_rotary_params(k, "k", cos, sin, position_ids, interleaved, conjugate);
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "apply_rotary_qk: q and k must share one dtype, got q ",
-              q.dtype(), " and k ", k.dtype());
+              dtype_name(q.scalar_type()), " and k ", dtype_name(k.scalar_type()));
   check_positions(position_ids, Pq.table_len, stream);
   const at::Tensor cos_t = rotary_table(cos, q.scalar_type()), sin_t = rotary_table(sin, q.scalar_type());
   return {rotate(Pq, q, cos_t, sin_t, position_ids, stream), rotate(Pk, k, cos_t, sin_t, position_ids, stream)};
