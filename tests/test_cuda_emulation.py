@@ -91,6 +91,8 @@ def test_emulated_cuda_kernels_match_cpu(emulation, name, kwargs, shape, dtype):
         (53, 37, (7, 0), True, 3, 5),
         (1, 40, (None, None), False, 2, 7),
         (90, 30, (4, 0), True, 1, None),  # rows at negative positions see nothing
+        (9, 8, (0, 0), False, 1, 6),  # Lq > Lk with global keys (issue 12: the CPU backward's dK/dV were wrong)
+        (150, 40, (2, 1), False, 2, 9),
         (64, 64, (0, 0), False, 4, 9),
         (70, 70, (2, None), False, 3, 4),
     ],
@@ -114,3 +116,16 @@ def test_emulated_cuda_kernels_match_reference_in_float32(emulation, q_len, k_le
         dq, dk, dv = emulation.bwd(go, None, q, k, v, out, lse, *args)
         for got, want in zip((dq, dk, dv), torch.autograd.grad(ref, (qr, kr, vr), go.double())):
             torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_emulated_cuda_kernels_give_nan_rows_for_nan_inputs(emulation, score, where):
+    """A NaN score makes its row NaN (the running max used to drop it: zeros)."""
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    (q if where == "q" else k)[0, 1, 17, 2] = float("nan")
+    kw = dict(window=(2, 3), score=score)
+    out, lse = emulation.fwd(q, k, v, *_op_args(q, kw))
+    want = reference.local_attention(q, k, v, **kw)
+    assert torch.equal(torch.isnan(out).any(-1), torch.isnan(want).any(-1))
+    assert torch.isnan(out).any(-1).sum() == (1 if where == "q" else 6)

@@ -50,6 +50,14 @@ LR_HOST_DEVICE acc_t sigmoid_score_grad(acc_t sig, acc_t dp) {
   return dp * sig * (acc_t(1) - sig);
 }
 
+// max(a, b) that returns NaN when either is NaN: the running softmax max must
+// carry a NaN score through to the row's sum (a NaN row), where a plain
+// comparison would drop it and the row would look empty (zeros).
+template <typename acc_t>
+LR_HOST_DEVICE acc_t nan_propagating_max(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
+
 LR_HOST_DEVICE int64_t abs_distance(int64_t p, int64_t j) { return p > j ? p - j : j - p; }
 
 }  // namespace longreach

@@ -444,10 +444,10 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
       for (int r = t.warp; r < BM; r += t.nwarps) {
         const acc_t* s = sS + r * BN;
         acc_t tile_max = neg_infinity<acc_t>();
-        for (int c = t.lane; c < BN; c += t.warp_size) tile_max = s[c] > tile_max ? s[c] : tile_max;
+        for (int c = t.lane; c < BN; c += t.warp_size) tile_max = nan_propagating_max(tile_max, s[c]);
         tile_max = warp_max(tile_max);
         const acc_t m_old = row_max[r];
-        const acc_t m_new = m_old > tile_max ? m_old : tile_max;
+        const acc_t m_new = nan_propagating_max(m_old, tile_max);  // NaN scores make a NaN row
         acc_t alpha = acc_t(1), sum = acc_t(0);
         if (m_new == neg_infinity<acc_t>()) {  // nothing allowed in this row so far
           for (int c = t.lane; c < BN; c += t.warp_size) sP[r * BN + c] = static_cast<T>(acc_t(0));
@@ -474,10 +474,11 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
     block_sync();
   }
 
-  // Normalise and write. A softmax row with no allowed key has sum 0: zeros, lse = -inf.
+  // Normalise and write. A softmax row with no allowed key has sum 0: zeros, lse = -inf
+  // (a NaN sum, from a NaN score, gives NaN).
   acc_t* lse = a.lse + (b * P.q_heads + h) * P.q_len;
   for (int r = t.tid; r < BM; r += t.nthreads) {
-    const bool empty = !(row_sum[r] > acc_t(0));
+    const bool empty = row_sum[r] == acc_t(0);
     if (sigmoid_score) {
       row_scale[r] = acc_t(1);
     } else {

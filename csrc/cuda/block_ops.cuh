@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "../common/host_device.h"
+#include "../common/scores.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -62,8 +63,7 @@ template <typename U>
 LR_HOST_DEVICE U warp_max(U x) {
 #if defined(__CUDA_ARCH__)
   for (int s = 16; s > 0; s /= 2) {
-    const U other = __shfl_xor_sync(0xffffffffu, x, s);
-    x = other > x ? other : x;
+    x = nan_propagating_max(x, __shfl_xor_sync(0xffffffffu, x, s));
   }
 #endif
   return x;
