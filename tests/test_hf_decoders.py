@@ -10,6 +10,9 @@ use sdpa).
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,18 +133,70 @@ def test_greedy_generation_with_cache_matches(family):
         torch.testing.assert_close(step_got, step_expected, atol=2e-5, rtol=1e-5)
 
 
+def left_padded(pads, length):
+    """An attention mask whose row i starts with pads[i] padding tokens."""
+    mask = torch.ones(len(pads), length, dtype=torch.long)
+    for row, count in enumerate(pads):
+        mask[row, :count] = 0
+    return mask
+
+
+def assert_same_generation(got, expected):
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(got.logits) == len(expected.logits)
+    for step, (step_got, step_expected) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(step_got, step_expected, atol=2e-5, rtol=1e-5, msg=f"step {step}")
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_generation_with_static_cache_matches(family):
     """Static caches hand the kernel the whole preallocated key array (unused tail included)
-    for full layers, and a rolling window for sliding ones."""
+    for full layers, and a rolling window for sliding ones. Row 1's 6 pads lie inside the
+    first steps' sliding window (5 keys, prompt of 8), so the window's padding is tested."""
     reference = build(family, reference_attn(family))
     patched = patched_copy(reference)
     ids = torch.randint(3, VOCAB, (2, 8))
-    mask = padding_mask("left", 2, 8)
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    mask = left_padded((0, 6), 8)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                  output_logits=True, return_dict_in_generate=True)
     expected = reference.generate(ids, **kwargs)
     got = patched.generate(ids, cache_implementation="static", **kwargs)
-    assert torch.equal(got, expected)
+    assert_same_generation(got, expected)
+
+
+WINDOW = 8
+PROMPT = 10  # the last prompt token's window (8 keys) starts at key 2: 7 pads reach into it, 2 do not
+PADS = {"inside": (0, 7), "outside": (0, 2)}
+CACHES = {"none": dict(use_cache=False), "dynamic": {}, "static": dict(cache_implementation="static")}
+
+
+@pytest.mark.parametrize("pads", sorted(PADS))
+@pytest.mark.parametrize("cache", sorted(CACHES))
+@pytest.mark.parametrize("family", ["mistral", "llama"])
+def test_generation_with_left_padding_near_the_window_matches_eager(family, cache, pads):
+    """Every step's logits and the greedy tokens equal eager Mistral (sliding_window=8) on the
+    same weights, for Mistral itself and for a Llama patched with window=8.
+
+    Regression (issue 12): with a static cache, generate() builds the masks once through the
+    mask function and hands its output back as attention_mask; models with one mask type
+    (Mistral, Llama) pass it through the mask function a second time. That second pass cut
+    the keys at the layer's offset again, dropping the current token as soon as the sliding
+    cache was full (logits off by up to 9); padding inside the window shows it from the first
+    generated token.
+    """
+    reference = build("mistral", "eager", sliding_window=WINDOW)
+    if family == "mistral":
+        patched = patched_copy(reference)
+    else:
+        patched = build("llama", "eager")
+        patched.load_state_dict(reference.state_dict())
+        longreach.hf.patch(patched, window=WINDOW)
+    ids = torch.randint(3, VOCAB, (2, PROMPT))
+    kwargs = dict(attention_mask=left_padded(PADS[pads], PROMPT), max_new_tokens=10, do_sample=False,
+                  eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    expected = reference.generate(ids, **kwargs)
+    got = patched.generate(ids, **CACHES[cache], **kwargs)
+    assert_same_generation(got, expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -396,6 +451,68 @@ def test_save_pretrained_round_trip(tmp_path):
     ids = torch.randint(3, VOCAB, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, patched(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "options, attn",
+    [
+        (dict(window=4), "longreach"),
+        (dict(alibi="standard", softcap=1.5), "longreach"),
+        (dict(score="sigmoid", window=6, rope_scaling=ROPE_SCALINGS["yarn"]), "longreach"),
+        (dict(rope_scaling=ROPE_SCALINGS["yarn"]), "sdpa"),  # transformers computes the same RoPE itself
+        ({}, "sdpa"),
+    ],
+)
+def test_plain_from_pretrained_keeps_the_saved_options(tmp_path, options, attn):
+    """Regression (issue 12): a plain from_pretrained of a patched checkpoint used to run
+    transformers' attention without window / ALiBi / softcap / sigmoid, silently. Now
+    config.json names attn_implementation="longreach" when an option changes the attention,
+    and the loaded model reads the options from config.longreach; also after saving it again."""
+    patched = patched_copy(build("llama", "sdpa"), **options)
+    patched.save_pretrained(tmp_path / "first")
+    ids = torch.randint(3, VOCAB, (2, 12))
+    mask = padding_mask("left", 2, 12)
+    with torch.no_grad():
+        expected = patched(ids, attention_mask=mask).logits[mask.bool()]
+    repatched = longreach.hf.patch(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "first").eval())
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "first").eval()
+    assert plain.config._attn_implementation == attn
+    with torch.no_grad():
+        torch.testing.assert_close(repatched(ids, attention_mask=mask).logits[mask.bool()], expected, atol=0, rtol=0)
+        torch.testing.assert_close(plain(ids, attention_mask=mask).logits[mask.bool()], expected, atol=2e-5, rtol=1e-5)
+    plain.save_pretrained(tmp_path / "again")
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").config._attn_implementation == attn
+    if attn == "longreach":  # the options matter: transformers' own attention gives other logits
+        forced = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "first", attn_implementation="sdpa")
+        with torch.no_grad():
+            assert (forced.eval()(ids, attention_mask=mask).logits[mask.bool()] - expected).abs().max() > 1e-3
+
+
+def test_fresh_process_loads_a_patched_checkpoint_once_longreach_hf_is_imported(tmp_path):
+    """Without longreach, transformers refuses the checkpoint (it names an unknown attention);
+    `import longreach.hf` alone registers it, no patch() call needed."""
+    patched_copy(build("llama"), window=4).save_pretrained(tmp_path)
+    script = f"""
+import transformers
+try:
+    transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+except ValueError as error:
+    assert 'attn_implementation="longreach"' in str(error), error
+else:
+    raise AssertionError("loaded without longreach")
+import longreach.hf
+model = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+assert model.config._attn_implementation == "longreach", model.config._attn_implementation
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+
+
+def test_attention_mask_shorter_than_the_tokens_raises():
+    patched = patched_copy(build("llama"))
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with pytest.raises(ValueError, match="attention_mask has 5 columns but the cache and the input hold 8"):
+        patched(ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
 
 
 def test_lora_finetuning_with_gradient_checkpointing_lowers_the_loss(monkeypatch):

@@ -13,7 +13,10 @@ registers a `longreach` entry in both and switches the model to it:
   window (or the `window` option), soft-capping, the layer's `scaling`, GQA and ALiBi/sigmoid
   options in the fused op, with exact left/right padding (`longreach.padding`).
 
-Options are stored in `config.longreach` (a dict), so they travel with save_pretrained.
+Options are stored in `config.longreach` (a dict), so they travel with save_pretrained; when
+they change the attention, `config.attn_implementation = "longreach"` goes with them, so that a
+plain from_pretrained runs longreach (registered by `import longreach.hf`) instead of silently
+dropping them.
 """
 
 from __future__ import annotations
@@ -64,6 +67,25 @@ def _check_options(window, score, alibi, softcap, rope_scaling) -> Dict[str, Any
 
 def _options(config) -> Dict[str, Any]:
     return getattr(config, OPTIONS_ATTR, None) or {}
+
+
+# Options that change what attention computes, which transformers' own attention would drop.
+# (rope_scaling is not one: transformers rebuilds the same RoPE from config.rope_parameters.)
+_ATTENTION_OPTIONS = ("window", "score", "alibi", "softcap")
+
+
+def _name_longreach_in_config(config) -> None:
+    """Set config.attn_implementation = "longreach" when the options change the attention.
+
+    save_pretrained writes it into config.json, and from_pretrained takes it as the model's
+    attention implementation: a plain load then runs longreach with the saved options
+    (`import longreach.hf` registers it), or fails where longreach is not imported, instead of
+    silently running transformers' attention without them.
+    """
+    if config is not None and getattr(config, "attn_implementation", None) != ATTENTION_NAME and any(
+        name in _options(config) for name in _ATTENTION_OPTIONS
+    ):
+        config.attn_implementation = ATTENTION_NAME
 
 
 # --------------------------------------------------------------------------- mask function
@@ -155,6 +177,8 @@ def longreach_mask(
     K = q_offset - kv_offset + q_length, the key index after the last query (queries see no
     key beyond it). For growing caches K == kv_length; for a static cache's layer it cuts the
     unused tail. The attention function slices keys to K, so its bottom-right alignment holds.
+    `attention_mask` may also be this function's own output (generate() hands it back): it is
+    idempotent.
     """
     if isinstance(q_offset, torch.Tensor):
         if torch.compiler.is_compiling():
@@ -163,6 +187,11 @@ def longreach_mask(
                 "slots is a traced tensor); use the default DynamicCache"
             )
         q_offset = int(q_offset)
+    if not torch.compiler.is_compiling():  # no config mutation inside a graph
+        # from_pretrained moves config.json's attn_implementation into config._attn_implementation,
+        # which save_pretrained does not write: put it back, so that a model loaded from a patched
+        # checkpoint still names longreach when it is saved again.
+        _name_longreach_in_config(config)
     if mask_function is not None:
         _check_causal_pattern(mask_function, batch_size, q_length, q_offset, device)
     horizon = q_offset - kv_offset + q_length
@@ -174,9 +203,18 @@ def longreach_mask(
             return None
         return torch.ones(batch_size, horizon, dtype=torch.bool, device=device)
     valid = attention_mask.to(device=device, dtype=torch.bool)
-    if valid.shape[-1] < kv_offset + horizon:  # a static cache's mask stops at the filled slots
-        valid = torch.nn.functional.pad(valid, (0, kv_offset + horizon - valid.shape[-1]))
-    valid = valid[:, kv_offset : kv_offset + horizon]
+    # Either transformers' 2-D mask over all tokens so far (column j: the token at position j),
+    # or this function's own (B, K) output coming back: with a static cache generate() calls the
+    # mask function itself and passes the result as attention_mask, and models with one mask type
+    # (Llama, Mistral) run it through here again. Slicing that at kv_offset a second time dropped
+    # the newest keys, so a mask of K columns is taken as it is (with kv_offset 0, both agree).
+    if valid.shape[-1] != horizon:
+        if valid.shape[-1] < kv_offset + horizon:
+            raise ValueError(
+                f"longreach: attention_mask has {valid.shape[-1]} columns but the cache and the input hold "
+                f"{kv_offset + horizon} tokens; pass a mask over the cached and the new tokens"
+            )
+        valid = valid[:, kv_offset : kv_offset + horizon]
     # One host sync per mask (as transformers' own sdpa mask does when not compiling); under
     # torch.compile it is a graph break, after which the unpadded case runs without any.
     if horizon == kv_length and bool(valid.all()):
@@ -311,6 +349,7 @@ def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None,
         # Llama) gets bounded sliding caches instead of caches that grow with the sequence.
         config.sliding_window = options["window"]
     setattr(config, OPTIONS_ATTR, options)
+    _name_longreach_in_config(config)
     register()
     base.set_attn_implementation(ATTENTION_NAME)
     if config._attn_implementation != ATTENTION_NAME:
