@@ -130,7 +130,9 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
 
 void check_backward_inputs(const AttentionParams& P, const at::Tensor& q, const at::Tensor& grad_out,
                            const at::Tensor& out, const at::Tensor& lse,
-                           const c10::optional<at::Tensor>& grad_lse) {
+                           const c10::optional<at::Tensor>& grad_lse, bool alibi_grad) {
+  TORCH_CHECK_VALUE(!alibi_grad || P.has_alibi,
+                    "local_attention backward: alibi_grad=True needs alibi_slopes, got None");
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "local_attention backward: grad_out and out must have q's shape ", q.sizes(), ", got ",
               grad_out.sizes(), " and ", out.sizes());
@@ -144,6 +146,11 @@ void check_backward_inputs(const AttentionParams& P, const at::Tensor& q, const 
     TORCH_CHECK_VALUE(grad_lse->sizes() == lse.sizes(), "local_attention backward: grad_lse must have shape ",
                 lse.sizes(), ", got ", grad_lse->sizes());
   }
+}
+
+at::Tensor alibi_slopes_grad_buffer(const AttentionParams& P, const at::Tensor& q, bool alibi_grad) {
+  const auto options = q.options().dtype(at::kFloat);
+  return alibi_grad ? at::empty({P.batch, P.q_heads}, options) : at::empty({0}, options);
 }
 
 }  // namespace longreach

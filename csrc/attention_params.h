@@ -28,6 +28,10 @@ inline at::ScalarType lse_dtype(at::ScalarType input) {
 // Checks for the extra tensors the backward receives (shapes must match the forward's).
 void check_backward_inputs(const AttentionParams& P, const at::Tensor& q, const at::Tensor& grad_out,
                            const at::Tensor& out, const at::Tensor& lse,
-                           const c10::optional<at::Tensor>& grad_lse);
+                           const c10::optional<at::Tensor>& grad_lse, bool alibi_grad);
+
+// The backward's grad_alibi_slopes: (B, Hq) float32 on q's device when
+// alibi_grad (the kernels write every element), else an empty (0,) tensor.
+at::Tensor alibi_slopes_grad_buffer(const AttentionParams& P, const at::Tensor& q, bool alibi_grad);
 
 }  // namespace longreach

@@ -7,6 +7,8 @@
 TORCH_LIBRARY(longreach, m) {
   // window_left / window_right count dilated steps; -1 means unbounded.
   // softcap 0 disables soft-capping; sigmoid_bias None means -ln(window size).
+  // The backward's grad_alibi_slopes is (B, Hq) float32 with alibi_grad (the
+  // caller sums it over B for (Hq,) slopes), else an empty (0,) tensor.
   m.def(
       "local_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? global_mask, Tensor? alibi_slopes, "
       "int window_left, int window_right, int dilation, str score, float? sigmoid_bias, float softcap, "
@@ -14,8 +16,8 @@ TORCH_LIBRARY(longreach, m) {
   m.def(
       "local_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? global_mask, Tensor? alibi_slopes, int window_left, int window_right, "
-      "int dilation, str score, float? sigmoid_bias, float softcap, float scale) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "int dilation, str score, float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes)");
 }
 
 // Rotary position embedding. cos / sin are position-indexed tables

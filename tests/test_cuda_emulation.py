@@ -64,7 +64,7 @@ def _emulated_run(emulation, q, k, v, kw, grad_seed=1):
     g = torch.Generator().manual_seed(grad_seed)
     grad = torch.randn(out.shape, generator=g).to(out)
     grad_lse = torch.where(torch.isfinite(lse), 0.1, 0.0).float() if softmax else None
-    dq, dk, dv = emulation.bwd(grad, grad_lse, q, k, v, out, lse, *args)
+    dq, dk, dv, _ = emulation.bwd(grad, grad_lse, q, k, v, out, lse, *args)
     return out, (lse if softmax else None), dq, dk, dv
 
 
@@ -113,7 +113,7 @@ def test_emulated_cuda_kernels_match_reference_in_float32(emulation, q_len, k_le
         ref = reference.local_attention(qr, kr, vr, **kw, **extra)
         torch.testing.assert_close(out.double(), ref, atol=3e-5, rtol=3e-5)
         go = torch.randn_like(out)
-        dq, dk, dv = emulation.bwd(go, None, q, k, v, out, lse, *args)
+        dq, dk, dv, _ = emulation.bwd(go, None, q, k, v, out, lse, *args)
         for got, want in zip((dq, dk, dv), torch.autograd.grad(ref, (qr, kr, vr), go.double())):
             torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
@@ -129,3 +129,23 @@ def test_emulated_cuda_kernels_give_nan_rows_for_nan_inputs(emulation, score, wh
     want = reference.local_attention(q, k, v, **kw)
     assert torch.equal(torch.isnan(out).any(-1), torch.isnan(want).any(-1))
     assert torch.isnan(out).any(-1).sum() == (1 if where == "q" else 6)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_emulated_cuda_alibi_slope_gradient_matches_the_reference(emulation, score, softcap):
+    """d loss / d slopes from the dQ pass (per-block sums at each block's first row) against autograd of the reference."""
+    B, Hq, Hk, Lq, Lk, D = 2, 4, 2, 150, 140, 16
+    q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, D)
+    gm = torch.zeros(B, Lk, dtype=torch.bool)
+    gm[0, ::13] = True
+    slopes = torch.randn(B, Hq) * 0.3
+    kw = dict(window=(9, 4), dilation=2, global_mask=gm, alibi_slopes=slopes, score=score, softcap=softcap)
+    args = _op_args(q, kw)
+    out, lse = emulation.fwd(q, k, v, *args)
+    go = torch.randn_like(out)
+    *_, dslopes = emulation.bwd(go, None, q, k, v, out, lse, *args, alibi_grad=True)
+    sr = slopes.double().requires_grad_()
+    ref = reference.local_attention(q.double(), k.double(), v.double(), **{**kw, "alibi_slopes": sr})
+    (want,) = torch.autograd.grad(ref, sr, go.double())
+    torch.testing.assert_close(dslopes.double(), want, atol=1e-3, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""Global tokens in longreach.local_attention (DESIGN.md section 1), forward and backward.
+"""Global tokens in longreach.local_attention (docs/semantics.md), forward and backward.
 
 Truths: the dense oracle `longreach.reference` for outputs, lse and gradients
 (float64, so any disagreement is a real bug, not rounding), and, for "no key

@@ -1,13 +1,18 @@
 """Autograd and compiler integration of the fused op:
 torch.autograd.gradcheck in float64, torch.library.opcheck on the registered
 ops, torch.compile(fullgraph=True) forward and backward without recompiles,
-and the gradient that flows through the log-sum-exp output.
+the gradient that flows through the log-sum-exp output, torch.func's reverse
+mode and vmap, and the clear errors of what is not supported (double backward,
+forward mode) instead of silently zero derivatives.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from torch.autograd import forward_ad
 
 import longreach
 from longreach import reference
@@ -94,13 +99,17 @@ def test_opcheck_backward(name, shapes, kwargs, with_grad_lse, device):
     out, lse = torch.ops.longreach.local_attention_fwd(*args)
     grad_lse = torch.randn_like(lse) if with_grad_lse and args[8] == "softmax" else None
     bwd_args = (torch.randn_like(out), grad_lse, *args[:3], out, lse, *args[3:])
-    # The backward op has no derivative of its own (no double backward), so
-    # its autograd registration is not part of the check.
+    # Without inputs that require grad: the backward op has no derivative of its own
+    # (differentiating it raises, see test_double_backward_raises).
     torch.library.opcheck(
         torch.ops.longreach.local_attention_bwd.default,
         bwd_args,
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
+    # Its Autograd kernel (the one that raises) is registered where autograd finds it.
+    grad_out = bwd_args[0].clone().requires_grad_()
+    torch.library.opcheck(torch.ops.longreach.local_attention_bwd.default, (grad_out, *bwd_args[1:]),
+                          test_utils="test_autograd_registration")
 
 
 # ---------------------------------------------------------------------------
@@ -185,3 +194,102 @@ def test_lse_gradient_matches_reference(kwargs, use_out, device):
         ("dq", "dk", "dv"), grads(got[outputs], cot[outputs], a_in), grads(want[outputs], cot[outputs], b_in)
     ):
         assert_close(ga, gb, 1e-10, name)
+
+
+# ---------------------------------------------------------------------------
+# torch.func and higher-order derivatives. Reverse mode goes through the kernels;
+# what they cannot differentiate (the backward op, forward mode) raises
+# NotImplementedError naming it instead of returning zeros (issue 12, item 5).
+
+DOUBLE_BACKWARD = r"longreach.local_attention: double backward .* is not supported"
+FORWARD_MODE = r"longreach.local_attention: forward-mode AD .* is not supported; use reverse mode"
+FN_KWARGS = dict(window=(2, 1), softcap=3.0, causal=False)
+
+
+def _fn(q, k, v):
+    return longreach.local_attention(q, k, v, **FN_KWARGS)
+
+
+def _ref(q, k, v):
+    return reference.local_attention(q, k, v, **FN_KWARGS)
+
+
+def _small_qkv(device, requires_grad=False):
+    skip_unsupported_dtype(device, torch.float64)
+    return [t.requires_grad_(requires_grad) for t in random_qkv(1, 2, 1, 5, 6, 3, torch.float64, device)]
+
+
+def test_double_backward_raises(device):
+    q, k, v = _small_qkv(device, requires_grad=True)
+    (grad_q,) = torch.autograd.grad(_fn(q, k, v).pow(2).sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        torch.autograd.grad(grad_q.sum(), (q, k, v))
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        torch.autograd.gradgradcheck(_fn, (q, k, v))
+
+
+def test_create_graph_alone_gives_the_first_derivative(device):
+    """create_graph=True is fine as long as the gradient itself is not differentiated."""
+    q, k, v = _small_qkv(device, requires_grad=True)
+    got = torch.autograd.grad(_fn(q, k, v).pow(2).sum(), (q, k, v), create_graph=True)
+    want = torch.autograd.grad(_ref(q, k, v).pow(2).sum(), (q, k, v))
+    for a, b, name in zip(got, want, ("dq", "dk", "dv")):
+        assert_close(a, b, 1e-12, name)
+
+
+@pytest.mark.parametrize("how", ["jacfwd", "jvp", "hessian", "forward_ad", "forward_ad_no_grad"])
+def test_forward_mode_raises(how, device):
+    q, k, v = _small_qkv(device)
+    f = lambda q: _fn(q, k, v)  # noqa: E731
+    with pytest.raises(NotImplementedError, match=FORWARD_MODE):
+        if how == "jacfwd":
+            torch.func.jacfwd(f)(q)
+        elif how == "jvp":
+            torch.func.jvp(f, (q,), (torch.ones_like(q),))
+        elif how == "hessian":
+            torch.func.hessian(lambda q: f(q).sum())(q)
+        else:
+            with torch.set_grad_enabled(how == "forward_ad"), forward_ad.dual_level():
+                f(forward_ad.make_dual(q, torch.ones_like(q)))
+
+
+def test_nested_torch_func_grad_raises(device):
+    q, k, v = _small_qkv(device)
+    inner = torch.func.grad(lambda q: _fn(q, k, v).pow(2).sum())
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        torch.func.grad(lambda q: inner(q).sum())(q)
+
+
+def test_torch_func_reverse_mode_matches_reference(device):
+    q, k, v = _small_qkv(device)
+    loss = lambda fn: lambda q, k, v: fn(q, k, v).pow(2).sum()  # noqa: E731
+    for a, b, name in zip(torch.func.grad(loss(_fn), argnums=(0, 1, 2))(q, k, v),
+                          torch.func.grad(loss(_ref), argnums=(0, 1, 2))(q, k, v), ("dq", "dk", "dv")):
+        assert_close(a, b, 1e-12, f"torch.func.grad {name}")
+    cot = torch.randn_like(q)
+    for a, b, name in zip(torch.func.vjp(_fn, q, k, v)[1](cot), torch.func.vjp(_ref, q, k, v)[1](cot),
+                          ("dq", "dk", "dv")):
+        assert_close(a, b, 1e-12, f"torch.func.vjp {name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "no batching rule, performance drop" for the ops
+        got = torch.func.jacrev(lambda k: _fn(q, k, v))(k)
+    assert_close(got, torch.func.jacrev(lambda k: _ref(q, k, v))(k), 1e-12, "torch.func.jacrev")
+
+
+def test_vmap_matches_a_loop(device):
+    q, k, v = _small_qkv(device)
+    qs = torch.stack([q, 2 * q, -q])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torch.func.vmap(lambda q: _fn(q, k, v))(qs)
+        grads_got = torch.func.vmap(torch.func.grad(lambda q: _fn(q, k, v).pow(2).sum()))(qs)
+    assert_close(got, torch.stack([_fn(x, k, v) for x in qs]), 0.0, "vmap")
+    grads_want = torch.stack([torch.func.grad(lambda q: _ref(q, k, v).pow(2).sum())(x) for x in qs])
+    assert_close(grads_got, grads_want, 1e-12, "vmap(grad)")
+
+
+def test_raw_op_under_torch_func_names_the_python_function():
+    q, *rest = fwd_args(GRADCHECK_CONFIGS[0][1], {}, torch.float64, "cpu", requires_grad=False)
+    with pytest.raises(RuntimeError, match=r"local_attention_fwd.* cannot be differentiated by torch.func "
+                                           r"transforms when called directly; call longreach.local_attention"):
+        torch.func.grad(lambda q: torch.ops.longreach.local_attention_fwd(q, *rest)[0].sum())(q)

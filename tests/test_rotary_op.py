@@ -182,6 +182,49 @@ def test_gradcheck(interleaved, table_grads, device):
     assert torch.autograd.gradgradcheck(fn, (x, cos, sin))
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
+def test_forward_mode_matches_reverse_mode(interleaved, device):
+    """The jvp formula (the op is bilinear in x and the tables), with a partial rotary (D = 10,
+    rot_dim = 8), against numerical derivatives and against reverse mode."""
+    skip_unsupported_dtype(device, torch.float64)
+    x = torch.randn(2, 3, 7, 10, dtype=torch.float64, device=device, requires_grad=True)
+    cos, sin = (t.requires_grad_() for t in rope_tables(9, 4, device, torch.float64, factor=1.2))
+    pos = torch.tensor([[0, 3, 3, 8, 1, 2, 3], [5, 5, 5, 0, 1, 7, 8]], device=device)
+    fn = lambda x, cos, sin: longreach.apply_rotary(x, cos, sin, pos, interleaved)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, cos, sin), check_forward_ad=True, check_backward_ad=False)
+    x0, cos0, sin0, pos0 = x.detach()[:1, :1, :3], cos.detach(), sin.detach(), pos[:1, :3]
+    for f, at in ((lambda x: longreach.apply_rotary(x, cos0, sin0, pos0), x0),
+                  (lambda c: longreach.apply_rotary(x0, c, sin0, pos0), cos0)):
+        torch.testing.assert_close(torch.func.jacfwd(f)(at), torch.func.jacrev(f)(at), rtol=0, atol=1e-14)
+
+
+def test_forward_mode_qk(device):
+    skip_unsupported_dtype(device, torch.float64)
+    q = torch.randn(1, 4, 6, 8, dtype=torch.float64, device=device, requires_grad=True)
+    k = torch.randn(1, 2, 6, 8, dtype=torch.float64, device=device, requires_grad=True)
+    cos, sin = (t.requires_grad_() for t in rope_tables(6, 3, device, torch.float64))
+    assert torch.autograd.gradcheck(lambda q, k, c, s: longreach.apply_rotary_qk(q, k, c, s, None, True),
+                                    (q, k, cos, sin), check_forward_ad=True, check_backward_ad=False)
+
+
+def test_torch_func_and_third_derivatives(device):
+    """torch.func.grad and vmap work; derivatives of any order, since the backward is the op again."""
+    skip_unsupported_dtype(device, torch.float64)
+    x = torch.randn(2, 2, 5, 8, dtype=torch.float64, device=device)
+    cos, sin = rope_tables(5, 4, device, torch.float64)
+    loss = lambda x: longreach.apply_rotary(x, cos, sin).pow(3).sum()  # noqa: E731
+    ref_loss = lambda x: reference_rotary(x, cos, sin).pow(3).sum()  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(loss)(x), torch.func.grad(ref_loss)(x))
+    third = torch.func.grad(lambda x: torch.func.grad(lambda x: torch.func.grad(loss)(x).sum())(x).sum())
+    ref_third = torch.func.grad(lambda x: torch.func.grad(lambda x: torch.func.grad(ref_loss)(x).sum())(x).sum())
+    torch.testing.assert_close(third(x), ref_third(x))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "no batching rule, performance drop"
+        got = torch.func.vmap(lambda x: longreach.apply_rotary(x, cos, sin))(x[:, None])
+    torch.testing.assert_close(got[:, 0], longreach.apply_rotary(x, cos, sin))
+
+
 def test_gradcheck_qk_and_conjugate(device):
     skip_unsupported_dtype(device, torch.float64)
     q = torch.randn(1, 4, 6, 8, dtype=torch.float64, device=device, requires_grad=True)
@@ -276,10 +319,10 @@ def _bad(device):
         ("table_not_2d", r"cos must be a 2-D table .* got shape \[10, 4, 1\]"),
         ("dtype_mismatch", r"cos and sin must share one floating dtype"),
         ("x_not_4d", r"x must be a 4-D tensor \(B, H, L, D\), got shape \[3, 6, 8\]"),
-        ("x_int", r"x has dtype .*Long.*; expected float32"),
+        ("x_int", r"x has dtype torch.int64; expected float32"),
         ("ids_too_large", r"position_ids holds 10 but the cos / sin tables have only 10 rows \(positions 0 \.\. 9\)"),
         ("ids_negative", r"position_ids holds -3; positions must be >= 0"),
-        ("ids_dtype", r"position_ids must be int64, got .*Int"),
+        ("ids_dtype", r"position_ids must be int64, got torch.int32"),
         ("ids_shape", r"position_ids must have shape \(B, L\) = \(2, 6\) or \(1, L\), got \[2, 5\]"),
         ("too_long_without_ids", r"x has sequence length L = 12 but the cos / sin tables have only 10 rows"),
     ],
@@ -312,18 +355,65 @@ def test_bad_input(case, match, device):
         pos = torch.zeros(2, 5, dtype=torch.int64, device=device)
     elif case == "too_long_without_ids":
         x = torch.randn(2, 3, 12, 8, device=device)
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):
         longreach.apply_rotary(x, cos, sin, pos)
+
+
+@pytest.mark.parametrize("on_meta", ["x", "cos", "sin", "position_ids"])
+def test_meta_tensor_among_cpu_ones_raises(on_meta):
+    """A meta tensor would route the call to the fake kernel, which returns uninitialised memory."""
+    cos, sin = rope_tables(8, 2, "cpu")
+    args = dict(x=torch.randn(1, 2, 4, 4), cos=cos, sin=sin, position_ids=torch.arange(4)[None])
+    args[on_meta] = args[on_meta].to("meta")
+    expected = "x" if on_meta != "x" else "cos"
+    with pytest.raises(ValueError, match=rf"apply_rotary: ({on_meta}|{expected}) is on (meta|cpu) but x is on "):
+        longreach.apply_rotary(**args)
+
+
+@pytest.mark.parametrize("on_meta", ["q", "k", "cos", "sin", "position_ids"])
+def test_meta_tensor_among_cpu_ones_raises_qk(on_meta):
+    cos, sin = rope_tables(8, 2, "cpu")
+    args = dict(q=torch.randn(1, 2, 4, 4), k=torch.randn(1, 1, 4, 4), cos=cos, sin=sin,
+                position_ids=torch.arange(4)[None])
+    args[on_meta] = args[on_meta].to("meta")
+    with pytest.raises(ValueError, match=r"apply_rotary_qk: \w+ is on (meta|cpu) but q is on (cpu|meta); all tensor"):
+        longreach.apply_rotary_qk(**args)
+
+
+def test_all_meta_is_shape_inference():
+    cos, sin = rope_tables(8, 2, "meta")
+    out = longreach.apply_rotary(torch.empty(1, 2, 4, 4, device="meta"), cos, sin)
+    assert out.device.type == "meta" and out.shape == (1, 2, 4, 4)
+
+
+def test_qk_errors_name_apply_rotary_qk_and_q_as_the_expected_shape():
+    cos, sin = rope_tables(8, 2, "cpu")
+    q, k = torch.randn(2, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"apply_rotary_qk: q and k share position_ids, so they must have the same "
+                                         r"batch size and length, got q of shape \(2, 2, 4, 4\) and k of shape "
+                                         r"\(1, 2, 4, 4\)"):
+        longreach.apply_rotary_qk(q, k, cos, sin, torch.arange(4).expand(2, 4))
+    with pytest.raises(ValueError, match=r"apply_rotary_qk: q must be a 4-D tensor"):
+        longreach.apply_rotary_qk(q[0], k, cos, sin)
+    # The kernel's own checks, too, name the function called.
+    with pytest.raises(ValueError, match=r"^apply_rotary_qk: k has sequence length L = 9 but the cos / sin tables "
+                                         r"have only 8 rows"):
+        longreach.apply_rotary_qk(q, torch.randn(2, 2, 9, 4), cos, sin)
+    with pytest.raises(ValueError, match=r"^apply_rotary_qk: position_ids holds 8 but the cos / sin tables"):
+        longreach.apply_rotary_qk(q, k[:1].expand(2, -1, -1, -1), cos, sin, torch.tensor([[0, 1, 2, 8]]))
 
 
 def test_bad_python_arguments():
     x = torch.randn(1, 1, 2, 4)
     cos, sin = rope_tables(2, 2, "cpu")
-    with pytest.raises(TypeError, match=r"apply_rotary: cos must be a tensor, got list"):
+    with pytest.raises(TypeError, match=r"apply_rotary: cos must be a tensor, got \[\[1\.0, 0\.0\]\] \(list\)"):
         longreach.apply_rotary(x, [[1.0, 0.0]], sin)
-    with pytest.raises(TypeError, match=r"apply_rotary: interleaved must be a bool, got 1"):
+    with pytest.raises(TypeError, match=r"apply_rotary: interleaved must be a bool \(True or False\), got 1 \(int\)"):
         longreach.apply_rotary(x, cos, sin, None, 1)
-    with pytest.raises(RuntimeError, match=r"apply_rotary_qk: q and k must share one dtype"):
+    with pytest.raises(TypeError, match=r"apply_rotary: position_ids must be an int64 tensor .*got \[0, 1\] \(list\)"):
+        longreach.apply_rotary(x, cos, sin, [0, 1])
+    with pytest.raises(TypeError, match=r"apply_rotary_qk: q and k must share one dtype"):
         longreach.apply_rotary_qk(x, x.double(), cos, sin)
-    with pytest.raises(RuntimeError, match=r"k must be a 4-D tensor"):
+    with pytest.raises(ValueError, match=r"apply_rotary_qk: k must be a 4-D tensor "
+                                         r"\(B, H, L, D\), got shape \(1, 2, 4\)"):
         longreach.apply_rotary_qk(x, x[0], cos, sin)

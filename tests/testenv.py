@@ -17,6 +17,6 @@ def extended_tests_enabled() -> bool:
 
 
 def skip_unsupported_dtype(device: str, dtype: torch.dtype) -> None:
-    """Skip combinations the kernels do not implement (DESIGN.md: no float64 on CUDA)."""
+    """Skip combinations the kernels do not implement (docs/semantics.md: no float64 on CUDA)."""
     if str(device).startswith("cuda") and dtype == torch.float64:
         pytest.skip("the CUDA kernels have no float64 path")

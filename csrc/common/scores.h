@@ -1,4 +1,4 @@
-// The one copy of the score pipeline (DESIGN.md section 1):
+// The one copy of the score pipeline (docs/semantics.md):
 //   s = scale * q.k  ->  softcap: c * tanh(s / c)  ->  ALiBi: s -= slope * |p - j|
 // then softmax (online, with running max and sum) or sigmoid(s + bias).
 // Kernels call these per element so CPU and CUDA can never disagree.

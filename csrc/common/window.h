@@ -1,4 +1,4 @@
-// The one copy of the window and dilation math (DESIGN.md section 1).
+// The one copy of the window and dilation math (docs/semantics.md).
 //
 // Row i sits at key position p = i + (Lk - Lq). With dilation d, key j is in
 // the window of p iff (p - j) % d == 0 and -left <= (j - p) / d <= right.
@@ -74,7 +74,7 @@ LR_HOST_DEVICE void window_row_range(const AttentionParams& P, int64_t j, int64_
 }
 
 // Number of keys a full row of the window holds before dilation, the n of the
-// default sigmoid bias -ln(n) (DESIGN.md: min(Lk, left + right + 1)).
+// default sigmoid bias -ln(n) (docs/semantics.md: min(Lk, left + right + 1)).
 LR_HOST_DEVICE int64_t full_window_size(const AttentionParams& P) {
   const int64_t n = P.window_left + P.window_right + 1;
   return n < P.k_len ? n : P.k_len;

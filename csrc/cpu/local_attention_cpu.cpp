@@ -314,6 +314,25 @@ void finalize_tile(const BlockContext<acc_t>& bc, const TileKeys& keys, const Ti
   }
 }
 
+// The tile's part of d loss / d slope (without its sign: scores.h subtracts
+// slope * |p - j|): sum of dS * |p - j| over the rows' runs, where G holds dS
+// with respect to the final scores (zero where a run is masked). Then applies
+// the soft-cap chain factor to G, which the grad_rows call left out.
+template <typename acc_t>
+acc_t alibi_slope_grad_tile(const BlockContext<acc_t>& bc, const TileKeys& keys, const TileRuns& runs, acc_t* G,
+                            const acc_t* factor, int64_t ld) {
+  acc_t sum = acc_t(0);
+  for (int64_t a = 0; a < bc.nq; ++a) {
+    acc_t* g = G + a * ld;
+    const acc_t* f = factor ? factor + a * ld : nullptr;
+    for (int64_t c = runs.first[a]; c < runs.end[a]; ++c) {
+      sum += g[c] * static_cast<acc_t>(abs_distance(bc.pos[a], keys.key(c)));
+      if (f) g[c] *= f[c];
+    }
+  }
+  return sum;
+}
+
 // Calls f(TileKeys, masked, col0, valid_from) for the tiles of a block. The
 // span, whose first key is column span_col0 of the chunk's key operands, is cut
 // into near-equal tiles of at most kKeyTile keys that start on whole vectors of
@@ -603,6 +622,7 @@ struct ChunkKeyGrads {
   int64_t own_begin = 0, own_end = 0;
   Buffer<acc_t> dk, dv;
   Buffer<acc_t> dk_extra, dv_extra;  // n_global x D, empty when no extras were visited
+  std::vector<acc_t> dslope;         // per query head of the group: sum of dS * |p - j| (learnable ALiBi)
   int64_t buffer_row(int64_t r) const { return r < own_begin ? r : r - (own_end - own_begin); }
   bool owns(int64_t r) const { return r >= own_begin && r < own_end; }
 };
@@ -646,7 +666,7 @@ template <typename scalar_t>
 void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Tensor& grad_out,
                      const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& slopes,
-                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor* dslopes) {
   using acc_t = at::opmath_type<scalar_t>;
   const TileOps<acc_t>& ops = tile_ops<acc_t>();
   const int64_t D = P.head_dim, W = ops.vec_width;
@@ -673,6 +693,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
     const KeyRange& chunk_keys = grads.span;
     load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
                       KeyUse::kBackward, &ws.span);
+    if (dslopes) grads.dslope.assign(P.group_size(), acc_t(0));
     const int64_t n_owned = grads.own_end - grads.own_begin;
     grads.dk.assign((chunk_keys.count - n_owned) * D, acc_t(0));
     grads.dv.assign((chunk_keys.count - n_owned) * D, acc_t(0));
@@ -726,11 +747,15 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           ops.gemm_band_n(nq, nk, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
           ops.gemm_band_n(nq, nk, D, ws.go.ptr, ws.go.ld, 1, ko.vT_from(col0), G, ws.ld_s, first, last);
           finalize_tile(bc, keys, runs, S, ws.ld_s, F);
+          // With learnable slopes the soft-cap factor is applied after the
+          // slope gradient has read dS with respect to the final score.
+          const acc_t* grad_factor = dslopes ? nullptr : F;
           if (sigmoid_score) {
-            ops.sigmoid_grad_rows(S, G, F, ws.ld_s, nq, nk, first, last, bias);
+            ops.sigmoid_grad_rows(S, G, grad_factor, ws.ld_s, nq, nk, first, last, bias);
           } else {
-            ops.softmax_grad_rows(S, G, F, ws.ld_s, nq, nk, first, last, ws.lse.data(), ws.dot.data());
+            ops.softmax_grad_rows(S, G, grad_factor, ws.ld_s, nq, nk, first, last, ws.lse.data(), ws.dot.data());
           }
+          if (dslopes) grads.dslope[h - hk * P.group_size()] += alibi_slope_grad_tile(bc, keys, runs, G, F, ws.ld_s);
           // dQ += dS K
           ops.gemm_band_k(nq, D, nk, G, ws.ld_s, 1, ko.k.row(col0), ko.k.ld, ws.acc.data(), D, first, last);
           // dK += dS^T Q, dV += P^T dO: into the chunk's span rows, or a scratch for extras
@@ -778,6 +803,17 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
       }
     }
   });
+
+  if (dslopes) {  // chunk by chunk in plan order, like the key gradients: deterministic
+    std::vector<double> sums(P.batch * P.q_heads, 0.0);
+    for (size_t ci = 0; ci < chunks.size(); ++ci) {
+      for (int64_t g = 0; g < P.group_size(); ++g) {
+        sums[chunks[ci].batch * P.q_heads + chunks[ci].kv_head * P.group_size() + g] += key_grads[ci].dslope[g];
+      }
+    }
+    float* dst = dslopes->data_ptr<float>();
+    for (size_t i = 0; i < sums.size(); ++i) dst[i] = static_cast<float>(-sums[i]);  // scores subtract slope * |p - j|
+  }
 
   // Sum the chunks' key gradients per key, chunk by chunk in plan order (so
   // the result does not depend on the threads), and write dK = scale * sum.
@@ -862,22 +898,23 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
     const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right, int64_t dilation, c10::string_view score,
-    c10::optional<double> sigmoid_bias, double softcap, double scale) {
+    c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad) {
   const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
                                                   window_right, dilation, score, sigmoid_bias, softcap, scale);
-  check_backward_inputs(P, q_in, grad_out_in, out_in, lse, grad_lse);
+  check_backward_inputs(P, q_in, grad_out_in, out_in, lse, grad_lse, alibi_grad);
+  at::Tensor dslopes = alibi_slopes_grad_buffer(P, q_in, alibi_grad);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const at::Tensor grad_out = with_contiguous_rows(grad_out_in), out = with_contiguous_rows(out_in);
   const auto contiguous = at::MemoryFormat::Contiguous;
   if (q.numel() == 0 || k.numel() == 0) {
     return {at::zeros(q.sizes(), q.options().memory_format(contiguous)),
             at::zeros(k.sizes(), k.options().memory_format(contiguous)),
-            at::zeros(v.sizes(), v.options().memory_format(contiguous))};
+            at::zeros(v.sizes(), v.options().memory_format(contiguous)), dslopes.zero_()};
   }
   // The kernel writes every row of dq, dk and dv.
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(contiguous));
@@ -886,9 +923,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
   const TilePlan plan(P, global_mask, kBackwardChunkBlocks);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_bwd_cpu", [&] {
-    backward_kernel<scalar_t>(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, dq, dk, dv);
+    backward_kernel<scalar_t>(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, dq, dk, dv,
+                              alibi_grad ? &dslopes : nullptr);
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, dslopes};
 }
 
 }  // namespace

@@ -72,6 +72,9 @@ struct AttentionArgs {
   const acc_t* row_dot;          // backward: dO.O - dlse per row, (B, Hq, Lq) contiguous
   const float* slopes;           // ALiBi, null when off
   int64_t slope_sb, slope_sh;
+  // Learnable ALiBi (backward, else null): (B, Hq, Lq) zeros on entry; each dQ
+  // row block writes its d loss / d slope at its first row, the host sums over Lq.
+  acc_t* slope_grad;
   GlobalTokens global;
   bool vec_loads;                // 16-byte loads are safe for q, k, v, grad_out
 };
@@ -500,9 +503,10 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
 
 // The probability (or sigmoid weight) and the gradient of the raw product
 // q.k for one allowed pair whose final score is s and whose dP is dp.
+// Returns d loss / d (final score), the part the ALiBi slope gradient sums.
 template <typename acc_t>
-LR_HOST_DEVICE void score_backward(const AttentionParams& P, acc_t s, acc_t dp, acc_t row_lse, acc_t row_dot,
-                                   acc_t slope, int64_t distance, acc_t* prob, acc_t* ds) {
+LR_HOST_DEVICE acc_t score_backward(const AttentionParams& P, acc_t s, acc_t dp, acc_t row_lse, acc_t row_dot,
+                                    acc_t slope, int64_t distance, acc_t* prob, acc_t* ds) {
   const acc_t cap = static_cast<acc_t>(P.softcap);
   acc_t g;
   if (P.score == ScoreKind::kSigmoid) {
@@ -512,34 +516,42 @@ LR_HOST_DEVICE void score_backward(const AttentionParams& P, acc_t s, acc_t dp, 
     if (row_lse == neg_infinity<acc_t>()) {  // empty row: no gradient
       *prob = acc_t(0);
       *ds = acc_t(0);
-      return;
+      return acc_t(0);
     }
     *prob = exp(s - row_lse);
     g = softmax_score_grad<acc_t>(*prob, dp, row_dot);
   }
+  const acc_t g_final = g;
   if (cap > acc_t(0)) g *= transform_score_grad<acc_t>(s, cap, slope, distance);
   *ds = g * static_cast<acc_t>(P.scale);  // d(score)/d(q.k) includes the scale
+  return g_final;
 }
 
 // Per-element backward of one tile: S holds raw q.k, dP holds dO.v on entry;
 // on exit P (probabilities, element type) and dS (d loss / d q.k, element type).
+// Returns this thread's part of sum(dS_final * |p - j|) over the tile (the
+// ALiBi slope gradient without its sign), 0 unless `slope_grad`.
 template <typename T, typename acc_t, int BM, int BN>
-LR_HOST_DEVICE void tile_backward(const AttentionParams& P, acc_t* S, acc_t* dP, T* Pout, T* dS, TileSide rows,
-                                  TileSide keys, const acc_t* row_lse, const acc_t* row_dot, acc_t slope) {
+LR_HOST_DEVICE acc_t tile_backward(const AttentionParams& P, acc_t* S, acc_t* dP, T* Pout, T* dS, TileSide rows,
+                                   TileSide keys, const acc_t* row_lse, const acc_t* row_dot, acc_t slope,
+                                   bool slope_grad = false) {
   finalize_scores<acc_t, BM, BN>(P, S, rows, keys, slope);
   block_sync();
   const BlockCtx t = block_ctx();
+  acc_t slope_part = acc_t(0);
   for (int e = t.tid; e < BM * BN; e += t.nthreads) {
     const int a = e / BN, c = e % BN;
     acc_t prob = acc_t(0), ds = acc_t(0);
     if (S[e] != neg_infinity<acc_t>()) {
-      score_backward<acc_t>(P, S[e], dP[e], row_lse[a], row_dot[a], slope,
-                            abs_distance(rows.idx[a] + P.position_offset(), keys.idx[c]), &prob, &ds);
+      const int64_t distance = abs_distance(rows.idx[a] + P.position_offset(), keys.idx[c]);
+      const acc_t g = score_backward<acc_t>(P, S[e], dP[e], row_lse[a], row_dot[a], slope, distance, &prob, &ds);
+      if (slope_grad) slope_part += g * static_cast<acc_t>(distance);
     }
     // Pout / dS may alias S / dP (float32): each element is read before it is written.
     Pout[e] = static_cast<T>(prob);
     dS[e] = static_cast<T>(ds);
   }
+  return slope_part;
 }
 
 template <typename T, typename acc_t, int DMAX, int BM, int BN>
@@ -594,6 +606,8 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
   load_rows(sdO, DMAX, a.grad_out.head(b, h), a.grad_out.sl, rows.idx, BM, D, Dp, a.vec_loads);
 
   const int64_t n_band_tiles = ceil_div_i64(plan.n_band, BN), n_tail_tiles = ceil_div_i64(plan.n_tail, BN);
+  const bool slope_grad = a.slope_grad != nullptr;
+  acc_t slope_part = acc_t(0);
   for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
     const bool band_part = tile < n_band_tiles;
     fill_row_block_keys<BN>(P, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
@@ -604,10 +618,23 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
     mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
     mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
     block_sync();
-    tile_backward<T, acc_t, BM, BN>(P, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope);
+    slope_part += tile_backward<T, acc_t, BM, BN>(P, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope, slope_grad);
     block_sync();
     mm_ab_acc<T, acc_t>(sdQ, DMAX, sdS, BN, sK, DMAX, BM, Dp, BN);
     block_sync();
+  }
+  if (slope_grad) {  // the block's sum, at its first row: warps, then lane 0 of each through row_dot
+    const acc_t warp_total = warp_sum(slope_part);
+    block_sync();  // row_dot is read for the last time above (or, with no tile, written at the start)
+    if (t.lane == 0) row_dot[t.warp] = warp_total;
+    block_sync();
+    if (t.tid == 0) {
+      acc_t total = acc_t(0);
+      for (int w = 0; w < t.nwarps; ++w) total += row_dot[w];
+      int r = 0;
+      while (r < BM && rows.idx[r] < 0) ++r;
+      if (r < BM) a.slope_grad[row_base + rows.idx[r]] = -total;  // scores subtract slope * |p - j|
+    }
   }
 
   T* dq = a.dq.head(b, h);

@@ -22,7 +22,7 @@
 namespace longreach::cuda_kernels {
 
 // What the CUDA kernels support beyond the shared checks: float16, bfloat16
-// and float32 (DESIGN.md section 1: no float64 on CUDA), head dims up to 256.
+// and float32 (docs/semantics.md: no float64 on CUDA), head dims up to 256.
 inline void check_cuda_inputs(const at::Tensor& q) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "local_attention (CUDA): q has dtype ",
@@ -74,15 +74,19 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(Backend& backend, const at:
 }
 
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     Backend& backend, const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_lse,
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
     const at::Tensor& lse_in, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
-    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale) {
+    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad) {
   const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
                                                   window_right, dilation, score, sigmoid_bias, softcap, scale);
-  check_backward_inputs(P, q_in, grad_out_in, out_in, lse_in, grad_lse);
+  check_backward_inputs(P, q_in, grad_out_in, out_in, lse_in, grad_lse, alibi_grad);
+  // Per-row partial sums of the slope gradient (see AttentionArgs::slope_grad), summed over Lq below.
+  at::Tensor slope_rows = alibi_grad ? at::zeros({P.batch, P.q_heads, P.q_len}, q_in.options().dtype(at::kFloat))
+                                     : at::Tensor();
+  auto slopes_grad = [&] { return alibi_grad ? slope_rows.sum(-1) : alibi_slopes_grad_buffer(P, q_in, false); };
   check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const at::Tensor grad_out = with_contiguous_rows(grad_out_in);
@@ -90,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor dq = at::zeros(q.sizes(), q.options().memory_format(contiguous));
   at::Tensor dk = at::zeros(k.sizes(), k.options().memory_format(contiguous));
   at::Tensor dv = at::zeros(v.sizes(), v.options().memory_format(contiguous));
-  if (q.numel() == 0 || k.numel() == 0) return {dq, dk, dv};
+  if (q.numel() == 0 || k.numel() == 0) return {dq, dk, dv, slopes_grad()};
   const at::Tensor lse = lse_in.contiguous();
   const bool softmax = P.score == ScoreKind::kSoftmax;
   const at::Tensor row_dot = softmax ? backend.row_dot(P, grad_out, with_contiguous_rows(out_in), grad_lse) : at::Tensor();
@@ -103,9 +107,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     a.dv = head_tensor<T>(dv);
     a.lse = lse.data_ptr<float>();
     a.row_dot = softmax ? row_dot.data_ptr<float>() : nullptr;
+    a.slope_grad = alibi_grad ? slope_rows.data_ptr<float>() : nullptr;
     backend.template backward<T>(a);
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, slopes_grad()};
 }
 
 }  // namespace longreach::cuda_kernels

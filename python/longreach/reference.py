@@ -1,4 +1,4 @@
-"""Dense plain-PyTorch oracle of longreach's attention semantics (DESIGN.md section 1).
+"""Dense plain-PyTorch oracle of longreach's attention semantics (docs/semantics.md).
 
 It builds the full (Lq, Lk) mask and score matrix, so it is O(Lq * Lk): meant
 for tests and benchmarks, and short enough to read as the specification. It

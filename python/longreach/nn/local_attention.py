@@ -8,6 +8,8 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .._checks import (SCORES, check_bool, check_int, check_score, check_sigmoid_bias, check_softcap,  # noqa: F401
+                       check_window_side)
 from ..padding import local_attention_padded
 from ..positional import ALIBI_KINDS
 from .alibi import ALiBi
@@ -15,7 +17,6 @@ from .kv_cache import SlidingKVCache
 from .rotary import RotaryEmbedding
 
 POSITIONAL = ("rope", "alibi", "alibi+rope", None)
-SCORES = ("softmax", "sigmoid")
 
 Window = Union[None, int, Tuple[Optional[int], Optional[int]]]
 
@@ -37,12 +38,10 @@ def resolve_window(window: Window, causal: bool, owner: str = "LocalSelfAttentio
                 f"{owner}: an int window ({window}) means 'the last W keys' and needs causal=True; "
                 "pass a (left, right) pair for bidirectional attention"
             )
-        return window - 1, 0
+        return check_window_side(owner, "left", window - 1), 0
     if isinstance(window, (tuple, list)) and len(window) == 2:
-        left, right = window
-        for name, side in (("left", left), ("right", right)):
-            if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 0):
-                raise ValueError(f"{owner}: window {name} must be a non-negative int or None, got {side!r}")
+        left = check_window_side(owner, "left", window[0])
+        right = check_window_side(owner, "right", window[1])
         return left, (0 if causal else right)
     raise ValueError(f"{owner}: window must be a positive int, a (left, right) pair or None, got {window!r}")
 
@@ -119,16 +118,15 @@ class LocalSelfAttention(nn.Module):
                 raise ValueError(f"{name}: embed_dim={embed_dim} is not divisible by num_heads={num_heads} "
                                  "(pass head_dim to choose it freely)")
             head_dim = embed_dim // num_heads
-        if score not in SCORES:
-            raise ValueError(f"{name}: score must be one of {SCORES}, got {score!r}")
+        check_score(name, score)
+        check_bool(name, "causal", causal)
         if positional not in POSITIONAL:
             raise ValueError(f"{name}: positional must be one of {POSITIONAL}, got {positional!r}")
         if alibi not in ALIBI_KINDS:
             raise ValueError(f"{name}: alibi must be one of {ALIBI_KINDS}, got {alibi!r}")
-        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-            raise ValueError(f"{name}: dilation must be an int >= 1, got {dilation!r}")
-        if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
-            raise ValueError(f"{name}: softcap must be a positive number or None, got {softcap!r}")
+        check_int(name, "dilation", dilation, 1)
+        check_softcap(name, softcap)
+        check_sigmoid_bias(name, sigmoid_bias, score)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
         if rope_scaling is not None and positional not in ("rope", "alibi+rope"):

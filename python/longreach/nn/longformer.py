@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .._checks import check_int
 from ..ops import local_attention
 from ._longformer_probs import global_row_probs, local_row_probs
 
@@ -53,9 +54,7 @@ def _check_window(window, layer_id: int) -> int:
 
 
 def _check_dilation(dilation, layer_id: int) -> int:
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"LongformerSelfAttention: dilation for layer {layer_id} must be an int >= 1, got {dilation!r}")
-    return dilation
+    return check_int("LongformerSelfAttention", f"dilation for layer {layer_id}", dilation, 1)
 
 
 def _check_token_mask(name: str, mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""Argument checks shared by the functional ops (ops.py, rotary.py) and the nn modules.
+
+A value of the wrong type raises TypeError, a value out of range ValueError; every message reads
+"<owner>: <name> must be <what was expected>, got <the value>", and each check returns the
+value in the form the C++ ops take. They look only at Python values and tensor metadata, so
+torch.compile traces them away.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+SCORES = ("softmax", "sigmoid")
+
+# The ops take int64; a larger Python int would fail in torch's schema parser with
+# "Expected a value of type 'int' ... found type 'int'".
+INT64_MAX = 2**63 - 1
+
+
+def describe(value, typed: bool = False) -> str:
+    """A bad value as a message shows it: tensors by dtype and shape, numbers as they are
+    (unless `typed`), anything else shortened and with its type, so the string '1' is not
+    mistaken for 1."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = " ".join(repr(value).split())
+    if len(text) > 60:
+        text = text[:50] + " ..."
+    if not typed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return text
+    return f"{text} ({type(value).__name__})"
+
+
+def check_bool(owner: str, name: str, value) -> bool:
+    # A truthy string such as 'no' would otherwise silently mean True.
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool (True or False), got {describe(value, typed=True)}")
+    return value
+
+
+def check_int(owner: str, name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int >= {minimum}, got {describe(value)}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"{owner}: {name} must be at most 2**63 - 1 (the ops take int64), got {describe(value)}")
+    return value
+
+
+def check_window_side(owner: str, side: str, value) -> Optional[int]:
+    """One side of a (left, right) window: None (unbounded) or an int >= 0."""
+    if value is None:
+        return None
+    expected = f"window {side} must be a non-negative int or None"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {expected}, got {describe(value)}")
+    if value < 0:
+        raise ValueError(f"{owner}: {expected}, got {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"{owner}: window {side} must be at most 2**63 - 1 (None means unbounded), "
+                         f"got {describe(value)}")
+    return value
+
+
+def check_score(owner: str, score) -> str:
+    if not isinstance(score, str) or score not in SCORES:
+        raise ValueError(f"{owner}: score must be one of {SCORES}, got {score!r}")
+    return score
+
+
+def _number(owner: str, name: str, value, expected: str) -> Optional[float]:
+    """float(value) for an int or float; bools, strings, tensors and numpy arrays are refused
+    (softcap=True would otherwise mean 1.0)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be {expected}, got {describe(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        return math.inf
+
+
+def check_softcap(owner: str, softcap) -> Optional[float]:
+    expected = "a positive number or None"
+    value = _number(owner, "softcap", softcap, expected)
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{owner}: softcap must be {expected}, got {describe(softcap)}")
+    return value
+
+
+def check_scale(owner: str, scale) -> Optional[float]:
+    expected = "a finite number or None (None means 1 / sqrt(head dim))"
+    value = _number(owner, "scale", scale, expected)
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{owner}: scale must be {expected}, got {describe(scale)}")
+    return value
+
+
+def check_sigmoid_bias(owner: str, sigmoid_bias, score: str) -> Optional[float]:
+    expected = "a finite number or None"
+    value = _number(owner, "sigmoid_bias", sigmoid_bias, expected)
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: sigmoid_bias must be {expected}, got {describe(sigmoid_bias)}")
+    if score != "sigmoid":
+        # The softmax kernels ignore it: a caller passing one has a mistake somewhere.
+        raise ValueError(f"{owner}: sigmoid_bias is only used with score='sigmoid', got sigmoid_bias={sigmoid_bias!r} "
+                         f"with score={score!r}")
+    return value
+
+
+def check_tensor(owner: str, name: str, value, expected: str = "a tensor"):
+    """`value` must be a torch.Tensor (dtype and shape are the kernels' to check); `expected`
+    says what the message asks for."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be {expected}, got {describe(value, typed=True)}")
+    return value
+
+
+def check_same_device(owner: str, **tensors) -> None:
+    """Every tensor given (None skipped) on the first one's device.
+
+    Checked in Python, and in the fake kernels, because a "meta" tensor among CPU ones routes
+    the call to the fake kernel, which returns uninitialised memory instead of reaching the
+    C++ device checks."""
+    ref_name, ref = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{owner}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                             f"all tensor arguments must be on one device")
