@@ -66,10 +66,19 @@ def check_window_side(owner: str, side: str, value) -> Optional[int]:
     return value
 
 
-def check_score(owner: str, score) -> str:
-    if not isinstance(score, str) or score not in SCORES:
-        raise ValueError(f"{owner}: score must be one of {SCORES}, got {score!r}")
-    return score
+def check_choice(owner: str, name: str, value, choices, allow_none: bool = False):
+    """`value` is one of the strings `choices` (or None when `allow_none`)."""
+    if allow_none and value is None:
+        return None
+    # Compared by identity or as strings: `in` would call a tensor's or array's __eq__.
+    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{owner}: {name} must be one of {tuple(choices)}{extra}, got {value!r}")
+    return value
+
+
+def check_score(owner: str, score, allow_none: bool = False) -> str:
+    return check_choice(owner, "score", score, SCORES, allow_none)
 
 
 def _number(owner: str, name: str, value, expected: str) -> Optional[float]:

@@ -18,6 +18,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ._checks import check_choice
+
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3")
 
 # Keys each rope_type reads besides rope_type / type / rope_theta / partial_rotary_factor.
@@ -352,8 +354,7 @@ def alibi_slopes(
     """
     if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
         raise ValueError(f"alibi_slopes: num_heads must be a positive int, got {num_heads!r}")
-    if kind not in ALIBI_KINDS:
-        raise ValueError(f"alibi_slopes: kind must be one of {ALIBI_KINDS}, got {kind!r}")
+    check_choice("alibi_slopes", "kind", kind, ALIBI_KINDS)
     if not _is_number(interpolation) or interpolation < 1.0:
         raise ValueError(
             f"alibi_slopes: interpolation must be a number >= 1 (the factor positions are stretched by), "

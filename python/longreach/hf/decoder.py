@@ -22,17 +22,17 @@ dropping them.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Dict, Optional
 
 import torch
 
+from .._checks import check_choice, check_score, check_softcap
 from ..padding import local_attention_padded
 from ..positional import ALIBI_KINDS, alibi_slopes
 
 ATTENTION_NAME = "longreach"
 OPTIONS_ATTR = "longreach"
-SCORES = ("softmax", "sigmoid")
+_OWNER = "longreach.hf.patch"
 
 __all__ = ["patch_decoder", "register", "longreach_attention_forward", "longreach_mask", "ATTENTION_NAME"]
 
@@ -47,14 +47,9 @@ def _check_options(window, score, alibi, softcap, rope_scaling) -> Dict[str, Any
             f"longreach.hf.patch: window must be a positive int (keys per causal window, current token "
             f"included, like Hugging Face's sliding_window) or None, got {window!r}"
         )
-    if score is not None and score not in SCORES:
-        raise ValueError(f"longreach.hf.patch: score must be one of {SCORES} or None, got {score!r}")
-    if alibi is not None and alibi not in ALIBI_KINDS:
-        raise ValueError(f"longreach.hf.patch: alibi must be one of {ALIBI_KINDS} or None, got {alibi!r}")
-    if softcap is not None and (
-        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (softcap > 0 and math.isfinite(softcap))
-    ):
-        raise ValueError(f"longreach.hf.patch: softcap must be a positive number or None, got {softcap!r}")
+    check_score(_OWNER, score, allow_none=True)
+    check_choice(_OWNER, "alibi", alibi, ALIBI_KINDS, allow_none=True)
+    softcap = check_softcap(_OWNER, softcap)
     if rope_scaling is not None and not isinstance(rope_scaling, dict):
         raise ValueError(
             f"longreach.hf.patch: rope_scaling must be a dict like {{'rope_type': 'yarn', 'factor': 4.0}} or None, "

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .._checks import (SCORES, check_bool, check_int, check_score, check_sigmoid_bias, check_softcap,  # noqa: F401
+from .._checks import (SCORES, check_bool, check_choice, check_int, check_score, check_sigmoid_bias, check_softcap,  # noqa: F401
                        check_window_side)
 from ..padding import local_attention_padded
 from ..positional import ALIBI_KINDS
@@ -120,10 +120,8 @@ class LocalSelfAttention(nn.Module):
             head_dim = embed_dim // num_heads
         check_score(name, score)
         check_bool(name, "causal", causal)
-        if positional not in POSITIONAL:
-            raise ValueError(f"{name}: positional must be one of {POSITIONAL}, got {positional!r}")
-        if alibi not in ALIBI_KINDS:
-            raise ValueError(f"{name}: alibi must be one of {ALIBI_KINDS}, got {alibi!r}")
+        check_choice(name, "positional", positional, POSITIONAL)
+        check_choice(name, "alibi", alibi, ALIBI_KINDS)
         check_int(name, "dilation", dilation, 1)
         check_softcap(name, softcap)
         check_sigmoid_bias(name, sigmoid_bias, score)
