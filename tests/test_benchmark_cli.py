@@ -1,8 +1,13 @@
 """The benchmark command line (`python -m longreach bench`): structure of its table, CSV and
 plot on tiny sizes, its counting helpers against the dense reference, and its argument errors.
 
-No timing is asserted (the machine is shared); memory is checked only against lower bounds
-that any working measurement must reach (the outputs and gradients a call returns).
+No timing is asserted (the machine is shared). Memory is checked only against lower bounds
+that any working measurement must reach (the outputs and gradients a call returns), and only
+where the measurement can resolve them: the peak is the growth of the process's resident-set
+high-water mark (VmHWM), which Linux keeps in per-CPU counters folded in batches, so it can be
+off by up to `rss_noise_bytes()` (768 KiB on 2 CPUs, 6 MiB on 16, 48 MiB on 64), whatever the
+load. The tiny sizes of the full run are below that; a separate run at L=2048 checks the bound
+where the CPU count allows, and the in-process check uses 128 MiB.
 """
 
 from __future__ import annotations
@@ -26,6 +31,39 @@ from testenv import extended_tests_enabled
 
 B, H, D = 1, 8, 64
 MiB = 2**20
+
+
+def rss_noise_bytes() -> int:
+    """How far the kernel's RSS high-water mark can be from the true peak, independent of load.
+
+    Since Linux 6.2 the RSS counters are per-CPU counters, and the high-water mark is sampled
+    from their approximate sum (percpu_counter_read), which can be off by the batch size
+    max(32, 2 * CPUs) pages on every CPU; before 6.2 each thread cached up to 64 page events.
+    Both bounds together, for the CPUs this process may run on."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    online = os.cpu_count() or cpus
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    return page * (online * max(32, 2 * online) + 64 * max(cpus, torch.get_num_threads()))
+
+
+def returned_bytes(row) -> int:
+    """What a call returns and so must hold at its peak: the output (forward), or the output
+    (kept for the backward) and three gradients (forward+backward), float32."""
+    return (1 if row["pass_name"] == "forward" else 4) * B * H * int(row["length"]) * D * 4
+
+
+def check_memory_columns(row) -> None:
+    """The memory columns of one measured row: present and finite; the peak includes the state;
+    the peak holds the returned tensors where the RSS measurement can resolve them; and, when the
+    CSV has the allocator-counted column, it holds them exactly (it counts bytes, not pages)."""
+    peak, state = float(row["peak_mib"]), float(row["state_mib"])
+    assert math.isfinite(peak) and math.isfinite(state), row
+    assert peak >= state - 1e-9, row  # peak_bytes = state_bytes + max(0, growth during the call)
+    returned, noise = returned_bytes(row), rss_noise_bytes()
+    if returned >= 2 * noise:  # then the bound below is at least 0.4 of what is returned
+        assert peak >= (0.9 * returned - noise) / MiB, (row, f"RSS noise bound {noise / MiB:.2f} MiB")
+    if row.get("alloc_peak_mib") not in (None, ""):
+        assert float(row["alloc_peak_mib"]) >= returned / MiB * (1 - 1e-6), row
 
 
 def run_cli(*args: str) -> str:
@@ -86,9 +124,25 @@ def test_csv_rows_are_complete_and_consistent(full_run):
         assert float(row["roof_fraction"]) == pytest.approx(float(row["gflops"]) / float(row["roof_gflops"]))
         assert int(row["repeats"]) == 1
         assert float(row["us_per_token"]) == pytest.approx(1e6 * median_s / length)
-        # The call returns its output (and, with backward, three gradients): the peak holds them.
-        returned = (1 if row["pass_name"] == "forward" else 4) * B * H * length * D * 4
-        assert float(row["peak_mib"]) >= 0.9 * returned / MiB, row
+        # The call returns its output (and, with backward, three gradients): the peak holds them,
+        # as far as the RSS measurement resolves such small sizes (see the module docstring).
+        check_memory_columns(row)
+
+
+def test_peak_memory_holds_the_returned_tensors_at_a_resolvable_size(tmp_path):
+    """At L=2048 a forward returns 4 MiB and a forward+backward 16 MiB, well above the RSS
+    noise on a few CPUs, so there the lower bound is asserted for real."""
+    csv_path = str(tmp_path / "mem.csv")
+    run_cli("--lengths", "2048", "--repeats", "1", "--baselines", "none", "--gemm-size", "256", "--max-seconds", "1",
+            "--csv", csv_path)
+    _, rows = read_csv(csv_path)
+    assert {r["pass_name"] for r in rows} == {"forward", "forward+backward"}
+    noise = rss_noise_bytes()
+    if max(returned_bytes(r) for r in rows) < 2 * noise:
+        pytest.skip(f"{os.cpu_count()} CPUs: RSS noise up to {noise / MiB:.1f} MiB hides a 16 MiB peak")
+    for row in rows:
+        assert row["status"] == "ok", row
+        check_memory_columns(row)
 
 
 def test_plot_is_a_png(full_run):
@@ -205,9 +259,24 @@ def test_peak_rss_sees_torch_allocations():
         del a
         return float(b.sum())
 
+    noise = rss_noise_bytes()
+    if noise > size // 2:
+        pytest.skip(f"RSS noise up to {noise / MiB:.0f} MiB on {os.cpu_count()} CPUs")
+    file_before = _rss_file_bytes()
     peak = rss.peak_growth(allocate_and_free_temporaries)
-    assert 2 * size * 0.95 <= peak <= 2 * size * 1.2
+    # File-backed pages (library code) the kernel reclaims meanwhile lower the RSS under memory
+    # pressure: the lower bound gives them back, so the check does not depend on the machine.
+    evicted = max(0, file_before - _rss_file_bytes())
     assert math.isfinite(peak)
+    assert 2 * size * 0.95 - noise - evicted <= peak <= 2 * size * 1.2 + noise, (peak, noise, evicted)
+
+
+def _rss_file_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 @pytest.mark.skipif(not extended_tests_enabled(), reason="compiles FlexAttention (slow): LONGREACH_EXTENDED_TESTS=1")

@@ -397,7 +397,7 @@ def measure_method(cfg: BenchConfig, name: str, pass_name: str, lengths: Sequenc
         method.build(cfg, length)  # dropped at once
         before = rss.settled_rss()
         attention = method.build(cfg, length)
-        state = rss.settled_rss() - before
+        state = max(0, rss.settled_rss() - before)  # RSS can shrink (pages returned): never a negative state
         call = _make_call(cfg, attention, length, pass_name)  # warm already: same shapes were timed
         peak = rss.peak_growth(call)
         emit({"memory": True, "method": name, "pass_name": pass_name, "length": length,
