@@ -79,4 +79,9 @@ at::Tensor rotary_table(const at::Tensor& table, at::ScalarType x_dtype) {
   return table.to(rotary_math_dtype(x_dtype)).contiguous();
 }
 
+void check_rotary_qk_dtypes(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "apply_rotary_qk: q and k must share one dtype, got q ",
+                   dtype_name(q.scalar_type()), " and k ", dtype_name(k.scalar_type()));
+}
+
 }  // namespace longreach

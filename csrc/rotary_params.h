@@ -30,4 +30,7 @@ inline at::ScalarType rotary_math_dtype(at::ScalarType input) {
 // built by longreach (float32), one conversion otherwise.
 at::Tensor rotary_table(const at::Tensor& table, at::ScalarType x_dtype);
 
+// apply_rotary_qk rotates q and k with one table: they must share a dtype.
+void check_rotary_qk_dtypes(const at::Tensor& q, const at::Tensor& k);
+
 }  // namespace longreach

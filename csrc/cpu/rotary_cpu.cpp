@@ -85,8 +85,7 @@ std::tuple<at::Tensor, at::Tensor> apply_rotary_qk_cpu(const at::Tensor& q, cons
                                                        bool interleaved, bool conjugate) {
   const RotaryParams Pq = make_rotary_params(q, "q", cos, sin, position_ids, interleaved, conjugate);
   const RotaryParams Pk = make_rotary_params(k, "k", cos, sin, position_ids, interleaved, conjugate);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "apply_rotary_qk: q and k must share one dtype, got q ",
-              q.scalar_type(), " and k ", k.scalar_type());
+  check_rotary_qk_dtypes(q, k);
   if (position_ids.has_value()) check_position_ids_in_table(*position_ids, Pq.table_len);
   const at::Tensor cos_t = rotary_table(cos, q.scalar_type()), sin_t = rotary_table(sin, q.scalar_type());
   return {rotate(Pq, q, cos_t, sin_t, position_ids), rotate(Pk, k, cos_t, sin_t, position_ids)};

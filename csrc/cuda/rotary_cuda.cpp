@@ -60,8 +60,7 @@ std::tuple<at::Tensor, at::Tensor> apply_rotary_qk_cuda(const at::Tensor& q, con
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const RotaryParams Pq = make_rotary_params(q, "q", cos, sin, position_ids, interleaved, conjugate);
   const RotaryParams Pk = make_rotary_params(k, "k", cos, sin, position_ids, interleaved, conjugate);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "apply_rotary_qk: q and k must share one dtype, got q ",
-              dtype_name(q.scalar_type()), " and k ", dtype_name(k.scalar_type()));
+  check_rotary_qk_dtypes(q, k);
   check_positions(position_ids, Pq.table_len, stream);
   const at::Tensor cos_t = rotary_table(cos, q.scalar_type()), sin_t = rotary_table(sin, q.scalar_type());
   return {rotate(Pq, q, cos_t, sin_t, position_ids, stream), rotate(Pk, k, cos_t, sin_t, position_ids, stream)};
