@@ -12,10 +12,12 @@
 namespace longreach {
 namespace {
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// q, k, v of one layout: (B, H, L, D) dense or (total, H, D) packed; heads are
+// dimension 1 and the head dim the last in both.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank, const char* layout) {
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
-    TORCH_CHECK_VALUE(t->dim() == 4, "local_attention: ", name, " must be a 4-D tensor (B, H, L, D), got shape ",
-                t->sizes());
+    TORCH_CHECK_VALUE(t->dim() == rank, "local_attention: ", name, " must be a ", rank, "-D tensor ", layout,
+                      ", got shape ", t->sizes());
   }
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "local_attention: q, k and v must share one dtype, got q ", dtype_name(q.scalar_type()), ", k ", dtype_name(k.scalar_type()),
@@ -29,40 +31,31 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
               "; expected float32, float64, bfloat16 or float16");
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "local_attention: k and v must have the same shape, got k ",
               k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "local_attention: batch size of k (", k.size(0),
-              ") does not match q (", q.size(0), ")");
-  TORCH_CHECK_VALUE(k.size(3) == q.size(3), "local_attention: head dim of k (", k.size(3),
-              ") does not match q (", q.size(3), ")");
+  if (rank == 4) {
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0), "local_attention: batch size of k (", k.size(0),
+                ") does not match q (", q.size(0), ")");
+  }
+  TORCH_CHECK_VALUE(k.size(-1) == q.size(-1), "local_attention: head dim of k (", k.size(-1),
+              ") does not match q (", q.size(-1), ")");
   TORCH_CHECK_VALUE(k.size(1) >= 1, "local_attention: k must have at least one head, got ", k.size(1));
   TORCH_CHECK_VALUE(q.size(1) % k.size(1) == 0, "local_attention: number of query heads (", q.size(1),
               ") must be a multiple of the number of key/value heads (", k.size(1), ")");
 }
 
-}  // namespace
-
-AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const c10::optional<at::Tensor>& global_mask,
-                                      const c10::optional<at::Tensor>& alibi_slopes,
-                                      int64_t window_left, int64_t window_right, int64_t dilation,
-                                      c10::string_view score, c10::optional<double> sigmoid_bias,
-                                      double softcap, double scale) {
-  check_qkv(q, k, v);
-  AttentionParams P;
-  P.batch = q.size(0);
-  P.q_heads = q.size(1);
-  P.kv_heads = k.size(1);
-  P.q_len = q.size(2);
-  P.k_len = k.size(2);
-  P.head_dim = q.size(3);
-
+// The options every layout shares (window, score, soft-cap, scale, bias, ALiBi),
+// checked against P's lengths and heads; `batch_name` is what the slopes'
+// first dimension counts ("B", or "num_seqs" for a packed batch).
+void set_options(AttentionParams& P, const at::Tensor& q, const c10::optional<at::Tensor>& alibi_slopes,
+                 const char* batch_name, int64_t window_left, int64_t window_right, int64_t dilation,
+                 c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale) {
   TORCH_CHECK_VALUE(window_left >= -1, "local_attention: window left must be >= 0 (or None/-1 for unbounded), got ",
               window_left);
   TORCH_CHECK_VALUE(window_right >= -1,
               "local_attention: window right must be >= 0 (or None/-1 for unbounded), got ", window_right);
   TORCH_CHECK_VALUE(dilation >= 1, "local_attention: dilation must be >= 1, got ", dilation);
-  P.window_left = clip_window_side(window_left, P.q_len, P.k_len);
-  P.window_right = clip_window_side(window_right, P.q_len, P.k_len);
-  P.dilation = clip_dilation(dilation, P.q_len, P.k_len);
+  P.window.left = clip_window_side(window_left, P.q_len, P.k_len);
+  P.window.right = clip_window_side(window_right, P.q_len, P.k_len);
+  P.window.dilation = clip_dilation(dilation, P.q_len, P.k_len);
 
   if (score == "softmax") {
     P.score = ScoreKind::kSoftmax;
@@ -97,22 +90,10 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
                   " inputs (at most ", compute_max, " in magnitude)");
       P.sigmoid_bias = *sigmoid_bias;
     } else {
-      const int64_t n = full_window_size(P);
-      P.sigmoid_bias = n > 0 ? -std::log(static_cast<double>(n)) : 0.0;
+      P.default_sigmoid_bias = true;  // per sequence: window.h sigmoid_bias_of
     }
   }
 
-  if (global_mask.has_value()) {
-    const auto& g = *global_mask;
-    TORCH_CHECK_TYPE(g.scalar_type() == at::kBool, "local_attention: global_mask must be a bool tensor, got ",
-                dtype_name(g.scalar_type()));
-    TORCH_CHECK_VALUE(g.dim() == 2 && g.size(0) == P.batch && g.size(1) == P.k_len,
-                "local_attention: global_mask must have shape (B, Lk) = (", P.batch, ", ", P.k_len,
-                "), got ", g.sizes());
-    TORCH_CHECK_VALUE(g.device() == q.device(), "local_attention: global_mask is on ", g.device(),
-                " but q is on ", q.device());
-    P.has_global = true;
-  }
   if (alibi_slopes.has_value()) {
     const auto& s = *alibi_slopes;
     TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "local_attention: alibi_slopes must be float32, got ",
@@ -120,10 +101,45 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
     const bool per_head = s.dim() == 1 && s.size(0) == P.q_heads;
     const bool per_batch_head = s.dim() == 2 && s.size(0) == P.batch && s.size(1) == P.q_heads;
     TORCH_CHECK_VALUE(per_head || per_batch_head, "local_attention: alibi_slopes must have shape (Hq,) = (",
-                P.q_heads, ",) or (B, Hq) = (", P.batch, ", ", P.q_heads, "), got ", s.sizes());
+                P.q_heads, ",) or (", batch_name, ", Hq) = (", P.batch, ", ", P.q_heads, "), got ", s.sizes());
     TORCH_CHECK_VALUE(s.device() == q.device(), "local_attention: alibi_slopes is on ", s.device(),
                 " but q is on ", q.device());
     P.has_alibi = true;
+  }
+}
+
+void check_global_mask(const at::Tensor& g, const at::Tensor& q, at::IntArrayRef shape, const char* shape_name) {
+  TORCH_CHECK_TYPE(g.scalar_type() == at::kBool, "local_attention: global_mask must be a bool tensor, got ",
+                   dtype_name(g.scalar_type()));
+  std::string expected = "(";  // as Python writes a shape
+  for (size_t i = 0; i < shape.size(); ++i) expected += std::to_string(shape[i]) + (i + 1 < shape.size() ? ", " : "");
+  expected += shape.size() == 1 ? ",)" : ")";
+  TORCH_CHECK_VALUE(g.sizes() == shape, "local_attention: global_mask must have shape ", shape_name, " = ", expected,
+                    ", got ", g.sizes());
+  TORCH_CHECK_VALUE(g.device() == q.device(), "local_attention: global_mask is on ", g.device(), " but q is on ",
+                    q.device());
+}
+
+}  // namespace
+
+AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const c10::optional<at::Tensor>& global_mask,
+                                      const c10::optional<at::Tensor>& alibi_slopes,
+                                      int64_t window_left, int64_t window_right, int64_t dilation,
+                                      c10::string_view score, c10::optional<double> sigmoid_bias,
+                                      double softcap, double scale) {
+  check_qkv(q, k, v, 4, "(B, H, L, D)");
+  AttentionParams P;
+  P.batch = q.size(0);
+  P.q_heads = q.size(1);
+  P.kv_heads = k.size(1);
+  P.q_len = q.size(2);
+  P.k_len = k.size(2);
+  P.head_dim = q.size(3);
+  set_options(P, q, alibi_slopes, "B", window_left, window_right, dilation, score, sigmoid_bias, softcap, scale);
+  if (global_mask.has_value()) {
+    check_global_mask(*global_mask, q, {P.batch, P.k_len}, "(B, Lk)");
+    P.has_global = true;
   }
   return P;
 }

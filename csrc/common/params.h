@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "geometry.h"
 #include "host_device.h"
 
 namespace longreach {
@@ -22,21 +23,22 @@ struct AttentionParams {
   // Window in *dilated steps* on each side of a row's position, already
   // clipped to the sequence so that `left * dilation` cannot overflow.
   // A value >= k_len + q_len behaves as unbounded.
-  int64_t window_left = 0;
-  int64_t window_right = 0;
-  int64_t dilation = 1;
+  WindowSpec window;
 
   ScoreKind score = ScoreKind::kSoftmax;
   // Kept in double so float64 kernels (and gradcheck) see exact values;
   // float kernels convert them once.
   double scale = 1.0;
   double softcap = 0.0;       // 0 disables soft-capping
-  double sigmoid_bias = 0.0;  // only read for ScoreKind::kSigmoid
+  double sigmoid_bias = 0.0;  // only read for ScoreKind::kSigmoid, unless default_sigmoid_bias
+  // No bias given: each sequence uses -ln(window keys of a full row) (window.h: sigmoid_bias_of).
+  bool default_sigmoid_bias = false;
   bool has_alibi = false;
   bool has_global = false;
 
-  // Query row i sits at key position i + position_offset (bottom-right alignment).
-  LR_HOST_DEVICE int64_t position_offset() const { return k_len - q_len; }
+  // The problem of one batch row of a dense batch (q_len, k_len are then its
+  // lengths; for a packed batch they are the maxima over sequences).
+  LR_HOST_DEVICE SequenceView dense_view() const { return SequenceView{q_len, k_len, 0, 0}; }
   LR_HOST_DEVICE int64_t group_size() const { return q_heads / kv_heads; }
 };
 

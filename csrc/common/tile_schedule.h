@@ -1,5 +1,5 @@
 // How the CUDA kernels cut the attention problem into tiles, as host/device
-// functions over AttentionParams (the CPU kernels build the same decomposition
+// functions over a WindowSpec and a SequenceView (the CPU kernels build the same decomposition
 // with host vectors in cpu/tile_plan.*).
 //
 // Rows (or keys) split into residue classes modulo the dilation; a class's
@@ -48,20 +48,20 @@ LR_HOST_DEVICE void class_tile_members(int64_t n, int64_t cls, int64_t d, int64_
 // Keys [*lo, *hi] (stepping by d) that the windows of rows at positions
 // p_first <= p_last of one residue class reach; empty when *lo > *hi.
 // The window is monotone in p, so the ends come from the two extreme rows.
-LR_HOST_DEVICE void row_tile_key_band(const AttentionParams& P, int64_t p_first, int64_t p_last, int64_t* lo,
-                                      int64_t* hi) {
+LR_HOST_DEVICE void row_tile_key_band(const WindowSpec& w, const SequenceView& s, int64_t p_first, int64_t p_last,
+                                      int64_t* lo, int64_t* hi) {
   int64_t unused;
-  window_key_range(P, p_first, lo, &unused);
-  window_key_range(P, p_last, &unused, hi);
+  window_key_range(w, s, p_first, lo, &unused);
+  window_key_range(w, s, p_last, &unused, hi);
 }
 
 // The transpose: rows [*lo, *hi] (stepping by d) whose windows hold some key of
 // j_first <= j_last of one residue class; empty when *lo > *hi.
-LR_HOST_DEVICE void key_tile_row_band(const AttentionParams& P, int64_t j_first, int64_t j_last, int64_t* lo,
-                                      int64_t* hi) {
+LR_HOST_DEVICE void key_tile_row_band(const WindowSpec& w, const SequenceView& s, int64_t j_first, int64_t j_last,
+                                      int64_t* lo, int64_t* hi) {
   int64_t unused;
-  window_row_range(P, j_first, lo, &unused);
-  window_row_range(P, j_last, &unused, hi);
+  window_row_range(w, s, j_first, lo, &unused);
+  window_row_range(w, s, j_last, &unused, hi);
 }
 
 // Members of the band lo, lo + d, ..., <= hi.

@@ -7,8 +7,10 @@
 // is how the kernels keep the work at O(L * window) for any dilation.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
+#include "geometry.h"
 #include "host_device.h"
 #include "params.h"
 
@@ -32,52 +34,61 @@ LR_HOST_DEVICE int64_t last_in_class_at_or_before(int64_t hi, int64_t residue, i
 
 // Is key j inside the (dilated) sliding window of position p? Global tokens are
 // handled by the caller; this is only the band.
-LR_HOST_DEVICE bool in_window(const AttentionParams& P, int64_t p, int64_t j) {
+LR_HOST_DEVICE bool in_window(const WindowSpec& w, int64_t p, int64_t j) {
   const int64_t delta = j - p;
-  if (floor_mod(delta, P.dilation) != 0) return false;
-  const int64_t steps = delta / P.dilation;  // exact: delta is a multiple
-  return steps >= -P.window_left && steps <= P.window_right;
+  if (floor_mod(delta, w.dilation) != 0) return false;
+  const int64_t steps = delta / w.dilation;  // exact: delta is a multiple
+  return steps >= -w.left && steps <= w.right;
 }
 
 // The full allowed-key rule: window, plus global keys, plus global rows
 // (a row whose own position is a global token sees every key).
-LR_HOST_DEVICE bool key_allowed(const AttentionParams& P, int64_t p, int64_t j,
-                                bool row_is_global, bool key_is_global) {
-  return row_is_global || key_is_global || in_window(P, p, j);
+LR_HOST_DEVICE bool key_allowed(const WindowSpec& w, int64_t p, int64_t j, bool row_is_global, bool key_is_global) {
+  return row_is_global || key_is_global || in_window(w, p, j);
 }
 
 // Inclusive range [*lo, *hi] of the keys in the window of position p that lie
-// in [0, Lk); all of them share p's residue class. Empty when *lo > *hi.
-LR_HOST_DEVICE void window_key_range(const AttentionParams& P, int64_t p, int64_t* lo, int64_t* hi) {
-  const int64_t d = P.dilation;
-  int64_t a = p - P.window_left * d;
-  int64_t b = p + P.window_right * d;
+// in [0, Lk) of sequence s; all of them share p's residue class. Empty when *lo > *hi.
+LR_HOST_DEVICE void window_key_range(const WindowSpec& w, const SequenceView& s, int64_t p, int64_t* lo,
+                                     int64_t* hi) {
+  const int64_t d = w.dilation;
+  int64_t a = p - w.left * d;
+  int64_t b = p + w.right * d;
   if (a < 0) a = first_in_class_at_or_after(0, floor_mod(p, d), d);
-  if (b > P.k_len - 1) b = last_in_class_at_or_before(P.k_len - 1, floor_mod(p, d), d);
+  if (b > s.k_len - 1) b = last_in_class_at_or_before(s.k_len - 1, floor_mod(p, d), d);
   *lo = a;
   *hi = b;
 }
 
-// Inclusive range [*lo, *hi] of query *rows* whose window holds key j (the
-// transpose of window_key_range), clipped to [0, Lq). Empty when *lo > *hi.
-LR_HOST_DEVICE void window_row_range(const AttentionParams& P, int64_t j, int64_t* lo, int64_t* hi) {
-  const int64_t d = P.dilation;
-  const int64_t off = P.position_offset();
+// Inclusive range [*lo, *hi] of query *rows* of sequence s whose window holds
+// key j (the transpose of window_key_range), clipped to [0, Lq). Empty when *lo > *hi.
+LR_HOST_DEVICE void window_row_range(const WindowSpec& w, const SequenceView& s, int64_t j, int64_t* lo,
+                                     int64_t* hi) {
+  const int64_t d = w.dilation;
+  const int64_t off = s.position_offset();
   // Positions p with j - right*d <= p <= j + left*d and p == j (mod d).
-  int64_t a = j - P.window_right * d - off;  // as row indices
-  int64_t b = j + P.window_left * d - off;
+  int64_t a = j - w.right * d - off;  // as row indices
+  int64_t b = j + w.left * d - off;
   const int64_t residue = floor_mod(j - off, d);
   if (a < 0) a = first_in_class_at_or_after(0, residue, d);
-  if (b > P.q_len - 1) b = last_in_class_at_or_before(P.q_len - 1, residue, d);
+  if (b > s.q_len - 1) b = last_in_class_at_or_before(s.q_len - 1, residue, d);
   *lo = a;
   *hi = b;
 }
 
 // Number of keys a full row of the window holds before dilation, the n of the
 // default sigmoid bias -ln(n) (docs/semantics.md: min(Lk, left + right + 1)).
-LR_HOST_DEVICE int64_t full_window_size(const AttentionParams& P) {
-  const int64_t n = P.window_left + P.window_right + 1;
-  return n < P.k_len ? n : P.k_len;
+LR_HOST_DEVICE int64_t full_window_size(const WindowSpec& w, int64_t k_len) {
+  const int64_t n = w.left + w.right + 1;
+  return n < k_len ? n : k_len;
+}
+
+// The sigmoid bias of sequence s: the given one, or -ln(n) from the sequence's
+// own length (0 for a sequence without keys, which has no score to bias).
+LR_HOST_DEVICE double sigmoid_bias_of(const AttentionParams& P, const SequenceView& s) {
+  if (!P.default_sigmoid_bias) return P.sigmoid_bias;
+  const int64_t n = full_window_size(P.window, s.k_len);
+  return n > 0 ? -log(static_cast<double>(n)) : 0.0;
 }
 
 // Clip a window side (-1 = unbounded) so that `side * dilation` never
@@ -107,10 +118,10 @@ namespace longreach {
 // rows at positions p_first..p_last and keys k_first..k_last that are sorted
 // and share one residue class. The band is monotone in p, so the four corners
 // decide it; kernels then skip the per-element mask for such tiles.
-LR_HOST_DEVICE bool tile_in_window(const AttentionParams& P, int64_t p_first, int64_t p_last,
-                                   int64_t k_first, int64_t k_last) {
-  return in_window(P, p_first, k_first) && in_window(P, p_first, k_last) &&
-         in_window(P, p_last, k_first) && in_window(P, p_last, k_last);
+LR_HOST_DEVICE bool tile_in_window(const WindowSpec& w, int64_t p_first, int64_t p_last, int64_t k_first,
+                                   int64_t k_last) {
+  return in_window(w, p_first, k_first) && in_window(w, p_first, k_last) && in_window(w, p_last, k_first) &&
+         in_window(w, p_last, k_last);
 }
 
 }  // namespace longreach

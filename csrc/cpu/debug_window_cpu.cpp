@@ -14,44 +14,37 @@
 namespace longreach::cpu {
 namespace {
 
-AttentionParams window_params(int64_t q_len, int64_t k_len, int64_t window_left, int64_t window_right,
-                              int64_t dilation) {
+WindowSpec window_spec(int64_t q_len, int64_t k_len, int64_t window_left, int64_t window_right, int64_t dilation) {
   TORCH_CHECK(q_len >= 0 && k_len >= 0, "_debug: lengths must be >= 0, got q_len ", q_len, ", k_len ", k_len);
   TORCH_CHECK(dilation >= 1, "_debug: dilation must be >= 1, got ", dilation);
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "_debug: window sides must be >= -1, got (", window_left,
               ", ", window_right, ")");
-  AttentionParams P;
-  P.batch = 1;
-  P.q_heads = P.kv_heads = 1;
-  P.q_len = q_len;
-  P.k_len = k_len;
-  P.head_dim = 1;
-  P.window_left = clip_window_side(window_left, q_len, k_len);
-  P.window_right = clip_window_side(window_right, q_len, k_len);
-  P.dilation = clip_dilation(dilation, q_len, k_len);
-  return P;
+  return WindowSpec{clip_window_side(window_left, q_len, k_len), clip_window_side(window_right, q_len, k_len),
+                    clip_dilation(dilation, q_len, k_len)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> debug_window_ranges(int64_t q_len, int64_t k_len,
                                                                                int64_t window_left,
                                                                                int64_t window_right, int64_t dilation) {
-  const AttentionParams P = window_params(q_len, k_len, window_left, window_right, dilation);
+  const WindowSpec w = window_spec(q_len, k_len, window_left, window_right, dilation);
+  const SequenceView s{q_len, k_len};
   at::Tensor key_lo = at::empty({q_len}, at::kLong), key_hi = at::empty({q_len}, at::kLong);
   at::Tensor row_lo = at::empty({k_len}, at::kLong), row_hi = at::empty({k_len}, at::kLong);
   for (int64_t i = 0; i < q_len; ++i) {
-    window_key_range(P, i + P.position_offset(), key_lo.data_ptr<int64_t>() + i, key_hi.data_ptr<int64_t>() + i);
+    window_key_range(w, s, i + s.position_offset(), key_lo.data_ptr<int64_t>() + i, key_hi.data_ptr<int64_t>() + i);
   }
   for (int64_t j = 0; j < k_len; ++j) {
-    window_row_range(P, j, row_lo.data_ptr<int64_t>() + j, row_hi.data_ptr<int64_t>() + j);
+    window_row_range(w, s, j, row_lo.data_ptr<int64_t>() + j, row_hi.data_ptr<int64_t>() + j);
   }
   return {key_lo, key_hi, row_lo, row_hi};
 }
 
 at::Tensor debug_tile_bands(int64_t q_len, int64_t k_len, int64_t window_left, int64_t window_right, int64_t dilation,
                             int64_t tile, bool by_keys) {
-  const AttentionParams P = window_params(q_len, k_len, window_left, window_right, dilation);
+  const WindowSpec w = window_spec(q_len, k_len, window_left, window_right, dilation);
+  const SequenceView s{q_len, k_len};
   TORCH_CHECK(tile >= 1, "_debug_tile_bands: tile must be >= 1, got ", tile);
-  const int64_t n = by_keys ? k_len : q_len, d = P.dilation, off = P.position_offset();
+  const int64_t n = by_keys ? k_len : q_len, d = w.dilation, off = s.position_offset();
   std::vector<int64_t> rows;
   for (int64_t cls = 0; cls < class_number(n, d); ++cls) {
     for (int64_t t = 0; t < tiles_per_class(n, d, tile); ++t) {
@@ -60,9 +53,9 @@ at::Tensor debug_tile_bands(int64_t q_len, int64_t k_len, int64_t window_left, i
       if (first > last) continue;
       const int64_t a = class_member(cls, first, d), b = class_member(cls, last, d);
       if (by_keys) {
-        key_tile_row_band(P, a, b, &lo, &hi);
+        key_tile_row_band(w, s, a, b, &lo, &hi);
       } else {
-        row_tile_key_band(P, a + off, b + off, &lo, &hi);
+        row_tile_key_band(w, s, a + off, b + off, &lo, &hi);
       }
       rows.insert(rows.end(), {cls, a, b, lo, hi});
     }
@@ -73,7 +66,7 @@ at::Tensor debug_tile_bands(int64_t q_len, int64_t k_len, int64_t window_left, i
 
 at::Tensor debug_tile_in_window(int64_t q_len, int64_t k_len, int64_t window_left, int64_t window_right,
                                 int64_t dilation, const at::Tensor& corners) {
-  const AttentionParams P = window_params(q_len, k_len, window_left, window_right, dilation);
+  const WindowSpec w = window_spec(q_len, k_len, window_left, window_right, dilation);
   TORCH_CHECK(corners.dim() == 2 && corners.size(1) == 4 && corners.scalar_type() == at::kLong,
               "_debug_tile_in_window: corners must be an (N, 4) int64 tensor, got ", corners.dtype(), " ",
               corners.sizes());
@@ -81,7 +74,7 @@ at::Tensor debug_tile_in_window(int64_t q_len, int64_t k_len, int64_t window_lef
   const int64_t* p = c.data_ptr<int64_t>();
   at::Tensor out = at::empty({c.size(0)}, at::kBool);
   for (int64_t r = 0; r < c.size(0); ++r) {
-    out.data_ptr<bool>()[r] = tile_in_window(P, p[4 * r], p[4 * r + 1], p[4 * r + 2], p[4 * r + 3]);
+    out.data_ptr<bool>()[r] = tile_in_window(w, p[4 * r], p[4 * r + 1], p[4 * r + 2], p[4 * r + 3]);
   }
   return out;
 }

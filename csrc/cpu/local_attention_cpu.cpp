@@ -84,15 +84,39 @@ template <typename T>
 using Buffer = std::vector<T, CacheLineAllocator<T>>;
 
 template <typename T>
-struct HeadRows {  // rows of one (batch, head) slice of a (B, H, L, D) tensor with contiguous rows
+struct HeadRows {  // rows of one head of one problem, contiguous within a row
   T* data;
   int64_t stride_l;
   T* row(int64_t l) const { return data + l * stride_l; }
 };
 
+// Head h of problem b: batch row b of a dense (B, H, L, D) tensor, or the rows
+// from `start` on of a packed (total, H, D) tensor (start: the sequence's
+// q_start or k_start, see geometry.h).
 template <typename T>
-HeadRows<T> head_rows(const at::Tensor& t, int64_t b, int64_t h) {
-  return {static_cast<T*>(t.data_ptr()) + b * t.stride(0) + h * t.stride(1), t.stride(2)};
+HeadRows<T> head_rows(const at::Tensor& t, int64_t b, int64_t start, int64_t h) {
+  T* base = static_cast<T*>(t.data_ptr());
+  if (t.dim() == 3) return {base + start * t.stride(0) + h * t.stride(1), t.stride(0)};
+  return {base + b * t.stride(0) + h * t.stride(1), t.stride(2)};
+}
+
+// Query-side (q, out, grad_out, dq) and key-side (k, v, dk, dv) rows of problem b.
+template <typename T>
+HeadRows<T> q_rows(const at::Tensor& t, const TilePlan& plan, int64_t b, int64_t h) {
+  return head_rows<T>(t, b, plan.seq(b).q_start, h);
+}
+template <typename T>
+HeadRows<T> k_rows(const at::Tensor& t, const TilePlan& plan, int64_t b, int64_t h) {
+  return head_rows<T>(t, b, plan.seq(b).k_start, h);
+}
+
+// Per-row statistics (lse, the softmax row dots) of head h of problem b: a
+// dense (B, Hq, Lq) tensor or a packed (Hq, total_q) one, contiguous.
+template <typename T>
+T* stat_row(const at::Tensor& t, const AttentionParams& P, const TilePlan& plan, int64_t b, int64_t h) {
+  T* base = t.data_ptr<T>();
+  if (t.dim() == 2) return base + h * t.size(1) + plan.seq(b).q_start;
+  return base + (b * P.q_heads + h) * P.q_len;
 }
 
 // Kernels read rows with a contiguous last dimension; anything else is copied once.
@@ -240,12 +264,12 @@ void plan_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, bool span_ma
   runs->end.assign(nq, nk);
   runs->interior = false;
   // A tile inside the band needs no mask even when its block's span does.
-  runs->masked = span_masked && !tile_in_window(P, bc.pos[0], bc.pos[nq - 1], keys.key(0), keys.key(nk - 1));
+  runs->masked = span_masked && !tile_in_window(P.window, bc.pos[0], bc.pos[nq - 1], keys.key(0), keys.key(nk - 1));
   if (!runs->masked) return;
   // Masked tiles are span tiles: keys lo, lo + stride, ... of the rows' class.
   for (int64_t a = 0; a < nq; ++a) {
     int64_t lo, hi;
-    window_key_range(P, bc.pos[a], &lo, &hi);
+    window_key_range(P.window, bc.plan->seq(bc.batch), bc.pos[a], &lo, &hi);
     const int64_t f = lo <= keys.lo ? 0 : std::min(nk, (lo - keys.lo + keys.stride - 1) / keys.stride);
     const int64_t e = hi < keys.lo ? 0 : std::min(nk, (hi - keys.lo) / keys.stride + 1);
     runs->first[a] = f;
@@ -435,7 +459,8 @@ void load_block(const TileOps<acc_t>& ops, const AttentionParams& P, const TileP
   if (ws.rows.empty()) return;
   const int64_t nq = static_cast<int64_t>(ws.rows.size());
   ws.pos.resize(nq);
-  for (int64_t a = 0; a < nq; ++a) ws.pos[a] = ws.rows[a] + P.position_offset();
+  const int64_t offset = plan.seq(chunk.batch).position_offset();
+  for (int64_t a = 0; a < nq; ++a) ws.pos[a] = ws.rows[a] + offset;
   plan.keys_of_block(chunk, ws.rows, &ws.keys);
   const auto& extras = ws.keys.extras;
   if (!extras.empty()) {
@@ -491,7 +516,7 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
   const TileOps<acc_t>& ops = tile_ops<acc_t>();
   const int64_t D = P.head_dim, W = ops.vec_width;
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
-  const acc_t scale = static_cast<acc_t>(P.scale), bias = static_cast<acc_t>(P.sigmoid_bias);
+  const acc_t scale = static_cast<acc_t>(P.scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const auto& chunks = plan.row_chunks();
 
@@ -502,8 +527,10 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
   parallel_items(static_cast<int64_t>(chunks.size()), make_scratch, [&](int64_t ci, Scratch<acc_t>& ws) {
     const RowChunk& chunk = chunks[ci];
     const int64_t b = chunk.batch, hk = chunk.kv_head;
-    const auto K = head_rows<const scalar_t>(k, b, hk);
-    const auto V = head_rows<const scalar_t>(v, b, hk);
+    const auto K = k_rows<const scalar_t>(k, plan, b, hk);
+    const auto V = k_rows<const scalar_t>(v, plan, b, hk);
+    const int64_t q_len = plan.seq(b).q_len;
+    const acc_t bias = static_cast<acc_t>(sigmoid_bias_of(P, plan.seq(b)));
     const KeyRange chunk_keys = plan.span_of_chunk(chunk);
     load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
                       use, &ws.span);
@@ -517,13 +544,13 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
 
       for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
         const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
-        load_rows(ops, head_rows<const scalar_t>(q, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
+        load_rows(ops, q_rows<const scalar_t>(q, plan, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
                   rows_are_regular(ws.rows), D, &ws.q);
         if (h + 1 < (hk + 1) * P.group_size()) {
-          prefetch_rows(head_rows<const scalar_t>(q, b, h + 1), ws.rows, D, P.q_len);
+          prefetch_rows(q_rows<const scalar_t>(q, plan, b, h + 1), ws.rows, D, q_len);
         } else if (t + 1 < chunk.first_block + chunk.n_blocks) {
-          prefetch_rows(head_rows<const scalar_t>(q, b, hk * P.group_size()), ws.rows, D, P.q_len,
-                        kRowBlock * P.dilation);
+          prefetch_rows(q_rows<const scalar_t>(q, plan, b, hk * P.group_size()), ws.rows, D, q_len,
+                        kRowBlock * P.window.dilation);
         }
         std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
         std::fill(ws.m.begin(), ws.m.begin() + nq, neg_inf);
@@ -563,8 +590,8 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
           first_tile = false;
         });
 
-        auto O = head_rows<scalar_t>(out, b, h);
-        acc_t* lse_row = lse.data_ptr<acc_t>() + (b * P.q_heads + h) * P.q_len;
+        auto O = q_rows<scalar_t>(out, plan, b, h);
+        acc_t* lse_row = stat_row<acc_t>(lse, P, plan, b, h);
         for (int64_t a = 0; a < nq; ++a) {
           const acc_t* src = ws.acc.data() + a * D;
           if (sigmoid_score) {
@@ -584,23 +611,24 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
 
 // --------------------------------------------------------------- backward --
 
-// rowdot[b,h,i] = dO_i . O_i - dlse_i: the softmax backward's row constant.
+// rowdot[b,h,i] = dO_i . O_i - dlse_i: the softmax backward's row constant,
+// laid out like lse (dense (B, Hq, Lq) or packed (Hq, total_q)).
 template <typename scalar_t>
-at::Tensor softmax_row_dots(const AttentionParams& P, const at::Tensor& grad_out, const at::Tensor& out,
-                            const c10::optional<at::Tensor>& grad_lse) {
+at::Tensor softmax_row_dots(const AttentionParams& P, const TilePlan& plan, const at::Tensor& grad_out,
+                            const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::Tensor rowdot = at::empty({P.batch, P.q_heads, P.q_len}, out.options().dtype(c10::CppTypeToScalarType<acc_t>()));
+  at::Tensor rowdot = at::empty(lse.sizes(), lse.options());
   at::Tensor glse;
   if (grad_lse.has_value()) glse = grad_lse->to(rowdot.scalar_type()).contiguous();
   const int64_t D = P.head_dim;
   at::parallel_for(0, P.batch * P.q_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / P.q_heads, h = bh % P.q_heads;
-      const auto go = head_rows<const scalar_t>(grad_out, b, h);
-      const auto o = head_rows<const scalar_t>(out, b, h);
-      acc_t* r = rowdot.data_ptr<acc_t>() + bh * P.q_len;
-      const acc_t* gl = glse.defined() ? glse.data_ptr<acc_t>() + bh * P.q_len : nullptr;
-      for (int64_t i = 0; i < P.q_len; ++i) {
+      const auto go = q_rows<const scalar_t>(grad_out, plan, b, h);
+      const auto o = q_rows<const scalar_t>(out, plan, b, h);
+      acc_t* r = stat_row<acc_t>(rowdot, P, plan, b, h);
+      const acc_t* gl = glse.defined() ? stat_row<acc_t>(glse, P, plan, b, h) : nullptr;
+      for (int64_t i = 0; i < plan.seq(b).q_len; ++i) {
         acc_t sum = acc_t(0);
         for (int64_t d = 0; d < D; ++d) sum += static_cast<acc_t>(go.row(i)[d]) * static_cast<acc_t>(o.row(i)[d]);
         r[i] = gl ? sum - gl[i] : sum;
@@ -673,11 +701,11 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
   const acc_t scale = static_cast<acc_t>(P.scale);
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
   const bool softcap = P.softcap > 0.0;
-  const acc_t bias = static_cast<acc_t>(P.sigmoid_bias);
-  const at::Tensor rowdot = sigmoid_score ? at::Tensor() : softmax_row_dots<scalar_t>(P, grad_out, out, grad_lse);
   const at::Tensor lse_acc = lse.contiguous();
+  const at::Tensor rowdot =
+      sigmoid_score ? at::Tensor() : softmax_row_dots<scalar_t>(P, plan, grad_out, out, lse_acc, grad_lse);
   auto row_stats = [&](const at::Tensor& t, int64_t b, int64_t h) -> const acc_t* {
-    return t.defined() ? t.data_ptr<acc_t>() + (b * P.q_heads + h) * P.q_len : nullptr;
+    return t.defined() ? stat_row<acc_t>(t, P, plan, b, h) : nullptr;
   };
   const auto& chunks = plan.row_chunks();
   std::vector<ChunkKeyGrads<acc_t>> key_grads(chunks.size());
@@ -687,8 +715,9 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
   parallel_items(static_cast<int64_t>(chunks.size()), make_scratch, [&](int64_t ci, Scratch<acc_t>& ws) {
     const RowChunk& chunk = chunks[ci];
     const int64_t b = chunk.batch, hk = chunk.kv_head;
-    const auto K = head_rows<const scalar_t>(k, b, hk);
-    const auto V = head_rows<const scalar_t>(v, b, hk);
+    const auto K = k_rows<const scalar_t>(k, plan, b, hk);
+    const auto V = k_rows<const scalar_t>(v, plan, b, hk);
+    const acc_t bias = static_cast<acc_t>(sigmoid_bias_of(P, plan.seq(b)));
     ChunkKeyGrads<acc_t>& grads = key_grads[ci];
     const KeyRange& chunk_keys = grads.span;
     load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
@@ -698,12 +727,14 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
     grads.dk.assign((chunk_keys.count - n_owned) * D, acc_t(0));
     grads.dv.assign((chunk_keys.count - n_owned) * D, acc_t(0));
     // Owned rows accumulate in dK / dV themselves (only when scalar_t == acc_t).
-    acc_t* dk_own = reinterpret_cast<acc_t*>(head_rows<scalar_t>(dk, b, hk).row(0));
-    acc_t* dv_own = reinterpret_cast<acc_t*>(head_rows<scalar_t>(dv, b, hk).row(0));
-    const int64_t own_ld = chunk_keys.stride * dk.stride(2);
+    // (dk and dv are allocated alike: one row stride serves both)
+    const auto dK_rows = k_rows<scalar_t>(dk, plan, b, hk), dV_rows = k_rows<scalar_t>(dv, plan, b, hk);
+    acc_t* dk_own = reinterpret_cast<acc_t*>(dK_rows.row(0));
+    acc_t* dv_own = reinterpret_cast<acc_t*>(dV_rows.row(0));
+    const int64_t key_ld = dK_rows.stride_l, own_ld = chunk_keys.stride * key_ld;
     for (int64_t r = grads.own_begin; r < grads.own_end; ++r) {
-      std::fill(dk_own + chunk_keys.at(r) * dk.stride(2), dk_own + chunk_keys.at(r) * dk.stride(2) + D, acc_t(0));
-      std::fill(dv_own + chunk_keys.at(r) * dv.stride(2), dv_own + chunk_keys.at(r) * dv.stride(2) + D, acc_t(0));
+      std::fill(dk_own + chunk_keys.at(r) * key_ld, dk_own + chunk_keys.at(r) * key_ld + D, acc_t(0));
+      std::fill(dv_own + chunk_keys.at(r) * key_ld, dv_own + chunk_keys.at(r) * key_ld + D, acc_t(0));
     }
 
     for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
@@ -721,8 +752,8 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
 
       for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
         const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
-        load_rows(ops, head_rows<const scalar_t>(q, b, h), nq, row_index, regular, D, &ws.q);
-        load_rows(ops, head_rows<const scalar_t>(grad_out, b, h), nq, row_index, regular, D, &ws.go);
+        load_rows(ops, q_rows<const scalar_t>(q, plan, b, h), nq, row_index, regular, D, &ws.q);
+        load_rows(ops, q_rows<const scalar_t>(grad_out, plan, b, h), nq, row_index, regular, D, &ws.go);
         const acc_t* lse_all = row_stats(lse_acc, b, h);
         const acc_t* dot_all = row_stats(rowdot, b, h);
         for (int64_t a = 0; a < nq; ++a) {
@@ -780,7 +811,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
                          grads.dv.data() + grads.buffer_row(col0) * D, D);
             if (own0 < own1) {
               const int64_t key = chunk_keys.at(col0 + own0);
-              key_products(own0, own1, dk_own + key * dk.stride(2), dv_own + key * dv.stride(2), own_ld);
+              key_products(own0, own1, dk_own + key * key_ld, dv_own + key * key_ld, own_ld);
             }
             if (own1 < nk) {
               key_products(own1, nk, grads.dk.data() + grads.buffer_row(col0 + own1) * D,
@@ -798,7 +829,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           }
         });
 
-        auto dQ = head_rows<scalar_t>(dq, b, h);
+        auto dQ = q_rows<scalar_t>(dq, plan, b, h);
         for (int64_t a = 0; a < nq; ++a) convert_out(ops, ws.acc.data() + a * D, D, scale, dQ.row(ws.rows[a]));
       }
     }
@@ -831,11 +862,13 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / tasks_per_head;
       const int64_t b = bh / P.kv_heads, hk = bh % P.kv_heads;
-      const int64_t j0 = (task % tasks_per_head) * kKeysPerTask, j1 = std::min(j0 + kKeysPerTask, P.k_len);
+      const int64_t j0 = (task % tasks_per_head) * kKeysPerTask;
+      const int64_t j1 = std::min(j0 + kKeysPerTask, plan.seq(b).k_len);
+      if (j0 >= j1) continue;  // past this sequence's keys (P.k_len is the longest)
       std::fill(sk.begin(), sk.end(), acc_t(0));
       std::fill(sv.begin(), sv.end(), acc_t(0));
-      auto dK = head_rows<scalar_t>(dk, b, hk);
-      auto dV = head_rows<scalar_t>(dv, b, hk);
+      auto dK = k_rows<scalar_t>(dk, plan, b, hk);
+      auto dV = k_rows<scalar_t>(dv, plan, b, hk);
       const auto& globals = plan.global_keys(b);
       const auto g0 = std::lower_bound(globals.begin(), globals.end(), j0);
       const auto g1 = std::lower_bound(globals.begin(), globals.end(), j1);
@@ -890,7 +923,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
   // The kernel writes every row of out and lse.
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({P.batch, P.q_heads, P.q_len}, lse_options);
-  const TilePlan plan(P, global_mask, kForwardChunkBlocks);
+  const TilePlan plan(P, dense_views(P), global_mask, kForwardChunkBlocks);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_fwd_cpu", [&] {
     forward_kernel<scalar_t>(P, plan, q, k, v, slopes, out, lse);
@@ -920,7 +953,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_c
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(contiguous));
   at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(contiguous));
   at::Tensor dv = at::empty(v.sizes(), v.options().memory_format(contiguous));
-  const TilePlan plan(P, global_mask, kBackwardChunkBlocks);
+  const TilePlan plan(P, dense_views(P), global_mask, kBackwardChunkBlocks);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_bwd_cpu", [&] {
     backward_kernel<scalar_t>(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, dq, dk, dv,

@@ -16,22 +16,29 @@ constexpr int64_t kTargetChunks = 64;
 
 }  // namespace
 
-TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask, int64_t max_chunk_blocks)
-    : P_(P) {
+TilePlan::TilePlan(const AttentionParams& P, std::vector<SequenceView> seqs,
+                   const c10::optional<at::Tensor>& global_mask, int64_t max_chunk_blocks)
+    : P_(P), seqs_(std::move(seqs)) {
   TORCH_CHECK(max_chunk_blocks >= 1, "TilePlan: max_chunk_blocks must be >= 1");
-  const int64_t d = P.dilation;
+  TORCH_CHECK(static_cast<int64_t>(seqs_.size()) == P.batch, "TilePlan: ", seqs_.size(), " views for ", P.batch,
+              " problems");
+  const int64_t d = P.window.dilation;
   global_keys_.resize(P.batch);
   global_rows_.resize(P.batch);
-  if (global_mask.has_value() && P.k_len > 0) {
+  if (global_mask.has_value() && global_mask->numel() > 0) {
     has_global_ = true;
     const at::Tensor g = global_mask->to(at::kByte).contiguous();
     const uint8_t* flags = g.data_ptr<uint8_t>();
-    is_global_key_.assign(flags, flags + P.batch * P.k_len);
+    is_global_key_.assign(flags, flags + g.numel());
+    const bool packed = g.dim() == 1;
+    flag_offset_.resize(P.batch);
     for (int64_t b = 0; b < P.batch; ++b) {
-      for (int64_t j = 0; j < P.k_len; ++j) {
+      const SequenceView& s = seqs_[b];
+      flag_offset_[b] = packed ? s.k_start : b * P.k_len;
+      for (int64_t j = 0; j < s.k_len; ++j) {
         if (key_is_global(b, j)) global_keys_[b].push_back(j);
       }
-      for (int64_t i = 0; i < P.q_len; ++i) {
+      for (int64_t i = 0; i < s.q_len; ++i) {
         if (row_is_global(b, i)) global_rows_[b].push_back(i);
       }
     }
@@ -53,9 +60,10 @@ TilePlan::TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& gl
     }
   };
   for (int64_t b = 0; b < P.batch; ++b) {
+    const SequenceView& s = seqs_[b];  // rows of a sequence without keys still get blocks: they write zeros
     for (int64_t hk = 0; hk < P.kv_heads; ++hk) {
-      for (int64_t c = 0; c < classes; ++c) {
-        add_run(b, hk, false, c, ceil_div_i64(class_count(P.q_len, c, d), kRowBlock));
+      for (int64_t c = 0; c < std::min(d, s.q_len); ++c) {
+        add_run(b, hk, false, c, ceil_div_i64(class_count(s.q_len, c, d), kRowBlock));
       }
       add_run(b, hk, true, 0, ceil_div_i64(static_cast<int64_t>(global_rows_[b].size()), kRowBlock));
     }
@@ -76,24 +84,25 @@ void TilePlan::rows_of_block(const RowChunk& c, int64_t block, std::vector<int64
     rows->assign(g.begin() + start, g.begin() + stop);
     return;
   }
-  const int64_t d = P_.dilation;
+  const int64_t d = P_.window.dilation;
   for (int64_t a = 0; a < kRowBlock; ++a) {
     const int64_t i = c.cls + d * (block * kRowBlock + a);
-    if (i >= P_.q_len) break;
+    if (i >= seqs_[c.batch].q_len) break;
     if (!row_is_global(c.batch, i)) rows->push_back(i);
   }
 }
 
 // Class keys from the first window key of first_row to the last of last_row.
-KeyRange TilePlan::span_of_rows(int64_t first_row, int64_t last_row) const {
-  const int64_t off = P_.position_offset();
+KeyRange TilePlan::span_of_rows(int64_t b, int64_t first_row, int64_t last_row) const {
+  const SequenceView& s = seqs_[b];
+  const int64_t off = s.position_offset(), d = P_.window.dilation;
   int64_t lo, hi, unused;
-  window_key_range(P_, first_row + off, &lo, &unused);
-  window_key_range(P_, last_row + off, &unused, &hi);
+  window_key_range(P_.window, s, first_row + off, &lo, &unused);
+  window_key_range(P_.window, s, last_row + off, &unused, &hi);
   KeyRange r;
-  r.stride = P_.dilation;
+  r.stride = d;
   r.lo = lo;
-  r.count = hi >= lo ? (hi - lo) / P_.dilation + 1 : 0;
+  r.count = hi >= lo ? (hi - lo) / d + 1 : 0;
   return r;
 }
 
@@ -101,15 +110,15 @@ void TilePlan::keys_of_block(const RowChunk& c, const std::vector<int64_t>& rows
   keys->extras.clear();
   keys->extra_ranks.clear();
   if (c.global_rows) {  // global rows see every key
-    keys->span = KeyRange{0, P_.k_len, 1};
+    keys->span = KeyRange{0, seqs_[c.batch].k_len, 1};
     keys->span_needs_mask = false;
     return;
   }
-  keys->span = span_of_rows(rows.front(), rows.back());
+  keys->span = span_of_rows(c.batch, rows.front(), rows.back());
   const KeyRange& s = keys->span;
-  const int64_t off = P_.position_offset();
+  const int64_t off = seqs_[c.batch].position_offset();
   keys->span_needs_mask =
-      s.count > 0 && !tile_in_window(P_, rows.front() + off, rows.back() + off, s.lo, s.at(s.count - 1));
+      s.count > 0 && !tile_in_window(P_.window, rows.front() + off, rows.back() + off, s.lo, s.at(s.count - 1));
   if (has_global_) {
     const auto& g = global_keys_[c.batch];
     for (size_t r = 0; r < g.size(); ++r) {
@@ -122,7 +131,7 @@ void TilePlan::keys_of_block(const RowChunk& c, const std::vector<int64_t>& rows
 }
 
 KeyRange TilePlan::span_of_chunk(const RowChunk& c) const {
-  if (c.global_rows) return KeyRange{0, P_.k_len, 1};
+  if (c.global_rows) return KeyRange{0, seqs_[c.batch].k_len, 1};
   // Rows of a class only grow with the block number, and so do their windows.
   std::vector<int64_t> rows;
   int64_t first = -1, last = -1;
@@ -132,13 +141,13 @@ KeyRange TilePlan::span_of_chunk(const RowChunk& c) const {
     if (first < 0) first = rows.front();
     last = rows.back();
   }
-  if (first < 0) return KeyRange{0, 0, P_.dilation};
+  if (first < 0) return KeyRange{0, 0, P_.window.dilation};
   // Start on a multiple of kKeyAlign keys of the class, so the kernels' tile
   // boundaries (whole vectors of chunk columns) sit at the same keys however
   // the blocks are cut into chunks: results do not depend on the chunking.
-  KeyRange r = span_of_rows(first, last);
+  KeyRange r = span_of_rows(c.batch, first, last);
   if (r.count > 0) {
-    const int64_t d = P_.dilation, cls = floor_mod(r.lo, d);
+    const int64_t d = P_.window.dilation, cls = floor_mod(r.lo, d);
     const int64_t aligned = cls + (r.lo - cls) / d / kKeyAlign * kKeyAlign * d;
     r.count += (r.lo - aligned) / d;
     r.lo = aligned;

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../common/geometry.h"
 #include "../common/params.h"
 
 namespace longreach::cpu {
@@ -58,22 +59,33 @@ struct BlockKeys {
   std::vector<int64_t> extra_ranks;   // their positions in global_keys(batch)
 };
 
+// A dense batch: B problems of the same lengths.
+inline std::vector<SequenceView> dense_views(const AttentionParams& P) {
+  return std::vector<SequenceView>(P.batch, P.dense_view());
+}
+
 class TilePlan {
  public:
   // max_chunk_blocks: the longest run of blocks one chunk takes. It bounds the
   // per-thread packed key operands (which should stay in L2 while the chunk's
   // blocks reread them) and the chunk's key-gradient buffers; the forward's
   // result does not depend on it, the backward's summation order does.
-  TilePlan(const AttentionParams& P, const c10::optional<at::Tensor>& global_mask, int64_t max_chunk_blocks);
+  // One SequenceView per problem b (a dense batch row or a packed sequence);
+  // global_mask is (B, Lk) for a dense batch or (total_k,) for a packed one,
+  // where sequence b's keys start at seqs[b].k_start.
+  TilePlan(const AttentionParams& P, std::vector<SequenceView> seqs, const c10::optional<at::Tensor>& global_mask,
+           int64_t max_chunk_blocks);
 
   const AttentionParams& params() const { return P_; }
+  const WindowSpec& window() const { return P_.window; }
+  const SequenceView& seq(int64_t b) const { return seqs_[b]; }
   bool has_global() const { return has_global_; }
   bool key_is_global(int64_t b, int64_t j) const {
-    return has_global_ && is_global_key_[b * P_.k_len + j] != 0;
+    return has_global_ && is_global_key_[flag_offset_[b] + j] != 0;
   }
   bool row_is_global(int64_t b, int64_t i) const {
-    const int64_t p = i + P_.position_offset();
-    return p >= 0 && p < P_.k_len && key_is_global(b, p);
+    const int64_t p = i + seqs_[b].position_offset();
+    return p >= 0 && p < seqs_[b].k_len && key_is_global(b, p);
   }
   const std::vector<int64_t>& global_keys(int64_t b) const { return global_keys_[b]; }
   bool has_global_rows(int64_t b) const { return !global_rows_[b].empty(); }
@@ -92,11 +104,13 @@ class TilePlan {
   KeyRange span_of_chunk(const RowChunk& c) const;
 
  private:
-  KeyRange span_of_rows(int64_t first_row, int64_t last_row) const;
+  KeyRange span_of_rows(int64_t b, int64_t first_row, int64_t last_row) const;
 
   AttentionParams P_;
+  std::vector<SequenceView> seqs_;
   bool has_global_ = false;
-  std::vector<uint8_t> is_global_key_;             // B * Lk
+  std::vector<uint8_t> is_global_key_;             // the mask's flags, contiguous
+  std::vector<int64_t> flag_offset_;               // where problem b's keys start in is_global_key_
   std::vector<std::vector<int64_t>> global_keys_;  // per batch, sorted
   std::vector<std::vector<int64_t>> global_rows_;  // per batch, sorted
   std::vector<RowChunk> chunks_;

@@ -50,14 +50,14 @@ struct GlobalTokens {
     return flags != nullptr && flags[b * P.k_len + j] != 0;
   }
   LR_HOST_DEVICE bool row_is_global(const AttentionParams& P, int64_t b, int64_t i) const {
-    const int64_t p = i + P.position_offset();
+    const int64_t p = i + P.dense_view().position_offset();
     return flags != nullptr && p >= 0 && p < P.k_len && flags[b * P.k_len + p] != 0;
   }
   LR_HOST_DEVICE int64_t key_count(int64_t b) const { return flags != nullptr ? count[b] : 0; }
   LR_HOST_DEVICE int64_t row_count(int64_t b) const { return flags != nullptr ? count[b] - row_start[b] : 0; }
   LR_HOST_DEVICE int64_t key(const AttentionParams& P, int64_t b, int64_t n) const { return keys[b * P.k_len + n]; }
   LR_HOST_DEVICE int64_t row(const AttentionParams& P, int64_t b, int64_t n) const {
-    return keys[b * P.k_len + row_start[b] + n] - P.position_offset();
+    return keys[b * P.k_len + row_start[b] + n] - P.dense_view().position_offset();
   }
 };
 
@@ -105,7 +105,7 @@ LR_HOST_DEVICE bool pair_allowed(const AttentionParams& P, int64_t row, uint8_t 
                                  uint8_t key_mode) {
   if (row_mode == 0 || key_mode == 0) return false;
   if (row_mode == 1 || key_mode == 1) return true;
-  return in_window(P, row + P.position_offset(), key);
+  return in_window(P.window, row + P.dense_view().position_offset(), key);
 }
 
 // The sets a row block walks through: its band of keys (masked), then either
@@ -126,7 +126,7 @@ template <int BM>
 LR_HOST_DEVICE RowBlockPlan plan_row_block(const AttentionParams& P, const GlobalTokens& g, int64_t b,
                                            int64_t block) {
   RowBlockPlan r;
-  const int64_t d = P.dilation;
+  const int64_t d = P.window.dilation;
   const int64_t per_class = tiles_per_class(P.q_len, d, BM);
   const int64_t class_blocks = class_number(P.q_len, d) * per_class;
   if (block < class_blocks) {
@@ -137,8 +137,8 @@ LR_HOST_DEVICE RowBlockPlan plan_row_block(const AttentionParams& P, const Globa
     r.valid = true;
     r.first = first;
     r.n_rows = last - first + 1;
-    const int64_t off = P.position_offset();
-    row_tile_key_band(P, class_member(r.cls, first, d) + off, class_member(r.cls, last, d) + off, &r.band_lo,
+    const int64_t off = P.dense_view().position_offset();
+    row_tile_key_band(P.window, P.dense_view(), class_member(r.cls, first, d) + off, class_member(r.cls, last, d) + off, &r.band_lo,
                       &r.band_hi);
     r.n_band = band_count(r.band_lo, r.band_hi, d);
     r.n_tail = g.key_count(b);
@@ -159,7 +159,7 @@ LR_HOST_DEVICE RowBlockPlan plan_row_block(const AttentionParams& P, const Globa
 // Row blocks per (batch, head): class blocks plus an upper bound of global-row
 // blocks (the real count lives on the device; surplus blocks exit at once).
 LR_HOST_DEVICE int64_t row_blocks(const AttentionParams& P, int64_t BM) {
-  int64_t n = class_number(P.q_len, P.dilation) * tiles_per_class(P.q_len, P.dilation, BM);
+  int64_t n = class_number(P.q_len, P.window.dilation) * tiles_per_class(P.q_len, P.window.dilation, BM);
   if (P.has_global) {
     const int64_t max_global_rows = P.q_len < P.k_len ? P.q_len : P.k_len;
     n += ceil_div_i64(max_global_rows, BM);
@@ -181,7 +181,7 @@ LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const GlobalTokens
         i = g.row(P, b, r.first + a);
         mode = 1;
       } else {
-        i = class_member(r.cls, r.first + a, P.dilation);
+        i = class_member(r.cls, r.first + a, P.window.dilation);
         if (!g.row_is_global(P, b, i)) mode = 2;
       }
     }
@@ -198,13 +198,13 @@ template <int BN>
 LR_HOST_DEVICE void fill_row_block_keys(const AttentionParams& P, const GlobalTokens& g, int64_t b,
                                         const RowBlockPlan& r, bool in_band_part, int64_t start, TileSide keys) {
   const BlockCtx t = block_ctx();
-  const int64_t d = P.dilation;
+  const int64_t d = P.window.dilation;
   bool whole_tile_in_window = false;
   if (in_band_part && !r.global_rows) {
-    const int64_t off = P.position_offset();
+    const int64_t off = P.dense_view().position_offset();
     const int64_t last = (start + BN < r.n_band ? start + BN : r.n_band) - 1;
     whole_tile_in_window =
-        tile_in_window(P, class_member(r.cls, r.first, d) + off, class_member(r.cls, r.first + r.n_rows - 1, d) + off,
+        tile_in_window(P.window, class_member(r.cls, r.first, d) + off, class_member(r.cls, r.first + r.n_rows - 1, d) + off,
                        r.band_lo + start * d, r.band_lo + last * d);
   }
   for (int c = t.tid; c < BN; c += t.nthreads) {
@@ -244,7 +244,7 @@ template <int BN>
 LR_HOST_DEVICE KeyBlockPlan plan_key_block(const AttentionParams& P, const GlobalTokens& g, int64_t b,
                                            int64_t block) {
   KeyBlockPlan r;
-  const int64_t d = P.dilation;
+  const int64_t d = P.window.dilation;
   const int64_t per_class = tiles_per_class(P.k_len, d, BN);
   const int64_t class_blocks = class_number(P.k_len, d) * per_class;
   if (block < class_blocks) {
@@ -255,7 +255,7 @@ LR_HOST_DEVICE KeyBlockPlan plan_key_block(const AttentionParams& P, const Globa
     r.valid = true;
     r.first = first;
     r.n_keys = last - first + 1;
-    key_tile_row_band(P, class_member(r.cls, first, d), class_member(r.cls, last, d), &r.band_lo, &r.band_hi);
+    key_tile_row_band(P.window, P.dense_view(), class_member(r.cls, first, d), class_member(r.cls, last, d), &r.band_lo, &r.band_hi);
     r.n_band = band_count(r.band_lo, r.band_hi, d);
     r.n_tail = g.row_count(b);
     return r;
@@ -272,7 +272,7 @@ LR_HOST_DEVICE KeyBlockPlan plan_key_block(const AttentionParams& P, const Globa
 }
 
 LR_HOST_DEVICE int64_t key_blocks(const AttentionParams& P, int64_t BN) {
-  int64_t n = class_number(P.k_len, P.dilation) * tiles_per_class(P.k_len, P.dilation, BN);
+  int64_t n = class_number(P.k_len, P.window.dilation) * tiles_per_class(P.k_len, P.window.dilation, BN);
   if (P.has_global) n += ceil_div_i64(P.k_len, BN);
   return n;
 }
@@ -291,7 +291,7 @@ LR_HOST_DEVICE void fill_block_keys(const AttentionParams& P, const GlobalTokens
         j = g.key(P, b, r.first + c);
         mode = 1;
       } else {
-        j = class_member(r.cls, r.first + c, P.dilation);
+        j = class_member(r.cls, r.first + c, P.window.dilation);
         if (!g.key_is_global(P, b, j)) mode = 2;
       }
     }
@@ -317,7 +317,7 @@ LR_HOST_DEVICE void fill_key_block_rows(const AttentionParams& P, const GlobalTo
           i = n;
           mode = 1;
         } else {
-          i = r.band_lo + n * P.dilation;
+          i = r.band_lo + n * P.window.dilation;
           mode = g.row_is_global(P, b, i) ? 0 : 2;
         }
       }
@@ -343,7 +343,7 @@ LR_HOST_DEVICE void finalize_scores(const AttentionParams& P, acc_t* S, TileSide
       continue;
     }
     S[e] = transform_score<acc_t>(scale * S[e], cap, slope,
-                                  abs_distance(rows.idx[a] + P.position_offset(), keys.idx[c]));
+                                  abs_distance(rows.idx[a] + P.dense_view().position_offset(), keys.idx[c]));
   }
 }
 
@@ -401,7 +401,7 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
   const int D = static_cast<int>(P.head_dim), Dp = padded_head_dim(P.head_dim);
   const int64_t hk = h / P.group_size();
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
-  const acc_t bias = static_cast<acc_t>(P.sigmoid_bias);
+  const acc_t bias = static_cast<acc_t>(sigmoid_bias_of(P, P.dense_view()));
   const acc_t slope = alibi_slope_of(a, b, h);
 
   SmemCarver sm{smem};
@@ -510,7 +510,7 @@ LR_HOST_DEVICE acc_t score_backward(const AttentionParams& P, acc_t s, acc_t dp,
   const acc_t cap = static_cast<acc_t>(P.softcap);
   acc_t g;
   if (P.score == ScoreKind::kSigmoid) {
-    *prob = sigmoid<acc_t>(s + static_cast<acc_t>(P.sigmoid_bias));
+    *prob = sigmoid<acc_t>(s + static_cast<acc_t>(sigmoid_bias_of(P, P.dense_view())));
     g = sigmoid_score_grad<acc_t>(*prob, dp);
   } else {
     if (row_lse == neg_infinity<acc_t>()) {  // empty row: no gradient
@@ -543,7 +543,7 @@ LR_HOST_DEVICE acc_t tile_backward(const AttentionParams& P, acc_t* S, acc_t* dP
     const int a = e / BN, c = e % BN;
     acc_t prob = acc_t(0), ds = acc_t(0);
     if (S[e] != neg_infinity<acc_t>()) {
-      const int64_t distance = abs_distance(rows.idx[a] + P.position_offset(), keys.idx[c]);
+      const int64_t distance = abs_distance(rows.idx[a] + P.dense_view().position_offset(), keys.idx[c]);
       const acc_t g = score_backward<acc_t>(P, S[e], dP[e], row_lse[a], row_dot[a], slope, distance, &prob, &ds);
       if (slope_grad) slope_part += g * static_cast<acc_t>(distance);
     }

@@ -28,7 +28,7 @@ inline GlobalTokenTensors make_global_tokens(const AttentionParams& P, const c10
   g.flags = global_mask->to(at::kByte).contiguous();
   g.keys = at::argsort(g.flags, /*stable=*/true, /*dim=*/1, /*descending=*/true).contiguous();
   g.count = g.flags.sum(1, /*keepdim=*/false, at::kLong).contiguous();
-  const int64_t off = P.position_offset();
+  const int64_t off = P.dense_view().position_offset();
   g.row_start = off > 0 ? g.flags.narrow(1, 0, off).sum(1, false, at::kLong).contiguous()
                         : at::zeros({P.batch}, g.count.options());
   return g;

@@ -1,0 +1,34 @@
+// Sequence geometry as data: the window every row applies, and where one
+// sequence's rows and keys are. Kernels and planners take these two instead of
+// the whole AttentionParams, so a dense batch (one view per batch row), a packed
+// varlen batch (one view per sequence) and, later, caches and rank offsets are
+// a change of how views are built, not of the window math.
+#pragma once
+
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace longreach {
+
+// The band of keys a row sees, in dilated steps on each side of its position,
+// already clipped so that `left * dilation` cannot overflow (window.h).
+struct WindowSpec {
+  int64_t left = 0;
+  int64_t right = 0;
+  int64_t dilation = 1;
+};
+
+// One independent problem: Lq query rows against Lk keys, bottom-right aligned
+// (row i sits at key position i + Lk - Lq). q_start / k_start are the first row
+// and key of the sequence in packed (total, H, D) tensors; 0 in a dense batch,
+// whose rows are addressed by the batch index instead.
+struct SequenceView {
+  int64_t q_len = 0;
+  int64_t k_len = 0;
+  int64_t q_start = 0;
+  int64_t k_start = 0;
+  LR_HOST_DEVICE int64_t position_offset() const { return k_len - q_len; }
+};
+
+}  // namespace longreach
