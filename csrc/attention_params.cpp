@@ -120,7 +120,68 @@ void check_global_mask(const at::Tensor& g, const at::Tensor& q, at::IntArrayRef
                     q.device());
 }
 
+// The sequence boundaries of a packed batch, checked and read on the host:
+// cu[0] = 0, non-decreasing, cu[N] = total, no sequence longer than max_len.
+std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q, int64_t total,
+                                     int64_t max_len, const char* max_name, const char* total_name) {
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "local_attention_varlen: ", name,
+                    " must be a 1-D tensor (num_seqs + 1,), got shape ", cu.sizes());
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, "local_attention_varlen: ", name,
+                   " must be torch.int32 or torch.int64, got ", dtype_name(cu.scalar_type()));
+  TORCH_CHECK_VALUE(cu.device() == q.device(), "local_attention_varlen: ", name, " is on ", cu.device(),
+                    " but q is on ", q.device());
+  TORCH_CHECK_VALUE(max_len >= 0, "local_attention_varlen: ", max_name, " must be >= 0, got ", max_len);
+  const at::Tensor host = cu.to(at::kCPU, at::kLong).contiguous();  // a device sync on CUDA
+  const int64_t* c = host.data_ptr<int64_t>();
+  const int64_t n = host.numel();
+  TORCH_CHECK_VALUE(c[0] == 0, "local_attention_varlen: ", name, " must start at 0, got ", c[0]);
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK_VALUE(c[i] >= c[i - 1], "local_attention_varlen: ", name, " must be non-decreasing, got ", c[i - 1],
+                      " then ", c[i], " at entries ", i - 1, " and ", i);
+    TORCH_CHECK_VALUE(c[i] - c[i - 1] <= max_len, "local_attention_varlen: sequence ", i - 1, " has length ",
+                      c[i] - c[i - 1], " (", name, "[", i, "] - ", name, "[", i - 1, "]) but ", max_name, " is ",
+                      max_len);
+  }
+  TORCH_CHECK_VALUE(c[n - 1] == total, "local_attention_varlen: ", name, " must end at ", total_name, " = ", total,
+                    ", got ", c[n - 1]);
+  return std::vector<int64_t>(c, c + n);
+}
+
 }  // namespace
+
+VarlenProblem make_varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                 int64_t max_seqlen_k, const c10::optional<at::Tensor>& global_mask,
+                                 const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+                                 int64_t window_right, int64_t dilation, c10::string_view score,
+                                 c10::optional<double> sigmoid_bias, double softcap, double scale) {
+  check_qkv(q, k, v, 3, "(total, H, D)");
+  const std::vector<int64_t> cq =
+      read_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, q.size(0), max_seqlen_q, "max_seqlen_q", "total_q");
+  const std::vector<int64_t> ck =
+      read_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q, k.size(0), max_seqlen_k, "max_seqlen_k", "total_k");
+  TORCH_CHECK_VALUE(cq.size() == ck.size(), "local_attention_varlen: cu_seqlens_q holds ", cq.size() - 1,
+                    " sequences but cu_seqlens_k holds ", ck.size() - 1, "; expected the same number");
+  VarlenProblem out;
+  AttentionParams& P = out.params;
+  P.batch = static_cast<int64_t>(cq.size()) - 1;
+  P.q_heads = q.size(1);
+  P.kv_heads = k.size(1);
+  P.q_len = max_seqlen_q;  // the longest sequences: the window and dilation clips cover every sequence
+  P.k_len = max_seqlen_k;
+  P.head_dim = q.size(2);
+  set_options(P, q, alibi_slopes, "num_seqs", window_left, window_right, dilation, score, sigmoid_bias, softcap,
+              scale);
+  if (global_mask.has_value()) {
+    check_global_mask(*global_mask, q, {k.size(0)}, "(total_k,)");
+    P.has_global = true;
+  }
+  out.seqs.resize(P.batch);
+  for (int64_t b = 0; b < P.batch; ++b) {
+    out.seqs[b] = SequenceView{cq[b + 1] - cq[b], ck[b + 1] - ck[b], cq[b], ck[b]};
+  }
+  return out;
+}
 
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const c10::optional<at::Tensor>& global_mask,
@@ -154,10 +215,10 @@ void check_backward_inputs(const AttentionParams& P, const at::Tensor& q, const 
               grad_out.sizes(), " and ", out.sizes());
   TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "local_attention backward: grad_out and out must have q's dtype ", dtype_name(q.scalar_type()));
-  const std::vector<int64_t> lse_shape{P.batch, P.q_heads, P.q_len};
-  TORCH_CHECK_TYPE(lse.sizes() == at::IntArrayRef(lse_shape) && lse.scalar_type() == lse_dtype(q.scalar_type()),
+  const std::vector<int64_t> shape = lse_shape(q);
+  TORCH_CHECK_TYPE(lse.sizes() == at::IntArrayRef(shape) && lse.scalar_type() == lse_dtype(q.scalar_type()),
               "local_attention backward: lse must be ", dtype_name(lse_dtype(q.scalar_type())), " of shape ",
-              at::IntArrayRef(lse_shape), ", got ", dtype_name(lse.scalar_type()), " ", lse.sizes());
+              at::IntArrayRef(shape), ", got ", dtype_name(lse.scalar_type()), " ", lse.sizes());
   if (grad_lse.has_value()) {
     TORCH_CHECK_VALUE(grad_lse->sizes() == lse.sizes(), "local_attention backward: grad_lse must have shape ",
                 lse.sizes(), ", got ", grad_lse->sizes());

@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <vector>
 
 #include "common/params.h"
 
@@ -18,6 +19,28 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
                                       int64_t window_left, int64_t window_right, int64_t dilation,
                                       c10::string_view score, c10::optional<double> sigmoid_bias,
                                       double softcap, double scale);
+
+// A packed (varlen) batch: flash-attn's layout, q (total_q, Hq, D), k and v
+// (total_k, Hk, D), sequence i at rows cu_seqlens[i] .. cu_seqlens[i + 1].
+// params.batch is the number of sequences, params.q_len / k_len the max_seqlen
+// arguments (checked to bound every sequence); one SequenceView per sequence.
+struct VarlenProblem {
+  AttentionParams params;
+  std::vector<SequenceView> seqs;
+};
+
+VarlenProblem make_varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                 int64_t max_seqlen_k, const c10::optional<at::Tensor>& global_mask,
+                                 const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+                                 int64_t window_right, int64_t dilation, c10::string_view score,
+                                 c10::optional<double> sigmoid_bias, double softcap, double scale);
+
+// lse's shape: (B, Hq, Lq) for a dense q (B, Hq, Lq, D), (Hq, total_q) for a packed q (total_q, Hq, D).
+inline std::vector<int64_t> lse_shape(const at::Tensor& q) {
+  if (q.dim() == 3) return {q.size(1), q.size(0)};
+  return {q.size(0), q.size(1), q.size(2)};
+}
 
 // The log-sum-exp is kept in the accumulation type: float64 for float64
 // inputs (so gradcheck sees exact gradients), float32 otherwise.

@@ -907,23 +907,23 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
 
 // ------------------------------------------------------------ entry points --
 
-std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes,
-    int64_t window_left, int64_t window_right, int64_t dilation, c10::string_view score,
-    c10::optional<double> sigmoid_bias, double softcap, double scale) {
-  const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
-                                                  window_right, dilation, score, sigmoid_bias, softcap, scale);
+// The forward of any layout, once P and its sequence views are checked: a dense
+// batch (q (B, Hq, Lq, D), lse (B, Hq, Lq)) or a packed one (q (total_q, Hq, D),
+// lse (Hq, total_q)).
+std::tuple<at::Tensor, at::Tensor> run_forward(const AttentionParams& P, std::vector<SequenceView> seqs,
+                                               const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                               const c10::optional<at::Tensor>& global_mask,
+                                               const c10::optional<at::Tensor>& alibi_slopes) {
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const auto lse_options = q.options().dtype(lse_dtype(q.scalar_type()));
-  if (q.numel() == 0 || P.k_len == 0) {  // no key at all: zeros and lse = -inf
+  if (q.numel() == 0 || k.numel() == 0) {  // no key at all: zeros and lse = -inf
     return {at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous)),
-            at::full({P.batch, P.q_heads, P.q_len}, -std::numeric_limits<double>::infinity(), lse_options)};
+            at::full(lse_shape(q), -std::numeric_limits<double>::infinity(), lse_options)};
   }
   // The kernel writes every row of out and lse.
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty({P.batch, P.q_heads, P.q_len}, lse_options);
-  const TilePlan plan(P, dense_views(P), global_mask, kForwardChunkBlocks);
+  at::Tensor lse = at::empty(lse_shape(q), lse_options);
+  const TilePlan plan(P, std::move(seqs), global_mask, kForwardChunkBlocks);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_fwd_cpu", [&] {
     forward_kernel<scalar_t>(P, plan, q, k, v, slopes, out, lse);
@@ -931,14 +931,11 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
-    const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
-    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes,
-    int64_t window_left, int64_t window_right, int64_t dilation, c10::string_view score,
-    c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad) {
-  const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
-                                                  window_right, dilation, score, sigmoid_bias, softcap, scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
+    const AttentionParams& P, std::vector<SequenceView> seqs, const at::Tensor& grad_out_in,
+    const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, bool alibi_grad) {
   check_backward_inputs(P, q_in, grad_out_in, out_in, lse, grad_lse, alibi_grad);
   at::Tensor dslopes = alibi_slopes_grad_buffer(P, q_in, alibi_grad);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
@@ -953,7 +950,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_c
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(contiguous));
   at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(contiguous));
   at::Tensor dv = at::empty(v.sizes(), v.options().memory_format(contiguous));
-  const TilePlan plan(P, dense_views(P), global_mask, kBackwardChunkBlocks);
+  const TilePlan plan(P, std::move(seqs), global_mask, kBackwardChunkBlocks);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_bwd_cpu", [&] {
     backward_kernel<scalar_t>(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, dq, dk, dv,
@@ -962,11 +959,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_c
   return {dq, dk, dv, dslopes};
 }
 
+std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
+    const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
+    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale) {
+  const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
+                                                  dilation, score, sigmoid_bias, softcap, scale);
+  return run_forward(P, dense_views(P), q, k, v, global_mask, alibi_slopes);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& global_mask,
+    const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
+    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad) {
+  const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
+                                                  dilation, score, sigmoid_bias, softcap, scale);
+  return run_backward(P, dense_views(P), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
+                      alibi_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+    int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
+    double scale) {
+  VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
+                                       alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
+                                       scale);
+  return run_forward(V.params, std::move(V.seqs), q, k, v, global_mask, alibi_slopes);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_varlen_bwd_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+    int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
+    double scale, bool alibi_grad) {
+  VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
+                                       alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
+                                       scale);
+  return run_backward(V.params, std::move(V.seqs), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
+                      alibi_grad);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(longreach, CPU, m) {
   m.impl("local_attention_fwd", &local_attention_fwd_cpu);
   m.impl("local_attention_bwd", &local_attention_bwd_cpu);
+  m.impl("local_attention_varlen_fwd", &local_attention_varlen_fwd_cpu);
+  m.impl("local_attention_varlen_bwd", &local_attention_varlen_bwd_cpu);
 }
 
 }  // namespace longreach::cpu

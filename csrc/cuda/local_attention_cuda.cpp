@@ -66,11 +66,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_c
                             window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad);
 }
 
+// Packed batches have CPU kernels only so far: say so, instead of the
+// dispatcher's "could not run ... with arguments from the CUDA backend".
+[[noreturn]] void varlen_not_on_cuda() {
+  TORCH_CHECK_NOT_IMPLEMENTED(false,
+                              "local_attention_varlen: the CUDA kernels do not take packed (varlen) batches yet; "
+                              "run it on CPU tensors, or pad the batch and call local_attention");
+}
+
+std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t, c10::string_view,
+    c10::optional<double>, double, double) {
+  varlen_not_on_cuda();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_varlen_bwd_cuda(
+    const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t, c10::string_view,
+    c10::optional<double>, double, double, bool) {
+  varlen_not_on_cuda();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(longreach, CUDA, m) {
   m.impl("local_attention_fwd", &local_attention_fwd_cuda);
   m.impl("local_attention_bwd", &local_attention_bwd_cuda);
+  m.impl("local_attention_varlen_fwd", &local_attention_varlen_fwd_cuda);
+  m.impl("local_attention_varlen_bwd", &local_attention_varlen_bwd_cuda);
 }
 
 }  // namespace longreach::cuda_kernels
