@@ -29,12 +29,14 @@
 
 namespace longreach::cuda_kernels {
 
-// A (B, H, L, D) tensor with a contiguous last dimension.
+// A dense (B, H, L, D) tensor with a contiguous last dimension, or a packed
+// (total, H, D) one whose sequence b starts at row starts[b] (cu_seqlens).
 template <typename T>
 struct HeadTensor {
   T* data;
   int64_t sb, sh, sl;
-  LR_HOST_DEVICE T* head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+  const int64_t* starts = nullptr;  // packed layouts only
+  LR_HOST_DEVICE T* head(int64_t b, int64_t h) const { return data + (starts ? starts[b] * sl : b * sb) + h * sh; }
 };
 
 // Global tokens, precomputed on the device by the launcher (no host sync):
@@ -49,15 +51,15 @@ struct GlobalTokens {
   LR_HOST_DEVICE bool key_is_global(const AttentionParams& P, int64_t b, int64_t j) const {
     return flags != nullptr && flags[b * P.k_len + j] != 0;
   }
-  LR_HOST_DEVICE bool row_is_global(const AttentionParams& P, int64_t b, int64_t i) const {
-    const int64_t p = i + P.dense_view().position_offset();
-    return flags != nullptr && p >= 0 && p < P.k_len && flags[b * P.k_len + p] != 0;
+  LR_HOST_DEVICE bool row_is_global(const AttentionParams& P, const SequenceView& s, int64_t b, int64_t i) const {
+    const int64_t p = i + s.position_offset();
+    return flags != nullptr && p >= 0 && p < s.k_len && flags[b * P.k_len + p] != 0;
   }
   LR_HOST_DEVICE int64_t key_count(int64_t b) const { return flags != nullptr ? count[b] : 0; }
   LR_HOST_DEVICE int64_t row_count(int64_t b) const { return flags != nullptr ? count[b] - row_start[b] : 0; }
   LR_HOST_DEVICE int64_t key(const AttentionParams& P, int64_t b, int64_t n) const { return keys[b * P.k_len + n]; }
-  LR_HOST_DEVICE int64_t row(const AttentionParams& P, int64_t b, int64_t n) const {
-    return keys[b * P.k_len + row_start[b] + n] - P.dense_view().position_offset();
+  LR_HOST_DEVICE int64_t row(const AttentionParams& P, const SequenceView& s, int64_t b, int64_t n) const {
+    return keys[b * P.k_len + row_start[b] + n] - s.position_offset();
   }
 };
 
@@ -70,10 +72,24 @@ struct AttentionArgs {
   HeadTensor<T> dq, dk, dv;      // backward only
   acc_t* lse;                    // (B, Hq, Lq) contiguous; forward writes it, backward reads it
   const acc_t* row_dot;          // backward: dO.O - dlse per row, (B, Hq, Lq) contiguous
+  // Packed (varlen) batches: sequence b's rows start at cu_q[b] and its keys at
+  // cu_k[b] (int64 on the device); null for a dense batch.
+  const int64_t* cu_q = nullptr;
+  const int64_t* cu_k = nullptr;
+  int64_t total_q = 0;
+  LR_HOST_DEVICE SequenceView view(int64_t b) const {
+    if (cu_q == nullptr) return P.dense_view();
+    return SequenceView{cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b], cu_q[b], cu_k[b]};
+  }
+  // Index of row 0 of head h of problem b in lse / row_dot / slope_grad:
+  // (B, Hq, Lq) dense, (Hq, total_q) packed.
+  LR_HOST_DEVICE int64_t stat_base(int64_t b, int64_t h) const {
+    return cu_q == nullptr ? (b * P.q_heads + h) * P.q_len : h * total_q + cu_q[b];
+  }
   const float* slopes;           // ALiBi, null when off
   int64_t slope_sb, slope_sh;
-  // Learnable ALiBi (backward, else null): (B, Hq, Lq) zeros on entry; each dQ
-  // row block writes its d loss / d slope at its first row, the host sums over Lq.
+  // Learnable ALiBi (backward, else null): zeros laid out like lse on entry; each
+  // dQ row block writes its d loss / d slope at its first row, the host sums per sequence.
   acc_t* slope_grad;
   GlobalTokens global;
   bool vec_loads;                // 16-byte loads are safe for q, k, v, grad_out
@@ -101,11 +117,11 @@ struct TileSide {
 };
 
 // Is (row a, key c) of the tile allowed? (see the modes at the top)
-LR_HOST_DEVICE bool pair_allowed(const AttentionParams& P, int64_t row, uint8_t row_mode, int64_t key,
-                                 uint8_t key_mode) {
+LR_HOST_DEVICE bool pair_allowed(const AttentionParams& P, const SequenceView& s, int64_t row, uint8_t row_mode,
+                                 int64_t key, uint8_t key_mode) {
   if (row_mode == 0 || key_mode == 0) return false;
   if (row_mode == 1 || key_mode == 1) return true;
-  return in_window(P.window, row + P.dense_view().position_offset(), key);
+  return in_window(P.window, row + s.position_offset(), key);
 }
 
 // The sets a row block walks through: its band of keys (masked), then either
@@ -123,22 +139,22 @@ struct RowBlockPlan {
 };
 
 template <int BM>
-LR_HOST_DEVICE RowBlockPlan plan_row_block(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+LR_HOST_DEVICE RowBlockPlan plan_row_block(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
                                            int64_t block) {
   RowBlockPlan r;
   const int64_t d = P.window.dilation;
-  const int64_t per_class = tiles_per_class(P.q_len, d, BM);
-  const int64_t class_blocks = class_number(P.q_len, d) * per_class;
+  const int64_t per_class = tiles_per_class(s.q_len, d, BM);
+  const int64_t class_blocks = class_number(s.q_len, d) * per_class;
   if (block < class_blocks) {
     r.cls = block / per_class;
     int64_t first, last;
-    class_tile_members(P.q_len, r.cls, d, BM, block % per_class, &first, &last);
+    class_tile_members(s.q_len, r.cls, d, BM, block % per_class, &first, &last);
     if (first > last) return r;
     r.valid = true;
     r.first = first;
     r.n_rows = last - first + 1;
-    const int64_t off = P.dense_view().position_offset();
-    row_tile_key_band(P.window, P.dense_view(), class_member(r.cls, first, d) + off, class_member(r.cls, last, d) + off, &r.band_lo,
+    const int64_t off = s.position_offset();
+    row_tile_key_band(P.window, s, class_member(r.cls, first, d) + off, class_member(r.cls, last, d) + off, &r.band_lo,
                       &r.band_hi);
     r.n_band = band_count(r.band_lo, r.band_hi, d);
     r.n_tail = g.key_count(b);
@@ -151,7 +167,7 @@ LR_HOST_DEVICE RowBlockPlan plan_row_block(const AttentionParams& P, const Globa
   r.global_rows = true;
   r.first = start;
   r.n_rows = n_global - start < BM ? n_global - start : BM;
-  r.n_band = P.k_len;
+  r.n_band = s.k_len;
   r.n_tail = 0;
   return r;
 }
@@ -170,7 +186,7 @@ LR_HOST_DEVICE int64_t row_blocks(const AttentionParams& P, int64_t BM) {
 // Fills the rows of a row block: class blocks exclude global rows (mode 0),
 // which their own blocks handle; rows there are "check the window" (mode 2).
 template <int BM>
-LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
                                     const RowBlockPlan& r, TileSide rows) {
   const BlockCtx t = block_ctx();
   for (int a = t.tid; a < BM; a += t.nthreads) {
@@ -178,11 +194,11 @@ LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const GlobalTokens
     uint8_t mode = 0;
     if (a < r.n_rows) {
       if (r.global_rows) {
-        i = g.row(P, b, r.first + a);
+        i = g.row(P, s, b, r.first + a);
         mode = 1;
       } else {
         i = class_member(r.cls, r.first + a, P.window.dilation);
-        if (!g.row_is_global(P, b, i)) mode = 2;
+        if (!g.row_is_global(P, s, b, i)) mode = 2;
       }
     }
     rows.idx[a] = mode == 0 ? -1 : i;
@@ -195,13 +211,13 @@ LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const GlobalTokens
 // else the global keys outside the band. Band keys that are global are always
 // allowed; a band tile lying wholly inside every row's window needs no mask.
 template <int BN>
-LR_HOST_DEVICE void fill_row_block_keys(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+LR_HOST_DEVICE void fill_row_block_keys(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
                                         const RowBlockPlan& r, bool in_band_part, int64_t start, TileSide keys) {
   const BlockCtx t = block_ctx();
   const int64_t d = P.window.dilation;
   bool whole_tile_in_window = false;
   if (in_band_part && !r.global_rows) {
-    const int64_t off = P.dense_view().position_offset();
+    const int64_t off = s.position_offset();
     const int64_t last = (start + BN < r.n_band ? start + BN : r.n_band) - 1;
     whole_tile_in_window =
         tile_in_window(P.window, class_member(r.cls, r.first, d) + off, class_member(r.cls, r.first + r.n_rows - 1, d) + off,
@@ -241,21 +257,21 @@ struct KeyBlockPlan {
 };
 
 template <int BN>
-LR_HOST_DEVICE KeyBlockPlan plan_key_block(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+LR_HOST_DEVICE KeyBlockPlan plan_key_block(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
                                            int64_t block) {
   KeyBlockPlan r;
   const int64_t d = P.window.dilation;
-  const int64_t per_class = tiles_per_class(P.k_len, d, BN);
-  const int64_t class_blocks = class_number(P.k_len, d) * per_class;
+  const int64_t per_class = tiles_per_class(s.k_len, d, BN);
+  const int64_t class_blocks = class_number(s.k_len, d) * per_class;
   if (block < class_blocks) {
     r.cls = block / per_class;
     int64_t first, last;
-    class_tile_members(P.k_len, r.cls, d, BN, block % per_class, &first, &last);
+    class_tile_members(s.k_len, r.cls, d, BN, block % per_class, &first, &last);
     if (first > last) return r;
     r.valid = true;
     r.first = first;
     r.n_keys = last - first + 1;
-    key_tile_row_band(P.window, P.dense_view(), class_member(r.cls, first, d), class_member(r.cls, last, d), &r.band_lo, &r.band_hi);
+    key_tile_row_band(P.window, s, class_member(r.cls, first, d), class_member(r.cls, last, d), &r.band_lo, &r.band_hi);
     r.n_band = band_count(r.band_lo, r.band_hi, d);
     r.n_tail = g.row_count(b);
     return r;
@@ -267,7 +283,7 @@ LR_HOST_DEVICE KeyBlockPlan plan_key_block(const AttentionParams& P, const Globa
   r.global_keys = true;
   r.first = start;
   r.n_keys = n_global - start < BN ? n_global - start : BN;
-  r.n_band = P.q_len;
+  r.n_band = s.q_len;
   return r;
 }
 
@@ -280,7 +296,7 @@ LR_HOST_DEVICE int64_t key_blocks(const AttentionParams& P, int64_t BN) {
 // Keys of a key block: class blocks exclude global keys (their own blocks
 // handle them); global-key blocks see every row.
 template <int BN>
-LR_HOST_DEVICE void fill_block_keys(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+LR_HOST_DEVICE void fill_block_keys(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
                                     const KeyBlockPlan& r, TileSide keys) {
   const BlockCtx t = block_ctx();
   for (int c = t.tid; c < BN; c += t.nthreads) {
@@ -304,7 +320,7 @@ LR_HOST_DEVICE void fill_block_keys(const AttentionParams& P, const GlobalTokens
 // rows excluded: they come in the tail, always allowed), or all rows for a
 // global-key block.
 template <int BM>
-LR_HOST_DEVICE void fill_key_block_rows(const AttentionParams& P, const GlobalTokens& g, int64_t b,
+LR_HOST_DEVICE void fill_key_block_rows(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
                                         const KeyBlockPlan& r, bool in_band_part, int64_t start, TileSide rows) {
   const BlockCtx t = block_ctx();
   for (int a = t.tid; a < BM; a += t.nthreads) {
@@ -318,11 +334,11 @@ LR_HOST_DEVICE void fill_key_block_rows(const AttentionParams& P, const GlobalTo
           mode = 1;
         } else {
           i = r.band_lo + n * P.window.dilation;
-          mode = g.row_is_global(P, b, i) ? 0 : 2;
+          mode = g.row_is_global(P, s, b, i) ? 0 : 2;
         }
       }
     } else if (n < r.n_tail) {
-      i = g.row(P, b, n);
+      i = g.row(P, s, b, n);
       mode = 1;
     }
     rows.idx[a] = mode == 0 ? -1 : i;
@@ -333,17 +349,17 @@ LR_HOST_DEVICE void fill_key_block_rows(const AttentionParams& P, const GlobalTo
 // Turns raw products S[a][c] = q_a . k_c into final scores (scale, softcap,
 // ALiBi), -inf where the pair is not allowed.
 template <typename acc_t, int BM, int BN>
-LR_HOST_DEVICE void finalize_scores(const AttentionParams& P, acc_t* S, TileSide rows, TileSide keys, acc_t slope) {
+LR_HOST_DEVICE void finalize_scores(const AttentionParams& P, const SequenceView& s, acc_t* S, TileSide rows, TileSide keys, acc_t slope) {
   const BlockCtx t = block_ctx();
   const acc_t scale = static_cast<acc_t>(P.scale), cap = static_cast<acc_t>(P.softcap);
   for (int e = t.tid; e < BM * BN; e += t.nthreads) {
     const int a = e / BN, c = e % BN;
-    if (!pair_allowed(P, rows.idx[a], rows.mode[a], keys.idx[c], keys.mode[c])) {
+    if (!pair_allowed(P, s, rows.idx[a], rows.mode[a], keys.idx[c], keys.mode[c])) {
       S[e] = neg_infinity<acc_t>();
       continue;
     }
     S[e] = transform_score<acc_t>(scale * S[e], cap, slope,
-                                  abs_distance(rows.idx[a] + P.dense_view().position_offset(), keys.idx[c]));
+                                  abs_distance(rows.idx[a] + s.position_offset(), keys.idx[c]));
   }
 }
 
@@ -395,13 +411,14 @@ template <typename T, typename acc_t, int DMAX, int BM, int BN>
 LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t block, int64_t h, int64_t b,
                                   char* smem) {
   const AttentionParams& P = a.P;
-  const RowBlockPlan plan = plan_row_block<BM>(P, a.global, b, block);
+  const SequenceView s = a.view(b);
+  const RowBlockPlan plan = plan_row_block<BM>(P, s, a.global, b, block);
   if (!plan.valid) return;  // uniform over the block: before any barrier
   const BlockCtx t = block_ctx();
   const int D = static_cast<int>(P.head_dim), Dp = padded_head_dim(P.head_dim);
   const int64_t hk = h / P.group_size();
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
-  const acc_t bias = static_cast<acc_t>(sigmoid_bias_of(P, P.dense_view()));
+  const acc_t bias = static_cast<acc_t>(sigmoid_bias_of(P, s));
   const acc_t slope = alibi_slope_of(a, b, h);
 
   SmemCarver sm{smem};
@@ -419,7 +436,7 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
 
-  fill_block_rows<BM>(P, a.global, b, plan, rows);
+  fill_block_rows<BM>(P, s, a.global, b, plan, rows);
   fill(sO, BM * DMAX, acc_t(0));
   fill(row_max, BM, neg_infinity<acc_t>());
   fill(row_sum, BM, acc_t(0));
@@ -429,14 +446,14 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
   const int64_t n_band_tiles = ceil_div_i64(plan.n_band, BN), n_tail_tiles = ceil_div_i64(plan.n_tail, BN);
   for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
     const bool band_part = tile < n_band_tiles;
-    fill_row_block_keys<BN>(P, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
+    fill_row_block_keys<BN>(P, s, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
     block_sync();
     load_rows(sK, DMAX, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
     load_rows(sV, DMAX, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
     block_sync();
     mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
     block_sync();
-    finalize_scores<acc_t, BM, BN>(P, sS, rows, keys, slope);
+    finalize_scores<acc_t, BM, BN>(P, s, sS, rows, keys, slope);
     block_sync();
     if (sigmoid_score) {  // no running max or sum: each weight is final
       for (int e = t.tid; e < BM * BN; e += t.nthreads) {
@@ -479,7 +496,7 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
 
   // Normalise and write. A softmax row with no allowed key has sum 0: zeros, lse = -inf
   // (a NaN sum, from a NaN score, gives NaN).
-  acc_t* lse = a.lse + (b * P.q_heads + h) * P.q_len;
+  acc_t* lse = a.lse + a.stat_base(b, h);
   for (int r = t.tid; r < BM; r += t.nthreads) {
     const bool empty = row_sum[r] == acc_t(0);
     if (sigmoid_score) {
@@ -506,11 +523,11 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
 // Returns d loss / d (final score), the part the ALiBi slope gradient sums.
 template <typename acc_t>
 LR_HOST_DEVICE acc_t score_backward(const AttentionParams& P, acc_t s, acc_t dp, acc_t row_lse, acc_t row_dot,
-                                    acc_t slope, int64_t distance, acc_t* prob, acc_t* ds) {
+                                    acc_t slope, acc_t bias, int64_t distance, acc_t* prob, acc_t* ds) {
   const acc_t cap = static_cast<acc_t>(P.softcap);
   acc_t g;
   if (P.score == ScoreKind::kSigmoid) {
-    *prob = sigmoid<acc_t>(s + static_cast<acc_t>(sigmoid_bias_of(P, P.dense_view())));
+    *prob = sigmoid<acc_t>(s + bias);
     g = sigmoid_score_grad<acc_t>(*prob, dp);
   } else {
     if (row_lse == neg_infinity<acc_t>()) {  // empty row: no gradient
@@ -532,19 +549,20 @@ LR_HOST_DEVICE acc_t score_backward(const AttentionParams& P, acc_t s, acc_t dp,
 // Returns this thread's part of sum(dS_final * |p - j|) over the tile (the
 // ALiBi slope gradient without its sign), 0 unless `slope_grad`.
 template <typename T, typename acc_t, int BM, int BN>
-LR_HOST_DEVICE acc_t tile_backward(const AttentionParams& P, acc_t* S, acc_t* dP, T* Pout, T* dS, TileSide rows,
+LR_HOST_DEVICE acc_t tile_backward(const AttentionParams& P, const SequenceView& s, acc_t* S, acc_t* dP, T* Pout, T* dS, TileSide rows,
                                    TileSide keys, const acc_t* row_lse, const acc_t* row_dot, acc_t slope,
                                    bool slope_grad = false) {
-  finalize_scores<acc_t, BM, BN>(P, S, rows, keys, slope);
+  finalize_scores<acc_t, BM, BN>(P, s, S, rows, keys, slope);
   block_sync();
   const BlockCtx t = block_ctx();
+  const acc_t bias = static_cast<acc_t>(sigmoid_bias_of(P, s));
   acc_t slope_part = acc_t(0);
   for (int e = t.tid; e < BM * BN; e += t.nthreads) {
     const int a = e / BN, c = e % BN;
     acc_t prob = acc_t(0), ds = acc_t(0);
     if (S[e] != neg_infinity<acc_t>()) {
-      const int64_t distance = abs_distance(rows.idx[a] + P.dense_view().position_offset(), keys.idx[c]);
-      const acc_t g = score_backward<acc_t>(P, S[e], dP[e], row_lse[a], row_dot[a], slope, distance, &prob, &ds);
+      const int64_t distance = abs_distance(rows.idx[a] + s.position_offset(), keys.idx[c]);
+      const acc_t g = score_backward<acc_t>(P, S[e], dP[e], row_lse[a], row_dot[a], slope, bias, distance, &prob, &ds);
       if (slope_grad) slope_part += g * static_cast<acc_t>(distance);
     }
     // Pout / dS may alias S / dP (float32): each element is read before it is written.
@@ -569,7 +587,8 @@ template <typename T, typename acc_t, int DMAX, int BM, int BN>
 LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t block, int64_t h, int64_t b,
                                       char* smem) {
   const AttentionParams& P = a.P;
-  const RowBlockPlan plan = plan_row_block<BM>(P, a.global, b, block);
+  const SequenceView s = a.view(b);
+  const RowBlockPlan plan = plan_row_block<BM>(P, s, a.global, b, block);
   if (!plan.valid) return;
   const BlockCtx t = block_ctx();
   const int D = static_cast<int>(P.head_dim), Dp = padded_head_dim(P.head_dim);
@@ -593,10 +612,10 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
 
-  fill_block_rows<BM>(P, a.global, b, plan, rows);
+  fill_block_rows<BM>(P, s, a.global, b, plan, rows);
   fill(sdQ, BM * DMAX, acc_t(0));
   block_sync();
-  const int64_t row_base = (b * P.q_heads + h) * P.q_len;
+  const int64_t row_base = a.stat_base(b, h);
   for (int r = t.tid; r < BM; r += t.nthreads) {
     const int64_t i = rows.idx[r];
     row_lse[r] = i >= 0 ? a.lse[row_base + i] : acc_t(0);
@@ -610,7 +629,7 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
   acc_t slope_part = acc_t(0);
   for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
     const bool band_part = tile < n_band_tiles;
-    fill_row_block_keys<BN>(P, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
+    fill_row_block_keys<BN>(P, s, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
     block_sync();
     load_rows(sK, DMAX, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
     load_rows(sV, DMAX, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
@@ -618,7 +637,7 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
     mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
     mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
     block_sync();
-    slope_part += tile_backward<T, acc_t, BM, BN>(P, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope, slope_grad);
+    slope_part += tile_backward<T, acc_t, BM, BN>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope, slope_grad);
     block_sync();
     mm_ab_acc<T, acc_t>(sdQ, DMAX, sdS, BN, sK, DMAX, BM, Dp, BN);
     block_sync();
@@ -660,7 +679,8 @@ template <typename T, typename acc_t, int DMAX, int BM, int BN>
 LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t block, int64_t hk, int64_t b,
                                        char* smem) {
   const AttentionParams& P = a.P;
-  const KeyBlockPlan plan = plan_key_block<BN>(P, a.global, b, block);
+  const SequenceView s = a.view(b);
+  const KeyBlockPlan plan = plan_key_block<BN>(P, s, a.global, b, block);
   if (!plan.valid) return;
   const BlockCtx t = block_ctx();
   const int D = static_cast<int>(P.head_dim), Dp = padded_head_dim(P.head_dim);
@@ -683,7 +703,7 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
 
-  fill_block_keys<BN>(P, a.global, b, plan, keys);
+  fill_block_keys<BN>(P, s, a.global, b, plan, keys);
   fill(sdK, BN * DMAX, acc_t(0));
   fill(sdV, BN * DMAX, acc_t(0));
   block_sync();
@@ -693,10 +713,10 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
   const int64_t n_band_tiles = ceil_div_i64(plan.n_band, BM), n_tail_tiles = ceil_div_i64(plan.n_tail, BM);
   for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
     const acc_t slope = alibi_slope_of(a, b, h);
-    const int64_t row_base = (b * P.q_heads + h) * P.q_len;
+    const int64_t row_base = a.stat_base(b, h);
     for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
       const bool band_part = tile < n_band_tiles;
-      fill_key_block_rows<BM>(P, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BM, rows);
+      fill_key_block_rows<BM>(P, s, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BM, rows);
       block_sync();
       for (int r = t.tid; r < BM; r += t.nthreads) {
         const int64_t i = rows.idx[r];
@@ -709,7 +729,7 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
       mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
       mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
       block_sync();
-      tile_backward<T, acc_t, BM, BN>(P, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope);
+      tile_backward<T, acc_t, BM, BN>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope);
       block_sync();
       mm_atb_acc<T, acc_t>(sdV, DMAX, sP, BN, sdO, DMAX, BN, Dp, BM);
       mm_atb_acc<T, acc_t>(sdK, DMAX, sdS, BN, sQ, DMAX, BN, Dp, BM);

@@ -7,7 +7,7 @@
 // A Backend provides, for T in {c10::Half, c10::BFloat16, float}:
 //   template <T> void forward(const AttentionArgs<T, float>&);
 //   template <T> void backward(const AttentionArgs<T, float>&);   // dQ pass, then dK/dV pass
-//   at::Tensor row_dot(P, grad_out, out, grad_lse);               // (B, Hq, Lq) float32
+//   at::Tensor row_dot(P, grad_out, out, grad_lse);               // (B, Hq, Lq) float32, dense batches
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,7 +27,7 @@ inline void check_cuda_inputs(const at::Tensor& q) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "local_attention (CUDA): q has dtype ",
               dtype_name(q.scalar_type()), "; the CUDA kernels support float16, bfloat16 and float32 (use float32, or run float64 on CPU)");
-  TORCH_CHECK(q.size(3) <= 256, "local_attention (CUDA): head dim ", q.size(3),
+  TORCH_CHECK(q.size(-1) <= 256, "local_attention (CUDA): head dim ", q.size(-1),
               " is not supported; expected 1 .. 256");
 }
 
@@ -48,25 +48,23 @@ void dispatch_cuda_dtype(at::ScalarType dt, F&& f) {
   }
 }
 
+// The forward of either layout, once P is checked: `packed` null for a dense
+// batch, else the sequences' starts (cu_seqlens as int64 on q's device).
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor> attention_forward(Backend& backend, const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, const c10::optional<at::Tensor>& global_mask,
-                                                     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
-                                                     int64_t window_right, int64_t dilation, c10::string_view score,
-                                                     c10::optional<double> sigmoid_bias, double softcap, double scale) {
-  const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
-                                                  window_right, dilation, score, sigmoid_bias, softcap, scale);
+std::tuple<at::Tensor, at::Tensor> run_forward(Backend& backend, const AttentionParams& P, const PackedSeqs* packed,
+                                               const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                               const c10::optional<at::Tensor>& global_mask,
+                                               const c10::optional<at::Tensor>& alibi_slopes) {
   check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::full({P.batch, P.q_heads, P.q_len}, -std::numeric_limits<double>::infinity(),
-                            q.options().dtype(at::kFloat));
-  if (out.numel() == 0 || P.k_len == 0) return {out, lse};
-  const GlobalTokenTensors g = make_global_tokens(P, global_mask);
+  at::Tensor lse = at::full(lse_shape(q), -std::numeric_limits<double>::infinity(), q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || k.numel() == 0) return {out, lse};
+  const GlobalTokenTensors g = make_global_tokens(P, packed, global_mask);
   dispatch_cuda_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    AttentionArgs<T, float> a = make_attention_args<T, float>(P, q, k, v, at::Tensor(), alibi_slopes, g);
-    a.out = head_tensor<T>(out);
+    AttentionArgs<T, float> a = make_attention_args<T, float>(P, packed, q, k, v, at::Tensor(), alibi_slopes, g);
+    a.out = head_tensor<T>(out, packed ? packed->q_starts() : nullptr);
     a.lse = lse.data_ptr<float>();
     backend.template forward<T>(a);
   });
@@ -74,19 +72,19 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(Backend& backend, const at:
 }
 
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    Backend& backend, const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_lse,
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
-    const at::Tensor& lse_in, const c10::optional<at::Tensor>& global_mask,
-    const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
-    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad) {
-  const AttentionParams P = make_attention_params(q_in, k_in, v_in, global_mask, alibi_slopes, window_left,
-                                                  window_right, dilation, score, sigmoid_bias, softcap, scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
+    Backend& backend, const AttentionParams& P, const PackedSeqs* packed, const at::Tensor& grad_out_in,
+    const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const c10::optional<at::Tensor>& global_mask,
+    const c10::optional<at::Tensor>& alibi_slopes, bool alibi_grad) {
   check_backward_inputs(P, q_in, grad_out_in, out_in, lse_in, grad_lse, alibi_grad);
-  // Per-row partial sums of the slope gradient (see AttentionArgs::slope_grad), summed over Lq below.
-  at::Tensor slope_rows = alibi_grad ? at::zeros({P.batch, P.q_heads, P.q_len}, q_in.options().dtype(at::kFloat))
-                                     : at::Tensor();
-  auto slopes_grad = [&] { return alibi_grad ? slope_rows.sum(-1) : alibi_slopes_grad_buffer(P, q_in, false); };
+  // Per-row partial sums of the slope gradient, laid out like lse (see
+  // AttentionArgs::slope_grad), summed per problem below.
+  at::Tensor slope_rows = alibi_grad ? at::zeros(lse_shape(q_in), q_in.options().dtype(at::kFloat)) : at::Tensor();
+  auto slopes_grad = [&] {
+    if (!alibi_grad) return alibi_slopes_grad_buffer(P, q_in, false);
+    return packed ? packed->sum_per_sequence(slope_rows) : slope_rows.sum(-1);
+  };
   check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const at::Tensor grad_out = with_contiguous_rows(grad_out_in);
@@ -97,20 +95,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   if (q.numel() == 0 || k.numel() == 0) return {dq, dk, dv, slopes_grad()};
   const at::Tensor lse = lse_in.contiguous();
   const bool softmax = P.score == ScoreKind::kSoftmax;
-  const at::Tensor row_dot = softmax ? backend.row_dot(P, grad_out, with_contiguous_rows(out_in), grad_lse) : at::Tensor();
-  const GlobalTokenTensors g = make_global_tokens(P, global_mask);
+  at::Tensor row_dot;
+  if (softmax) {
+    const at::Tensor out = with_contiguous_rows(out_in);
+    row_dot = packed ? packed_row_dot(grad_out, out, grad_lse) : backend.row_dot(P, grad_out, out, grad_lse);
+  }
+  const GlobalTokenTensors g = make_global_tokens(P, packed, global_mask);
+  const int64_t* qs = packed ? packed->q_starts() : nullptr;
+  const int64_t* ks = packed ? packed->k_starts() : nullptr;
   dispatch_cuda_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    AttentionArgs<T, float> a = make_attention_args<T, float>(P, q, k, v, grad_out, alibi_slopes, g);
-    a.dq = head_tensor<T>(dq);
-    a.dk = head_tensor<T>(dk);
-    a.dv = head_tensor<T>(dv);
+    AttentionArgs<T, float> a = make_attention_args<T, float>(P, packed, q, k, v, grad_out, alibi_slopes, g);
+    a.dq = head_tensor<T>(dq, qs);
+    a.dk = head_tensor<T>(dk, ks);
+    a.dv = head_tensor<T>(dv, ks);
     a.lse = lse.data_ptr<float>();
     a.row_dot = softmax ? row_dot.data_ptr<float>() : nullptr;
     a.slope_grad = alibi_grad ? slope_rows.data_ptr<float>() : nullptr;
     backend.template backward<T>(a);
   });
   return {dq, dk, dv, slopes_grad()};
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> attention_forward(Backend& backend, const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
+                                                     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+                                                     int64_t window_right, int64_t dilation, c10::string_view score,
+                                                     c10::optional<double> sigmoid_bias, double softcap, double scale) {
+  const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
+                                                  dilation, score, sigmoid_bias, softcap, scale);
+  return run_forward(backend, P, nullptr, q, k, v, global_mask, alibi_slopes);
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    Backend& backend, const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+    int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
+    double scale, bool alibi_grad) {
+  const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
+                                                  dilation, score, sigmoid_bias, softcap, scale);
+  return run_backward(backend, P, nullptr, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
+                      alibi_grad);
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> attention_varlen_forward(
+    Backend& backend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+    int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
+    double scale) {
+  const VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             global_mask, alibi_slopes, window_left, window_right, dilation, score,
+                                             sigmoid_bias, softcap, scale);
+  const PackedSeqs packed(cu_seqlens_q, cu_seqlens_k, q.size(0));
+  return run_forward(backend, V.params, &packed, q, k, v, global_mask, alibi_slopes);
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(
+    Backend& backend, const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+    int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
+    double scale, bool alibi_grad) {
+  const VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             global_mask, alibi_slopes, window_left, window_right, dilation, score,
+                                             sigmoid_bias, softcap, scale);
+  const PackedSeqs packed(cu_seqlens_q, cu_seqlens_k, q.size(0));
+  return run_backward(backend, V.params, &packed, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
+                      alibi_grad);
 }
 
 }  // namespace longreach::cuda_kernels

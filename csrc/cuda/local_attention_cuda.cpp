@@ -66,27 +66,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_c
                             window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad);
 }
 
-// Packed batches have CPU kernels only so far: say so, instead of the
-// dispatcher's "could not run ... with arguments from the CUDA backend".
-[[noreturn]] void varlen_not_on_cuda() {
-  TORCH_CHECK_NOT_IMPLEMENTED(false,
-                              "local_attention_varlen: the CUDA kernels do not take packed (varlen) batches yet; "
-                              "run it on CPU tensors, or pad the batch and call local_attention");
-}
-
 std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t, c10::string_view,
-    c10::optional<double>, double, double) {
-  varlen_not_on_cuda();
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+    int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
+    double scale) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
+  return attention_varlen_forward(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  global_mask, alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias,
+                                  softcap, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_varlen_bwd_cuda(
-    const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t, c10::string_view,
-    c10::optional<double>, double, double, bool) {
-  varlen_not_on_cuda();
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+    int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
+    double scale, bool alibi_grad) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
+  return attention_varlen_backward(backend, grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                   max_seqlen_q, max_seqlen_k, global_mask, alibi_slopes, window_left, window_right,
+                                   dilation, score, sigmoid_bias, softcap, scale, alibi_grad);
 }
 
 }  // namespace

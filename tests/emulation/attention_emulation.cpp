@@ -88,6 +88,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
                             window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor> emulated_varlen_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    int64_t max_q, int64_t max_k, const c10::optional<at::Tensor>& global_mask,
+    const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
+    const std::string& score, c10::optional<double> sigmoid_bias, double softcap, double scale) {
+  HostBackend backend;
+  return attention_varlen_forward(backend, q, k, v, cu_q, cu_k, max_q, max_k, global_mask, alibi_slopes, window_left,
+                                  window_right, dilation, score, sigmoid_bias, softcap, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_varlen_bwd(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    int64_t max_q, int64_t max_k, const c10::optional<at::Tensor>& global_mask,
+    const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
+    const std::string& score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad) {
+  HostBackend backend;
+  return attention_varlen_backward(backend, grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                   global_mask, alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias,
+                                   softcap, scale, alibi_grad);
+}
+
 }  // namespace
 }  // namespace longreach::cuda_kernels
 
@@ -99,4 +121,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("window_right"), pybind11::arg("dilation"), pybind11::arg("score"),
         pybind11::arg("sigmoid_bias"), pybind11::arg("softcap"), pybind11::arg("scale"),
         pybind11::arg("alibi_grad") = false);
+  m.def("varlen_fwd", &longreach::cuda_kernels::emulated_varlen_fwd);
+  m.def("varlen_bwd", &longreach::cuda_kernels::emulated_varlen_bwd);
 }
