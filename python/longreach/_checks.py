@@ -143,3 +143,25 @@ def check_same_device(owner: str, **tensors) -> None:
         if t is not None and t.device != ref.device:
             raise ValueError(f"{owner}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
                              f"all tensor arguments must be on one device")
+
+
+CU_SEQLENS_DTYPES = (torch.int32, torch.int64)
+
+
+def check_cu_seqlens(owner: str, cu_seqlens_q, cu_seqlens_k) -> int:
+    """flash-attn's cumulative sequence lengths, by metadata: two 1-D int32 or int64 tensors with
+    one entry per sequence plus one. Returns the number of sequences. Their values (0 first,
+    non-decreasing, the total length last) are the kernels' to check: reading them here would
+    synchronise with the device and break torch.compile graphs."""
+    expected = "a 1-D int32 or int64 tensor of shape (num_seqs + 1,)"
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(owner, name, t, expected)
+        if t.dtype not in CU_SEQLENS_DTYPES:
+            raise TypeError(f"{owner}: {name} must be {expected}, got {describe(t)}")
+        if t.dim() != 1 or t.shape[0] < 1:
+            raise ValueError(f"{owner}: {name} must be {expected}, got {describe(t)}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(f"{owner}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.shape[0] - 1} (shape {tuple(cu_seqlens_q.shape)}) and "
+                         f"{cu_seqlens_k.shape[0] - 1} (shape {tuple(cu_seqlens_k.shape)})")
+    return cu_seqlens_q.shape[0] - 1

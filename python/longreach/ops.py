@@ -8,7 +8,6 @@ _autograd.py), so `torch.compile(fullgraph=True)` sees ordinary ops in both dire
 
 from __future__ import annotations
 
-from collections import namedtuple
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -31,6 +30,24 @@ def normalize_window(window, causal: bool, owner: str = OWNER) -> Tuple[int, int
     left = check_window_side(owner, "left", window[0])
     right = 0 if causal else check_window_side(owner, "right", window[1])
     return (-1 if left is None else left), (-1 if right is None else right)
+
+
+def kernel_options(owner: str, head_dim, *, window, causal, dilation, score, sigmoid_bias, softcap, scale,
+                   return_lse) -> tuple:
+    """The keyword options of local_attention and local_attention_varlen, checked, as the ops
+    take them: (window_left, window_right, dilation, score, sigmoid_bias, softcap, scale)."""
+    causal = check_bool(owner, "causal", causal)
+    return_lse = check_bool(owner, "return_lse", return_lse)
+    score = check_score(owner, score)
+    if return_lse and score != "softmax":
+        raise ValueError(f"{owner}: return_lse=True is only defined for score='softmax'")
+    dilation = check_int(owner, "dilation", dilation, 1)
+    softcap = check_softcap(owner, softcap)
+    scale = check_scale(owner, scale)
+    sigmoid_bias = check_sigmoid_bias(owner, sigmoid_bias, score)
+    left, right = normalize_window(window, causal, owner)
+    return (left, right, dilation, score, sigmoid_bias, 0.0 if softcap is None else softcap,
+            head_dim ** -0.5 if scale is None else scale)
 
 
 def local_attention(
@@ -70,26 +87,15 @@ def local_attention(
         raise ValueError(f"{OWNER}: q must be a 4-D tensor (B, H, L, D), got shape {tuple(q.shape)}")
     if q.shape[-1] == 0:
         raise ValueError(f"{OWNER}: q must have head dim D >= 1, got shape {tuple(q.shape)}")
-    causal = check_bool(OWNER, "causal", causal)
-    return_lse = check_bool(OWNER, "return_lse", return_lse)
-    score = check_score(OWNER, score)
-    if return_lse and score != "softmax":
-        raise ValueError(f"{OWNER}: return_lse=True is only defined for score='softmax'")
-    dilation = check_int(OWNER, "dilation", dilation, 1)
-    softcap = check_softcap(OWNER, softcap)
-    scale = check_scale(OWNER, scale)
-    sigmoid_bias = check_sigmoid_bias(OWNER, sigmoid_bias, score)
+    options = kernel_options(OWNER, q.shape[-1], window=window, causal=causal, dilation=dilation, score=score,
+                             sigmoid_bias=sigmoid_bias, softcap=softcap, scale=scale, return_lse=return_lse)
     if global_mask is not None:
         check_tensor(OWNER, "global_mask", global_mask, "a bool tensor of shape (B, Lk) or None")
     if alibi_slopes is not None:
         check_tensor(OWNER, "alibi_slopes", alibi_slopes, "a float32 tensor of shape (Hq,) or (B, Hq), or None")
-    left, right = normalize_window(window, causal)
     check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes)
     check_device_supported("local_attention_fwd", q)
-    out, lse = _autograd.call(
-        _LocalAttention, _FWD, q, k, v, global_mask, alibi_slopes, left, right, dilation, score, sigmoid_bias,
-        0.0 if softcap is None else softcap, q.shape[-1] ** -0.5 if scale is None else scale,
-    )
+    out, lse = _autograd.call(_LocalAttention, _FWD, q, k, v, global_mask, alibi_slopes, *options)
     return (out, lse) if return_lse else out
 
 
@@ -123,78 +129,91 @@ def _local_attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, global_mask
 
 _FWD = torch.ops.longreach.local_attention_fwd.default
 _BWD = torch.ops.longreach.local_attention_bwd.default
-_FwdArgs = _autograd.schema_args(_FWD, "_FwdArgs")
-_BwdArgs = _autograd.schema_args(_BWD, "_BwdArgs")
-_Saved = namedtuple("_Saved", "q k v out lse global_mask alibi_slopes")
-# The non-tensor arguments: the backward op takes them as the forward op got them.
-_OPTIONS = ("window_left", "window_right", "dilation", "score", "sigmoid_bias", "softcap", "scale")
-
 _NO_FORWARD_MODE = (
-    "longreach.local_attention: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+    "{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
     "is not supported; use reverse mode (backward, torch.autograd.grad, torch.func.grad, vjp, jacrev)"
 )
 _NO_DOUBLE_BACKWARD = (
-    "longreach.local_attention: double backward (a derivative of the gradient: create_graph=True followed by "
+    "{name}: double backward (a derivative of the gradient: create_graph=True followed by "
     "another grad, gradgradcheck, nested torch.func.grad, hessian) is not supported; the backward kernels "
     "have no derivative of their own"
 )
+_TENSOR_ARG = torch._C.OptionalType.ofTensor()
 
 
-class _LocalAttention(torch.autograd.Function):
-    generate_vmap_rule = True  # torch.func.vmap / jacrev: the op runs once per batch element
+def attention_autograd(fwd: torch._ops.OpOverload, bwd: torch._ops.OpOverload, public_name: str, name: str):
+    """The autograd.Function of an attention op pair (fwd returns (out, lse), bwd the gradients of
+    q, k, v and the ALiBi slopes), registered as both ops' Autograd kernels; returns the forward's.
 
-    @staticmethod
-    def forward(*args):
-        return _autograd.forward_below_autograd(_FWD, *args)
+    The backward op takes grad_out, grad_lse, the forward's tensor inputs, out and lse, and the
+    forward's other arguments as it got them, all by name, plus alibi_grad. Its slope gradient
+    has one row per batch element (or sequence), summed when the slopes are shared, (Hq,)."""
+    fwd_args = _autograd.schema_args(fwd, "FwdArgs")
+    bwd_args = _autograd.schema_args(bwd, "BwdArgs")
+    tensors = [a.name for a in fwd._schema.arguments if a.type.isSubtypeOf(_TENSOR_ARG)]
+    options = [name for name in fwd_args._fields if name not in tensors]
+    slopes_index = fwd_args._fields.index("alibi_slopes")
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        args = _FwdArgs(*inputs)
-        out, lse = output
-        ctx.save_for_backward(*_Saved(args.q, args.k, args.v, out, lse, args.global_mask, args.alibi_slopes))
-        ctx.options = {name: getattr(args, name) for name in _OPTIONS}
+    class Forward(torch.autograd.Function):
+        generate_vmap_rule = True  # torch.func.vmap / jacrev: the op runs once per batch element
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        saved = _Saved(*ctx.saved_tensors)
-        if ctx.options["score"] != "softmax":
-            grad_lse = None  # lse is not defined for sigmoid scores
-        slopes_grad = saved.alibi_slopes is not None and ctx.needs_input_grad[_FwdArgs._fields.index("alibi_slopes")]
-        args = _BwdArgs(grad_out=grad_out, grad_lse=grad_lse, **saved._asdict(), **ctx.options, alibi_grad=slopes_grad)
-        grads = dict(zip(("q", "k", "v", "alibi_slopes"), _autograd.call(_LocalAttentionBackward, _BWD, *args)))
-        if slopes_grad:  # (B, Hq) from the kernels; (Hq,) slopes are shared by the batch
-            grads["alibi_slopes"] = grads["alibi_slopes"].sum(0) if saved.alibi_slopes.dim() == 1 else grads["alibi_slopes"]
-        else:
-            del grads["alibi_slopes"]
-        return tuple(grads.get(name) for name in _FwdArgs._fields)
+        @staticmethod
+        def forward(*args):
+            return _autograd.forward_below_autograd(fwd, *args)
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(_NO_FORWARD_MODE)
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            args = fwd_args(*inputs)
+            ctx.save_for_backward(*(getattr(args, name) for name in tensors), *output)
+            ctx.options = {name: getattr(args, name) for name in options}
+
+        @staticmethod
+        def backward(ctx, grad_out, grad_lse):
+            *inputs, out, lse = ctx.saved_tensors
+            saved = dict(zip(tensors, inputs), out=out, lse=lse)
+            if ctx.options["score"] != "softmax":
+                grad_lse = None  # lse is not defined for sigmoid scores
+            slopes = saved["alibi_slopes"]
+            slopes_grad = slopes is not None and ctx.needs_input_grad[slopes_index]
+            args = bwd_args(grad_out=grad_out, grad_lse=grad_lse, **saved, **ctx.options, alibi_grad=slopes_grad)
+            grads = dict(zip(("q", "k", "v", "alibi_slopes"), _autograd.call(Backward, bwd, *args)))
+            if slopes_grad:  # one row per batch element / sequence; (Hq,) slopes are shared by all
+                grads["alibi_slopes"] = grads["alibi_slopes"].sum(0) if slopes.dim() == 1 else grads["alibi_slopes"]
+            else:
+                del grads["alibi_slopes"]
+            return tuple(grads.get(name) for name in fwd_args._fields)
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise NotImplementedError(_NO_FORWARD_MODE.format(name=public_name))
+
+    class Backward(torch.autograd.Function):
+        """The backward op, whose own derivatives raise: without a Function autograd would treat
+        the op as a constant, and second derivatives would silently be zero."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):
+            return _autograd.forward_below_autograd(bwd, *args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass  # nothing to save; defined because torch.func transforms require it
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise NotImplementedError(_NO_DOUBLE_BACKWARD.format(name=public_name))
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise NotImplementedError(_NO_DOUBLE_BACKWARD.format(name=public_name))
+
+    # Named subclasses, so that grad_fn reads f"{name}Backward" rather than "ForwardBackward".
+    Forward, Backward = type(name, (Forward,), {}), type(f"{name}Backward", (Backward,), {})
+    _autograd.register(fwd, Forward, public_name)
+    _autograd.register(bwd, Backward, public_name)
+    return Forward
 
 
-class _LocalAttentionBackward(torch.autograd.Function):
-    """The backward op, whose own derivatives raise: without a Function autograd would treat
-    the op as a constant, and second derivatives would silently be zero."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*args):
-        return _autograd.forward_below_autograd(_BWD, *args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass  # nothing to save; defined because torch.func transforms require it
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(_NO_DOUBLE_BACKWARD)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(_NO_DOUBLE_BACKWARD)
-
-
-_autograd.register(_FWD, _LocalAttention, "longreach.local_attention")
-_autograd.register(_BWD, _LocalAttentionBackward, "longreach.local_attention")
+_LocalAttention = attention_autograd(_FWD, _BWD, "longreach.local_attention", "_LocalAttention")

@@ -122,3 +122,26 @@ def local_attention(
         return out.to(q.dtype)
     lse = torch.where(empty, neg_inf, row_max + torch.log(torch.where(empty, torch.ones_like(total), total)))
     return out.to(q.dtype), lse.squeeze(-1)
+
+
+def local_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
+                           global_mask=None, alibi_slopes=None, return_lse: bool = False, **kwargs):
+    """Same contract as longreach.local_attention_varlen: local_attention on each sequence alone
+    (its rows of q, its keys of k and v, global_mask and (num_seqs, Hq) slopes sliced likewise).
+    max_seqlen_* are accepted for the same call and not needed."""
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    outs, lses = [q[:0]], [q[:0, :, 0].t().to(compute)]  # empty pieces, connected to q for autograd
+    for i in range(len(starts_q) - 1):
+        rows, keys = slice(starts_q[i], starts_q[i + 1]), slice(starts_k[i], starts_k[i + 1])
+        one = [t.transpose(0, 1)[None] for t in (q[rows], k[keys], v[keys])]  # (1, H, L, D)
+        result = local_attention(
+            *one, global_mask=None if global_mask is None else global_mask[None, keys],
+            alibi_slopes=alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[i],
+            return_lse=return_lse, **kwargs)
+        out, lse = result if return_lse else (result, None)
+        outs.append(out[0].transpose(0, 1))
+        if return_lse:
+            lses.append(lse[0])
+    out = torch.cat(outs)
+    return (out, torch.cat(lses, dim=1)) if return_lse else out
