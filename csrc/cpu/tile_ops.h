@@ -8,7 +8,7 @@
 //
 // Score tiles are row-major, S[row][key] with leading dimension ld. Each row a
 // of a tile has one contiguous run of allowed keys [first[a], end[a]) (the
-// window band is monotone; see finalize in local_attention_cpu.cpp); the
+// window band is monotone; see finalize_tile in tile_runs.h); the
 // "banded" products and the row operations only touch what those runs need,
 // so the masked triangles at the band's edges cost (almost) nothing.
 #pragma once

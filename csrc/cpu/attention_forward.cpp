@@ -1,0 +1,137 @@
+// CPU forward of longreach::local_attention, one pass over the row chunks of
+// the TilePlan; per block and query head, tile by tile (tile_runs.h):
+//
+//   S = Q K^T,  online softmax (or sigmoid) along the rows,  O += P V
+//
+// The kernel is instantiated here only, for the four dtypes of the dispatch.
+#include "attention_forward.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../common/window.h"
+#include "attention_rows.h"
+#include "block_scratch.h"
+#include "key_operands.h"
+#include "tile_ops.h"
+#include "tile_runs.h"
+
+namespace longreach::cpu {
+namespace detail {
+namespace {
+
+template <typename scalar_t>
+void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& slopes, at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const TileOps<acc_t>& ops = tile_ops<acc_t>();
+  const int64_t D = P.head_dim, W = ops.vec_width;
+  const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
+  const acc_t scale = static_cast<acc_t>(P.scale);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const auto& chunks = plan.row_chunks();
+
+  const bool few_rows = P.q_len <= kFewRows;
+  const KeyUse use = few_rows ? KeyUse::kForwardFewRows : KeyUse::kForward;
+
+  auto make_scratch = [&] { return Scratch<acc_t>(D, W, /*backward=*/false, /*softcap=*/false); };
+  parallel_items(static_cast<int64_t>(chunks.size()), make_scratch, [&](int64_t ci, Scratch<acc_t>& ws) {
+    const RowChunk& chunk = chunks[ci];
+    const int64_t b = chunk.batch, hk = chunk.kv_head;
+    const auto K = k_rows<const scalar_t>(k, plan, b, hk);
+    const auto V = k_rows<const scalar_t>(v, plan, b, hk);
+    const int64_t q_len = plan.seq(b).q_len;
+    const acc_t bias = static_cast<acc_t>(sigmoid_bias_of(P, plan.seq(b)));
+    const KeyRange chunk_keys = plan.span_of_chunk(chunk);
+    load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
+                      use, &ws.span);
+
+    for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
+      load_block(ops, P, plan, chunk, t, K, V, use, ws);
+      if (ws.rows.empty()) continue;
+      const int64_t nq = static_cast<int64_t>(ws.rows.size());
+      // Offset of the block's span inside the chunk's key rows.
+      const int64_t span_row0 = ws.keys.span.count > 0 ? (ws.keys.span.lo - chunk_keys.lo) / chunk_keys.stride : 0;
+
+      for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
+        const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
+        load_rows(ops, q_rows<const scalar_t>(q, plan, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
+                  rows_are_regular(ws.rows), D, &ws.q);
+        if (h + 1 < (hk + 1) * P.group_size()) {
+          prefetch_rows(q_rows<const scalar_t>(q, plan, b, h + 1), ws.rows, D, q_len);
+        } else if (t + 1 < chunk.first_block + chunk.n_blocks) {
+          prefetch_rows(q_rows<const scalar_t>(q, plan, b, hk * P.group_size()), ws.rows, D, q_len,
+                        kRowBlock * P.window.dilation);
+        }
+        std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
+        std::fill(ws.m.begin(), ws.m.begin() + nq, neg_inf);
+        std::fill(ws.l.begin(), ws.l.begin() + nq, acc_t(0));
+        bool first_tile = true;
+
+        for_each_key_tile(ws.keys, span_row0, W, [&](const TileKeys& keys, bool masked, int64_t col0,
+                                                     int64_t valid_from) {
+          const KeyOperands<acc_t>& ko = keys.list != nullptr ? ws.extra : ws.span;
+          TileRuns& runs = ws.runs;
+          plan_runs(bc, keys, masked, valid_from, &runs);
+          const int64_t* first = runs.first.data();
+          const int64_t* last = runs.end.data();
+          acc_t* S = ws.S.data();
+          if (few_rows) {
+            ops.rows_dot(nq, D, ws.q.ptr, ws.q.ld, ko.k.row(col0), ko.k.ld, scale, S, ws.ld_s, first, last);
+          } else {
+            ops.gemm_band_n(nq, keys.n, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
+          }
+          finalize_tile(bc, keys, runs, S, ws.ld_s, static_cast<acc_t*>(nullptr));
+          if (sigmoid_score) {
+            ops.sigmoid_rows(S, ws.ld_s, nq, first, last, bias);
+          } else {
+            ops.softmax_rows(S, ws.ld_s, nq, first, last, ws.m.data(), ws.l.data(), ws.alpha.data());
+            for (int64_t a = 0; a < nq && !first_tile; ++a) {  // nothing to rescale before the first tile
+              const acc_t al = ws.alpha[a];
+              if (al == acc_t(1)) continue;
+              acc_t* o = ws.acc.data() + a * D;
+              for (int64_t d = 0; d < D; ++d) o[d] *= al;
+            }
+          }
+          if (few_rows) {
+            ops.rows_axpy(nq, D, S, ws.ld_s, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);
+          } else {
+            ops.gemm_band_k(nq, D, keys.n, S, ws.ld_s, 1, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);
+          }
+          first_tile = false;
+        });
+
+        auto O = q_rows<scalar_t>(out, plan, b, h);
+        acc_t* lse_row = stat_row<acc_t>(lse, P, plan, b, h);
+        for (int64_t a = 0; a < nq; ++a) {
+          const acc_t* src = ws.acc.data() + a * D;
+          if (sigmoid_score) {
+            convert_out(ops, src, D, acc_t(1), O.row(ws.rows[a]));
+            lse_row[ws.rows[a]] = acc_t(0);  // not defined for sigmoid
+            continue;
+          }
+          // A row with no allowed key returns zeros; a NaN sum (a NaN score) gives NaN.
+          const bool empty = ws.l[a] == acc_t(0);
+          convert_out(ops, src, D, empty ? acc_t(0) : acc_t(1) / ws.l[a], O.row(ws.rows[a]));
+          lse_row[ws.rows[a]] = empty ? neg_inf : ws.m[a] + std::log(ws.l[a]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace detail
+
+void attention_forward(const AttentionParams& P, const TilePlan& plan, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& slopes, at::Tensor& out, at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_fwd_cpu", [&] {
+    detail::forward_kernel<scalar_t>(P, plan, q, k, v, slopes, out, lse);
+  });
+}
+
+}  // namespace longreach::cpu

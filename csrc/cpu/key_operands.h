@@ -1,0 +1,82 @@
+// The key-side operands of the CPU attention kernels. A chunk packs the keys
+// its blocks read once (K^T and V^T as panel-major "B" operands, see
+// pack_columns), a block its extras, into KeyOperands, in the form the tile
+// loops read (KeyUse): the forward's, a decoding forward's (kFewRows), or the
+// backward's.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "attention_rows.h"
+#include "tile_ops.h"
+
+namespace longreach::cpu::detail {
+
+// Keys as columns, the B operand of S = Q K^T and dP = dO V^T, panel-major as
+// gemm_band_n wants it: element (x, r) = mul * src.row(index(r))[x] at
+// dst[((r / W) * (D + 1) + x) * W + r % W] (a padding row per group). One zero group of slack past the last key
+// (gemm_band_n may read whole vectors there). Each group of W keys is copied
+// into a small row-major block, then transposed with the ISA's shuffles.
+template <typename scalar_t, typename acc_t, typename IndexFn>
+void pack_columns(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& src, int64_t n, IndexFn&& index,
+                  int64_t D, acc_t mul, Buffer<acc_t>* dst) {
+  const int64_t W = ops.vec_width;
+  const int64_t groups = (n + W - 1) / W + 1;
+  dst->assign(groups * (D + 1) * W, acc_t(0));
+  Buffer<acc_t> rows(W * D);
+  for (int64_t g = 0; g * W < n; ++g) {
+    const int64_t r0 = g * W, nr = std::min(W, n - r0);
+    for (int64_t r = 0; r < nr; ++r) convert_in(ops, src.row(index(r0 + r)), D, mul, rows.data() + r * D);
+    acc_t* block = dst->data() + g * (D + 1) * W;
+    for (int64_t x0 = 0; x0 < D; x0 += W) {
+      ops.transpose(rows.data() + x0, D, block + x0 * W, W, nr, std::min(W, D - x0));
+    }
+  }
+}
+
+// The key-side operands of a chunk (its span) or of a block's extras.
+template <typename acc_t>
+struct KeyOperands {
+  Buffer<acc_t> kT, vT;  // scale * K^T and V^T, keys as columns, panel-major (pack_columns)
+  Rows<acc_t> k, v;           // K and V rows
+  int64_t D = 0, W = 0;
+  // The panels from column c0 on (c0 a multiple of W).
+  const acc_t* kT_from(int64_t c0) const { return kT.data() + c0 / W * (D + 1) * W; }
+  const acc_t* vT_from(int64_t c0) const { return vT.data() + c0 / W * (D + 1) * W; }
+};
+
+// Which operands the tile loops read: the forward's products take scale * K^T
+// packed and V rows, or, for blocks of a few rows (kFewRows), K and V rows as
+// they are; the backward's take scale * K^T and V^T packed and K rows.
+enum class KeyUse { kForward, kForwardFewRows, kBackward };
+
+// A forward whose query rows are this few per head (decoding) reads keys as
+// rows (TileOps::rows_dot / rows_axpy): packing K^T would cost as much as the
+// products themselves. Measured 2.7x faster at one query row, window 512.
+constexpr int64_t kFewRows = 4;
+
+template <typename scalar_t, typename acc_t, typename IndexFn>
+void load_key_operands(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& K, const HeadRows<const scalar_t>& V,
+                       int64_t n, IndexFn&& index, bool regular, int64_t D, acc_t scale, KeyUse use,
+                       KeyOperands<acc_t>* out) {
+  out->D = D;
+  out->W = ops.vec_width;
+  switch (use) {
+    case KeyUse::kForward:
+      pack_columns(ops, K, n, index, D, scale, &out->kT);
+      load_rows(ops, V, n, index, regular, D, &out->v);
+      break;
+    case KeyUse::kForwardFewRows:
+      load_rows(ops, K, n, index, regular, D, &out->k);
+      load_rows(ops, V, n, index, regular, D, &out->v);
+      break;
+    case KeyUse::kBackward:
+      pack_columns(ops, K, n, index, D, scale, &out->kT);
+      pack_columns(ops, V, n, index, D, acc_t(1), &out->vT);
+      load_rows(ops, K, n, index, regular, D, &out->k);
+      break;
+  }
+}
+
+}  // namespace longreach::cpu::detail
