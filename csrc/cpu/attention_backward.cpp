@@ -36,23 +36,35 @@ namespace longreach::cpu {
 namespace detail {
 namespace {
 
-// The tile's part of d loss / d slope (without its sign: scores.h subtracts
-// slope * |p - j|): sum of dS * |p - j| over the rows' runs, where G holds dS
-// with respect to the final scores (zero where a run is masked). Then applies
-// the soft-cap chain factor to G, which the grad_rows call left out.
+// The tile's part of d loss / d slope, per row a (without its sign: scores.h
+// subtracts slope * |p - j|). G holds dS with respect to the final scores
+// (zero where a run is masked) and S the probabilities. Accumulates
+// E[a] += sum dS * d, F[a] += sum dS and C[a] += sum P * d, d = |p - j|, then
+// applies the soft-cap chain factor to G, which the grad_rows call left out.
+// For softmax rows the gradient is E + (dlse - F) * C, not E: dS was formed
+// with the row constant dO . O of the *rounded* output, and since the
+// probabilities of a row sum to 1 the true row constant is sum P dP - dlse =
+// rowdot + F - dlse; the error of the rounded one, multiplied by distances
+// of hundreds of keys, made bfloat16 slope gradients 5-16% off.
 template <typename acc_t>
-acc_t alibi_slope_grad_tile(const BlockContext<acc_t>& bc, const TileKeys& keys, const TileRuns& runs, acc_t* G,
-                            const acc_t* factor, int64_t ld) {
-  acc_t sum = acc_t(0);
+void alibi_slope_grad_tile(const BlockContext<acc_t>& bc, const TileKeys& keys, const TileRuns& runs, const acc_t* S,
+                           acc_t* G, const acc_t* factor, int64_t ld, acc_t* E, acc_t* F, acc_t* C) {
   for (int64_t a = 0; a < bc.nq; ++a) {
+    const acc_t* p = S + a * ld;
     acc_t* g = G + a * ld;
     const acc_t* f = factor ? factor + a * ld : nullptr;
+    acc_t e = acc_t(0), sum_g = acc_t(0), c_sum = acc_t(0);
     for (int64_t c = runs.first[a]; c < runs.end[a]; ++c) {
-      sum += g[c] * static_cast<acc_t>(abs_distance(bc.pos[a], keys.key(c)));
+      const acc_t d = static_cast<acc_t>(abs_distance(bc.pos[a], keys.key(c)));
+      e += g[c] * d;
+      sum_g += g[c];
+      c_sum += p[c] * d;
       if (f) g[c] *= f[c];
     }
+    E[a] += e;
+    F[a] += sum_g;
+    C[a] += c_sum;
   }
-  return sum;
 }
 
 // rowdot[b,h,i] = dO_i . O_i - dlse_i: the softmax backward's row constant,
@@ -230,6 +242,8 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
   const at::Tensor lse_acc = lse.contiguous();
   const at::Tensor rowdot =
       sigmoid_score ? at::Tensor() : softmax_row_dots<scalar_t>(P, plan, grad_out, out, lse_acc, grad_lse);
+  const at::Tensor glse_acc =  // d loss / d lse per row, for the slope gradient's row constant
+      dslopes && grad_lse.has_value() ? grad_lse->to(lse_acc.scalar_type()).contiguous() : at::Tensor();
   auto row_stats = [&](const at::Tensor& t, int64_t b, int64_t h) -> const acc_t* {
     return t.defined() ? stat_row<acc_t>(t, P, plan, b, h) : nullptr;
   };
@@ -287,6 +301,9 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           ws.dot[a] = dot_all ? dot_all[ws.rows[a]] : acc_t(0);
         }
         std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
+        if (dslopes) {
+          for (auto* v : {&ws.slope_e, &ws.slope_f, &ws.slope_c}) std::fill(v->begin(), v->begin() + nq, acc_t(0));
+        }
 
         for_each_key_tile(ws.keys, span_row0, W, [&](const TileKeys& keys, bool masked, int64_t col0,
                                                      int64_t valid_from) {
@@ -312,7 +329,10 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           } else {
             ops.softmax_grad_rows(S, G, grad_factor, ws.ld_s, nq, nk, first, last, ws.lse.data(), ws.dot.data());
           }
-          if (dslopes) grads.dslope[h - hk * P.group_size()] += alibi_slope_grad_tile(bc, keys, runs, G, F, ws.ld_s);
+          if (dslopes) {
+            alibi_slope_grad_tile(bc, keys, runs, S, G, F, ws.ld_s, ws.slope_e.data(), ws.slope_f.data(),
+                                  ws.slope_c.data());
+          }
           // dQ += dS K
           ops.gemm_band_k(nq, D, nk, G, ws.ld_s, 1, ko.k.row(col0), ko.k.ld, ws.acc.data(), D, first, last);
           // dK += dS^T Q, dV += P^T dO: into the chunk's span rows, or a scratch for extras
@@ -357,6 +377,18 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
 
         auto dQ = q_rows<scalar_t>(dq, plan, b, h);
         for (int64_t a = 0; a < nq; ++a) convert_out(ops, ws.acc.data() + a * D, D, scale, dQ.row(ws.rows[a]));
+        if (dslopes) {  // see alibi_slope_grad_tile
+          const acc_t* dlse = row_stats(glse_acc, b, h);
+          acc_t sum = acc_t(0);
+          for (int64_t a = 0; a < nq; ++a) {
+            sum += ws.slope_e[a];
+            if (!sigmoid_score) {
+              const acc_t row_dlse = dlse ? dlse[ws.rows[a]] : acc_t(0);
+              sum += (row_dlse - ws.slope_f[a]) * ws.slope_c[a];
+            }
+          }
+          grads.dslope[h - hk * P.group_size()] += sum;
+        }
       }
     }
   });

@@ -22,6 +22,7 @@ struct Scratch {
   Buffer<acc_t> S, G, F;    // kRowBlock x ld_s
   Buffer<acc_t> acc;        // kRowBlock x D: output or dQ accumulator
   Buffer<acc_t> m, l, alpha, lse, dot;
+  Buffer<acc_t> slope_e, slope_f, slope_c;  // learnable ALiBi, per row (attention_backward.cpp)
   Buffer<acc_t> dk_tile, dv_tile;
   Rows<acc_t> q, go;
   KeyOperands<acc_t> span, extra;
@@ -35,7 +36,7 @@ struct Scratch {
     if (backward) G.resize(kRowBlock * ld_s);
     if (backward && softcap) F.resize(kRowBlock * ld_s);
     acc.resize(kRowBlock * D);
-    for (auto* v : {&m, &l, &alpha, &lse, &dot}) v->resize(kRowBlock);
+    for (auto* v : {&m, &l, &alpha, &lse, &dot, &slope_e, &slope_f, &slope_c}) v->resize(kRowBlock);
   }
 };
 
