@@ -355,17 +355,151 @@ def test_rope_scaling_with_window_generates_like_transformers():
     assert torch.equal(patched.generate(ids, **kwargs), reference.generate(ids, **kwargs))
 
 
-def test_packed_sequences_raise():
+PACKED_LENGTHS = (7, 1, 9, 3)  # longer than the sliding window (5), and a document of length 1
+FA_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def packed_batch(documents, **collator_options):
+    """The documents flattened into one row by transformers' own DataCollatorWithFlattening."""
+    collator = transformers.DataCollatorWithFlattening(**collator_options)
+    return collator([{"input_ids": doc.tolist()} for doc in documents])
+
+
+def packed_inputs(documents, form):
+    """Model kwargs for a packed batch: `position_ids` restarting per document (transformers builds
+    a packed mask pattern then), or the flash_attention_2 kwargs as the collator returns them
+    (cu_seq_lens_q/k, max_length_q/k, with the position_ids)."""
+    batch = packed_batch(documents, return_flash_attn_kwargs=(form == "cu_seq_lens"))
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if form == "cu_seq_lens":
+        assert batch["cu_seq_lens_q"].tolist() == [0, 7, 8, 17, 20] and batch["max_length_q"] == 9
+        inputs.update({name: batch[name] for name in FA_KWARGS})
+    return inputs
+
+
+@pytest.mark.parametrize("form", ["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
+def test_packed_batch_matches_documents_one_by_one(family, form):
+    """A DataCollatorWithFlattening row of 4 documents gives, in float64, the logits and parameter
+    gradients of the same documents run one by one (both through longreach). Without a cache
+    transformers hands the mask function a packed pattern; with one (use_cache=True) it does not,
+    and the attention function finds the documents in position_ids itself."""
+    model = patched_copy(build(family, reference_attn(family), torch.float64))
+    documents = [torch.randint(3, VOCAB, (length,)) for length in PACKED_LENGTHS]
+    inputs = packed_inputs(documents, form)
+    weights = [torch.randn(length, VOCAB, dtype=torch.float64) for length in PACKED_LENGTHS]
+
+    expected_logits = []
+    for doc, weight in zip(documents, weights):
+        logits = model(doc[None], use_cache=False).logits[0]
+        (logits * weight).sum().backward()
+        expected_logits.append(logits.detach())
+    expected_logits = torch.cat(expected_logits)
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    logits = model(**inputs, use_cache=False).logits[0]
+    (logits * torch.cat(weights)).sum().backward()
+    torch.testing.assert_close(logits.detach(), expected_logits, atol=1e-12, rtol=1e-12)
+    tolerance = 1e-6 if family == "gemma2" else 1e-11  # Gemma2's RMSNorm computes in float32
+    for name, p in model.named_parameters():
+        scale = expected_grads[name].abs().max().item()
+        torch.testing.assert_close(p.grad, expected_grads[name], atol=tolerance * scale, rtol=0,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+    with torch.no_grad():  # a first forward with a cache: no packed mask pattern from transformers
+        torch.testing.assert_close(model(**inputs).logits[0], expected_logits, atol=1e-12, rtol=1e-12)
+    # the documents really interact within themselves: the plain causal row differs
+    with torch.no_grad():
+        unpacked = model(inputs["input_ids"], use_cache=False).logits[0]
+    assert (unpacked - expected_logits).abs().max() > 1e-3
+
+
+def test_cu_seq_lens_alone_separate_the_documents():
+    """The cu_seq_lens kwargs without position_ids (positions then run 0..19 over the row, so RoPE
+    sees shifted positions: equal up to transformers' float32 rotary tables) still keep every
+    document to itself; the same with the kwargs as 0-d tensors and without max_length_q/k, as
+    prepare_fa_kwargs_from_position_ids returns them."""
+    model = patched_copy(build("mistral", "sdpa", torch.float64))
+    documents = [torch.randint(3, VOCAB, (length,)) for length in PACKED_LENGTHS]
+    batch = packed_batch(documents, return_flash_attn_kwargs=True, return_position_ids=False)
+    assert "position_ids" not in batch
+    with torch.no_grad():
+        expected = torch.cat([model(doc[None], use_cache=False).logits[0] for doc in documents])
+        kwargs = {name: batch[name] for name in FA_KWARGS}
+        tensors = dict(kwargs, max_length_q=torch.tensor(9), max_length_k=torch.tensor(9))
+        bare = {"cu_seq_lens_q": batch["cu_seq_lens_q"].long(), "cu_seq_lens_k": batch["cu_seq_lens_k"].long()}
+        for variant in (kwargs, tensors, bare):
+            got = model(batch["input_ids"], use_cache=False, **variant).logits[0]
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_with_window_and_alibi_options():
+    """Two packed rows (flattened together, as flash_attention_2 does), a Llama patched with
+    window=3, sigmoid scores and ALiBi: the options apply per document."""
+    model = patched_copy(build("llama", "sdpa", torch.float64), window=3, score="sigmoid", alibi="standard")
+    rows = [[torch.randint(3, VOCAB, (n,)) for n in (5, 1, 4)], [torch.randint(3, VOCAB, (n,)) for n in (2, 8)]]
+    batches = [packed_batch(docs) for docs in rows]
+    ids = torch.cat([b["input_ids"] for b in batches])
+    positions = torch.cat([b["position_ids"] for b in batches])
+    with torch.no_grad():
+        expected = [torch.cat([model(doc[None], use_cache=False).logits[0] for doc in docs]) for docs in rows]
+        got = model(ids, position_ids=positions, use_cache=False).logits
+    for row in range(2):
+        torch.testing.assert_close(got[row], expected[row], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_mask_function_does_not_build_a_mask_across_documents(family):
+    """transformers' mask builders (causal and sliding) on a packed row: longreach's mask function
+    returns each token's document index, nothing that would let a token see another document;
+    plain positions give no mask at all."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    model = patched_copy(build(family))
+    config = model.config
+    documents = [torch.randint(3, VOCAB, (length,)) for length in PACKED_LENGTHS]
+    batch = packed_batch(documents)
+    embeds = torch.zeros(1, sum(PACKED_LENGTHS), COMMON["hidden_size"])
+    expected = torch.repeat_interleave(torch.arange(4, dtype=torch.int32), torch.tensor(PACKED_LENGTHS))[None]
+    for builder in (create_causal_mask, create_sliding_window_causal_mask):
+        mask = builder(config=config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
+                       position_ids=batch["position_ids"])
+        assert mask.dtype == torch.int32 and torch.equal(mask, expected), builder.__name__
+        plain = builder(config=config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
+                        position_ids=torch.arange(embeds.shape[1])[None])
+        assert plain is None, builder.__name__
+    # the attention function turns the document indices into one problem per document
+    calls = []
+    kernel = decoder.local_attention_varlen
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(decoder, "local_attention_varlen", lambda *a, **k: calls.append(a[3].tolist()) or kernel(*a, **k))
+        with torch.no_grad():
+            model(batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    assert calls == [[0, 7, 8, 17, 20]] * config.num_hidden_layers
+
+
+def test_packed_sequences_with_padding_or_a_cache_raise():
     patched = patched_copy(build("llama"))
     ids = torch.randint(3, VOCAB, (1, 10))
     packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])
-    for use_cache in (False, True):  # without a cache transformers builds a packed mask; with one it does not
-        with pytest.raises(ValueError, match="packs several sequences"):
-            patched(ids, position_ids=packed, use_cache=use_cache)
-    with pytest.raises(ValueError, match="packs several sequences"):
-        patched(ids, cu_seq_lens_q=torch.tensor([0, 4, 10]), cu_seq_lens_k=torch.tensor([0, 4, 10]))
-    # plain positions with an offset are fine
-    patched(ids, position_ids=torch.arange(5, 15)[None])
+    padded = torch.ones(1, 10, dtype=torch.long)
+    padded[0, -1] = 0
+    with pytest.raises(ValueError, match="packing and padding together are not supported"):
+        patched(ids, position_ids=packed, attention_mask=padded)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="packing and padding together are not supported"):
+        patched(ids, attention_mask=padded, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
+    with pytest.raises(ValueError, match="only one of cu_seq_lens_q and cu_seq_lens_k"):
+        patched(ids, cu_seq_lens_q=cu)
+    past = patched(ids[:, :4], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="supported without a cache only"):
+        patched(ids, position_ids=packed + 4, past_key_values=past)
+    # an all-ones attention_mask is no padding; plain positions with an offset are fine
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids, position_ids=packed, attention_mask=torch.ones(1, 10)).logits,
+                                   patched(ids, position_ids=packed, use_cache=False).logits)
+        patched(ids, position_ids=torch.arange(5, 15)[None])
 
 
 def test_padding_in_the_middle_raises():
@@ -539,3 +673,18 @@ def test_lora_finetuning_with_gradient_checkpointing_lowers_the_loss(monkeypatch
     # checkpointing recomputed each layer's attention in the backward: 2 layers x (forward + recompute)
     assert len(calls) == 6 * 2 * 2
     assert model.base_model.model.config._attn_implementation == "longreach"
+
+
+def test_torch_compile_fullgraph_with_cu_seq_lens_matches_documents():
+    """Under torch.compile packing is given by the cu_seq_lens kwargs (restarting position_ids are
+    not read there): fullgraph=True compiles, and each document sees only itself."""
+    model = patched_copy(build("mistral"))
+    compiled = torch.compile(model, fullgraph=True)
+    for lengths in (PACKED_LENGTHS, (3, 9, 4, 4)):
+        documents = [torch.randint(3, VOCAB, (length,)) for length in lengths]
+        batch = packed_batch(documents, return_flash_attn_kwargs=True)
+        del batch["labels"]
+        with torch.no_grad():
+            expected = torch.cat([model(doc[None], use_cache=False).logits[0] for doc in documents])
+            got = compiled(**batch, use_cache=False).logits[0]
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)

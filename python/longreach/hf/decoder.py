@@ -7,11 +7,15 @@ registers a `longreach` entry in both and switches the model to it:
 - the mask function (`longreach_mask`) returns no dense mask, only which keys exist: None when
   nothing is padded, else a (B, K) bool tensor over the first K keys of the layer's key array,
   K being the last key a causal query can see (a static cache's unused tail is cut off). It also
-  checks that the pattern transformers asked for is the plain causal one (packed sequences or
-  custom patterns would need a mask the kernel cannot express, so they raise);
+  checks that the pattern transformers asked for is the plain causal one, or causal within
+  packed documents: then it returns the (B, L) int32 document index of every token instead
+  (custom patterns would need a mask the kernel cannot express, so they raise);
 - the attention function (`longreach_attention_forward`) applies causal, the layer's sliding
   window (or the `window` option), soft-capping, the layer's `scaling`, GQA and ALiBi/sigmoid
-  options in the fused op, with exact left/right padding (`longreach.padding`).
+  options in the fused op, with exact left/right padding (`longreach.padding`). Packed rows
+  (`cu_seq_lens_q/k` kwargs as flash_attention_2 receives them, the mask function's document
+  indices, or `position_ids` that restart inside a row) go to `longreach.local_attention_varlen`,
+  one problem per document.
 
 Options are stored in `config.longreach` (a dict), so they travel with save_pretrained; when
 they change the attention, `config.attn_implementation = "longreach"` goes with them, so that a
@@ -28,6 +32,7 @@ import torch
 
 from .._checks import check_choice, check_score, check_softcap
 from ..padding import local_attention_padded
+from ..varlen import local_attention_varlen
 from ..positional import ALIBI_KINDS, alibi_slopes
 
 ATTENTION_NAME = "longreach"
@@ -86,10 +91,15 @@ def _name_longreach_in_config(config) -> None:
 # --------------------------------------------------------------------------- mask function
 
 
-_PACKED_MESSAGE = (
-    "longreach: this batch packs several sequences into one row (position_ids restart inside a row, or "
-    "cu_seq_lens were given): the kernel has no variable-length support yet and would attend across "
-    "sequence boundaries. Pass one sequence per row with an attention_mask (padding is exact)."
+_PACKED_AND_PADDED_MESSAGE = (
+    "longreach: this batch packs several sequences into a row (position_ids restart inside a row, or "
+    "cu_seq_lens were given) and also has an attention_mask with padding; packing and padding together are "
+    "not supported. Pack without padding (DataCollatorWithFlattening), or pad one sequence per row."
+)
+_PACKED_WITH_CACHE_MESSAGE = (
+    "longreach: this batch packs several sequences into a row (position_ids restart inside a row) but the "
+    "layer also attends to cached keys; packed sequences are supported without a cache only (pass "
+    "use_cache=False, or one sequence per row for generation)."
 )
 
 
@@ -104,24 +114,31 @@ def _require(ok: torch.Tensor, message: str) -> None:
         raise ValueError(message)
 
 
-def _check_causal_pattern(mask_function, batch_size, q_length, q_offset, device) -> None:
-    """Probe transformers' mask function next to the diagonal: it must be the causal pattern.
+def _check_causal_pattern(mask_function, batch_size, q_length, q_offset, device) -> Optional[torch.Tensor]:
+    """Probe transformers' mask function next to the diagonal: causal, or causal per packed document.
 
     The kernel applies causal + window itself and ignores the pattern transformers asked for,
-    so a different one must raise rather than be lost: a token that cannot see itself or its
-    left neighbour (packed sequences, as transformers finds them from position_ids restarts
-    when there is no cache) or that sees its right neighbour (bidirectional or block
-    attention). Costs O(B * Lq) and is traceable, so it also runs under torch.compile.
+    so a different one must raise rather than be lost. Every token must see itself and must
+    not see its right neighbour (else: bidirectional or block attention). A token that cannot
+    see its left neighbour starts a new document: transformers wraps the pattern so when it
+    finds packed sequences in position_ids (no attention_mask, no cache). Returns None for
+    the plain causal pattern, else the (B, Lq - 1) bool "starts a document" of rows 1..Lq-1
+    (eager mode; under torch.compile always None, the checks are skipped). Costs O(B * Lq)
+    and is traceable.
     """
     if q_length < 2:
-        return
+        return None
     batch = torch.arange(batch_size, device=device)[:, None]
     head = torch.zeros((), dtype=torch.long, device=device)
     rows = torch.arange(1, q_length, device=device)[None, :] + q_offset  # each has a left neighbour
+    last = q_offset + q_length - 1
 
     def probe(delta):
+        # the last row's right neighbour does not exist (packed mask functions index a tensor
+        # of Lq columns): probe the row itself there, which is allowed
+        columns = torch.clamp(rows + delta, max=last)
         try:
-            allowed = mask_function(batch, head, rows, rows + delta)
+            allowed = mask_function(batch, head, rows, columns)
         except Exception as error:  # a custom (non index-based) pattern, e.g. image-token overlays
             raise ValueError(
                 "longreach: cannot evaluate the attention pattern this model asked for (a custom mask function); "
@@ -129,30 +146,48 @@ def _check_causal_pattern(mask_function, batch_size, q_length, q_offset, device)
             ) from error
         return torch.as_tensor(allowed, device=device).expand(batch_size, q_length - 1)
 
-    _require(probe(0) & probe(-1), _PACKED_MESSAGE)
+    sees_itself = probe(0)
     _require(
-        ~probe(1) | (rows + 1 >= q_offset + q_length),  # the last row's right neighbour does not exist
+        ~probe(1) | (rows >= last),
         "longreach: the model asked for a non-causal attention pattern (bidirectional or block attention, "
         "e.g. image tokens); longreach's Hugging Face decoder path supports causal attention only",
     )
+    _require(sees_itself, "longreach: the model asked for an attention pattern in which a token cannot see "
+                          "itself; longreach's Hugging Face decoder path supports causal attention only")
+    if torch.compiler.is_compiling():
+        return None
+    starts = ~probe(-1)
+    return starts if bool(starts.any()) else None
 
 
-def _check_not_packed(position_ids, key_valid, q_length) -> None:
-    """Raise when position_ids restart between two real tokens of a row (a packed batch).
+def _documents_from_starts(starts: torch.Tensor) -> torch.Tensor:
+    """(B, L - 1) bool "row r + 1 starts a document" -> (B, L) int32 document index, from 0 in every row."""
+    first = torch.zeros_like(starts[:, :1])
+    return torch.cat([first, starts], dim=1).to(torch.int32).cumsum(dim=1, dtype=torch.int32)
+
+
+def _position_starts(position_ids, key_valid, batch_size, q_length) -> Optional[torch.Tensor]:
+    """(B, Lq - 1) bool: where position_ids do not step by 1 between two real tokens of a row (a new
+    packed sequence starts there, as transformers' find_packed_sequence_indices and the
+    flash_attention_2 path see it); None when they never do, or under torch.compile (not checked).
 
     transformers itself only looks for packing when there is no cache; this also covers a
     first forward with use_cache=True. Padding tokens are skipped (generate gives them dummy
     positions).
     """
+    if torch.compiler.is_compiling() or q_length < 2:
+        return None
     if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != q_length:
-        return
-    if q_length < 2:
-        return
-    steps_ok = position_ids[:, 1:] - position_ids[:, :-1] == 1
+        return None
+    if position_ids.shape[0] != batch_size:
+        if position_ids.shape[0] != 1:
+            return None
+        position_ids = position_ids.expand(batch_size, -1)
+    starts = position_ids[:, 1:] - position_ids[:, :-1] != 1
     if key_valid is not None:
         real = key_valid[:, -q_length:]
-        steps_ok = steps_ok | ~(real[:, 1:] & real[:, :-1])
-    _require(steps_ok, _PACKED_MESSAGE)
+        starts = starts & real[:, 1:] & real[:, :-1]
+    return starts if bool(starts.any()) else None
 
 
 def longreach_mask(
@@ -167,7 +202,8 @@ def longreach_mask(
     device="cpu",
     **kwargs,
 ) -> Optional[torch.Tensor]:
-    """AttentionMaskInterface entry: None, or (B, K) bool of real keys over the first K keys.
+    """AttentionMaskInterface entry: None, (B, K) bool of real keys over the first K keys, or for
+    a packed batch (B, L) int32 document indices.
 
     K = q_offset - kv_offset + q_length, the key index after the last query (queries see no
     key beyond it). For growing caches K == kv_length; for a static cache's layer it cuts the
@@ -187,8 +223,17 @@ def longreach_mask(
         # which save_pretrained does not write: put it back, so that a model loaded from a patched
         # checkpoint still names longreach when it is saved again.
         _name_longreach_in_config(config)
+    starts = None
     if mask_function is not None:
-        _check_causal_pattern(mask_function, batch_size, q_length, q_offset, device)
+        starts = _check_causal_pattern(mask_function, batch_size, q_length, q_offset, device)
+    if starts is not None:  # packed documents (transformers finds them only without a cache and a mask)
+        if attention_mask is not None and not bool(attention_mask.to(torch.bool).all()):
+            raise ValueError(_PACKED_AND_PADDED_MESSAGE)
+        if q_offset != 0 or kv_offset != 0 or kv_length != q_length:
+            raise ValueError(_PACKED_WITH_CACHE_MESSAGE)
+        # No dense mask: which document each token is in. The attention function runs one
+        # problem per document, so no key of another document is seen.
+        return _documents_from_starts(starts.to(device))
     horizon = q_offset - kv_offset + q_length
     if not 0 < horizon <= kv_length:
         raise ValueError(f"longreach: inconsistent cache sizes (q_offset={q_offset}, kv_offset={kv_offset}, "
@@ -229,6 +274,65 @@ def _alibi_slopes(kind: str, num_heads: int, device) -> torch.Tensor:
     return _SLOPES_CACHE[key]
 
 
+def _length(value, cu_seqlens: torch.Tensor) -> int:
+    """max_length_q/k as an int (flash_attention_2 receives ints from the collator, 0-d tensors from
+    prepare_fa_kwargs_from_position_ids); the longest sequence of cu_seqlens when not given."""
+    if value is None:
+        value = (cu_seqlens[1:] - cu_seqlens[:-1]).max() if cu_seqlens.numel() > 1 else 0
+    return int(value)
+
+
+def _cu_seqlens_from_documents(documents: torch.Tensor) -> torch.Tensor:
+    """(B, L) document indices, each row from its first token on, -> int32 cu_seqlens over the B * L
+    flattened tokens (a new sequence at every row start and every change of index)."""
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = starts.reshape(-1).nonzero().reshape(-1).to(torch.int32)
+    return torch.cat([first, first.new_tensor([documents.numel()])])
+
+
+def _packed_geometry(kwargs, attention_mask, position_ids, query, key):
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) over the B * L flattened tokens
+    for a packed batch, or None for an ordinary one.
+
+    Sources, first found wins: the cu_seq_lens_q/k (+ max_length_q/k) kwargs, as transformers'
+    flash_attention_2 path receives them; the mask function's (B, L) int32 document indices;
+    position_ids that do not step by 1 inside a row (a first forward with use_cache=True, where
+    transformers builds no packed mask). Packing with padding raises.
+    """
+    batch, q_length, k_length = query.shape[0], query.shape[2], key.shape[2]
+    padding = attention_mask is not None and attention_mask.dtype == torch.bool
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if padding:
+            raise ValueError(_PACKED_AND_PADDED_MESSAGE)
+        if cu_q is None or cu_k is None:
+            raise ValueError("longreach: got only one of cu_seq_lens_q and cu_seq_lens_k; pass both (as "
+                             "DataCollatorWithFlattening(return_flash_attn_kwargs=True) does) or neither")
+        cu_q, cu_k = (torch.as_tensor(t, device=query.device) for t in (cu_q, cu_k))
+        return (cu_q, cu_k, _length(kwargs.get("max_length_q"), cu_q), _length(kwargs.get("max_length_k"), cu_k))
+    if attention_mask is not None and not padding:  # document indices from longreach_mask
+        if tuple(attention_mask.shape) != (batch, q_length) or k_length != q_length:
+            raise ValueError(
+                f"longreach: got packed document indices of shape {tuple(attention_mask.shape)} for queries of "
+                f"shape {tuple(query.shape)} and keys of shape {tuple(key.shape)}; expected ({batch}, {q_length}) "
+                "with as many keys as queries (packed sequences are supported without a cache only)"
+            )
+        documents = attention_mask
+    else:
+        starts = _position_starts(position_ids, attention_mask, batch, q_length)
+        if starts is None:
+            return None
+        if padding:
+            raise ValueError(_PACKED_AND_PADDED_MESSAGE)
+        if k_length != q_length:
+            raise ValueError(_PACKED_WITH_CACHE_MESSAGE)
+        documents = _documents_from_starts(starts)
+    cu_seqlens = _cu_seqlens_from_documents(documents.to(query.device))
+    longest = _length(None, cu_seqlens)
+    return cu_seqlens, cu_seqlens, longest, longest
+
+
 def longreach_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -242,12 +346,16 @@ def longreach_attention_forward(
     is_causal: Optional[bool] = None,
     **kwargs,
 ):
-    """AttentionInterface entry: q (B, Hq, Lq, D), k/v (B, Hk, Lk, D) -> ((B, Lq, Hq, D), None)."""
+    """AttentionInterface entry: q (B, Hq, Lq, D), k/v (B, Hk, Lk, D) -> ((B, Lq, Hq, D), None).
+
+    attention_mask: None, longreach_mask's (B, K) bool real keys, or its (B, L) int32 document
+    indices of a packed batch. Packed batches (also from `cu_seq_lens_q/k` / `max_length_q/k`
+    kwargs or restarting `position_ids`) run as one longreach.local_attention_varlen call over
+    the B * L flattened tokens, one problem per document.
+    """
     options = _options(module.config)
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("longreach: attention sinks (s_aux) are not supported")
-    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
-        raise ValueError(_PACKED_MESSAGE)
     if dropout:
         raise ValueError(
             f"longreach: attention dropout is not supported (got dropout={dropout}); "
@@ -257,32 +365,32 @@ def longreach_attention_forward(
     if not causal:
         raise NotImplementedError("longreach: the Hugging Face decoder path supports causal attention only")
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
+        if attention_mask.dim() != 2 or attention_mask.dtype not in (torch.bool, torch.int32):
             raise ValueError(
                 "longreach: got a prepared attention mask of shape "
                 f"{tuple(attention_mask.shape)} and dtype {attention_mask.dtype}; longreach takes a 2-D padding "
                 "mask (batch, keys) and applies causal and window masking itself. Pass the 2-D attention_mask."
             )
-        if attention_mask.shape[1] < key.shape[2]:  # static cache: drop the unused tail
+        if attention_mask.dtype == torch.bool and attention_mask.shape[1] < key.shape[2]:
+            # static cache: drop the unused tail
             key = key[:, :, : attention_mask.shape[1]]
             value = value[:, :, : attention_mask.shape[1]]
 
-    _check_not_packed(kwargs.get("position_ids"), attention_mask, query.shape[2])
+    packed = _packed_geometry(kwargs, attention_mask, kwargs.get("position_ids"), query, key)
 
     window = options.get("window", sliding_window)
     left = None if window is None else window - 1
     cap = options.get("softcap", softcap)
     alibi = options.get("alibi")
     slopes = None if alibi is None else _alibi_slopes(alibi, query.shape[1], query.device)
-    out = local_attention_padded(
-        query, key, value, attention_mask,
-        causal=True,
-        window=(left, 0),
-        alibi_slopes=slopes,
-        score=options.get("score", "softmax"),
-        softcap=cap,
-        scale=scaling,
-    )
+    common = dict(causal=True, window=(left, 0), alibi_slopes=slopes, score=options.get("score", "softmax"),
+                  softcap=cap, scale=scaling)
+    if packed is not None:
+        batch, heads, q_length, dim = query.shape
+        flat = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value)]
+        out = local_attention_varlen(*flat, *packed, **common)
+        return out.view(batch, q_length, heads, dim), None
+    out = local_attention_padded(query, key, value, attention_mask, **common)
     return out.transpose(1, 2).contiguous(), None
 
 
