@@ -108,17 +108,20 @@ void set_options(AttentionParams& P, const at::Tensor& q, const c10::optional<at
   }
 }
 
-void check_global_mask(const at::Tensor& g, const at::Tensor& q, at::IntArrayRef shape, const char* shape_name) {
-  TORCH_CHECK_TYPE(g.scalar_type() == at::kBool, "local_attention: global_mask must be a bool tensor, got ",
+// A bool mask of one flag per key (global_mask, key_padding_mask).
+void check_bool_mask(const at::Tensor& g, const char* name, const at::Tensor& q, at::IntArrayRef shape,
+                     const char* shape_name) {
+  TORCH_CHECK_TYPE(g.scalar_type() == at::kBool, "local_attention: ", name, " must be a bool tensor, got ",
                    dtype_name(g.scalar_type()));
   std::string expected = "(";  // as Python writes a shape
   for (size_t i = 0; i < shape.size(); ++i) expected += std::to_string(shape[i]) + (i + 1 < shape.size() ? ", " : "");
   expected += shape.size() == 1 ? ",)" : ")";
-  TORCH_CHECK_VALUE(g.sizes() == shape, "local_attention: global_mask must have shape ", shape_name, " = ", expected,
+  TORCH_CHECK_VALUE(g.sizes() == shape, "local_attention: ", name, " must have shape ", shape_name, " = ", expected,
                     ", got ", g.sizes());
-  TORCH_CHECK_VALUE(g.device() == q.device(), "local_attention: global_mask is on ", g.device(), " but q is on ",
+  TORCH_CHECK_VALUE(g.device() == q.device(), "local_attention: ", name, " is on ", g.device(), " but q is on ",
                     q.device());
 }
+
 
 // The sequence boundaries of a packed batch, checked and read on the host:
 // cu[0] = 0, non-decreasing, cu[N] = total, no sequence longer than max_len.
@@ -173,7 +176,7 @@ VarlenProblem make_varlen_params(const at::Tensor& q, const at::Tensor& k, const
   set_options(P, q, alibi_slopes, "num_seqs", window_left, window_right, dilation, score, sigmoid_bias, softcap,
               scale);
   if (global_mask.has_value()) {
-    check_global_mask(*global_mask, q, {k.size(0)}, "(total_k,)");
+    check_bool_mask(*global_mask, "global_mask", q, {k.size(0)}, "(total_k,)");
     P.has_global = true;
   }
   out.seqs.resize(P.batch);
@@ -188,7 +191,8 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
                                       const c10::optional<at::Tensor>& alibi_slopes,
                                       int64_t window_left, int64_t window_right, int64_t dilation,
                                       c10::string_view score, c10::optional<double> sigmoid_bias,
-                                      double softcap, double scale) {
+                                      double softcap, double scale,
+                                      const c10::optional<at::Tensor>& key_padding_mask) {
   check_qkv(q, k, v, 4, "(B, H, L, D)");
   AttentionParams P;
   P.batch = q.size(0);
@@ -199,10 +203,18 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
   P.head_dim = q.size(3);
   set_options(P, q, alibi_slopes, "B", window_left, window_right, dilation, score, sigmoid_bias, softcap, scale);
   if (global_mask.has_value()) {
-    check_global_mask(*global_mask, q, {P.batch, P.k_len}, "(B, Lk)");
+    check_bool_mask(*global_mask, "global_mask", q, {P.batch, P.k_len}, "(B, Lk)");
     P.has_global = true;
   }
+  if (key_padding_mask.has_value()) {
+    check_bool_mask(*key_padding_mask, "key_padding_mask", q, {P.batch, P.k_len}, "(B, Lk)");
+    P.has_key_padding = true;
+  }
   return P;
+}
+
+at::Tensor present_key_counts(const at::Tensor& key_padding_mask) {
+  return key_padding_mask.logical_not().sum(1, /*keepdim=*/false, at::kLong).contiguous();
 }
 
 void check_backward_inputs(const AttentionParams& P, const at::Tensor& q, const at::Tensor& grad_out,

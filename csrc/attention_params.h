@@ -18,7 +18,12 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
                                       const c10::optional<at::Tensor>& alibi_slopes,
                                       int64_t window_left, int64_t window_right, int64_t dilation,
                                       c10::string_view score, c10::optional<double> sigmoid_bias,
-                                      double softcap, double scale);
+                                      double softcap, double scale,
+                                      const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt);
+
+// Number of real (unpadded) keys per batch row of a (B, Lk) key_padding_mask,
+// int64 (B,) on the mask's device: what the default sigmoid bias counts.
+at::Tensor present_key_counts(const at::Tensor& key_padding_mask);
 
 // A packed (varlen) batch: flash-attn's layout, q (total_q, Hq, D), k and v
 // (total_k, Hk, D), sequence i at rows cu_seqlens[i] .. cu_seqlens[i + 1].

@@ -9,15 +9,17 @@ TORCH_LIBRARY(longreach, m) {
   // softcap 0 disables soft-capping; sigmoid_bias None means -ln(window size).
   // The backward's grad_alibi_slopes is (B, Hq) float32 with alibi_grad (the
   // caller sums it over B for (Hq,) slopes), else an empty (0,) tensor.
+  // key_padding_mask (B, Lk) bool, True = padding: that position holds no key
+  // (positions of the others are kept) and a query row at it returns zeros.
   m.def(
       "local_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? global_mask, Tensor? alibi_slopes, "
       "int window_left, int window_right, int dilation, str score, float? sigmoid_bias, float softcap, "
-      "float scale) -> (Tensor out, Tensor lse)");
+      "float scale, Tensor? key_padding_mask=None) -> (Tensor out, Tensor lse)");
   m.def(
       "local_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? global_mask, Tensor? alibi_slopes, int window_left, int window_right, "
-      "int dilation, str score, float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes)");
+      "int dilation, str score, float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False, "
+      "Tensor? key_padding_mask=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes)");
 }
 
 // Packed (variable-length) batches in flash-attn's layout: q (total_q, Hq, D),

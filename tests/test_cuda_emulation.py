@@ -185,3 +185,35 @@ def test_emulated_cuda_varlen_matches_the_cpu_kernels(emulation, dtype, score):
         # CPU kernels correct (docs/cuda.md): in bfloat16 it carries that rounding times distances.
         close = dict(atol=0.15, rtol=0.0) if name == "dslopes" and dtype == torch.bfloat16 else tol
         torch.testing.assert_close(a.float() / scale, b.float() / scale, **close, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("q_len,k_len,dilation", [(150, 150, 1), (40, 150, 2), (170, 150, 1)])
+def test_emulated_cuda_key_padding_matches_the_cpu_kernels(emulation, score, q_len, k_len, dilation):
+    """key_padding_mask through the CUDA blocks (padded rows and keys out of every tile, padded
+    global keys dropped from the lists, the default sigmoid bias from each row's real keys)
+    against the CPU kernels, in float32: holes, a long run crossing blocks, an empty row."""
+    B, Hq, Hk, D = 3, 4, 2, 24
+    q = torch.randn(B, Hq, q_len, D)
+    k, v = (torch.randn(B, Hk, k_len, D) for _ in range(2))
+    pad = torch.rand(B, k_len) < 0.3
+    pad[0, 30:110] = True
+    pad[2] = True
+    gm = torch.zeros(B, k_len, dtype=torch.bool)
+    gm[:, ::11] = True
+    slopes = torch.rand(B, Hq) * 0.2
+    args = (gm, slopes, 12, 3, dilation, score, None, 0.0, D ** -0.5)
+    out, lse = emulation.fwd(q, k, v, *args, key_padding_mask=pad)
+    want_out, want_lse = torch.ops.longreach.local_attention_fwd(q, k, v, *args, key_padding_mask=pad)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    if score == "softmax":
+        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+        fin = torch.isfinite(want_lse)
+        torch.testing.assert_close(lse[fin], want_lse[fin], atol=1e-5, rtol=1e-5)
+    go = torch.randn(out.shape)
+    got = emulation.bwd(go, None, q, k, v, out, lse, *args, True, key_padding_mask=pad)
+    want = torch.ops.longreach.local_attention_bwd(go, None, q, k, v, want_out, want_lse, *args, True,
+                                                   key_padding_mask=pad)
+    for name, a, b in zip(("dq", "dk", "dv", "dslopes"), got, want):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a / scale, b / scale, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")

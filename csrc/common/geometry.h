@@ -22,13 +22,17 @@ struct WindowSpec {
 // One independent problem: Lq query rows against Lk keys, bottom-right aligned
 // (row i sits at key position i + Lk - Lq). q_start / k_start are the first row
 // and key of the sequence in packed (total, H, D) tensors; 0 in a dense batch,
-// whose rows are addressed by the batch index instead.
+// whose rows are addressed by the batch index instead. With a key padding mask
+// some of the Lk positions hold no key: k_present counts the real ones (-1 =
+// all Lk), which is what the default sigmoid bias counts (window.h).
 struct SequenceView {
   int64_t q_len = 0;
   int64_t k_len = 0;
   int64_t q_start = 0;
   int64_t k_start = 0;
+  int64_t k_present = -1;
   LR_HOST_DEVICE int64_t position_offset() const { return k_len - q_len; }
+  LR_HOST_DEVICE int64_t keys_present() const { return k_present < 0 ? k_len : k_present; }
 };
 
 }  // namespace longreach

@@ -35,6 +35,7 @@ struct AttentionParams {
   bool default_sigmoid_bias = false;
   bool has_alibi = false;
   bool has_global = false;
+  bool has_key_padding = false;  // dense batches: a (B, Lk) key_padding_mask (True = no key there)
 
   // The problem of one batch row of a dense batch (q_len, k_len are then its
   // lengths; for a packed batch they are the maxima over sequences).

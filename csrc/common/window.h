@@ -83,11 +83,12 @@ LR_HOST_DEVICE int64_t full_window_size(const WindowSpec& w, int64_t k_len) {
   return n < k_len ? n : k_len;
 }
 
-// The sigmoid bias of sequence s: the given one, or -ln(n) from the sequence's
-// own length (0 for a sequence without keys, which has no score to bias).
+// The sigmoid bias of sequence s: the given one, or -ln(n) from the number of
+// keys the sequence really has (its length, less its padding; 0 for a sequence
+// without keys, which has no score to bias).
 LR_HOST_DEVICE double sigmoid_bias_of(const AttentionParams& P, const SequenceView& s) {
   if (!P.default_sigmoid_bias) return P.sigmoid_bias;
-  const int64_t n = full_window_size(P.window, s.k_len);
+  const int64_t n = full_window_size(P.window, s.keys_present());
   return n > 0 ? -log(static_cast<double>(n)) : 0.0;
 }
 

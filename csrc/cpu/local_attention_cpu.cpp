@@ -55,17 +55,20 @@ constexpr int64_t kBackwardChunkBlocks = 64;
 std::tuple<at::Tensor, at::Tensor> run_forward(const AttentionParams& P, std::vector<SequenceView> seqs,
                                                const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                const c10::optional<at::Tensor>& global_mask,
-                                               const c10::optional<at::Tensor>& alibi_slopes) {
+                                               const c10::optional<at::Tensor>& alibi_slopes,
+                                               const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt) {
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const auto lse_options = q.options().dtype(lse_dtype(q.scalar_type()));
+  const auto out_options = q.options().memory_format(at::MemoryFormat::Contiguous);
+  const double empty_lse = -std::numeric_limits<double>::infinity();
   if (q.numel() == 0 || k.numel() == 0) {  // no key at all: zeros and lse = -inf
-    return {at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous)),
-            at::full(lse_shape(q), -std::numeric_limits<double>::infinity(), lse_options)};
+    return {at::zeros(q.sizes(), out_options), at::full(lse_shape(q), empty_lse, lse_options)};
   }
-  // The kernel writes every row of out and lse.
-  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty(lse_shape(q), lse_options);
-  const TilePlan plan(P, std::move(seqs), global_mask, kForwardChunkBlocks);
+  // The kernel writes every row of out and lse, except rows at padded
+  // positions (in no block): those are zeros with the lse of a row without keys.
+  at::Tensor out = P.has_key_padding ? at::zeros(q.sizes(), out_options) : at::empty(q.sizes(), out_options);
+  at::Tensor lse = P.has_key_padding ? at::full(lse_shape(q), empty_lse, lse_options) : at::empty(lse_shape(q), lse_options);
+  const TilePlan plan(P, std::move(seqs), global_mask, key_padding_mask, kForwardChunkBlocks);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   attention_forward(P, plan, q, k, v, slopes, out, lse);
   return {out, lse};
@@ -75,7 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     const AttentionParams& P, std::vector<SequenceView> seqs, const at::Tensor& grad_out_in,
     const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
-    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, bool alibi_grad) {
+    const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, bool alibi_grad,
+    const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt) {
   check_backward_inputs(P, q_in, grad_out_in, out_in, lse, grad_lse, alibi_grad);
   at::Tensor dslopes = alibi_slopes_grad_buffer(P, q_in, alibi_grad);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
@@ -86,11 +90,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
             at::zeros(k.sizes(), k.options().memory_format(contiguous)),
             at::zeros(v.sizes(), v.options().memory_format(contiguous)), dslopes.zero_()};
   }
-  // The kernel writes every row of dq, dk and dv.
-  at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(contiguous));
+  // The kernel writes every row of dq, dk and dv, except the dq rows at padded positions.
+  at::Tensor dq = P.has_key_padding ? at::zeros(q.sizes(), q.options().memory_format(contiguous))
+                                    : at::empty(q.sizes(), q.options().memory_format(contiguous));
   at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(contiguous));
   at::Tensor dv = at::empty(v.sizes(), v.options().memory_format(contiguous));
-  const TilePlan plan(P, std::move(seqs), global_mask, kBackwardChunkBlocks);
+  const TilePlan plan(P, std::move(seqs), global_mask, key_padding_mask, kBackwardChunkBlocks);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
   attention_backward(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, dq, dk, dv,
                      alibi_grad ? &dslopes : nullptr);
@@ -100,21 +105,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
-    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale) {
+    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
+    const c10::optional<at::Tensor>& key_padding_mask) {
   const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
-                                                  dilation, score, sigmoid_bias, softcap, scale);
-  return run_forward(P, dense_views(P), q, k, v, global_mask, alibi_slopes);
+                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask);
+  return run_forward(P, dense_views(P), q, k, v, global_mask, alibi_slopes, key_padding_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
-    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad) {
+    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
+    const c10::optional<at::Tensor>& key_padding_mask) {
   const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
-                                                  dilation, score, sigmoid_bias, softcap, scale);
+                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask);
   return run_backward(P, dense_views(P), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
-                      alibi_grad);
+                      alibi_grad, key_padding_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(

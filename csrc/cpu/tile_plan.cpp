@@ -17,7 +17,8 @@ constexpr int64_t kTargetChunks = 64;
 }  // namespace
 
 TilePlan::TilePlan(const AttentionParams& P, std::vector<SequenceView> seqs,
-                   const c10::optional<at::Tensor>& global_mask, int64_t max_chunk_blocks)
+                   const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& key_padding_mask,
+                   int64_t max_chunk_blocks)
     : P_(P), seqs_(std::move(seqs)) {
   TORCH_CHECK(max_chunk_blocks >= 1, "TilePlan: max_chunk_blocks must be >= 1");
   TORCH_CHECK(static_cast<int64_t>(seqs_.size()) == P.batch, "TilePlan: ", seqs_.size(), " views for ", P.batch,
@@ -25,11 +26,26 @@ TilePlan::TilePlan(const AttentionParams& P, std::vector<SequenceView> seqs,
   const int64_t d = P.window.dilation;
   global_keys_.resize(P.batch);
   global_rows_.resize(P.batch);
+  if (key_padding_mask.has_value() && key_padding_mask->numel() > 0) {
+    TORCH_CHECK(key_padding_mask->dim() == 2, "TilePlan: key_padding_mask is for dense batches");
+    has_padding_ = true;
+    const at::Tensor m = key_padding_mask->to(at::kByte).contiguous();
+    is_padded_key_.assign(m.data_ptr<uint8_t>(), m.data_ptr<uint8_t>() + m.numel());
+    padded_prefix_.assign(P.batch * (P.k_len + 1), 0);
+    for (int64_t b = 0; b < P.batch; ++b) {
+      int64_t* prefix = padded_prefix_.data() + b * (P.k_len + 1);
+      for (int64_t j = 0; j < P.k_len; ++j) prefix[j + 1] = prefix[j] + is_padded_key_[b * P.k_len + j];
+      seqs_[b].k_present = seqs_[b].k_len - prefix[seqs_[b].k_len];
+    }
+  }
   if (global_mask.has_value() && global_mask->numel() > 0) {
     has_global_ = true;
     const at::Tensor g = global_mask->to(at::kByte).contiguous();
     const uint8_t* flags = g.data_ptr<uint8_t>();
     is_global_key_.assign(flags, flags + g.numel());
+    if (has_padding_) {  // a padded position is no key, so no global one either
+      for (size_t j = 0; j < is_global_key_.size(); ++j) is_global_key_[j] &= static_cast<uint8_t>(!is_padded_key_[j]);
+    }
     const bool packed = g.dim() == 1;
     flag_offset_.resize(P.batch);
     for (int64_t b = 0; b < P.batch; ++b) {
@@ -88,7 +104,7 @@ void TilePlan::rows_of_block(const RowChunk& c, int64_t block, std::vector<int64
   for (int64_t a = 0; a < kRowBlock; ++a) {
     const int64_t i = c.cls + d * (block * kRowBlock + a);
     if (i >= seqs_[c.batch].q_len) break;
-    if (!row_is_global(c.batch, i)) rows->push_back(i);
+    if (!row_is_global(c.batch, i) && !row_is_padded(c.batch, i)) rows->push_back(i);
   }
 }
 

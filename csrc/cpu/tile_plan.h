@@ -72,9 +72,12 @@ class TilePlan {
   // result does not depend on it, the backward's summation order does.
   // One SequenceView per problem b (a dense batch row or a packed sequence);
   // global_mask is (B, Lk) for a dense batch or (total_k,) for a packed one,
-  // where sequence b's keys start at seqs[b].k_start.
+  // where sequence b's keys start at seqs[b].k_start. key_padding_mask (dense
+  // batches only, (B, Lk), True = padding): a padded position is no key (not
+  // even a global one) and a query row at it is in no block (the caller
+  // zero-fills its outputs).
   TilePlan(const AttentionParams& P, std::vector<SequenceView> seqs, const c10::optional<at::Tensor>& global_mask,
-           int64_t max_chunk_blocks);
+           const c10::optional<at::Tensor>& key_padding_mask, int64_t max_chunk_blocks);
 
   const AttentionParams& params() const { return P_; }
   const WindowSpec& window() const { return P_.window; }
@@ -86,6 +89,20 @@ class TilePlan {
   bool row_is_global(int64_t b, int64_t i) const {
     const int64_t p = i + seqs_[b].position_offset();
     return p >= 0 && p < seqs_[b].k_len && key_is_global(b, p);
+  }
+  bool has_padding() const { return has_padding_; }
+  bool key_is_padded(int64_t b, int64_t j) const { return has_padding_ && is_padded_key_[b * P_.k_len + j] != 0; }
+  bool row_is_padded(int64_t b, int64_t i) const {
+    const int64_t p = i + seqs_[b].position_offset();
+    return p >= 0 && p < seqs_[b].k_len && key_is_padded(b, p);
+  }
+  // Is any of the keys first..last (inclusive) of problem b padded?
+  bool any_key_padded(int64_t b, int64_t first, int64_t last) const {
+    if (first < 0) first = 0;
+    if (last >= P_.k_len) last = P_.k_len - 1;
+    if (!has_padding_ || first > last) return false;
+    const int64_t base = b * (P_.k_len + 1);
+    return padded_prefix_[base + last + 1] != padded_prefix_[base + first];
   }
   const std::vector<int64_t>& global_keys(int64_t b) const { return global_keys_[b]; }
   bool has_global_rows(int64_t b) const { return !global_rows_[b].empty(); }
@@ -111,6 +128,9 @@ class TilePlan {
   bool has_global_ = false;
   std::vector<uint8_t> is_global_key_;             // the mask's flags, contiguous
   std::vector<int64_t> flag_offset_;               // where problem b's keys start in is_global_key_
+  bool has_padding_ = false;
+  std::vector<uint8_t> is_padded_key_;             // (B, Lk) flags of key_padding_mask
+  std::vector<int64_t> padded_prefix_;             // per problem, Lk + 1 prefix counts of padded keys
   std::vector<std::vector<int64_t>> global_keys_;  // per batch, sorted
   std::vector<std::vector<int64_t>> global_rows_;  // per batch, sorted
   std::vector<RowChunk> chunks_;

@@ -54,6 +54,7 @@ struct TileRuns {
   std::vector<int64_t> first, end, band_first, band_end;
   bool interior = false;
   bool masked = false;
+  bool padded = false;  // some key of the tile is padding: run_allows rejects it
   // The transpose, for the key-side products of the backward: key c is in the
   // runs of rows [key_first[c], key_end[c]).
   std::vector<int64_t> key_first, key_end;
@@ -73,18 +74,12 @@ inline void transpose_runs(int64_t nq, int64_t nk, TileRuns* runs) {
   }
 }
 
+// The runs of a masked tile (span tiles: keys lo, lo + stride, ... of the
+// rows' class): each row's window band, widened to the global keys it holds.
 template <typename acc_t>
-void plan_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, bool span_masked, int64_t valid_from,
-               TileRuns* runs) {
+void plan_band_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, int64_t valid_from, TileRuns* runs) {
   const AttentionParams& P = *bc.P;
   const int64_t nq = bc.nq, nk = keys.n;
-  runs->first.assign(nq, 0);
-  runs->end.assign(nq, nk);
-  runs->interior = false;
-  // A tile inside the band needs no mask even when its block's span does.
-  runs->masked = span_masked && !tile_in_window(P.window, bc.pos[0], bc.pos[nq - 1], keys.key(0), keys.key(nk - 1));
-  if (!runs->masked) return;
-  // Masked tiles are span tiles: keys lo, lo + stride, ... of the rows' class.
   for (int64_t a = 0; a < nq; ++a) {
     int64_t lo, hi;
     window_key_range(P.window, bc.plan->seq(bc.batch), bc.pos[a], &lo, &hi);
@@ -120,11 +115,35 @@ void plan_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, bool span_ma
   runs->interior = true;
 }
 
+template <typename acc_t>
+void plan_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, bool span_masked, int64_t valid_from,
+               TileRuns* runs) {
+  const AttentionParams& P = *bc.P;
+  const TilePlan& plan = *bc.plan;
+  const int64_t nq = bc.nq, nk = keys.n;
+  runs->first.assign(nq, 0);
+  runs->end.assign(nq, nk);
+  runs->interior = false;
+  // Padded keys are never extras (the plan leaves them out of the global
+  // keys), but any span tile may hold some: they are masked column by column.
+  runs->padded = keys.list == nullptr && plan.any_key_padded(bc.batch, keys.key(0), keys.key(nk - 1));
+  // A tile inside the band needs no mask even when its block's span does.
+  runs->masked = span_masked && !tile_in_window(P.window, bc.pos[0], bc.pos[nq - 1], keys.key(0), keys.key(nk - 1));
+  if (runs->masked) plan_band_runs(bc, keys, valid_from, runs);
+  if (runs->padded && !runs->interior) {  // every column of the runs is checked (run_allows)
+    runs->band_first = runs->first;
+    runs->band_end = runs->end;
+    runs->interior = true;
+  }
+}
+
 // Is column c of row a allowed (given that it lies in the row's run)?
 template <typename acc_t>
 bool run_allows(const BlockContext<acc_t>& bc, const TileKeys& keys, const TileRuns& runs, int64_t a, int64_t c) {
   if (!runs.interior) return true;
-  return (c >= runs.band_first[a] && c < runs.band_end[a]) || bc.plan->key_is_global(bc.batch, keys.key(c));
+  const int64_t j = keys.key(c);
+  if (runs.padded && bc.plan->key_is_padded(bc.batch, j)) return false;
+  return (c >= runs.band_first[a] && c < runs.band_end[a]) || bc.plan->key_is_global(bc.batch, j);
 }
 
 // Turns S = scale * Q K^T into final scores on the rows' runs: -inf where a

@@ -63,6 +63,21 @@ struct GlobalTokens {
   }
 };
 
+// A dense batch's key padding (key_padding_mask, True = padding): a padded
+// position holds no key, and a query row at it is in no block (its outputs
+// keep the launcher's zeros). Global-token lists never hold padded positions
+// (the launcher clears their flags).
+struct KeyPadding {
+  const uint8_t* flags = nullptr;  // (B, Lk) contiguous; null without padding
+  LR_HOST_DEVICE bool key(const AttentionParams& P, int64_t b, int64_t j) const {
+    return flags != nullptr && flags[b * P.k_len + j] != 0;
+  }
+  LR_HOST_DEVICE bool row(const AttentionParams& P, const SequenceView& s, int64_t b, int64_t i) const {
+    const int64_t p = i + s.position_offset();
+    return flags != nullptr && p >= 0 && p < s.k_len && flags[b * P.k_len + p] != 0;
+  }
+};
+
 template <typename T, typename acc_t>
 struct AttentionArgs {
   AttentionParams P;
@@ -77,8 +92,14 @@ struct AttentionArgs {
   const int64_t* cu_q = nullptr;
   const int64_t* cu_k = nullptr;
   int64_t total_q = 0;
+  KeyPadding pad;
+  const int64_t* keys_present = nullptr;  // (B,) real keys per row with padding, else null
   LR_HOST_DEVICE SequenceView view(int64_t b) const {
-    if (cu_q == nullptr) return P.dense_view();
+    if (cu_q == nullptr) {
+      SequenceView s = P.dense_view();
+      if (keys_present != nullptr) s.k_present = keys_present[b];
+      return s;
+    }
     return SequenceView{cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b], cu_q[b], cu_k[b]};
   }
   // Index of row 0 of head h of problem b in lse / row_dot / slope_grad:
@@ -184,10 +205,11 @@ LR_HOST_DEVICE int64_t row_blocks(const AttentionParams& P, int64_t BM) {
 }
 
 // Fills the rows of a row block: class blocks exclude global rows (mode 0),
-// which their own blocks handle; rows there are "check the window" (mode 2).
+// which their own blocks handle, and padded rows; rows there are "check the
+// window" (mode 2).
 template <int BM>
-LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
-                                    const RowBlockPlan& r, TileSide rows) {
+LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g,
+                                    const KeyPadding& pad, int64_t b, const RowBlockPlan& r, TileSide rows) {
   const BlockCtx t = block_ctx();
   for (int a = t.tid; a < BM; a += t.nthreads) {
     int64_t i = -1;
@@ -198,7 +220,7 @@ LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const SequenceView
         mode = 1;
       } else {
         i = class_member(r.cls, r.first + a, P.window.dilation);
-        if (!g.row_is_global(P, s, b, i)) mode = 2;
+        if (!g.row_is_global(P, s, b, i) && !pad.row(P, s, b, i)) mode = 2;
       }
     }
     rows.idx[a] = mode == 0 ? -1 : i;
@@ -210,9 +232,11 @@ LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const SequenceView
 // (stepping by d from band_lo, or all keys for global rows) when `in_band_part`,
 // else the global keys outside the band. Band keys that are global are always
 // allowed; a band tile lying wholly inside every row's window needs no mask.
+// Padded band keys are excluded (and not loaded).
 template <int BN>
-LR_HOST_DEVICE void fill_row_block_keys(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
-                                        const RowBlockPlan& r, bool in_band_part, int64_t start, TileSide keys) {
+LR_HOST_DEVICE void fill_row_block_keys(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g,
+                                        const KeyPadding& pad, int64_t b, const RowBlockPlan& r, bool in_band_part,
+                                        int64_t start, TileSide keys) {
   const BlockCtx t = block_ctx();
   const int64_t d = P.window.dilation;
   bool whole_tile_in_window = false;
@@ -236,12 +260,13 @@ LR_HOST_DEVICE void fill_row_block_keys(const AttentionParams& P, const Sequence
           j = r.band_lo + n * d;
           mode = (whole_tile_in_window || g.key_is_global(P, b, j)) ? 1 : 2;
         }
+        if (pad.key(P, b, j)) mode = 0;
       }
     } else if (n < r.n_tail) {
       j = g.key(P, b, n);
       mode = in_band(j, r.band_lo, r.band_hi, d) ? 0 : 1;  // band keys were visited already
     }
-    keys.idx[c] = j;
+    keys.idx[c] = mode == 0 ? -1 : j;
     keys.mode[c] = mode;
   }
 }
@@ -294,10 +319,10 @@ LR_HOST_DEVICE int64_t key_blocks(const AttentionParams& P, int64_t BN) {
 }
 
 // Keys of a key block: class blocks exclude global keys (their own blocks
-// handle them); global-key blocks see every row.
+// handle them) and padded keys; global-key blocks see every row.
 template <int BN>
-LR_HOST_DEVICE void fill_block_keys(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
-                                    const KeyBlockPlan& r, TileSide keys) {
+LR_HOST_DEVICE void fill_block_keys(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g,
+                                    const KeyPadding& pad, int64_t b, const KeyBlockPlan& r, TileSide keys) {
   const BlockCtx t = block_ctx();
   for (int c = t.tid; c < BN; c += t.nthreads) {
     int64_t j = -1;
@@ -308,7 +333,7 @@ LR_HOST_DEVICE void fill_block_keys(const AttentionParams& P, const SequenceView
         mode = 1;
       } else {
         j = class_member(r.cls, r.first + c, P.window.dilation);
-        if (!g.key_is_global(P, b, j)) mode = 2;
+        if (!g.key_is_global(P, b, j) && !pad.key(P, b, j)) mode = 2;
       }
     }
     keys.idx[c] = mode == 0 ? -1 : j;
@@ -318,10 +343,11 @@ LR_HOST_DEVICE void fill_block_keys(const AttentionParams& P, const SequenceView
 
 // Rows of tile `start .. start + BM` of a key block's walk: band rows (global
 // rows excluded: they come in the tail, always allowed), or all rows for a
-// global-key block.
+// global-key block; padded rows excluded.
 template <int BM>
-LR_HOST_DEVICE void fill_key_block_rows(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
-                                        const KeyBlockPlan& r, bool in_band_part, int64_t start, TileSide rows) {
+LR_HOST_DEVICE void fill_key_block_rows(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g,
+                                        const KeyPadding& pad, int64_t b, const KeyBlockPlan& r, bool in_band_part,
+                                        int64_t start, TileSide rows) {
   const BlockCtx t = block_ctx();
   for (int a = t.tid; a < BM; a += t.nthreads) {
     const int64_t n = start + a;
@@ -336,6 +362,7 @@ LR_HOST_DEVICE void fill_key_block_rows(const AttentionParams& P, const Sequence
           i = r.band_lo + n * P.window.dilation;
           mode = g.row_is_global(P, s, b, i) ? 0 : 2;
         }
+        if (pad.row(P, s, b, i)) mode = 0;
       }
     } else if (n < r.n_tail) {
       i = g.row(P, s, b, n);
@@ -436,7 +463,7 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
 
-  fill_block_rows<BM>(P, s, a.global, b, plan, rows);
+  fill_block_rows<BM>(P, s, a.global, a.pad, b, plan, rows);
   fill(sO, BM * DMAX, acc_t(0));
   fill(row_max, BM, neg_infinity<acc_t>());
   fill(row_sum, BM, acc_t(0));
@@ -446,7 +473,7 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
   const int64_t n_band_tiles = ceil_div_i64(plan.n_band, BN), n_tail_tiles = ceil_div_i64(plan.n_tail, BN);
   for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
     const bool band_part = tile < n_band_tiles;
-    fill_row_block_keys<BN>(P, s, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
+    fill_row_block_keys<BN>(P, s, a.global, a.pad, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
     block_sync();
     load_rows(sK, DMAX, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
     load_rows(sV, DMAX, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
@@ -612,7 +639,7 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
 
-  fill_block_rows<BM>(P, s, a.global, b, plan, rows);
+  fill_block_rows<BM>(P, s, a.global, a.pad, b, plan, rows);
   fill(sdQ, BM * DMAX, acc_t(0));
   block_sync();
   const int64_t row_base = a.stat_base(b, h);
@@ -629,7 +656,7 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
   acc_t slope_part = acc_t(0);
   for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
     const bool band_part = tile < n_band_tiles;
-    fill_row_block_keys<BN>(P, s, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
+    fill_row_block_keys<BN>(P, s, a.global, a.pad, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
     block_sync();
     load_rows(sK, DMAX, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
     load_rows(sV, DMAX, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
@@ -703,7 +730,7 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
 
-  fill_block_keys<BN>(P, s, a.global, b, plan, keys);
+  fill_block_keys<BN>(P, s, a.global, a.pad, b, plan, keys);
   fill(sdK, BN * DMAX, acc_t(0));
   fill(sdV, BN * DMAX, acc_t(0));
   block_sync();
@@ -716,7 +743,7 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
     const int64_t row_base = a.stat_base(b, h);
     for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
       const bool band_part = tile < n_band_tiles;
-      fill_key_block_rows<BM>(P, s, a.global, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BM, rows);
+      fill_key_block_rows<BM>(P, s, a.global, a.pad, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BM, rows);
       block_sync();
       for (int r = t.tid; r < BM; r += t.nthreads) {
         const int64_t i = rows.idx[r];

@@ -54,16 +54,19 @@ template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> run_forward(Backend& backend, const AttentionParams& P, const PackedSeqs* packed,
                                                const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                const c10::optional<at::Tensor>& global_mask,
-                                               const c10::optional<at::Tensor>& alibi_slopes) {
+                                               const c10::optional<at::Tensor>& alibi_slopes,
+                                               const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt) {
   check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::full(lse_shape(q), -std::numeric_limits<double>::infinity(), q.options().dtype(at::kFloat));
   if (out.numel() == 0 || k.numel() == 0) return {out, lse};
-  const GlobalTokenTensors g = make_global_tokens(P, packed, global_mask);
+  const KeyPaddingTensors padding = make_key_padding(key_padding_mask);
+  const GlobalTokenTensors g = make_global_tokens(P, packed, global_mask, padding);
   dispatch_cuda_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    AttentionArgs<T, float> a = make_attention_args<T, float>(P, packed, q, k, v, at::Tensor(), alibi_slopes, g);
+    AttentionArgs<T, float> a =
+        make_attention_args<T, float>(P, packed, q, k, v, at::Tensor(), alibi_slopes, g, padding);
     a.out = head_tensor<T>(out, packed ? packed->q_starts() : nullptr);
     a.lse = lse.data_ptr<float>();
     backend.template forward<T>(a);
@@ -76,7 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     Backend& backend, const AttentionParams& P, const PackedSeqs* packed, const at::Tensor& grad_out_in,
     const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const c10::optional<at::Tensor>& global_mask,
-    const c10::optional<at::Tensor>& alibi_slopes, bool alibi_grad) {
+    const c10::optional<at::Tensor>& alibi_slopes, bool alibi_grad,
+    const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt) {
   check_backward_inputs(P, q_in, grad_out_in, out_in, lse_in, grad_lse, alibi_grad);
   // Per-row partial sums of the slope gradient, laid out like lse (see
   // AttentionArgs::slope_grad), summed per problem below.
@@ -100,12 +104,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     const at::Tensor out = with_contiguous_rows(out_in);
     row_dot = packed ? packed_row_dot(grad_out, out, grad_lse) : backend.row_dot(P, grad_out, out, grad_lse);
   }
-  const GlobalTokenTensors g = make_global_tokens(P, packed, global_mask);
+  const KeyPaddingTensors padding = make_key_padding(key_padding_mask);
+  const GlobalTokenTensors g = make_global_tokens(P, packed, global_mask, padding);
   const int64_t* qs = packed ? packed->q_starts() : nullptr;
   const int64_t* ks = packed ? packed->k_starts() : nullptr;
   dispatch_cuda_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    AttentionArgs<T, float> a = make_attention_args<T, float>(P, packed, q, k, v, grad_out, alibi_slopes, g);
+    AttentionArgs<T, float> a =
+        make_attention_args<T, float>(P, packed, q, k, v, grad_out, alibi_slopes, g, padding);
     a.dq = head_tensor<T>(dq, qs);
     a.dk = head_tensor<T>(dk, ks);
     a.dv = head_tensor<T>(dv, ks);
@@ -122,10 +128,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(Backend& backend, const at:
                                                      const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
                                                      const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
                                                      int64_t window_right, int64_t dilation, c10::string_view score,
-                                                     c10::optional<double> sigmoid_bias, double softcap, double scale) {
+                                                     c10::optional<double> sigmoid_bias, double softcap, double scale,
+                                                     const c10::optional<at::Tensor>& key_padding_mask) {
   const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
-                                                  dilation, score, sigmoid_bias, softcap, scale);
-  return run_forward(backend, P, nullptr, q, k, v, global_mask, alibi_slopes);
+                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask);
+  return run_forward(backend, P, nullptr, q, k, v, global_mask, alibi_slopes, key_padding_mask);
 }
 
 template <typename Backend>
@@ -134,11 +141,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool alibi_grad) {
+    double scale, bool alibi_grad, const c10::optional<at::Tensor>& key_padding_mask) {
   const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
-                                                  dilation, score, sigmoid_bias, softcap, scale);
+                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask);
   return run_backward(backend, P, nullptr, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
-                      alibi_grad);
+                      alibi_grad, key_padding_mask);
 }
 
 template <typename Backend>

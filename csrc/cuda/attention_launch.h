@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "../attention_params.h"
 #include "../common/params.h"
 #include "attention_blocks.cuh"
 #include "tile_dispatch.h"
@@ -19,6 +20,19 @@ namespace longreach::cuda_kernels {
 struct GlobalTokenTensors {
   at::Tensor flags, keys, count, row_start;
 };
+struct KeyPaddingTensors {
+  at::Tensor flags;    // (B, Lk) uint8, 1 = padding
+  at::Tensor present;  // (B,) int64 real keys per row (the default sigmoid bias counts them)
+};
+
+// A dense batch's key_padding_mask as the kernels read it (undefined without one).
+inline KeyPaddingTensors make_key_padding(const c10::optional<at::Tensor>& key_padding_mask) {
+  KeyPaddingTensors p;
+  if (!key_padding_mask.has_value()) return p;
+  p.flags = key_padding_mask->to(at::kByte).contiguous();
+  p.present = present_key_counts(*key_padding_mask);
+  return p;
+}
 
 // The sequences of a packed batch on the device: cu_seqlens as int64.
 struct PackedSeqs {
@@ -50,13 +64,16 @@ inline at::Tensor packed_row_dot(const at::Tensor& grad_out, const at::Tensor& o
 // Sorted global key indices per problem (globals first, in index order), their
 // count, and how many of them sit before the first row's position. A packed
 // batch's (total_k,) mask is first spread into (num_seqs, max_seqlen_k) rows.
+// A padded position is no key, so no global one either: its flag is cleared.
 inline GlobalTokenTensors make_global_tokens(const AttentionParams& P, const PackedSeqs* packed,
-                                             const c10::optional<at::Tensor>& global_mask) {
+                                             const c10::optional<at::Tensor>& global_mask,
+                                             const KeyPaddingTensors& padding = {}) {
   GlobalTokenTensors g;
   if (!global_mask.has_value()) return g;
   at::Tensor offsets;  // Lk - Lq per problem
   if (packed == nullptr) {
-    g.flags = global_mask->to(at::kByte).contiguous();
+    g.flags = padding.flags.defined() ? (*global_mask & padding.flags.logical_not()).to(at::kByte).contiguous()
+                                      : global_mask->to(at::kByte).contiguous();
     offsets = at::full({P.batch}, P.dense_view().position_offset(), global_mask->options().dtype(at::kLong));
   } else {
     const at::Tensor& cu_k = packed->cu_k;
@@ -106,7 +123,7 @@ template <typename T, typename acc_t>
 AttentionArgs<T, acc_t> make_attention_args(const AttentionParams& P, const PackedSeqs* packed, const at::Tensor& q,
                                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_out,
                                             const c10::optional<at::Tensor>& alibi_slopes,
-                                            const GlobalTokenTensors& g) {
+                                            const GlobalTokenTensors& g, const KeyPaddingTensors& padding = {}) {
   AttentionArgs<T, acc_t> a{};
   a.P = P;
   const int64_t* qs = packed ? packed->q_starts() : nullptr;
@@ -132,6 +149,10 @@ AttentionArgs<T, acc_t> make_attention_args(const AttentionParams& P, const Pack
     a.global.keys = g.keys.data_ptr<int64_t>();
     a.global.count = g.count.data_ptr<int64_t>();
     a.global.row_start = g.row_start.data_ptr<int64_t>();
+  }
+  if (padding.flags.defined()) {
+    a.pad.flags = padding.flags.data_ptr<uint8_t>();
+    a.keys_present = padding.present.data_ptr<int64_t>();
   }
   a.vec_loads = rows_are_16b_aligned(q) && rows_are_16b_aligned(k) && rows_are_16b_aligned(v) &&
                 rows_are_16b_aligned(grad_out);

@@ -48,22 +48,25 @@ struct CudaBackend {
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
-    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale) {
+    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
+    const c10::optional<at::Tensor>& key_padding_mask) {
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_forward(backend, q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
-                           sigmoid_bias, softcap, scale);
+                           sigmoid_bias, softcap, scale, key_padding_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
-    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad) {
+    c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
+    const c10::optional<at::Tensor>& key_padding_mask) {
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_backward(backend, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
-                            window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad);
+                            window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad,
+                            key_padding_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(

@@ -65,6 +65,7 @@ def local_attention(
     softcap: Optional[float] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Sliding-window attention with dilation, global tokens, ALiBi and soft-capping.
 
@@ -77,6 +78,12 @@ def local_attention(
     then softmax, or sigmoid(s + sigmoid_bias) summed without normalisation.
     A row with no allowed key returns zeros. Returns (B, Hq, Lq, D), and the
     row log-sum-exp (B, Hq, Lq) with return_lse=True (softmax only).
+
+    key_padding_mask: (B, Lk) bool, True = padding (PyTorch's convention, as in
+    nn.MultiheadAttention), any pattern. A padded position holds no key (nor a
+    global one), the other keys keep their positions, a query row at a padded
+    position returns zeros (lse -inf), and the default sigmoid bias counts each
+    row's real keys. No host synchronisation.
 
     Differentiable by reverse mode (backward, torch.autograd.grad, torch.func.grad,
     vjp, jacrev); second derivatives and forward mode raise NotImplementedError.
@@ -93,9 +100,12 @@ def local_attention(
         check_tensor(OWNER, "global_mask", global_mask, "a bool tensor of shape (B, Lk) or None")
     if alibi_slopes is not None:
         check_tensor(OWNER, "alibi_slopes", alibi_slopes, "a float32 tensor of shape (Hq,) or (B, Hq), or None")
-    check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes)
+    if key_padding_mask is not None:
+        check_tensor(OWNER, "key_padding_mask", key_padding_mask, "a bool tensor of shape (B, Lk) or None")
+    check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
+                      key_padding_mask=key_padding_mask)
     check_device_supported("local_attention_fwd", q)
-    out, lse = _autograd.call(_LocalAttention, _FWD, q, k, v, global_mask, alibi_slopes, *options)
+    out, lse = _autograd.call(_LocalAttention, _FWD, q, k, v, global_mask, alibi_slopes, *options, key_padding_mask)
     return (out, lse) if return_lse else out
 
 
@@ -108,8 +118,9 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("longreach::local_attention_fwd")
 def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation,
-                              score, sigmoid_bias, softcap, scale):
-    check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes)
+                              score, sigmoid_bias, softcap, scale, key_padding_mask=None):
+    check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
+                      key_padding_mask=key_padding_mask)
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -117,8 +128,10 @@ def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, w
 
 @torch.library.register_fake("longreach::local_attention_bwd")
 def _local_attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
-                              window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad=False):
-    check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes)
+                              window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad=False,
+                              key_padding_mask=None):
+    check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
+                      key_padding_mask=key_padding_mask)
     # grad_alibi_slopes: (B, Hq) float32 with alibi_grad, else empty (csrc/ops.cpp)
     slopes_shape = (q.shape[0], q.shape[1]) if alibi_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),

@@ -72,11 +72,14 @@ def local_attention(
     softcap: Optional[float] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ):
     """Same contract as longreach.local_attention, computed densely.
 
-    Computes in float32 for half-precision inputs (float64 stays float64) and
-    returns the input dtype.
+    key_padding_mask (B, Lk), True = padding: that position holds no key (nor a
+    global one), a query row at it gets zeros, and the default sigmoid bias
+    counts each row's real keys. Computes in float32 for half-precision inputs
+    (float64 stays float64) and returns the input dtype.
     """
     if window is None:
         window = (None, None)
@@ -99,10 +102,25 @@ def local_attention(
         slopes = alibi_slopes.to(compute)
         slopes = slopes[None, :] if slopes.dim() == 1 else slopes  # (B or 1, H)
         s = s - slopes[:, :, None, None] * distance
+    pad = None if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.bool)
+    if pad is not None and global_mask is not None:
+        global_mask = global_mask.to(device=q.device, dtype=torch.bool) & ~pad
     allowed = allowed_keys(q_len, k_len, window, causal, dilation, global_mask, q.device)[:, None]  # (B|1,1,Lq,Lk)
+    if pad is not None:
+        inside = (pos >= 0) & (pos < k_len)
+        padded_row = torch.zeros(batch, q_len, dtype=torch.bool, device=q.device)
+        padded_row[:, inside] = pad[:, pos[inside]]
+        allowed = allowed & ~pad[:, None, None, :] & ~padded_row[:, None, :, None]
 
     if score == "sigmoid":
-        bias = default_sigmoid_bias(k_len, window, causal) if sigmoid_bias is None else sigmoid_bias
+        if sigmoid_bias is not None:
+            bias = sigmoid_bias
+        elif pad is None:
+            bias = default_sigmoid_bias(k_len, window, causal)
+        else:  # per row, from its real keys
+            present = (~pad).sum(1).tolist()
+            bias = torch.tensor([default_sigmoid_bias(n, window, causal) for n in present], dtype=compute,
+                                device=q.device)[:, None, None, None]
         weights = torch.where(allowed, torch.sigmoid(s + bias), torch.zeros((), dtype=compute, device=q.device))
         out = weights @ vc
         if return_lse:
