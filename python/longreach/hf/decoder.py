@@ -12,7 +12,8 @@ registers a `longreach` entry in both and switches the model to it:
   (custom patterns would need a mask the kernel cannot express, so they raise);
 - the attention function (`longreach_attention_forward`) applies causal, the layer's sliding
   window (or the `window` option), soft-capping, the layer's `scaling`, GQA and ALiBi/sigmoid
-  options in the fused op, with exact left/right padding (`longreach.padding`). Packed rows
+  options in the fused op, with the padding as the op's key_padding_mask (any pattern, no host
+  sync under torch.compile). Packed rows
   (`cu_seq_lens_q/k` kwargs as flash_attention_2 receives them, the mask function's document
   indices, or `position_ids` that restart inside a row) go to `longreach.local_attention_varlen`,
   one problem per document.
@@ -31,7 +32,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .._checks import check_choice, check_score, check_softcap
-from ..padding import local_attention_padded
+from ..ops import local_attention
 from ..varlen import local_attention_varlen
 from ..positional import ALIBI_KINDS, alibi_slopes
 
@@ -202,8 +203,8 @@ def longreach_mask(
     device="cpu",
     **kwargs,
 ) -> Optional[torch.Tensor]:
-    """AttentionMaskInterface entry: None, (B, K) bool of real keys over the first K keys, or for
-    a packed batch (B, L) int32 document indices.
+    """AttentionMaskInterface entry: None, (B, K) bool of real keys over the first K keys (any
+    pattern: holes too), or for a packed batch (B, L) int32 document indices.
 
     K = q_offset - kv_offset + q_length, the key index after the last query (queries see no
     key beyond it). For growing caches K == kv_length; for a static cache's layer it cuts the
@@ -255,9 +256,10 @@ def longreach_mask(
                 f"{kv_offset + horizon} tokens; pass a mask over the cached and the new tokens"
             )
         valid = valid[:, kv_offset : kv_offset + horizon]
-    # One host sync per mask (as transformers' own sdpa mask does when not compiling); under
-    # torch.compile it is a graph break, after which the unpadded case runs without any.
-    if horizon == kv_length and bool(valid.all()):
+    # Eager: one host sync per mask (as transformers' own sdpa mask does when not compiling)
+    # spares the kernels an all-False key_padding_mask. Under torch.compile the mask goes to
+    # the op as it is: no graph break, no recompile for a new padding pattern.
+    if not torch.compiler.is_compiling() and horizon == kv_length and bool(valid.all()):
         return None
     return valid
 
@@ -390,7 +392,8 @@ def longreach_attention_forward(
         flat = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value)]
         out = local_attention_varlen(*flat, *packed, **common)
         return out.view(batch, q_length, heads, dim), None
-    out = local_attention_padded(query, key, value, attention_mask, **common)
+    padding = None if attention_mask is None else ~attention_mask  # True = padding, any pattern
+    out = local_attention(query, key, value, key_padding_mask=padding, **common)
     return out.transpose(1, 2).contiguous(), None
 
 
