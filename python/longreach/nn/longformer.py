@@ -7,11 +7,14 @@ What Hugging Face computes, and how it maps onto `longreach.local_attention`:
   `value` projections, to the keys within `attention_window // 2` on each
   side, minus padded keys, plus every global key (counted once even when it is
   also inside the window). That is one op call with
-  `window=(w // 2, w // 2)` and `global_mask = global tokens`; padded keys
-  are removed with a key bias (see `_append_key_bias`).
+  `window=(w // 2, w // 2)`, `global_mask = global tokens` and the padding
+  as the op's `key_padding_mask` (which also zeroes the padded rows).
 - Global rows attend, with the separate `query_global`/`key_global`/
   `value_global` projections, to every key that is not padding. That is a
-  second op call on the gathered global rows with an unbounded window. The
+  second op call on the gathered global rows with an unbounded window; padded
+  keys are removed there with a key bias column (`_append_key_bias`), because
+  those rows are not at key positions of their own (the op's key_padding_mask
+  would zero a gathered row that happens to sit at a padded position). The
   first call also computes those rows (the op makes a global position a full
   row), but their values are overwritten, exactly as in Hugging Face.
 - Padded rows return zeros.
@@ -68,7 +71,7 @@ def _check_token_mask(name: str, mask: torch.Tensor, batch: int, length: int) ->
 def _append_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor):
     """Append a column so that q'.k' = q.k + bias_j, bias_j = finfo.min at padded keys, else 0.
 
-    The op has no key-padding mask; this removes padded keys exactly as
+    For the gathered global rows (see the module docstring); this removes padded keys exactly as
     Hugging Face does (it adds finfo.min to their scores): their probability
     is exp(finfo.min - max) = 0, so they get no weight and no gradient. v gets
     a zero column because the op wants k and v of one shape; the caller drops
@@ -84,8 +87,8 @@ def _append_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padd
     return q, k, v
 
 
-def _attend(q, k, v, key_padding: Optional[torch.Tensor], return_lse: bool = False, **kwargs):
-    """longreach.local_attention on already-scaled q, with padded keys removed when there are any."""
+def _attend_global_rows(q, k, v, key_padding: Optional[torch.Tensor], return_lse: bool = False, **kwargs):
+    """longreach.local_attention of gathered rows on already-scaled q, padded keys removed when there are any."""
     if key_padding is None:
         return local_attention(q, k, v, scale=1.0, return_lse=return_lse, **kwargs)
     head_dim = v.shape[-1]
@@ -202,15 +205,16 @@ class LongformerSelfAttention(nn.Module):
         batch, length, _ = hidden_states.shape
         padded, is_global_token, has_global = self._token_masks(
             attention_mask, is_index_masked, is_index_global_attn, is_global_attn, batch, length)
-        # One host sync, as Hugging Face's own `is_global_attn.item()`: the padding-free path skips the key bias.
+        # One host sync, as Hugging Face's own `is_global_attn.item()`: the padding-free path skips the masks.
         key_padding = padded if bool(padded.any()) else None
 
         w = self.one_sided_attn_window_size
         q = self._heads(self.query(hidden_states)) / math.sqrt(self.head_dim)  # scaled before q.k, as in HF
         k = self._heads(self.key(hidden_states))
         v = self._heads(self.value(hidden_states))
-        local = _attend(q, k, v, key_padding, window=(w, w), dilation=self.dilation,
-                        global_mask=is_global_token if has_global else None, return_lse=output_attentions)
+        local = local_attention(q, k, v, scale=1.0, window=(w, w), dilation=self.dilation,
+                                global_mask=is_global_token if has_global else None, key_padding_mask=key_padding,
+                                return_lse=output_attentions)
         out, lse = local if output_attentions else (local, None)
         attn_output = self._merge_heads(out)
 
@@ -256,5 +260,5 @@ class LongformerSelfAttention(nn.Module):
         q_global = self._heads(self.query_global(gathered)) / math.sqrt(self.head_dim)
         k_global = self._heads(self.key_global(hidden_states))
         v_global = self._heads(self.value_global(hidden_states))
-        out = _attend(q_global, k_global, v_global, key_padding, window=(None, None))
+        out = _attend_global_rows(q_global, k_global, v_global, key_padding, window=(None, None))
         return self._merge_heads(out), q_global, k_global
