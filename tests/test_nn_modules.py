@@ -102,19 +102,71 @@ def test_swat_in_one_call():
 
 
 @pytest.mark.parametrize("positional", ["rope", "alibi", None])
-def test_padding_mask_equals_the_unpadded_rows(positional):
+def test_key_padding_mask_equals_the_unpadded_rows(positional):
+    """PyTorch's convention (True = padding): each left/right-padded row equals its real tokens
+    alone (RoPE positions counting real tokens); the deprecated padding_mask gives the same."""
     module = module_with_big_weights(window=4, num_kv_heads=2, positional=positional)
     x = torch.randn(3, 10, 32, dtype=F64)
-    mask = torch.ones(3, 10, dtype=torch.bool)
-    mask[1, :3] = False  # left padding
-    mask[2, 6:] = False  # right padding
-    positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # each row counts its real tokens from 0
-    got = module(x, padding_mask=mask, position_ids=positions)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[1, :3] = True  # left padding
+    pad[2, 6:] = True  # right padding
+    positions = ((~pad).long().cumsum(1) - 1).clamp(min=0)  # each row counts its real tokens from 0
+    got = module(x, position_ids=positions, key_padding_mask=pad)
     for row in range(3):
-        real = mask[row]
-        positions = torch.arange(int(real.sum()))[None]
-        alone = module(x[row : row + 1, real], position_ids=positions)
+        real = ~pad[row]
+        alone = module(x[row : row + 1, real], position_ids=torch.arange(int(real.sum()))[None])
         torch.testing.assert_close(got[row, real], alone[0], atol=1e-12, rtol=1e-12)
+    with pytest.warns(DeprecationWarning, match=r"padding_mask \(True = real token\) is deprecated"):
+        old = module(x, ~pad, positions)  # the old positional argument, opposite convention
+    torch.testing.assert_close(old, got, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        module(x, ~pad, key_padding_mask=pad)
+
+
+def test_key_padding_mask_with_holes_matches_the_dense_reference():
+    module = module_with_big_weights(window=(3, 2), causal=False, positional=None)
+    x = torch.randn(2, 12, 32, dtype=F64)
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[0, [2, 5, 6]] = True
+    pad[1, 7:9] = True
+    got = module(x, key_padding_mask=pad)
+    q, k, v = (proj(x).view(2, 12, -1, module.head_dim).transpose(1, 2)
+               for proj in (module.q_proj, module.k_proj, module.v_proj))
+    ref = longreach.reference.local_attention(q, k, v, window=(3, 2), key_padding_mask=pad)
+    torch.testing.assert_close(got, module.o_proj(ref.transpose(1, 2).reshape(2, 12, -1)), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("positional", ["rope", "alibi+rope"])
+def test_packed_input_equals_the_documents_one_by_one(positional):
+    """cu_seqlens over the flattened tokens: each document its own sequence (RoPE restarting)."""
+    module = module_with_big_weights(window=4, num_kv_heads=2, positional=positional)
+    lengths = [5, 1, 9, 3]
+    x = torch.randn(1, sum(lengths), 32, dtype=F64, requires_grad=True)
+    cu = torch.tensor([0, 5, 6, 15, 18], dtype=torch.int32)
+    got = module(x, cu_seqlens=cu, max_seqlen=9)
+    assert torch.equal(module(x, cu_seqlens=cu), got)  # max_seqlen read from cu_seqlens
+    want = torch.cat([module(x[:, a:b]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=1)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
+                               atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="cu_seqlens .* and key_padding_mask cannot be combined"):
+        module(x, cu_seqlens=cu, key_padding_mask=torch.zeros(1, 18, dtype=torch.bool))
+    with pytest.raises(ValueError, match="cu_seqlens .* and cache cannot be combined"):
+        module(x, cu_seqlens=cu, cache=module.new_cache())
+
+
+def test_lm_packed_pretraining_batch_equals_the_documents_one_by_one():
+    lm = tiny_lm(window=5)
+    docs = [torch.randint(0, 40, (n,)) for n in (7, 3, 12, 2)]
+    ids = torch.cat(docs)[None].view(2, 12)  # two rows of 12 packed tokens, documents crossing rows
+    # cu_seqlens over the 24 flattened tokens; a sequence boundary at each row start (12)
+    cu = torch.tensor([0, 7, 10, 12, 22, 24], dtype=torch.int32)
+    pieces = [ids.reshape(-1)[a:b] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    with torch.no_grad():
+        got = lm(ids, cu_seqlens=cu).reshape(24, -1)
+        want = torch.cat([lm(p[None])[0] for p in pieces])
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
 def tiny_lm(**overrides) -> LocalTransformerLM:
@@ -168,7 +220,9 @@ def test_generate_equals_greedy_full_recomputation_and_padding_is_invisible(name
     for row, prompt in enumerate(prompts):  # left padding
         padded[row, 7 - len(prompt):] = prompt
         mask[row, 7 - len(prompt):] = True
-    generated = lm.generate(padded, 9, padding_mask=mask)
+    generated = lm.generate(padded, 9, key_padding_mask=~mask)
+    with pytest.warns(DeprecationWarning):
+        assert torch.equal(lm.generate(padded, 9, padding_mask=mask), generated)
     for row, prompt in enumerate(prompts):
         tokens = prompt[None]
         with torch.no_grad():
@@ -260,8 +314,10 @@ def test_bad_forward_arguments_raise():
     module = LocalSelfAttention(32, 4, window=3)
     with pytest.raises(ValueError, match=r"x must be \(batch, length, 32\), got \(2, 5, 16\)"):
         module(torch.randn(2, 5, 16))
-    with pytest.raises(ValueError, match=r"padding_mask must be \(batch, length\) = \(2, 5\), got \(2, 4\)"):
-        module(torch.randn(2, 5, 32), padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(batch, length\) = \(2, 5\), got \(2, 4\)"):
+        module(torch.randn(2, 5, 32), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"key_padding_mask must be a bool tensor .* True = padding, got torch.int64"):
+        module(torch.randn(2, 5, 32), key_padding_mask=torch.zeros(2, 5, dtype=torch.long))
     bidirectional = LocalSelfAttention(32, 4, window=(2, 2), causal=False)
     with pytest.raises(ValueError, match="a KV cache needs causal=True"):
         bidirectional(torch.randn(1, 5, 32), cache=bidirectional.new_cache())

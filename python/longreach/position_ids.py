@@ -108,3 +108,19 @@ def segment_position_ids(
         rows = 1 if batch_size is None else _int_at_least(batch_size, 1, "segment_position_ids: batch_size")
         offsets = torch.full((rows, 1), past_len, dtype=torch.int64, device=device)
     return offsets + torch.arange(segment_len, dtype=torch.int64, device=device)
+
+
+def packed_position_ids(cu_seqlens: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
+    """Positions of packed tokens, restarting at 0 in every sequence: (total,) int64.
+
+    ``cu_seqlens``: (num_seqs + 1,) int32/int64 sequence starts as longreach.local_attention_varlen
+    takes them; ``total`` defaults to cu_seqlens[-1] (passing it avoids reading the tensor).
+    What DataCollatorWithFlattening writes as position_ids.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"packed_position_ids: cu_seqlens must be a 1-D tensor (num_seqs + 1,), got {cu_seqlens!r}")
+    cu = cu_seqlens.to(torch.int64)
+    total = int(cu[-1]) if total is None else total
+    tokens = torch.arange(total, dtype=torch.int64, device=cu.device)
+    seq = torch.searchsorted(cu, tokens, right=True) - 1
+    return tokens - cu[seq.clamp(0, cu.numel() - 1)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch
@@ -10,8 +11,10 @@ from torch import nn
 
 from .._checks import (SCORES, check_bool, check_choice, check_int, check_score, check_sigmoid_bias, check_softcap,  # noqa: F401
                        check_window_side)
-from ..padding import local_attention_padded
+from ..ops import local_attention
+from ..position_ids import packed_position_ids
 from ..positional import ALIBI_KINDS
+from ..varlen import local_attention_varlen
 from .alibi import ALiBi
 from .kv_cache import SlidingKVCache
 from .rotary import RotaryEmbedding
@@ -46,6 +49,48 @@ def resolve_window(window: Window, causal: bool, owner: str = "LocalSelfAttentio
     raise ValueError(f"{owner}: window must be a positive int, a (left, right) pair or None, got {window!r}")
 
 
+def resolve_key_padding(owner: str, key_padding_mask, padding_mask, batch: int, length: int) -> Optional[torch.Tensor]:
+    """The (B, L) bool key_padding_mask (True = padding, nn.MultiheadAttention's convention) from a
+    module's arguments; `padding_mask` is the deprecated opposite (True = real token)."""
+    if padding_mask is not None:
+        if key_padding_mask is not None:
+            raise ValueError(f"{owner}: pass key_padding_mask (True = padding) or the deprecated padding_mask "
+                             "(True = real token), not both")
+        warnings.warn(f"{owner}: padding_mask (True = real token) is deprecated; pass key_padding_mask, "
+                      "True = padding, as nn.MultiheadAttention does (key_padding_mask=~padding_mask)",
+                      DeprecationWarning, stacklevel=3)
+        if not isinstance(padding_mask, torch.Tensor):
+            raise TypeError(f"{owner}: padding_mask must be a (batch, length) tensor, got {type(padding_mask).__name__}")
+        key_padding_mask = ~padding_mask.to(torch.bool)
+    if key_padding_mask is None:
+        return None
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"{owner}: key_padding_mask must be a bool tensor (batch, length), True = padding, got {got}")
+    if tuple(key_padding_mask.shape) != (batch, length):
+        raise ValueError(f"{owner}: key_padding_mask must be (batch, length) = ({batch}, {length}), "
+                         f"got {tuple(key_padding_mask.shape)}")
+    return key_padding_mask
+
+
+def check_packed(owner: str, cu_seqlens, max_seqlen, total: int, **incompatible) -> Optional[int]:
+    """max_seqlen of a packed input (cu_seqlens over the B * L flattened tokens), or None unpacked."""
+    if cu_seqlens is None:
+        if max_seqlen is not None:
+            raise ValueError(f"{owner}: max_seqlen={max_seqlen!r} was given without cu_seqlens")
+        return None
+    for name, value in incompatible.items():
+        if value is not None:
+            raise ValueError(f"{owner}: cu_seqlens (packed sequences) and {name} cannot be combined; pack "
+                             "without padding, and decode with one sequence per row")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{owner}: cu_seqlens must be an int32/int64 tensor (num_seqs + 1,), "
+                        f"got {type(cu_seqlens).__name__}")
+    if max_seqlen is None:  # one host read; pass max_seqlen to avoid it
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    return max_seqlen
+
+
 class LocalSelfAttention(nn.Module):
     """Multi-head (GQA/MQA) self-attention over a sliding window, on the fused longreach op.
 
@@ -70,13 +115,19 @@ class LocalSelfAttention(nn.Module):
     SWAT (Fu et al. 2025) in one call: ``LocalSelfAttention(E, H, window=W, score="sigmoid",
     positional="alibi+rope", alibi="balanced")`` (also ``LocalSelfAttention.swat(E, H, W)``).
 
-    forward(x, padding_mask=None, position_ids=None, cache=None):
-        x: (B, L, E). padding_mask: (B, L) bool, True for real tokens (left and/or right
-        padding; real tokens of a row must be contiguous). position_ids: (B, L) or (1, L)
-        long, the RoPE positions (default: 0..L-1, continuing after a cache's tokens); ALiBi
-        and the window use token distances. cache: a `SlidingKVCache` (causal only), which
-        is extended by this call. Returns (B, L, E); padding rows are zeros before the
-        output projection.
+    forward(x, padding_mask=None, position_ids=None, cache=None, *, key_padding_mask=None, cu_seqlens=None,
+    max_seqlen=None):
+        x: (B, L, E). key_padding_mask: (B, L) bool, True = padding (nn.MultiheadAttention's
+        convention), any pattern; padded tokens are no keys and their rows are zeros before
+        the output projection. position_ids: (B, L) or (1, L) long, the RoPE positions
+        (default: 0..L-1, continuing after a cache's tokens; restarting in every packed
+        sequence); ALiBi and the window use token distances. cache: a `SlidingKVCache`
+        (causal only), extended by this call. cu_seqlens: packed sequences, int32/int64
+        (num_seqs + 1,) over the B * L flattened tokens (flash-attn's convention; one
+        longreach.local_attention_varlen call, every sequence its own problem), with
+        max_seqlen (the longest; read from cu_seqlens when None). Returns (B, L, E).
+        padding_mask: deprecated, the opposite convention (True = real token); it still
+        works, with a DeprecationWarning.
     """
 
     def __init__(
@@ -173,18 +224,20 @@ class LocalSelfAttention(nn.Module):
         padding_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         cache: Optional[SlidingKVCache] = None,
+        *,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
     ) -> torch.Tensor:
+        name = type(self).__name__
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"{type(self).__name__}: x must be (batch, length, {self.embed_dim}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"{name}: x must be (batch, length, {self.embed_dim}), got {tuple(x.shape)}")
         batch, length, _ = x.shape
-        if padding_mask is not None:
-            if tuple(padding_mask.shape) != (batch, length):
-                raise ValueError(f"{type(self).__name__}: padding_mask must be (batch, length) = ({batch}, {length}), "
-                                 f"got {tuple(padding_mask.shape)}")
-            padding_mask = padding_mask.to(torch.bool)
+        key_padding_mask = resolve_key_padding(name, key_padding_mask, padding_mask, batch, length)
+        max_seqlen = check_packed(name, cu_seqlens, max_seqlen, batch * length, key_padding_mask=key_padding_mask,
+                                  cache=cache)
         if cache is not None and not self.causal:
-            raise ValueError(f"{type(self).__name__}: a KV cache needs causal=True")
+            raise ValueError(f"{name}: a KV cache needs causal=True")
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -193,24 +246,26 @@ class LocalSelfAttention(nn.Module):
             offset = 0 if cache is None else cache.seen
             seq_len = None
             if position_ids is None:
-                seq_len = offset + length
-                if offset:
-                    position_ids = torch.arange(offset, offset + length, device=x.device)[None]
+                if cu_seqlens is not None:
+                    position_ids = packed_position_ids(cu_seqlens, batch * length).view(batch, length)
+                else:
+                    seq_len = offset + length
+                    if offset:
+                        position_ids = torch.arange(offset, offset + length, device=x.device)[None]
             q, k = self.rotary(q, k, position_ids=position_ids, seq_len=seq_len)
 
-        key_valid = padding_mask
-        if cache is not None:
-            k, v, key_valid = cache.update(k, v, padding_mask)
-        out = local_attention_padded(
-            q, k, v, key_valid,
-            causal=self.causal,
-            window=self.window,
-            dilation=self.dilation,
-            alibi_slopes=None if self.alibi is None else self.alibi(),
-            score=self.score,
-            sigmoid_bias=self.sigmoid_bias,
-            softcap=self.softcap,
-        )
+        options = dict(causal=self.causal, window=self.window, dilation=self.dilation,
+                       alibi_slopes=None if self.alibi is None else self.alibi(), score=self.score,
+                       sigmoid_bias=self.sigmoid_bias, softcap=self.softcap)
+        if cu_seqlens is not None:
+            flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], self.head_dim) for t in (q, k, v)]
+            out = local_attention_varlen(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
+            out = out.reshape(batch, length, self.num_heads * self.head_dim)
+            return self.o_proj(self.dropout(out))
+        if cache is not None:  # the cache keeps which of its keys are real
+            k, v, key_valid = cache.update(k, v, None if key_padding_mask is None else ~key_padding_mask)
+            key_padding_mask = None if key_valid is None else ~key_valid
+        out = local_attention(q, k, v, key_padding_mask=key_padding_mask, **options)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.o_proj(self.dropout(out))
 

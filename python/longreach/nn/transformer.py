@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .kv_cache import SlidingKVCache
-from .local_attention import LocalSelfAttention
+from ..position_ids import packed_position_ids
+from .local_attention import LocalSelfAttention, check_packed, resolve_key_padding
 from .rotary import RotaryEmbedding
 
 __all__ = ["LocalTransformerConfig", "TransformerBlock", "LocalTransformerLM", "KVCache"]
@@ -85,8 +86,10 @@ class TransformerBlock(nn.Module):
             nn.Dropout(c.dropout),
         )
 
-    def forward(self, x, padding_mask=None, position_ids=None, cache: Optional[SlidingKVCache] = None):
-        x = x + self.attn(self.attn_norm(x), padding_mask, position_ids, cache)
+    def forward(self, x, position_ids=None, cache: Optional[SlidingKVCache] = None, *, key_padding_mask=None,
+                cu_seqlens=None, max_seqlen=None):
+        x = x + self.attn(self.attn_norm(x), None, position_ids, cache, key_padding_mask=key_padding_mask,
+                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -104,11 +107,16 @@ class KVCache:
 class LocalTransformerLM(nn.Module):
     """Decoder-only LM: embedding, TransformerBlocks, final LayerNorm, tied output projection.
 
-    forward(input_ids, padding_mask=None, position_ids=None, cache=None) -> logits (B, L, V).
-        padding_mask: (B, L) bool/0-1, True for real tokens (left or right padding).
-        position_ids: RoPE positions; default: each row counts its real tokens from 0
-        (so a left-padded row gets the positions it would have unpadded), continuing
-        after the cache. cache: from `new_cache()`, extended in place (generation).
+    forward(input_ids, padding_mask=None, position_ids=None, cache=None, *, key_padding_mask=None,
+    cu_seqlens=None, max_seqlen=None) -> logits (B, L, V).
+        key_padding_mask: (B, L) bool, True = padding (nn.MultiheadAttention's convention),
+        any pattern. position_ids: RoPE positions; default: each row counts its real tokens
+        from 0 (so a left-padded row gets the positions it would have unpadded), continuing
+        after the cache, or restarting in every packed sequence. cache: from `new_cache()`,
+        extended in place (generation). cu_seqlens / max_seqlen: packed pre-training, several
+        documents per row (flash-attn's convention over the B * L flattened tokens; see
+        LocalSelfAttention). padding_mask: deprecated opposite of key_padding_mask (True =
+        real token), still accepted with a DeprecationWarning.
     """
 
     def __init__(self, config: LocalTransformerConfig):
@@ -158,12 +166,12 @@ class LocalTransformerLM(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache([block.attn.new_cache() for block in self.blocks])
 
-    def _positions(self, input_ids, padding_mask, cache: Optional[KVCache]):
+    def _positions(self, input_ids, key_padding_mask, cache: Optional[KVCache]):
         batch, length = input_ids.shape
-        if padding_mask is None and cache is None:
+        if key_padding_mask is None and cache is None:
             return None  # 0 .. L-1: lets RoPE skip reading ids
         start = None if cache is None else cache.next_position
-        real = torch.ones_like(input_ids, dtype=torch.long) if padding_mask is None else padding_mask.long()
+        real = torch.ones_like(input_ids, dtype=torch.long) if key_padding_mask is None else (~key_padding_mask).long()
         positions = (real.cumsum(dim=1) - 1).clamp(min=0)
         if start is not None:
             positions = positions + start[:, None]
@@ -171,25 +179,34 @@ class LocalTransformerLM(nn.Module):
             cache.next_position = (0 if start is None else start) + real.sum(dim=1)
         return positions
 
-    def forward(self, input_ids, padding_mask=None, position_ids=None, cache: Optional[KVCache] = None):
+    def forward(self, input_ids, padding_mask=None, position_ids=None, cache: Optional[KVCache] = None, *,
+                key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
         if input_ids.dim() != 2:
             raise ValueError(f"LocalTransformerLM: input_ids must be (batch, length), got {tuple(input_ids.shape)}")
-        if padding_mask is not None:
-            padding_mask = padding_mask.to(torch.bool)
+        batch, length = input_ids.shape
+        key_padding_mask = resolve_key_padding("LocalTransformerLM", key_padding_mask, padding_mask, batch, length)
+        max_seqlen = check_packed("LocalTransformerLM", cu_seqlens, max_seqlen, batch * length,
+                                  key_padding_mask=key_padding_mask, cache=cache)
         if position_ids is None:
-            position_ids = self._positions(input_ids, padding_mask, cache)
+            if cu_seqlens is not None:
+                position_ids = packed_position_ids(cu_seqlens, batch * length).view(batch, length)
+            else:
+                position_ids = self._positions(input_ids, key_padding_mask, cache)
         x = self.embed(input_ids)
         for index, block in enumerate(self.blocks):
-            x = block(x, padding_mask, position_ids, None if cache is None else cache.layers[index])
+            x = block(x, position_ids, None if cache is None else cache.layers[index],
+                      key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return self.lm_head(self.norm(x))
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, padding_mask=None, temperature: float = 0.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None, *,
+                 key_padding_mask=None) -> torch.Tensor:
         """Continue each row by max_new_tokens tokens; returns (B, L + max_new_tokens).
 
         Greedy when temperature == 0, else sampling (optionally top-k). Prompts may be
-        left-padded (padding_mask); the cache keeps only each layer's window.
+        padded (key_padding_mask, True = padding; padding_mask is its deprecated opposite);
+        the cache keeps only each layer's window.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
@@ -197,9 +214,11 @@ class LocalTransformerLM(nn.Module):
             raise ValueError(f"generate: temperature must be >= 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"generate: top_k must be a positive int or None, got {top_k!r}")
+        key_padding_mask = resolve_key_padding("LocalTransformerLM.generate", key_padding_mask, padding_mask,
+                                               *input_ids.shape)
         cache = self.new_cache()
         tokens = input_ids
-        logits = self(input_ids, padding_mask, cache=cache)[:, -1]
+        logits = self(input_ids, cache=cache, key_padding_mask=key_padding_mask)[:, -1]
         for step in range(max_new_tokens):
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
