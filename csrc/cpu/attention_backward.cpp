@@ -21,6 +21,8 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <map>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -77,18 +79,29 @@ at::Tensor softmax_row_dots(const AttentionParams& P, const TilePlan& plan, cons
   at::Tensor glse;
   if (grad_lse.has_value()) glse = grad_lse->to(rowdot.scalar_type()).contiguous();
   const int64_t D = P.head_dim;
+  auto row_dot = [&](int64_t b, int64_t h, int64_t i) {
+    const auto go = q_rows<const scalar_t>(grad_out, plan, b, h);
+    const auto o = q_rows<const scalar_t>(out, plan, b, h);
+    acc_t sum = acc_t(0);
+    for (int64_t d = 0; d < D; ++d) sum += static_cast<acc_t>(go.row(i)[d]) * static_cast<acc_t>(o.row(i)[d]);
+    const acc_t* gl = glse.defined() ? stat_row<acc_t>(glse, P, plan, b, h) : nullptr;
+    stat_row<acc_t>(rowdot, P, plan, b, h)[i] = gl ? sum - gl[i] : sum;
+  };
+  if (grad_out.dim() == 3) {  // packed (total, H, D): token by token, all heads of a token's contiguous rows
+    std::vector<int64_t> ends(P.batch);  // sequence b's rows end at ends[b] (sequences are in order)
+    for (int64_t b = 0; b < P.batch; ++b) ends[b] = plan.seq(b).q_start + plan.seq(b).q_len;
+    at::parallel_for(0, grad_out.size(0), 256, [&](int64_t begin, int64_t end) {
+      int64_t b = std::upper_bound(ends.begin(), ends.end(), begin) - ends.begin();
+      for (int64_t t = begin; t < end; ++t) {
+        while (t >= ends[b]) ++b;
+        for (int64_t h = 0; h < P.q_heads; ++h) row_dot(b, h, t - plan.seq(b).q_start);
+      }
+    });
+    return rowdot;
+  }
   at::parallel_for(0, P.batch * P.q_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / P.q_heads, h = bh % P.q_heads;
-      const auto go = q_rows<const scalar_t>(grad_out, plan, b, h);
-      const auto o = q_rows<const scalar_t>(out, plan, b, h);
-      acc_t* r = stat_row<acc_t>(rowdot, P, plan, b, h);
-      const acc_t* gl = glse.defined() ? stat_row<acc_t>(glse, P, plan, b, h) : nullptr;
-      for (int64_t i = 0; i < plan.seq(b).q_len; ++i) {
-        acc_t sum = acc_t(0);
-        for (int64_t d = 0; d < D; ++d) sum += static_cast<acc_t>(go.row(i)[d]) * static_cast<acc_t>(o.row(i)[d]);
-        r[i] = gl ? sum - gl[i] : sum;
-      }
+      for (int64_t i = 0; i < plan.seq(bh / P.q_heads).q_len; ++i) row_dot(bh / P.q_heads, bh % P.q_heads, i);
     }
   });
   return rowdot;
@@ -121,10 +134,18 @@ void assign_owned_rows(const TilePlan& plan, bool outputs_accumulate, std::vecto
   for (size_t ci = 0; ci < chunks.size(); ++ci) {
     (*grads)[ci].span = plan.span_of_chunk(chunks[ci]);
   }
-  auto same_run = [&](size_t a, size_t b) {
-    return chunks[a].batch == chunks[b].batch && chunks[a].kv_head == chunks[b].kv_head &&
-           chunks[a].global_rows == chunks[b].global_rows && chunks[a].cls == chunks[b].cls;
-  };
+  // The previous and next chunk of each chunk's run of blocks (-1: none).
+  std::vector<int64_t> prev(chunks.size(), -1), next(chunks.size(), -1);
+  std::map<std::tuple<int64_t, int64_t, bool, int64_t>, int64_t> last_of_run;
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    const auto run = std::make_tuple(chunks[ci].batch, chunks[ci].kv_head, chunks[ci].global_rows, chunks[ci].cls);
+    const auto it = last_of_run.find(run);
+    if (it != last_of_run.end()) {
+      prev[ci] = it->second;
+      next[it->second] = static_cast<int64_t>(ci);
+    }
+    last_of_run[run] = static_cast<int64_t>(ci);
+  }
   for (size_t ci = 0; ci < chunks.size(); ++ci) {
     ChunkKeyGrads<acc_t>& g = (*grads)[ci];
     if (!outputs_accumulate || chunks[ci].global_rows || plan.has_global_rows(chunks[ci].batch) ||
@@ -132,14 +153,14 @@ void assign_owned_rows(const TilePlan& plan, bool outputs_accumulate, std::vecto
       continue;
     }
     int64_t begin = 0, end = g.span.count;
-    if (ci > 0 && same_run(ci - 1, ci) && (*grads)[ci - 1].span.count > 0) {
-      const KeyRange& prev = (*grads)[ci - 1].span;
-      const int64_t prev_last = prev.at(prev.count - 1);
-      begin = std::clamp<int64_t>((prev_last - g.span.lo) / g.span.stride + 1, 0, g.span.count);
+    if (prev[ci] >= 0 && (*grads)[prev[ci]].span.count > 0) {
+      const KeyRange& before = (*grads)[prev[ci]].span;
+      const int64_t before_last = before.at(before.count - 1);
+      begin = std::clamp<int64_t>((before_last - g.span.lo) / g.span.stride + 1, 0, g.span.count);
     }
-    if (ci + 1 < chunks.size() && same_run(ci, ci + 1) && (*grads)[ci + 1].span.count > 0) {
-      const KeyRange& next = (*grads)[ci + 1].span;
-      end = std::clamp<int64_t>((next.lo - g.span.lo) / g.span.stride, begin, g.span.count);
+    if (next[ci] >= 0 && (*grads)[next[ci]].span.count > 0) {
+      const KeyRange& after = (*grads)[next[ci]].span;
+      end = std::clamp<int64_t>((after.lo - g.span.lo) / g.span.stride, begin, g.span.count);
     }
     g.own_begin = begin;
     g.own_end = std::max(begin, end);
@@ -249,7 +270,10 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
   };
   const auto& chunks = plan.row_chunks();
   std::vector<ChunkKeyGrads<acc_t>> key_grads(chunks.size());
-  assign_owned_rows(plan, std::is_same_v<scalar_t, acc_t>, &key_grads);
+  // In place only into adjacent rows: the packed layout's rows (Hk * D apart) take every tile's
+  // key-gradient products across many pages, the private buffers are faster there.
+  const int64_t key_row_stride = dk.dim() == 3 ? dk.stride(0) : dk.stride(2);
+  assign_owned_rows(plan, std::is_same_v<scalar_t, acc_t> && key_row_stride == D, &key_grads);
 
   auto make_scratch = [&] { return Scratch<acc_t>(D, W, /*backward=*/true, softcap); };
   parallel_items(static_cast<int64_t>(chunks.size()), make_scratch, [&](int64_t ci, Scratch<acc_t>& ws) {

@@ -65,24 +65,27 @@ TilePlan::TilePlan(const AttentionParams& P, std::vector<SequenceView> seqs,
   // which key gradients are summed follows the chunks, and results must be
   // bit-identical for any number of threads.
   const int64_t classes = std::min(d, P.q_len);
-  const int64_t runs = std::max<int64_t>(1, P.batch * P.kv_heads * classes);
+  const int64_t runs = std::max<int64_t>(1, P.batch * P.kv_heads * classes);  // runs of blocks per (batch, kv head, class)
   const int64_t wanted_per_run = std::max<int64_t>(1, ceil_div_i64(kTargetChunks, runs));
-  auto add_run = [&](int64_t b, int64_t hk, bool global_rows, int64_t cls, int64_t n_blocks) {
+  // The chunks of one piece of rows follow each other for every kv head: the
+  // threads then work on the same tokens at once, whose rows of all heads
+  // share cache lines and pages in the packed (total, H, D) layout (head by
+  // head, each line came from memory once per head). Per (batch, kv head,
+  // class) the chunks stay in row order.
+  auto add_run = [&](int64_t b, bool global_rows, int64_t cls, int64_t n_blocks) {
     if (n_blocks <= 0) return;
     const int64_t pieces = std::min(n_blocks, std::max(wanted_per_run, ceil_div_i64(n_blocks, max_chunk_blocks)));
     for (int64_t t = 0; t < pieces; ++t) {
       const int64_t first = n_blocks * t / pieces, last = n_blocks * (t + 1) / pieces;
-      chunks_.push_back({b, hk, global_rows, cls, first, last - first});
+      for (int64_t hk = 0; hk < P.kv_heads; ++hk) chunks_.push_back({b, hk, global_rows, cls, first, last - first});
     }
   };
   for (int64_t b = 0; b < P.batch; ++b) {
     const SequenceView& s = seqs_[b];  // rows of a sequence without keys still get blocks: they write zeros
-    for (int64_t hk = 0; hk < P.kv_heads; ++hk) {
-      for (int64_t c = 0; c < std::min(d, s.q_len); ++c) {
-        add_run(b, hk, false, c, ceil_div_i64(class_count(s.q_len, c, d), kRowBlock));
-      }
-      add_run(b, hk, true, 0, ceil_div_i64(static_cast<int64_t>(global_rows_[b].size()), kRowBlock));
+    for (int64_t c = 0; c < std::min(d, s.q_len); ++c) {
+      add_run(b, false, c, ceil_div_i64(class_count(s.q_len, c, d), kRowBlock));
     }
+    add_run(b, true, 0, ceil_div_i64(static_cast<int64_t>(global_rows_[b].size()), kRowBlock));
   }
 }
 

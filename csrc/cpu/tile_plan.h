@@ -109,7 +109,8 @@ class TilePlan {
   // Position of global key j in global_keys(b).
   int64_t global_rank(int64_t b, int64_t j) const;
 
-  // Chunks of one (batch, kv head, class) are consecutive and in row order.
+  // Chunks of one (batch, kv head, class) are in row order; the chunks of one
+  // piece of rows for every kv head follow each other (see the constructor).
   const std::vector<RowChunk>& row_chunks() const { return chunks_; }
   // Rows of block `block` of the chunk's class (or of the global rows), ascending.
   void rows_of_block(const RowChunk& c, int64_t block, std::vector<int64_t>* rows) const;
