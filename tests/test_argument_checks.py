@@ -137,7 +137,7 @@ def test_subpackages_are_reachable_and_import_stays_light():
         "assert 'longreach.nn' not in sys.modules and 'longreach.hf' not in sys.modules\n"
         "assert longreach.nn.LocalSelfAttention is not None\n"
         "assert not [m for m in ('transformers', 'matplotlib') if m in sys.modules]\n"
-        "for name in ('reference', 'positional', 'position_ids', 'padding', 'ops', 'rotary', 'extrapolate', 'hf'):\n"
+        "for name in ('reference', 'positional', 'position_ids', 'padding', 'ops', 'extrapolate', 'hf'):\n"
         "    assert getattr(longreach, name).__name__ == 'longreach.' + name, name\n"
         "assert 'nn' in dir(longreach) and 'hf' in dir(longreach)\n"
         "try:\n"

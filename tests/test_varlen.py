@@ -899,5 +899,5 @@ def test_valid_edge_values_are_accepted():
 
 
 def test_public_name():
-    assert longreach.local_attention_varlen is longreach.varlen.local_attention_varlen
+    assert longreach.local_attention_varlen is longreach.ops.local_attention_varlen
     assert "local_attention_varlen" in longreach.__all__

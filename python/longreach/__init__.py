@@ -12,8 +12,8 @@ from . import reference
 from .ops import local_attention
 from .position_ids import pose_position_ids, segment_position_ids
 from .positional import alibi_slopes, rope_frequencies
-from .rotary import apply_rotary, apply_rotary_qk
-from .varlen import local_attention_varlen
+from .ops import apply_rotary, apply_rotary_qk
+from .ops import local_attention_varlen
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,7 @@ __all__ += ["apply_rotary", "apply_rotary_qk", "rope_frequencies", "alibi_slopes
 
 # Subpackages imported on first use (`longreach.nn.X` after `import longreach`), so that
 # `import longreach` stays light: hf needs transformers, extrapolate matplotlib.
-_LAZY_SUBMODULES = ("nn", "hf", "extrapolate", "padding", "benchmark", "ops", "rotary", "positional",
+_LAZY_SUBMODULES = ("nn", "hf", "extrapolate", "padding", "benchmark", "ops", "positional",
                     "position_ids", "reference")
 
 

@@ -1,4 +1,4 @@
-"""Argument checks shared by the functional ops (ops.py, rotary.py) and the nn modules.
+"""Argument checks shared by the functional ops (the ops/ package) and the nn modules.
 
 A value of the wrong type raises TypeError, a value out of range ValueError; every message reads
 "<owner>: <name> must be <what was expected>, got <the value>", and each check returns the

@@ -33,7 +33,7 @@ import torch
 
 from .._checks import check_choice, check_score, check_softcap
 from ..ops import local_attention
-from ..varlen import local_attention_varlen
+from ..ops import local_attention_varlen
 from ..positional import ALIBI_KINDS, alibi_slopes
 
 ATTENTION_NAME = "longreach"

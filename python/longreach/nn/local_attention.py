@@ -14,7 +14,7 @@ from .._checks import (SCORES, check_bool, check_choice, check_int, check_score,
 from ..ops import local_attention
 from ..position_ids import packed_position_ids
 from ..positional import ALIBI_KINDS
-from ..varlen import local_attention_varlen
+from ..ops import local_attention_varlen
 from .alibi import ALiBi
 from .kv_cache import SlidingKVCache
 from .rotary import RotaryEmbedding

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..positional import rope_frequencies, rope_type_of
-from ..rotary import apply_rotary, apply_rotary_qk
+from ..ops import apply_rotary, apply_rotary_qk
 
 
 class RotaryEmbedding(nn.Module):

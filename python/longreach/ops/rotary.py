@@ -17,9 +17,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _autograd
-from ._checks import check_bool, check_same_device, check_tensor
-from ._library import check_device_supported
+from .. import _autograd
+from .._checks import check_bool, check_same_device, check_tensor
+from .._library import check_device_supported
 
 
 def _check_args(owner: str, tensors, position_ids, interleaved) -> None:

@@ -12,10 +12,10 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _autograd
-from ._checks import (SCORES, check_bool, check_int, check_same_device, check_scale, check_score,  # noqa: F401
+from .. import _autograd
+from .._checks import (SCORES, check_bool, check_int, check_same_device, check_scale, check_score,  # noqa: F401
                       check_sigmoid_bias, check_softcap, check_tensor, check_window_side)
-from ._library import check_device_supported
+from .._library import check_device_supported
 
 Window = Tuple[Optional[int], Optional[int]]
 OWNER = "local_attention"

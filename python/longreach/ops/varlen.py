@@ -2,7 +2,7 @@
 
 `torch.ops.longreach.local_attention_varlen_fwd` / `_bwd` get shapes for tracing (register_fake;
 every shape follows from the inputs' shapes, none from cu_seqlens' values) and a derivative
-(ops.attention_autograd), as the batched op does in ops.py.
+(attention.attention_autograd), as the batched op does in attention.py.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import _autograd
-from ._checks import check_cu_seqlens, check_int, check_same_device, check_tensor, describe
-from ._library import check_device_supported
-from .ops import Window, _lse_dtype, attention_autograd, kernel_options
+from .. import _autograd
+from .._checks import check_cu_seqlens, check_int, check_same_device, check_tensor, describe
+from .._library import check_device_supported
+from .attention import Window, _lse_dtype, attention_autograd, kernel_options
 
 OWNER = "local_attention_varlen"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

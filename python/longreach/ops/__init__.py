@@ -1,0 +1,15 @@
+"""The fused ops' Python side, one module per op family: argument checks, the calls into the C++
+library (torch.ops.longreach), their fake (meta) kernels for tracing, and their autograd.
+
+- attention.py  local_attention (dense (B, H, L, D) batches, key padding) and the shared pieces
+                of the attention ops (option checks, autograd.Function factory)
+- varlen.py     local_attention_varlen (packed (total, H, D) sequences, flash-attn's layout)
+- rotary.py     apply_rotary / apply_rotary_qk (the RoPE rotation)
+"""
+
+from .attention import OWNER, Window, attention_autograd, kernel_options, local_attention, normalize_window
+from .rotary import apply_rotary, apply_rotary_qk
+from .varlen import local_attention_varlen
+
+__all__ = ["local_attention", "local_attention_varlen", "apply_rotary", "apply_rotary_qk", "normalize_window",
+           "kernel_options", "attention_autograd", "Window", "OWNER"]
