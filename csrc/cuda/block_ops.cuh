@@ -19,6 +19,9 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "../common/host_device.h"
@@ -48,38 +51,73 @@ struct BlockCtx {
   int warp_size;
 };
 
+// The threaded host emulation (tests/emulation/threaded/) runs every CUDA
+// thread of a block as a std::thread and defines these three functions: the
+// calling thread's layout, a block-wide barrier, and a warp shuffle through
+// scratch memory (which also orders the warp's accesses, as a shuffle does).
+#if !defined(__CUDA_ARCH__) && defined(LONGREACH_THREADED_EMULATION)
+#define LR_THREADED_EMULATION 1
+namespace threaded_emulation {
+BlockCtx block_ctx();
+void block_sync();
+float shfl_xor(float x, int lane_mask);
+}  // namespace threaded_emulation
+#else
+#define LR_THREADED_EMULATION 0
+#endif
+
 LR_HOST_DEVICE BlockCtx block_ctx() {
 #if defined(__CUDA_ARCH__)
   return {static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x / 32),
           static_cast<int>(blockDim.x / 32), static_cast<int>(threadIdx.x % 32), 32};
+#elif LR_THREADED_EMULATION
+  return threaded_emulation::block_ctx();
 #else
   return {0, 1, 0, 1, 0, 1};
 #endif
 }
 
+// x of lane (lane ^ lane_mask) of the calling warp.
+template <typename U>
+LR_HOST_DEVICE U warp_shfl_xor(U x, int lane_mask) {
+#if defined(__CUDA_ARCH__)
+  return __shfl_xor_sync(0xffffffffu, x, lane_mask);
+#elif LR_THREADED_EMULATION
+  return threaded_emulation::shfl_xor(x, lane_mask);
+#else
+  (void)lane_mask;  // one lane: never called
+  return x;
+#endif
+}
+
+// Lanes per warp: 32 on the device, the emulation's own count on the host.
+LR_HOST_DEVICE int warp_lanes() {
+#if defined(__CUDA_ARCH__)
+  return 32;
+#else
+  return block_ctx().warp_size;
+#endif
+}
+
 // Max / sum over the lanes of a warp, in a fixed (butterfly) order; every lane
-// gets the result. The identity on the host, where a warp has one lane.
+// gets the result. The identity when a warp has one lane (the host emulation).
 template <typename U>
 LR_HOST_DEVICE U warp_max(U x) {
-#if defined(__CUDA_ARCH__)
-  for (int s = 16; s > 0; s /= 2) {
-    x = nan_propagating_max(x, __shfl_xor_sync(0xffffffffu, x, s));
-  }
-#endif
+  for (int s = warp_lanes() / 2; s > 0; s /= 2) x = nan_propagating_max(x, warp_shfl_xor(x, s));
   return x;
 }
 
 template <typename U>
 LR_HOST_DEVICE U warp_sum(U x) {
-#if defined(__CUDA_ARCH__)
-  for (int s = 16; s > 0; s /= 2) x += __shfl_xor_sync(0xffffffffu, x, s);
-#endif
+  for (int s = warp_lanes() / 2; s > 0; s /= 2) x += warp_shfl_xor(x, s);
   return x;
 }
 
 LR_HOST_DEVICE void block_sync() {
 #if defined(__CUDA_ARCH__)
   __syncthreads();
+#elif LR_THREADED_EMULATION
+  threaded_emulation::block_sync();
 #endif
 }
 
@@ -105,6 +143,33 @@ constexpr int64_t smem_bytes(int64_t count) {
   return (count * static_cast<int64_t>(sizeof(U)) + 127) / 128 * 128;
 }
 
+// Host emulation only: a precondition of the device code that the device
+// would not report (a misaligned vector or WMMA access) stops the emulation.
+inline void host_check(bool ok, const char* what) {
+  if (!ok) throw std::logic_error(std::string("CUDA kernel precondition violated: ") + what);
+}
+
+inline bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// 16 bytes from src (zeros when src is null) to dst, as one vector load and
+// store; both addresses must be 16-byte aligned. The host checks that and
+// copies with memcpy, so the emulation runs this path under the sanitizers.
+template <typename T>
+LR_HOST_DEVICE void copy_16_bytes(T* dst, const T* src) {
+#if defined(__CUDA_ARCH__)
+  uint4 val = make_uint4(0, 0, 0, 0);
+  if (src != nullptr) val = *reinterpret_cast<const uint4*>(src);
+  *reinterpret_cast<uint4*>(dst) = val;
+#else
+  host_check(aligned_to(dst, 16) && (src == nullptr || aligned_to(src, 16)), "16-byte access to a misaligned address");
+  if (src != nullptr) {
+    std::memcpy(dst, src, 16);
+  } else {
+    std::memset(dst, 0, 16);
+  }
+#endif
+}
+
 // dst[r][c] = row idx[r] of a (L, D) head slice at column c, zero for c >= D
 // or idx[r] < 0; c < Dp. With `vec`, rows are read 16 bytes at a time (the
 // caller checked D, the strides and the base for 16-byte alignment).
@@ -112,21 +177,18 @@ template <typename T>
 LR_HOST_DEVICE void load_rows(T* dst, int ld, const T* base, int64_t stride_l, const int64_t* idx, int nrows,
                               int D, int Dp, bool vec) {
   const BlockCtx b = block_ctx();
-#if defined(__CUDA_ARCH__)
   if (vec) {
     constexpr int V = 16 / sizeof(T);
+#if !defined(__CUDA_ARCH__)
+    host_check(D % V == 0 && Dp % V == 0 && ld % V == 0, "16-byte row loads need D, Dp and ld in whole 16-byte chunks");
+#endif
     const int chunks = Dp / V;
     for (int e = b.tid; e < nrows * chunks; e += b.nthreads) {
       const int r = e / chunks, c = (e % chunks) * V;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (idx[r] >= 0 && c < D) val = *reinterpret_cast<const uint4*>(base + idx[r] * stride_l + c);
-      *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
+      copy_16_bytes(dst + r * ld + c, idx[r] >= 0 && c < D ? base + idx[r] * stride_l + c : nullptr);
     }
     return;
   }
-#else
-  (void)vec;
-#endif
   for (int e = b.tid; e < nrows * Dp; e += b.nthreads) {
     const int r = e / Dp, c = e % Dp;
     dst[r * ld + c] = (idx[r] >= 0 && c < D) ? base[idx[r] * stride_l + c] : T(0.0f);
@@ -198,6 +260,64 @@ __device__ void wmma_ab_acc(acc_t* C, int ldc, const T* A, int lda, const T* B, 
 }
 #endif  // LR_WMMA_AVAILABLE
 
+// Host emulation: the preconditions of the WMMA path for its operands, which
+// the host's plain loops would not need. Every m16n16k16 tile of A, B and C
+// the WMMA loops above load or store must start 32 bytes aligned, the leading
+// dimensions must be whole 16-byte rows, and M, N, K whole fragments. The
+// kind names the product: A is (M, K) row-major, or (K, M) for A^T B; B is
+// (N, K) for A B^T, else (K, N).
+enum class WmmaOperands { kABt, kAB, kAtB };
+
+template <typename T, typename acc_t>
+void check_wmma_operands(WmmaOperands kind, const acc_t* C, int ldc, const T* A, int lda, const T* B, int ldb, int M,
+                         int N, int K) {
+  if constexpr (!(TensorCoreType<T>::value && std::is_same<acc_t, float>::value)) {
+    return;  // these types take the loops on the device too
+  } else {
+    host_check(M % 16 == 0 && N % 16 == 0 && K % 16 == 0, "WMMA tile product with M, N or K not a multiple of 16");
+    host_check(lda % (16 / sizeof(T)) == 0 && ldb % (16 / sizeof(T)) == 0 && ldc % (16 / sizeof(acc_t)) == 0,
+               "WMMA leading dimension not a multiple of 16 bytes");
+    for (int tm = 0; tm < M / 16; ++tm) {
+      for (int tn = 0; tn < N / 16; ++tn) {
+        host_check(aligned_to(C + tm * 16 * ldc + tn * 16, 32), "WMMA accumulator tile not 32-byte aligned");
+      }
+    }
+    for (int k = 0; k < K; k += 16) {
+      for (int tm = 0; tm < M / 16; ++tm) {
+        const T* a = kind == WmmaOperands::kAtB ? A + k * lda + tm * 16 : A + tm * 16 * lda + k;
+        host_check(aligned_to(a, 32), "WMMA A tile not 32-byte aligned");
+      }
+      for (int tn = 0; tn < N / 16; ++tn) {
+        const T* b = kind == WmmaOperands::kABt ? B + tn * 16 * ldb + k : B + k * ldb + tn * 16;
+        host_check(aligned_to(b, 32), "WMMA B tile not 32-byte aligned");
+      }
+    }
+  }
+}
+
+// Calls f(m, n) for the output elements of an M x N tile product this thread
+// computes. The plain loops spread elements over the block's threads. WMMA
+// gives each warp whole 16x16 tiles instead, so on the host the tensor-core
+// types follow that ownership (warp w: tiles w, w + nwarps, ...; its lanes
+// split each tile): the threaded emulation then sees every race the device's
+// tile ownership would cause, with the same values (each element's sum runs
+// in one fixed order either way).
+template <typename T, typename acc_t, typename F>
+LR_HOST_DEVICE void for_each_product_element(int M, int N, F&& f) {
+  const BlockCtx b = block_ctx();
+#if !defined(__CUDA_ARCH__)
+  if constexpr (TensorCoreType<T>::value && std::is_same<acc_t, float>::value) {
+    const int tn_count = N / 16;
+    for (int tile = b.warp; tile < (M / 16) * tn_count; tile += b.nwarps) {
+      const int tm = tile / tn_count, tn = tile % tn_count;
+      for (int i = b.lane; i < 16 * 16; i += b.warp_size) f(tm * 16 + i / 16, tn * 16 + i % 16);
+    }
+    return;
+  }
+#endif
+  for (int e = b.tid; e < M * N; e += b.nthreads) f(e / N, e % N);
+}
+
 // C[m][n] = sum_k A[m][k] * B[n][k]   (S = Q K^T, dP = dO V^T). M, N, K multiples of 16.
 template <typename T, typename acc_t>
 LR_HOST_DEVICE void mm_abt(acc_t* C, int ldc, const T* A, int lda, const T* B, int ldb, int M, int N, int K) {
@@ -207,9 +327,10 @@ LR_HOST_DEVICE void mm_abt(acc_t* C, int ldc, const T* A, int lda, const T* B, i
     return;
   }
 #endif
-  const BlockCtx b = block_ctx();
-  for (int e = b.tid; e < M * N; e += b.nthreads) {
-    const int m = e / N, n = e % N;
+#if !defined(__CUDA_ARCH__)
+  if (block_ctx().tid == 0) check_wmma_operands<T, acc_t>(WmmaOperands::kABt, C, ldc, A, lda, B, ldb, M, N, K);
+#endif
+  for_each_product_element<T, acc_t>(M, N, [&](int m, int n) {
     const T* a = A + m * lda;
     const T* bb = B + n * ldb;
     // Lanes of a warp have consecutive n: starting each at k = n (mod K) puts
@@ -219,7 +340,7 @@ LR_HOST_DEVICE void mm_abt(acc_t* C, int ldc, const T* A, int lda, const T* B, i
       sum += static_cast<acc_t>(a[k]) * static_cast<acc_t>(bb[k]);
     }
     C[m * ldc + n] = sum;
-  }
+  });
 }
 
 // C[m][n] += sum_k A[m][k] * B[k][n]   (O += P V, dQ += dS K).
@@ -231,13 +352,14 @@ LR_HOST_DEVICE void mm_ab_acc(acc_t* C, int ldc, const T* A, int lda, const T* B
     return;
   }
 #endif
-  const BlockCtx b = block_ctx();
-  for (int e = b.tid; e < M * N; e += b.nthreads) {
-    const int m = e / N, n = e % N;
+#if !defined(__CUDA_ARCH__)
+  if (block_ctx().tid == 0) check_wmma_operands<T, acc_t>(WmmaOperands::kAB, C, ldc, A, lda, B, ldb, M, N, K);
+#endif
+  for_each_product_element<T, acc_t>(M, N, [&](int m, int n) {
     acc_t sum = acc_t(0);
     for (int k = 0; k < K; ++k) sum += static_cast<acc_t>(A[m * lda + k]) * static_cast<acc_t>(B[k * ldb + n]);
     C[m * ldc + n] += sum;
-  }
+  });
 }
 
 // C[m][n] += sum_k A[k][m] * B[k][n]   (dV += P^T dO, dK += dS^T Q).
@@ -249,13 +371,14 @@ LR_HOST_DEVICE void mm_atb_acc(acc_t* C, int ldc, const T* A, int lda, const T* 
     return;
   }
 #endif
-  const BlockCtx b = block_ctx();
-  for (int e = b.tid; e < M * N; e += b.nthreads) {
-    const int m = e / N, n = e % N;
+#if !defined(__CUDA_ARCH__)
+  if (block_ctx().tid == 0) check_wmma_operands<T, acc_t>(WmmaOperands::kAtB, C, ldc, A, lda, B, ldb, M, N, K);
+#endif
+  for_each_product_element<T, acc_t>(M, N, [&](int m, int n) {
     acc_t sum = acc_t(0);
     for (int k = 0; k < K; ++k) sum += static_cast<acc_t>(A[k * lda + m]) * static_cast<acc_t>(B[k * ldb + n]);
     C[m * ldc + n] += sum;
-  }
+  });
 }
 
 }  // namespace longreach::cuda_kernels
