@@ -5,9 +5,11 @@ checked without a GPU.
 What this covers: the CUDA kernels' tile schedule, masks (window, dilation,
 global rows and keys), online softmax, sigmoid, ALiBi, soft-capping, lse and
 both backward passes, and the rounding of P and dS to the input dtype before
-the tile products, exactly as the CUDA code does them. What it does not cover:
-the WMMA tensor-core products, 16-byte loads and the real thread layout
-(those need a GPU: tests/test_cuda.py).
+the tile products, exactly as the CUDA code does them, through the 16-byte
+load path (a memcpy with an alignment check on the host) and with the WMMA
+products' preconditions checked (block_ops.cuh: check_wmma_operands). The real
+thread layout runs in tests/test_cuda_threaded_emulation.py; the tensor-core
+products themselves need a GPU (tests/test_cuda.py).
 
 Building the emulation takes a minute or two, so these tests run only with
 LONGREACH_CUDA_EMULATION=1 (the CUDA step of .ci/run sets it) or
