@@ -6,7 +6,9 @@
    LONGREACH_CUDA_ARCHS (`cuobjdump --list-elf`), the float16 / bfloat16
    attention kernels use tensor cores (wmma.mma.sync in their embedded PTX,
    when PTX is embedded), and the kernels' resource usage (registers, spills)
-   is printed (`cuobjdump --dump-resource-usage`).
+   is printed (`cuobjdump --dump-resource-usage`). Spills count in the stack
+   frame (STACK) as well as in local memory (LOCAL); with
+   LONGREACH_MAX_SPILL_BYTES set, a kernel spilling more fails the check.
 
 Usage: python scripts/check_cuda_build.py  (LONGREACH_CUOBJDUMP names cuobjdump;
 scripts/cuda_toolchain.sh sets it). Exits non-zero on any failure.
@@ -70,15 +72,43 @@ def main() -> None:
 
     usage = subprocess.run([cuobjdump, "--dump-resource-usage", _C.__file__], capture_output=True, text=True,
                            check=True).stdout
-    kernels = re.findall(r"Function ([^\s:]+):\s*\n?\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    kernels = resource_usage(usage)
     if not kernels:
         fail(f"no kernels in the resource usage dump:\n{usage[:2000]}")
-    spilling = [(name, stack, local) for name, reg, stack, shared, local in kernels if int(local) > 0]
-    print(f"check_cuda_build: {len(kernels)} kernels, max {max(int(k[1]) for k in kernels)} registers, "
-          f"{len(spilling)} with local-memory spills")
+    spilling = spills(kernels)
+    print(f"check_cuda_build: {len(kernels)} kernels, max {max(k[1] for k in kernels)} registers, "
+          f"{len(spilling)} with spills (stack frame or local memory)")
     for name, stack, local in spilling:
-        print(f"  spills: {name} STACK:{stack} LOCAL:{local}")
+        print(f"  spills: {demangle(name)} STACK:{stack} LOCAL:{local}")
+    limit = os.environ.get("LONGREACH_MAX_SPILL_BYTES")
+    if limit is not None:
+        over = [k for k in spilling if max(k[1], k[2]) > int(limit)]
+        if over:
+            fail(f"{len(over)} kernels spill more than LONGREACH_MAX_SPILL_BYTES={limit} bytes: "
+                 + ", ".join(demangle(k[0]) for k in over))
     print("check_cuda_build: ok")
+
+
+def resource_usage(dump: str) -> list[tuple[str, int, int, int]]:
+    """(kernel, registers, stack frame bytes, local bytes) per kernel of `cuobjdump --dump-resource-usage`."""
+    found = re.findall(r"Function ([^\s:]+):\s*\n?\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", dump)
+    return [(name, int(reg), int(stack), int(local)) for name, reg, stack, shared, local in found]
+
+
+def spills(kernels: list[tuple[str, int, int, int]]) -> list[tuple[str, int, int]]:
+    """(kernel, stack, local) of the kernels that spill. ptxas puts register spills in the stack
+    frame (its "N bytes stack frame", cuobjdump's STACK), not only in local memory (LOCAL); the
+    kernels hold no local arrays, so any stack frame is spills."""
+    return [(name, stack, local) for name, reg, stack, local in kernels if stack > 0 or local > 0]
+
+
+def demangle(name: str) -> str:
+    """The readable kernel name (c++filt when there is one), else the mangled one."""
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None:
+        return name
+    out = subprocess.run([cxxfilt, name], capture_output=True, text=True).stdout.strip()
+    return out.replace("longreach::cuda_kernels::", "") or name
 
 
 if __name__ == "__main__":
