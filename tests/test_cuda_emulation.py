@@ -219,3 +219,40 @@ def test_emulated_cuda_key_padding_matches_the_cpu_kernels(emulation, score, q_l
     for name, a, b in zip(("dq", "dk", "dv", "dslopes"), got, want):
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a / scale, b / scale, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("fold_limit", [7, 65535])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "varlen"])
+def test_emulated_cuda_grid_folds_head_batch_pairs(emulation, fold_limit, packed):
+    """heads x batch pairs fold into rows of grid.y blocks (csrc/cuda/grid_fold.h: 65535 on the
+    device, so batches x heads beyond one grid dimension run). The emulation walks the same folded
+    grid, here with rows of 7 so 3 heads x 5 sequences fill 3 rows, the last with surplus blocks:
+    a block mapped to the wrong (head, batch) pair, or a pair dropped, leaves a wrong row."""
+    B, Hq, Hk, D = 5, 6, 3, 8  # the dK/dV pass folds 3 kv heads x 5, the others 6 x 5
+    lq, lk = [9, 1, 12, 4, 7], [9, 3, 10, 6, 7]
+    q, k, v = (torch.randn(B, H, L, D) for H, L in ((Hq, 12), (Hk, 10), (Hk, 10)))
+    go = torch.randn(B, Hq, 12, D)
+    emulation.set_grid_fold_limit(fold_limit)
+    try:
+        if packed:
+            cq = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+            ck = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
+            q, go = (torch.cat([t[b, :, : lq[b]].transpose(0, 1) for b in range(B)]) for t in (q, go))
+            k, v = (torch.cat([t[b, :, : lk[b]].transpose(0, 1) for b in range(B)]) for t in (k, v))
+            args = (cq, ck, max(lq), max(lk), None, None, 3, 1, 1, "softmax", None, 0.0, D ** -0.5)
+            got_out, got_lse = emulation.varlen_fwd(q, k, v, *args)
+            got = emulation.varlen_bwd(go, None, q, k, v, got_out, got_lse, *args, False)
+            want_out, want_lse = torch.ops.longreach.local_attention_varlen_fwd(q, k, v, *args)
+            want = torch.ops.longreach.local_attention_varlen_bwd(go, None, q, k, v, want_out, want_lse, *args, False)
+        else:
+            args = _op_args(q, dict(window=(3, 1)))
+            got_out, got_lse = emulation.fwd(q, k, v, *args)
+            got = emulation.bwd(go, None, q, k, v, got_out, got_lse, *args)
+            want_out, want_lse = torch.ops.longreach.local_attention_fwd(q, k, v, *args)
+            want = torch.ops.longreach.local_attention_bwd(go, None, q, k, v, want_out, want_lse, *args, False)
+    finally:
+        emulation.set_grid_fold_limit(65535)
+    torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("dq", "dk", "dv"), got[:3], want[:3]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -11,9 +11,14 @@
 #include <vector>
 
 #include "cuda/attention_entry.h"
+#include "cuda/grid_fold.h"
 
 namespace longreach::cuda_kernels {
 namespace {
+
+// Blocks per row of the folded (head, batch) grid: the device's 65535, or
+// less for tests (set_grid_fold_limit), so a few pairs fill several rows.
+int64_t grid_fold_limit = kMaxGridYZ;
 
 struct HostBackend {
   template <typename Body>
@@ -21,8 +26,14 @@ struct HostBackend {
     TORCH_CHECK(smem <= kMaxSharedBytes, "emulation: block needs ", smem, " bytes of shared memory");
     std::vector<char> buffer(static_cast<size_t>(smem) + 128);
     char* base = buffer.data() + (128 - reinterpret_cast<uintptr_t>(buffer.data()) % 128) % 128;
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t h = 0; h < heads; ++h) {
+    // The grid the kernels are launched with: heads x batch folded into
+    // grid.y x grid.z (grid_fold.h), each block finding its (head, batch) as they do.
+    const HeadBatchGrid grid = fold_heads_batch(heads, batch, grid_fold_limit);
+    TORCH_CHECK(grid.z <= kMaxGridYZ, "emulation: too many (head, batch) pairs");
+    for (int64_t z = 0; z < grid.z; ++z) {
+      for (int64_t y = 0; y < grid.y; ++y) {
+        int64_t h = 0, b = 0;
+        if (!unfold_head_batch(heads, batch, y, z, grid.y, &h, &b)) continue;
         for (int64_t blk = 0; blk < blocks; ++blk) {
           // Poison shared memory so a read-before-write shows up as a wrong result.
           std::fill(buffer.begin(), buffer.end(), static_cast<char>(0x7f));
@@ -128,6 +139,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("window_right"), pybind11::arg("dilation"), pybind11::arg("score"),
         pybind11::arg("sigmoid_bias"), pybind11::arg("softcap"), pybind11::arg("scale"),
         pybind11::arg("alibi_grad") = false, pybind11::arg("key_padding_mask") = pybind11::none());
+  m.def("set_grid_fold_limit", [](int64_t limit) {
+    TORCH_CHECK(limit >= 1 && limit <= longreach::cuda_kernels::kMaxGridYZ, "grid fold limit must be 1 .. 65535");
+    longreach::cuda_kernels::grid_fold_limit = limit;
+  });
   m.def("varlen_fwd", &longreach::cuda_kernels::emulated_varlen_fwd);
   m.def("varlen_bwd", &longreach::cuda_kernels::emulated_varlen_bwd);
 }
