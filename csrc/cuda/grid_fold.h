@@ -31,12 +31,14 @@ inline HeadBatchGrid fold_heads_batch(int64_t heads, int64_t batch, int64_t max_
 
 // The head and batch element of block (y, z) of a folded grid of grid_y
 // columns; false for the surplus blocks of the last row, which exit.
+// In 32-bit arithmetic: the launcher allows at most 65535^2 < 2^32 pairs, and a
+// 64-bit division is a subroutine call on the GPU (a stack frame in every kernel).
 LR_HOST_DEVICE bool unfold_head_batch(int64_t heads, int64_t batch, int64_t y, int64_t z, int64_t grid_y, int64_t* h,
                                       int64_t* b) {
-  const int64_t pair = z * grid_y + y;
-  if (pair >= heads * batch) return false;
-  *h = pair % heads;
-  *b = pair / heads;
+  const uint32_t pair = static_cast<uint32_t>(z) * static_cast<uint32_t>(grid_y) + static_cast<uint32_t>(y);
+  if (pair >= static_cast<uint64_t>(heads) * static_cast<uint64_t>(batch)) return false;
+  *h = pair % static_cast<uint32_t>(heads);
+  *b = pair / static_cast<uint32_t>(heads);
   return true;
 }
 
