@@ -27,6 +27,7 @@ struct Case {
   double softcap = 0.0;
   bool sigmoid = false;
   std::vector<int64_t> lq = {}, lk = {};
+  int pad_every = 0;  // dense only: key_padding_mask on every n-th key (from key 2) and keys 20..39 of batch 0
   bool packed() const { return !lq.empty(); }
 };
 
@@ -59,6 +60,9 @@ struct Problem {
   // Global-token lists as the launcher builds them (attention_launch.h).
   std::vector<uint8_t> flags;
   std::vector<int64_t> keys, count, row_start;
+  // Key padding as the launcher passes it (make_key_padding): (B, Lk) flags, real keys per row.
+  std::vector<uint8_t> padded;
+  std::vector<int64_t> keys_present;
 
   int64_t q_len(int64_t b) const { return cu_q[b + 1] - cu_q[b]; }
   int64_t k_len(int64_t b) const { return cu_k[b + 1] - cu_k[b]; }
@@ -105,6 +109,7 @@ inline Problem make_problem(const Case& c, unsigned seed) {
   P.softcap = c.softcap;
   P.has_alibi = c.alibi;
   P.has_global = c.global_every > 0;
+  P.has_key_padding = c.pad_every > 0;
 
   std::mt19937 gen(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -118,9 +123,21 @@ inline Problem make_problem(const Case& c, unsigned seed) {
   randn(p.grad_out, p.total_q * c.Hq * c.D, 1.0f);
   randn(p.slopes, n_seq * c.Hq, 0.3f);
 
+  if (P.has_key_padding) {
+    p.padded.assign(static_cast<size_t>(n_seq * max_k), 0);
+    p.keys_present.assign(static_cast<size_t>(n_seq), 0);
+    for (int64_t b = 0; b < n_seq; ++b) {
+      for (int64_t j = 2; j < max_k; j += c.pad_every) p.padded[b * max_k + j] = 1;
+      for (int64_t j = 20; b == 0 && j < 40 && j < max_k; ++j) p.padded[j] = 1;
+      for (int64_t j = 0; j < max_k; ++j) p.keys_present[b] += !p.padded[b * max_k + j];
+    }
+  }
   p.global_key.assign(static_cast<size_t>(p.total_k), 0);
   if (P.has_global) {
     for (int64_t j = 1; j < p.total_k; j += c.global_every) p.global_key[j] = 1;
+    // A padded position holds no key, so no global one either (the launcher clears its flag;
+    // padding is dense-only, where the packed key order is b * Lk + j).
+    for (int64_t j = 0; P.has_key_padding && j < p.total_k; ++j) p.global_key[j] &= !p.padded[j];
     // (B, max Lk) flags, then per sequence: the global keys in index order
     // followed by the others, their count, and how many sit before the first
     // row's position (row = key - (Lk - Lq)).
@@ -211,6 +228,10 @@ void make_args(const Problem& p, RunBuffers<T>& r, bool vec_loads) {
     a.global.keys = p.keys.data();
     a.global.count = p.count.data();
     a.global.row_start = p.row_start.data();
+  }
+  if (P.has_key_padding) {
+    a.pad.flags = p.padded.data();
+    a.keys_present = p.keys_present.data();
   }
   // The launcher's rule (rows_are_16b_aligned): D in whole 16-byte chunks; the bases are 64-byte aligned.
   a.vec_loads = vec_loads && P.head_dim % (16 / static_cast<int64_t>(sizeof(T))) == 0;

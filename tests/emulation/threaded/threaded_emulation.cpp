@@ -37,7 +37,7 @@ struct Options {
 // Cases chosen to reach every branch of the block plans: GQA, Lq > Lk (rows
 // that see nothing), decoding, dilation, global rows and keys, ALiBi with its
 // slope gradient, softcap, sigmoid, scalar loads (D = 20), each head-dim
-// bucket, and a packed batch with empty sequences.
+// bucket, a packed batch with empty sequences, and key padding.
 std::vector<Case> cases(bool all) {
   std::vector<Case> quick = {
       {"causal_gqa_d64", 1, 2, 1, 70, 70, 64, 31, 0, 1},
@@ -47,11 +47,13 @@ std::vector<Case> cases(bool all) {
       {"decode_mqa_d128", 1, 4, 1, 1, 150, 128, 60, 0, 1},
       {"varlen_global_alibi", 0, 2, 1, 0, 0, 16, 6, 2, 2, 5, true, 2.0, false, {5, 0, 40, 1, 33}, {7, 4, 36, 0, 33}},
       {"unbounded_d256", 1, 2, 2, 33, 33, 256, -1, -1, 1},
+      {"key_padding_global_d64", 2, 2, 1, 40, 48, 64, 12, 3, 1, 9, false, 0.0, false, {}, {}, 5},
   };
   if (!all) return quick;
   std::vector<Case> more = {
       {"global_rows_only_d100", 1, 3, 1, 64, 64, 100, 2, 2, 3, 4, true, 5.0},
       {"sigmoid_global_d48", 2, 2, 2, 45, 45, 48, 4, 4, 1, 6, false, 0.0, true},
+      {"key_padding_sigmoid_dil", 2, 2, 2, 50, 50, 32, 5, 5, 2, 0, true, 0.0, true, {}, {}, 4},
   };
   quick.insert(quick.end(), more.begin(), more.end());
   return quick;
