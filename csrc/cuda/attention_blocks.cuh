@@ -572,10 +572,11 @@ LR_HOST_DEVICE acc_t score_backward(const AttentionParams& P, acc_t s, acc_t dp,
 }
 
 // Per-element backward of one tile: S holds raw q.k, dP holds dO.v on entry;
-// on exit P (probabilities, element type) and dS (d loss / d q.k, element type).
+// on exit P (probabilities, element type; only with kStoreP: the dQ pass has no
+// use for it) and dS (d loss / d q.k, element type).
 // Returns this thread's part of sum(dS_final * |p - j|) over the tile (the
 // ALiBi slope gradient without its sign), 0 unless `slope_grad`.
-template <typename T, typename acc_t, int BM, int BN>
+template <typename T, typename acc_t, int BM, int BN, bool kStoreP = true>
 LR_HOST_DEVICE acc_t tile_backward(const AttentionParams& P, const SequenceView& s, acc_t* S, acc_t* dP, T* Pout, T* dS, TileSide rows,
                                    TileSide keys, const acc_t* row_lse, const acc_t* row_dot, acc_t slope,
                                    bool slope_grad = false) {
@@ -593,7 +594,7 @@ LR_HOST_DEVICE acc_t tile_backward(const AttentionParams& P, const SequenceView&
       if (slope_grad) slope_part += g * static_cast<acc_t>(distance);
     }
     // Pout / dS may alias S / dP (float32): each element is read before it is written.
-    Pout[e] = static_cast<T>(prob);
+    if constexpr (kStoreP) Pout[e] = static_cast<T>(prob);
     dS[e] = static_cast<T>(ds);
   }
   return slope_part;
@@ -664,7 +665,8 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
     mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
     mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
     block_sync();
-    slope_part += tile_backward<T, acc_t, BM, BN>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope, slope_grad);
+    slope_part += tile_backward<T, acc_t, BM, BN, /*kStoreP=*/false>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot,
+                                                                     slope, slope_grad);
     block_sync();
     mm_ab_acc<T, acc_t>(sdQ, DMAX, sdS, BN, sK, DMAX, BM, Dp, BN);
     block_sync();
