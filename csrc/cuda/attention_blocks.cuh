@@ -159,49 +159,58 @@ struct RowBlockPlan {
   int64_t n_tail = 0;                 // global keys visited after the band
 };
 
+// Upper bound of the global-row blocks per (batch, head) (the real count lives
+// on the device; surplus blocks exit at once).
+LR_HOST_DEVICE int64_t global_row_blocks(const AttentionParams& P, int64_t BM) {
+  if (!P.has_global) return 0;
+  const int64_t max_global_rows = P.q_len < P.k_len ? P.q_len : P.k_len;
+  return ceil_div_i64(max_global_rows, BM);
+}
+
+// Blocks 0 .. global_row_blocks - 1 hold global rows, the rest class rows.
+// Global rows come first: their blocks walk every key, the longest of the grid,
+// and a GPU starts blocks about in index order, so they no longer run alone at the end.
 template <int BM>
 LR_HOST_DEVICE RowBlockPlan plan_row_block(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
                                            int64_t block) {
   RowBlockPlan r;
+  const int64_t n_global_blocks = global_row_blocks(P, BM);
+  if (block < n_global_blocks) {
+    const int64_t start = block * BM;
+    const int64_t n_global = g.row_count(b);
+    if (start >= n_global) return r;
+    r.valid = true;
+    r.global_rows = true;
+    r.first = start;
+    r.n_rows = n_global - start < BM ? n_global - start : BM;
+    r.n_band = s.k_len;
+    r.n_tail = 0;
+    return r;
+  }
+  block -= n_global_blocks;
   const int64_t d = P.window.dilation;
   const int64_t per_class = tiles_per_class(s.q_len, d, BM);
   const int64_t class_blocks = class_number(s.q_len, d) * per_class;
-  if (block < class_blocks) {
-    r.cls = block / per_class;
-    int64_t first, last;
-    class_tile_members(s.q_len, r.cls, d, BM, block % per_class, &first, &last);
-    if (first > last) return r;
-    r.valid = true;
-    r.first = first;
-    r.n_rows = last - first + 1;
-    const int64_t off = s.position_offset();
-    row_tile_key_band(P.window, s, class_member(r.cls, first, d) + off, class_member(r.cls, last, d) + off, &r.band_lo,
-                      &r.band_hi);
-    r.n_band = band_count(r.band_lo, r.band_hi, d);
-    r.n_tail = g.key_count(b);
-    return r;
-  }
-  const int64_t start = (block - class_blocks) * BM;
-  const int64_t n_global = g.row_count(b);
-  if (start >= n_global) return r;
+  if (block >= class_blocks) return r;  // past this sequence's classes (packed batches)
+  r.cls = block / per_class;
+  int64_t first, last;
+  class_tile_members(s.q_len, r.cls, d, BM, block % per_class, &first, &last);
+  if (first > last) return r;
   r.valid = true;
-  r.global_rows = true;
-  r.first = start;
-  r.n_rows = n_global - start < BM ? n_global - start : BM;
-  r.n_band = s.k_len;
-  r.n_tail = 0;
+  r.first = first;
+  r.n_rows = last - first + 1;
+  const int64_t off = s.position_offset();
+  row_tile_key_band(P.window, s, class_member(r.cls, first, d) + off, class_member(r.cls, last, d) + off, &r.band_lo,
+                    &r.band_hi);
+  r.n_band = band_count(r.band_lo, r.band_hi, d);
+  r.n_tail = g.key_count(b);
   return r;
 }
 
-// Row blocks per (batch, head): class blocks plus an upper bound of global-row
-// blocks (the real count lives on the device; surplus blocks exit at once).
+// Row blocks per (batch, head): the global-row blocks' upper bound plus the class blocks.
 LR_HOST_DEVICE int64_t row_blocks(const AttentionParams& P, int64_t BM) {
-  int64_t n = class_number(P.q_len, P.window.dilation) * tiles_per_class(P.q_len, P.window.dilation, BM);
-  if (P.has_global) {
-    const int64_t max_global_rows = P.q_len < P.k_len ? P.q_len : P.k_len;
-    n += ceil_div_i64(max_global_rows, BM);
-  }
-  return n;
+  return global_row_blocks(P, BM) +
+         class_number(P.q_len, P.window.dilation) * tiles_per_class(P.q_len, P.window.dilation, BM);
 }
 
 // Fills the rows of a row block: class blocks exclude global rows (mode 0),
@@ -281,41 +290,48 @@ struct KeyBlockPlan {
   int64_t n_tail = 0;                 // global rows visited after the band
 };
 
+LR_HOST_DEVICE int64_t global_key_blocks(const AttentionParams& P, int64_t BN) {
+  return P.has_global ? ceil_div_i64(P.k_len, BN) : 0;
+}
+
+// As plan_row_block: the global-key blocks (which walk every row) first.
 template <int BN>
 LR_HOST_DEVICE KeyBlockPlan plan_key_block(const AttentionParams& P, const SequenceView& s, const GlobalTokens& g, int64_t b,
                                            int64_t block) {
   KeyBlockPlan r;
+  const int64_t n_global_blocks = global_key_blocks(P, BN);
+  if (block < n_global_blocks) {
+    const int64_t start = block * BN;
+    const int64_t n_global = g.key_count(b);
+    if (start >= n_global) return r;
+    r.valid = true;
+    r.global_keys = true;
+    r.first = start;
+    r.n_keys = n_global - start < BN ? n_global - start : BN;
+    r.n_band = s.q_len;
+    return r;
+  }
+  block -= n_global_blocks;
   const int64_t d = P.window.dilation;
   const int64_t per_class = tiles_per_class(s.k_len, d, BN);
   const int64_t class_blocks = class_number(s.k_len, d) * per_class;
-  if (block < class_blocks) {
-    r.cls = block / per_class;
-    int64_t first, last;
-    class_tile_members(s.k_len, r.cls, d, BN, block % per_class, &first, &last);
-    if (first > last) return r;
-    r.valid = true;
-    r.first = first;
-    r.n_keys = last - first + 1;
-    key_tile_row_band(P.window, s, class_member(r.cls, first, d), class_member(r.cls, last, d), &r.band_lo, &r.band_hi);
-    r.n_band = band_count(r.band_lo, r.band_hi, d);
-    r.n_tail = g.row_count(b);
-    return r;
-  }
-  const int64_t start = (block - class_blocks) * BN;
-  const int64_t n_global = g.key_count(b);
-  if (start >= n_global) return r;
+  if (block >= class_blocks) return r;  // past this sequence's classes (packed batches)
+  r.cls = block / per_class;
+  int64_t first, last;
+  class_tile_members(s.k_len, r.cls, d, BN, block % per_class, &first, &last);
+  if (first > last) return r;
   r.valid = true;
-  r.global_keys = true;
-  r.first = start;
-  r.n_keys = n_global - start < BN ? n_global - start : BN;
-  r.n_band = s.q_len;
+  r.first = first;
+  r.n_keys = last - first + 1;
+  key_tile_row_band(P.window, s, class_member(r.cls, first, d), class_member(r.cls, last, d), &r.band_lo, &r.band_hi);
+  r.n_band = band_count(r.band_lo, r.band_hi, d);
+  r.n_tail = g.row_count(b);
   return r;
 }
 
 LR_HOST_DEVICE int64_t key_blocks(const AttentionParams& P, int64_t BN) {
-  int64_t n = class_number(P.k_len, P.window.dilation) * tiles_per_class(P.k_len, P.window.dilation, BN);
-  if (P.has_global) n += ceil_div_i64(P.k_len, BN);
-  return n;
+  return global_key_blocks(P, BN) +
+         class_number(P.k_len, P.window.dilation) * tiles_per_class(P.k_len, P.window.dilation, BN);
 }
 
 // Keys of a key block: class blocks exclude global keys (their own blocks
