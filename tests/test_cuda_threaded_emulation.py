@@ -82,3 +82,11 @@ def test_address_sanitizer_reports_a_shared_memory_overflow():
     _needs("address")
     r = threaded_emulation.run("address", "--only", "causal_gqa_d64", "--short-smem")
     assert "AddressSanitizer: heap-buffer-overflow" in r.stdout and r.returncode != 0, r.stdout[-3000:]
+
+
+def test_wmma_precondition_checks_stop_a_misaligned_product():
+    """block_ops.cuh's check_wmma_operands: shared memory 16 bytes off a 32-byte boundary puts
+    the half-precision product tiles where WMMA cannot load them, and the emulation must stop."""
+    _needs("address")
+    r = threaded_emulation.run("address", "--only", "causal_gqa_d64", "--misalign-smem")
+    assert "CUDA kernel precondition violated: WMMA" in r.stdout and r.returncode != 0, r.stdout[-3000:]

@@ -122,12 +122,16 @@ namespace threaded_emulation {
 
 // Shared memory of one block: exactly `bytes` (a multiple of 128), 128-byte
 // aligned, so AddressSanitizer reports any access past the carved arrays.
+// (`offset` > 0, a self-test: the base sits that many bytes past the boundary.)
 struct SharedMemory {
   int64_t bytes;
+  char* allocation;
   char* base;
-  explicit SharedMemory(int64_t n)
-      : bytes(n), base(static_cast<char*>(std::aligned_alloc(128, static_cast<size_t>((n + 127) / 128 * 128)))) {}
-  ~SharedMemory() { std::free(base); }
+  SharedMemory(int64_t n, int offset)
+      : bytes(n),
+        allocation(static_cast<char*>(std::aligned_alloc(128, static_cast<size_t>((n + offset + 127) / 128 * 128)))),
+        base(allocation + offset) {}
+  ~SharedMemory() { std::free(allocation); }
   SharedMemory(const SharedMemory&) = delete;
   SharedMemory& operator=(const SharedMemory&) = delete;
   // Poison: a read before a write shows up as a wrong result (0x7f7f7f7f is a huge float).
@@ -139,9 +143,9 @@ struct SharedMemory {
 // the single-thread layout; else on `threads` std::threads in warps of
 // `warp_size` lanes.
 template <typename Body>
-void run_grid(int threads, int warp_size, int skip_sync, int64_t smem_bytes, int64_t blocks, int64_t heads,
-              int64_t batch, Body body) {
-  SharedMemory smem(smem_bytes);
+void run_grid(int threads, int warp_size, int skip_sync, int smem_offset, int64_t smem_bytes, int64_t blocks,
+              int64_t heads, int64_t batch, Body body) {
+  SharedMemory smem(smem_bytes, smem_offset);
   if (threads == 1) {
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t h = 0; h < heads; ++h)

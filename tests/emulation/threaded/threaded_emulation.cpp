@@ -5,11 +5,13 @@
 // where the launcher would use them); the two must agree. Built and run under
 // ThreadSanitizer and AddressSanitizer + UBSan by tests/threaded_emulation.py.
 //
-// Usage: threaded_emulation [--cases quick|all] [--only NAME] [--skip-sync N] [--short-smem]
+// Usage: threaded_emulation [--cases quick|all] [--only NAME] [--skip-sync N] [--short-smem] [--misalign-smem]
 //   --skip-sync N  skips the N-th block_sync() of every block (harness self-test:
 //                  ThreadSanitizer must then report races)
 //   --short-smem   gives every block 128 bytes less shared memory than it needs
 //                  (harness self-test: AddressSanitizer must report the overflow)
+//   --misalign-smem  starts shared memory 16 bytes past a 32-byte boundary (self-test
+//                  of the WMMA precondition checks: they must stop the run)
 // Prints one line per (case, dtype) and a summary; exits 1 on a mismatch.
 #include <algorithm>
 #include <chrono>
@@ -30,6 +32,7 @@ struct Options {
   std::string only;
   int skip_sync = -1;
   bool short_smem = false;
+  bool misalign_smem = false;
   int threads = kThreads;
   int warp_size = 32;
 };
@@ -84,12 +87,13 @@ struct Kernels {
   }
   int64_t smem(int64_t bytes) const { return o.short_smem && threads > 1 ? bytes - 128 : bytes; }
   int skip() const { return threads > 1 ? o.skip_sync : -1; }
+  int offset() const { return o.misalign_smem && threads > 1 ? 16 : 0; }
 
   void forward(const AttentionArgs<T, float>& a) const {
     with_dmax(a.P.head_dim, [&](auto dmax) {
       constexpr int DMAX = decltype(dmax)::value;
       using S = TileShape<T, DMAX>;
-      run_grid(threads, warp_size, skip(), smem(ForwardSmem<T, float, DMAX, S::kFwdM, S::kFwdN>::bytes()),
+      run_grid(threads, warp_size, skip(), offset(), smem(ForwardSmem<T, float, DMAX, S::kFwdM, S::kFwdN>::bytes()),
                row_blocks(a.P, S::kFwdM), a.P.q_heads, a.P.batch, [&](int64_t blk, int64_t h, int64_t b, char* sm) {
                  forward_block<T, float, DMAX, S::kFwdM, S::kFwdN>(a, blk, h, b, sm);
                });
@@ -100,11 +104,11 @@ struct Kernels {
     with_dmax(a.P.head_dim, [&](auto dmax) {
       constexpr int DMAX = decltype(dmax)::value;
       using S = TileShape<T, DMAX>;
-      run_grid(threads, warp_size, skip(), smem(DqSmem<T, float, DMAX, S::kDqM, S::kDqN>::bytes()),
+      run_grid(threads, warp_size, skip(), offset(), smem(DqSmem<T, float, DMAX, S::kDqM, S::kDqN>::bytes()),
                row_blocks(a.P, S::kDqM), a.P.q_heads, a.P.batch, [&](int64_t blk, int64_t h, int64_t b, char* sm) {
                  backward_dq_block<T, float, DMAX, S::kDqM, S::kDqN>(a, blk, h, b, sm);
                });
-      run_grid(threads, warp_size, skip(), smem(DkvSmem<T, float, DMAX, S::kDkvM, S::kDkvN>::bytes()),
+      run_grid(threads, warp_size, skip(), offset(), smem(DkvSmem<T, float, DMAX, S::kDkvM, S::kDkvN>::bytes()),
                key_blocks(a.P, S::kDkvN), a.P.kv_heads, a.P.batch, [&](int64_t blk, int64_t hk, int64_t b, char* sm) {
                  backward_dkv_block<T, float, DMAX, S::kDkvM, S::kDkvN>(a, blk, hk, b, sm);
                });
@@ -198,8 +202,10 @@ int main(int argc, char** argv) {
       o.skip_sync = std::atoi(argv[++i]);
     } else if (arg == "--short-smem") {
       o.short_smem = true;
+    } else if (arg == "--misalign-smem") {
+      o.misalign_smem = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--cases quick|all] [--only NAME] [--skip-sync N] [--short-smem]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--cases quick|all] [--only NAME] [--skip-sync N] [--short-smem] [--misalign-smem]\n", argv[0]);
       return 2;
     }
   }
