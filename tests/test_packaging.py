@@ -1,5 +1,5 @@
 """Packaging: the torch the extension was built against (checked at import), the build's refusal
-of an environment without that torch, the one version source."""
+of an environment without that torch, the one version source, the optional extras."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import longreach
-from longreach import _build_config, _torch_check
+from longreach import _build_config, _extras, _torch_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +88,36 @@ def test_typed_and_licensed():
     assert (Path(longreach.__file__).parent / "py.typed").is_file()
     assert "Apache License" in (ROOT / "LICENSE").read_text()
     assert "Apache-2.0" in (ROOT / "pyproject.toml").read_text()
+
+
+def test_missing_extra_names_it(monkeypatch):
+    real = _extras.importlib.util.find_spec
+    monkeypatch.setattr(_extras.importlib.util, "find_spec", lambda name: None if name == "tqdm" else real(name))
+    with pytest.raises(ModuleNotFoundError, match=r"longreach extrapolate needs tqdm, which is not installed; "
+                                                  r"install it with: pip install 'longreach\[study\]'"):
+        _extras.require(("tqdm", "matplotlib"), "longreach extrapolate")
+
+
+def test_cli_names_the_missing_extra(monkeypatch, capsys):
+    from longreach.__main__ import main
+
+    real = _extras.importlib.util.find_spec
+    monkeypatch.setattr(_extras.importlib.util, "find_spec",
+                        lambda name: None if name == "matplotlib" else real(name))
+    assert main(["bench", "--plot", "x.png"]) == 2
+    assert "pip install 'longreach[study]'" in capsys.readouterr().err
+
+
+def test_cli_runs_with_a_passive_openmp_wait_policy(monkeypatch):
+    from longreach import __main__ as cli
+
+    calls = []
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(cli.os, "execv", lambda path, args: calls.append((path, args)))
+    cli._with_passive_openmp(["bench", "--quick"])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert calls and calls[0][0] == sys.executable
+    calls.clear()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice is kept
+    cli._with_passive_openmp(["bench"])
+    assert calls == []
