@@ -39,7 +39,7 @@ template <typename T>
 void launch_blocks(void (*kernel)(const AttentionArgs<T, float>), int64_t smem, int64_t blocks, int64_t heads,
                    int64_t batch, cudaStream_t stream, const AttentionArgs<T, float>& a) {
   if (blocks == 0 || heads == 0 || batch == 0) return;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max() && heads <= 65535 && batch <= 65535,
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max() && heads <= 65535 && batch <= 65535,
               "local_attention (CUDA): grid of ", blocks, " x ", heads, " heads x ", batch,
               " batch elements is too large (at most 2^31-1 x 65535 x 65535)");
   int device = 0, max_smem = 0;
