@@ -24,11 +24,12 @@ CONTEXT = {
         ("for doc in documents", "documents = [list(range(3, 40)), list(range(5, 17)), list(range(7, 60))]"),
     ],
     "docs/modules.md": [
-        ("y = attn(x)", "x = torch.randn(2, 48, 512); mask = torch.ones(2, 48, dtype=torch.bool); mask[1, :5] = False\n"
-                        "pos = torch.arange(48)[None]"),
+        ("y = attn(x)", "x = torch.randn(2, 48, 512); pad = torch.zeros(2, 48, dtype=torch.bool); pad[1, :5] = True\n"
+                        "pos = torch.arange(48)[None]; cu = torch.tensor([0, 30, 48, 96], dtype=torch.int32); n = 48"),
         ("attn.new_cache()", "prompt = torch.randn(2, 16, 512); next_token = torch.randn(2, 1, 512)"),
-        ("logits = lm(ids)", "ids = torch.randint(0, 256, (2, 24)); mask = torch.ones(2, 24, dtype=torch.bool)\n"
-                             "mask[1, :7] = False; prompt = ids  # one mask fits both"),
+        ("logits = lm(ids)", "ids = torch.randint(0, 256, (2, 24)); pad = torch.zeros(2, 24, dtype=torch.bool)\n"
+                             "pad[1, :7] = True; prompt = ids  # one padding mask fits both\n"
+                             "cu = torch.tensor([0, 20, 48], dtype=torch.int32)"),
     ],
     "docs/positional.md": [
         ("config.head_dim", "import transformers\nconfig = transformers.LlamaConfig(hidden_size=256, "
