@@ -186,10 +186,10 @@ def test_torch_compile_reduce_overhead_cuda_graphs():
 @needs_gpu
 def test_cuda_rejects_float64_and_huge_head_dims_clearly():
     q = torch.randn(1, 1, 4, 8, device="cuda", dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="CUDA kernels support float16, bfloat16 and float32"):
+    with pytest.raises(TypeError, match="q has dtype torch.float64; the CUDA kernels support float16, bfloat16 and float32"):
         longreach.local_attention(q, q, q)
     q = torch.randn(1, 1, 4, 264, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="head dim 264 is not supported"):
+    with pytest.raises(ValueError, match="head dim 264 is not supported"):
         longreach.local_attention(q, q, q)
 
 

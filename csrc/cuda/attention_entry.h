@@ -25,9 +25,9 @@ namespace longreach::cuda_kernels {
 // and float32 (docs/semantics.md: no float64 on CUDA), head dims up to 256.
 inline void check_cuda_inputs(const at::Tensor& q) {
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "local_attention (CUDA): q has dtype ",
+  TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "local_attention (CUDA): q has dtype ",
               dtype_name(q.scalar_type()), "; the CUDA kernels support float16, bfloat16 and float32 (use float32, or run float64 on CPU)");
-  TORCH_CHECK(q.size(-1) <= 256, "local_attention (CUDA): head dim ", q.size(-1),
+  TORCH_CHECK_VALUE(q.size(-1) <= 256, "local_attention (CUDA): head dim ", q.size(-1),
               " is not supported; expected 1 .. 256");
 }
 
@@ -44,7 +44,7 @@ void dispatch_cuda_dtype(at::ScalarType dt, F&& f) {
       f(float{});
       break;
     default:
-      TORCH_CHECK(false, "local_attention (CUDA): unsupported dtype ", dt);
+      TORCH_CHECK_TYPE(false, "local_attention (CUDA): unsupported dtype ", dtype_name(dt));
   }
 }
 

@@ -49,7 +49,7 @@ void launch_blocks(void (*kernel)(const AttentionArgs<T, float>), int64_t smem, 
                    int64_t batch, cudaStream_t stream, const AttentionArgs<T, float>& a) {
   if (blocks == 0 || heads == 0 || batch == 0) return;
   const HeadBatchGrid grid = fold_heads_batch(heads, batch);
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max() && grid.z <= kMaxGridYZ,
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max() && grid.z <= kMaxGridYZ,
               "local_attention (CUDA): grid of ", blocks, " blocks x ", heads, " heads x ", batch,
               " batch elements is too large (at most 2^31-1 blocks and 65535^2 (head, batch) pairs)");
   int device = 0, max_smem = 0;

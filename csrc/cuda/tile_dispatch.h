@@ -13,7 +13,7 @@ namespace longreach::cuda_kernels {
 // three tile configurations cover every head dim up to 256.
 template <typename F>
 void dispatch_head_dim(int64_t D, F&& f) {
-  TORCH_CHECK(D >= 1 && D <= 256, "local_attention (CUDA): head dim ", D, " is not supported; expected 1 .. 256");
+  TORCH_CHECK_VALUE(D >= 1 && D <= 256, "local_attention (CUDA): head dim ", D, " is not supported; expected 1 .. 256");
   if (D <= 64) {
     f(std::integral_constant<int, 64>{});
   } else if (D <= 128) {

@@ -2,7 +2,10 @@
 
 import torch
 
-from . import _C  # noqa: F401  (importing it registers the torch.ops.longreach ops)
+from ._torch_check import check_torch_matches_build
+
+check_torch_matches_build()  # before loading _C: a mismatched torch fails there with an undefined symbol
+from . import _C  # noqa: E402, F401  (importing it registers the torch.ops.longreach ops)
 
 _REBUILD_HINT = (
     "this build of longreach has no CUDA kernels. Rebuild it against a CUDA build of torch with nvcc "

@@ -41,7 +41,8 @@ class Profile:
     lr: float
 
 
-# The default run fits 10 minutes on a 2-core CPU, --quick fits 2 (see docs/extrapolation.md).
+# Budgets: the default run fits 10 minutes on a 2-core CPU (it takes 4-5), --quick a smoke test of
+# about 15 s (docs/extrapolation.md has the measured times).
 PROFILES = {
     "default": Profile(steps=500, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=8, lr=3e-3),
     "quick": Profile(steps=40, batch_size=8, d_model=64, layers=2, heads=4, eval_chunks=2, lr=6e-3),
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keys a query sees in the sliding-window schemes, itself included "
                         "(default: half the training length)")
     p.add_argument("--quick", action="store_true",
-                   help="a small, fast run for smoke tests (under 2 minutes on 2 cores)")
+                   help="a small, fast run for smoke tests (about 15 s on 2 cores)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps per model {_profile_defaults('steps')}")
     p.add_argument("--batch-size", type=int, default=None, help=f"training sequences per step {_profile_defaults('batch_size')}")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (AdamW) {_profile_defaults('lr')}")

@@ -35,6 +35,15 @@ def is_longformer_model(model) -> bool:
     return any(isinstance(m, classes) for m in model.modules())
 
 
+def hf_self_attention_children(model: nn.Module):
+    """(parent, name, module) of every transformers LongformerSelfAttention in `model`."""
+    hf_class = _hf_self_attention_class()
+    if hf_class is None:
+        return []
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, hf_class)]
+
+
 def patch_longformer(model: nn.Module, *, attention_dropout: Optional[float] = None,
                      dilation: Optional[int] = None) -> nn.Module:
     """Replace every transformers LongformerSelfAttention in `model` with longreach's; returns `model`.

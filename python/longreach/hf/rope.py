@@ -106,7 +106,7 @@ def _check_scaling(scaling) -> None:
                          f"got {rope_type!r}{hint}")
 
 
-def _rotary_modules(model):
+def rotary_children(model):
     """(parent, attribute name, module) of every transformers rotary embedding in the model."""
     found = []
     for parent in model.modules():
@@ -143,7 +143,7 @@ def swap_rotary_embedding(model, scaling: Mapping[str, Any]) -> None:
         new = ({key: _scaled_parameters(value, scaling, max_len) for key, value in old.items()} if old_nested
                else _scaled_parameters(old, scaling, max_len))
 
-    modules = _rotary_modules(model)
+    modules = rotary_children(model)
     if not modules:
         raise ValueError(f"longreach.hf.patch: found no rotary embedding module in {type(model).__name__}")
     device = next(iter(modules[0][2].buffers()), torch.empty(0)).device
