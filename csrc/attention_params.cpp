@@ -42,6 +42,50 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
               ") must be a multiple of the number of key/value heads (", k.size(1), ")");
 }
 
+// A bool mask of one flag per key (global_mask, key_padding_mask).
+void check_bool_mask(const at::Tensor& g, const char* name, const at::Tensor& q, at::IntArrayRef shape,
+                     const char* shape_name) {
+  TORCH_CHECK_TYPE(g.scalar_type() == at::kBool, "local_attention: ", name, " must be a bool tensor, got ",
+                   dtype_name(g.scalar_type()));
+  std::string expected = "(";  // as Python writes a shape
+  for (size_t i = 0; i < shape.size(); ++i) expected += std::to_string(shape[i]) + (i + 1 < shape.size() ? ", " : "");
+  expected += shape.size() == 1 ? ",)" : ")";
+  TORCH_CHECK_VALUE(g.sizes() == shape, "local_attention: ", name, " must have shape ", shape_name, " = ", expected,
+                    ", got ", g.sizes());
+  TORCH_CHECK_VALUE(g.device() == q.device(), "local_attention: ", name, " is on ", g.device(), " but q is on ",
+                    q.device());
+}
+
+
+// The sequence boundaries of a packed batch, checked and read on the host:
+// cu[0] = 0, non-decreasing, cu[N] = total, no sequence longer than max_len.
+std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q, int64_t total,
+                                     int64_t max_len, const char* max_name, const char* total_name) {
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "local_attention_varlen: ", name,
+                    " must be a 1-D tensor (num_seqs + 1,), got shape ", cu.sizes());
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, "local_attention_varlen: ", name,
+                   " must be torch.int32 or torch.int64, got ", dtype_name(cu.scalar_type()));
+  TORCH_CHECK_VALUE(cu.device() == q.device(), "local_attention_varlen: ", name, " is on ", cu.device(),
+                    " but q is on ", q.device());
+  TORCH_CHECK_VALUE(max_len >= 0, "local_attention_varlen: ", max_name, " must be >= 0, got ", max_len);
+  const at::Tensor host = cu.to(at::kCPU, at::kLong).contiguous();  // a device sync on CUDA
+  const int64_t* c = host.data_ptr<int64_t>();
+  const int64_t n = host.numel();
+  TORCH_CHECK_VALUE(c[0] == 0, "local_attention_varlen: ", name, " must start at 0, got ", c[0]);
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK_VALUE(c[i] >= c[i - 1], "local_attention_varlen: ", name, " must be non-decreasing, got ", c[i - 1],
+                      " then ", c[i], " at entries ", i - 1, " and ", i);
+    TORCH_CHECK_VALUE(c[i] - c[i - 1] <= max_len, "local_attention_varlen: sequence ", i - 1, " has length ",
+                      c[i] - c[i - 1], " (", name, "[", i, "] - ", name, "[", i - 1, "]) but ", max_name, " is ",
+                      max_len);
+  }
+  TORCH_CHECK_VALUE(c[n - 1] == total, "local_attention_varlen: ", name, " must end at ", total_name, " = ", total,
+                    ", got ", c[n - 1]);
+  return std::vector<int64_t>(c, c + n);
+}
+
+}  // namespace
+
 // The options every layout shares (window, score, soft-cap, scale, bias, ALiBi),
 // checked against P's lengths and heads; `batch_name` is what the slopes'
 // first dimension counts ("B", or "num_seqs" for a packed batch).
@@ -107,50 +151,6 @@ void set_options(AttentionParams& P, const at::Tensor& q, const c10::optional<at
     P.has_alibi = true;
   }
 }
-
-// A bool mask of one flag per key (global_mask, key_padding_mask).
-void check_bool_mask(const at::Tensor& g, const char* name, const at::Tensor& q, at::IntArrayRef shape,
-                     const char* shape_name) {
-  TORCH_CHECK_TYPE(g.scalar_type() == at::kBool, "local_attention: ", name, " must be a bool tensor, got ",
-                   dtype_name(g.scalar_type()));
-  std::string expected = "(";  // as Python writes a shape
-  for (size_t i = 0; i < shape.size(); ++i) expected += std::to_string(shape[i]) + (i + 1 < shape.size() ? ", " : "");
-  expected += shape.size() == 1 ? ",)" : ")";
-  TORCH_CHECK_VALUE(g.sizes() == shape, "local_attention: ", name, " must have shape ", shape_name, " = ", expected,
-                    ", got ", g.sizes());
-  TORCH_CHECK_VALUE(g.device() == q.device(), "local_attention: ", name, " is on ", g.device(), " but q is on ",
-                    q.device());
-}
-
-
-// The sequence boundaries of a packed batch, checked and read on the host:
-// cu[0] = 0, non-decreasing, cu[N] = total, no sequence longer than max_len.
-std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q, int64_t total,
-                                     int64_t max_len, const char* max_name, const char* total_name) {
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "local_attention_varlen: ", name,
-                    " must be a 1-D tensor (num_seqs + 1,), got shape ", cu.sizes());
-  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, "local_attention_varlen: ", name,
-                   " must be torch.int32 or torch.int64, got ", dtype_name(cu.scalar_type()));
-  TORCH_CHECK_VALUE(cu.device() == q.device(), "local_attention_varlen: ", name, " is on ", cu.device(),
-                    " but q is on ", q.device());
-  TORCH_CHECK_VALUE(max_len >= 0, "local_attention_varlen: ", max_name, " must be >= 0, got ", max_len);
-  const at::Tensor host = cu.to(at::kCPU, at::kLong).contiguous();  // a device sync on CUDA
-  const int64_t* c = host.data_ptr<int64_t>();
-  const int64_t n = host.numel();
-  TORCH_CHECK_VALUE(c[0] == 0, "local_attention_varlen: ", name, " must start at 0, got ", c[0]);
-  for (int64_t i = 1; i < n; ++i) {
-    TORCH_CHECK_VALUE(c[i] >= c[i - 1], "local_attention_varlen: ", name, " must be non-decreasing, got ", c[i - 1],
-                      " then ", c[i], " at entries ", i - 1, " and ", i);
-    TORCH_CHECK_VALUE(c[i] - c[i - 1] <= max_len, "local_attention_varlen: sequence ", i - 1, " has length ",
-                      c[i] - c[i - 1], " (", name, "[", i, "] - ", name, "[", i - 1, "]) but ", max_name, " is ",
-                      max_len);
-  }
-  TORCH_CHECK_VALUE(c[n - 1] == total, "local_attention_varlen: ", name, " must end at ", total_name, " = ", total,
-                    ", got ", c[n - 1]);
-  return std::vector<int64_t>(c, c + n);
-}
-
-}  // namespace
 
 VarlenProblem make_varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,

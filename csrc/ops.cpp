@@ -41,6 +41,23 @@ TORCH_LIBRARY_FRAGMENT(longreach, m) {
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes)");
 }
 
+// Decoding against a KV cache (flash-attn's flash_attn_with_kvcache contract):
+// q (B, Hq, Lq, D); k / v (B, Hk, Lq, D) or None are appended in place at
+// positions cache_seqlens[b] .. + Lq - 1 before the attention, which covers
+// each row's cache_seqlens[b] (+ Lq) keys, bottom-right aligned. Caches:
+// (B, Hk, capacity, D), as a ring buffer with `rolling`, or paged
+// (num_blocks, block_size, Hk, D) with block_table (B, max_blocks) int32.
+// cache_seqlens (B,) int32. sink_tokens: the first keys every later row sees;
+// sinks (Hq,): learnable sink logits in the softmax denominator (lse includes
+// them). num_splits 0 = the kernel chooses. Forward only.
+TORCH_LIBRARY_FRAGMENT(longreach, m) {
+  m.def(
+      "local_attention_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+      "Tensor cache_seqlens, Tensor? block_table, Tensor? alibi_slopes, Tensor? sinks, int window_left, "
+      "int window_right, int dilation, str score, float? sigmoid_bias, float softcap, float scale, int sink_tokens, "
+      "bool rolling, int num_splits) -> (Tensor out, Tensor lse)");
+}
+
 // Rotary position embedding. cos / sin are position-indexed tables
 // (table_len, rot_dim / 2); position_ids is (B, L) or (1, L) int64, None means
 // 0 .. L-1. One op serves both directions: the backward of a rotation is the

@@ -13,11 +13,11 @@ from .ops import local_attention
 from .position_ids import pose_position_ids, segment_position_ids
 from .positional import alibi_slopes, rope_frequencies
 from .ops import apply_rotary, apply_rotary_qk
-from .ops import local_attention_varlen, merge_attention
+from .ops import local_attention_varlen, local_attention_with_kvcache, merge_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["local_attention", "local_attention_varlen", "merge_attention", "reference", "__version__"]
+__all__ = ["local_attention", "local_attention_varlen", "merge_attention", "local_attention_with_kvcache", "reference", "__version__"]
 __all__ += ["apply_rotary", "apply_rotary_qk", "rope_frequencies", "alibi_slopes", "pose_position_ids",
             "segment_position_ids"]
 

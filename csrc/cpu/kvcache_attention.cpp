@@ -1,0 +1,348 @@
+// CPU decode kernel of longreach::local_attention_kvcache_fwd: a few new query
+// rows against a KV cache (contiguous, rolling or paged; common/kv_cache.h),
+// read in place. Work items are (batch row, kv head, residue class, block of
+// rows, split): a block holds the rows of every query head of the kv head's
+// GQA group in one residue class (p mod dilation), so each key a block reads
+// serves all of them; splits cut the block's keys into parts (split-KV) that
+// run on different threads when there are fewer blocks than threads, and
+// their partial (out, max, sum) are merged by log-sum-exp at the end, where
+// the learnable sink logits join the denominator. Keys are read as rows
+// (rows_dot / rows_axpy: packing K^T costs as much as using it for a few
+// rows), in runs of one stride through the cache's storage.
+#include "kvcache_attention.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common/scores.h"
+#include "../common/window.h"
+#include "attention_rows.h"
+#include "tile_ops.h"
+
+namespace longreach::cpu {
+namespace detail {
+namespace {
+
+constexpr int64_t kBlockRows = 32;  // rows of a work item (softmax_rows takes at most 4096)
+constexpr int64_t kTileKeys = 128;  // keys per score tile
+constexpr int64_t kMaxSplits = 256;
+
+// A block of rows of one (batch row, kv head, residue class), and the class
+// keys its windows cover: positions lo, lo + d, ..., n of them.
+struct RowBlock {
+  int64_t b, hk;
+  std::vector<int64_t> heads, rows;  // row a: query head heads[a], row index rows[a] (position k_len - Lq + rows[a])
+  int64_t lo = 0, n = 0;
+};
+
+// The storage of one cache tensor: the offset of position j of batch row b,
+// kv head hk (common/kv_cache.h's slots), in elements.
+struct CacheAddress {
+  const CacheGeometry* g;
+  int64_t s0, s1, s2;         // the tensor's first three strides
+  const int64_t* table;       // paged: (B, max_blocks) host block table
+  int64_t max_blocks;
+  int64_t token_stride() const { return g->layout == CacheLayout::kPaged ? s1 : s2; }
+  int64_t offset(int64_t b, int64_t hk, int64_t j) const {
+    const int64_t slot = cache_slot(*g, j);
+    if (g->layout == CacheLayout::kPaged) {
+      return table[b * max_blocks + slot / g->block_size] * s0 + (slot % g->block_size) * s1 + hk * s2;
+    }
+    return b * s0 + hk * s1 + slot * s2;
+  }
+};
+
+std::vector<RowBlock> make_blocks(const KvCacheProblem& pr) {
+  const AttentionParams& P = pr.params;
+  const int64_t d = P.window.dilation, Lq = P.q_len, G = P.group_size();
+  std::vector<RowBlock> blocks;
+  for (int64_t b = 0; b < P.batch; ++b) {
+    for (int64_t hk = 0; hk < P.kv_heads; ++hk) {
+      for (int64_t i0 = 0; i0 < std::min(d, Lq); ++i0) {  // one residue class per first row
+        RowBlock blk{b, hk, {}, {}};
+        for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+          for (int64_t i = i0; i < Lq; i += d) {
+            if (static_cast<int64_t>(blk.rows.size()) == kBlockRows) {
+              blocks.push_back(blk);
+              blk.heads.clear();
+              blk.rows.clear();
+            }
+            blk.heads.push_back(h);
+            blk.rows.push_back(i);
+          }
+        }
+        if (!blk.rows.empty()) blocks.push_back(blk);
+      }
+    }
+  }
+  // The class keys the block's windows cover (the rows' windows are bands in one class).
+  for (RowBlock& blk : blocks) {
+    const SequenceView& s = pr.rows[blk.b];
+    const int64_t off = s.position_offset();
+    const auto [i_min, i_max] = std::minmax_element(blk.rows.begin(), blk.rows.end());
+    int64_t lo, hi, lo2, hi2;
+    window_key_range(P.window, s, *i_min + off, &lo, &hi);
+    window_key_range(P.window, s, *i_max + off, &lo2, &hi2);
+    blk.lo = lo;
+    blk.n = hi2 >= lo ? (hi2 - lo) / d + 1 : 0;
+  }
+  return blocks;
+}
+
+// Splits per block: as asked, or enough to give every thread two items when
+// the blocks alone cannot, without parts of fewer than ~512 keys.
+int64_t choose_splits(const KvCacheProblem& pr, const std::vector<RowBlock>& blocks) {
+  if (pr.num_splits > 0) return std::min(pr.num_splits, kMaxSplits);
+  int64_t longest = 0;
+  for (const RowBlock& blk : blocks) longest = std::max(longest, blk.n);
+  const int64_t nb = std::max<int64_t>(1, static_cast<int64_t>(blocks.size()));
+  const int64_t threads = at::get_num_threads();
+  if (nb >= 2 * threads) return 1;
+  const int64_t wanted = (2 * threads + nb - 1) / nb;
+  return std::max<int64_t>(1, std::min({wanted, longest / 512, kMaxSplits}));
+}
+
+template <typename acc_t>
+struct DecodeScratch {
+  int64_t ld_s;
+  Buffer<acc_t> q, S, alpha, kbuf, vbuf;
+  std::vector<int64_t> first, end, run_first, run_end, pos;
+  DecodeScratch(int64_t D, int64_t W) : ld_s(round_up(kTileKeys, W) + W) {
+    q.resize(kBlockRows * D);
+    S.resize(kBlockRows * ld_s);
+    alpha.resize(kBlockRows);
+    kbuf.resize(kTileKeys * D);
+    vbuf.resize(kTileKeys * D);
+    for (auto* v : {&first, &end, &run_first, &run_end, &pos}) v->resize(kBlockRows);
+  }
+};
+
+template <typename scalar_t>
+void decode_kernel(const KvCacheProblem& pr, const at::Tensor& q, const at::Tensor& k_cache,
+                   const at::Tensor& v_cache, const at::Tensor& slopes, const at::Tensor& sinks, at::Tensor& out,
+                   at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AttentionParams& P = pr.params;
+  const TileOps<acc_t>& ops = tile_ops<acc_t>();
+  const int64_t D = P.head_dim, W = ops.vec_width, d = P.window.dilation;
+  const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
+  const acc_t scale = static_cast<acc_t>(P.scale), softcap = static_cast<acc_t>(P.softcap);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const CacheAddress ka{&pr.cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pr.block_table.data(),
+                        pr.max_blocks};
+  const CacheAddress va{&pr.cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), pr.block_table.data(),
+                        pr.max_blocks};
+  const scalar_t* K = k_cache.const_data_ptr<scalar_t>();
+  const scalar_t* V = v_cache.const_data_ptr<scalar_t>();
+  const scalar_t* Q = q.const_data_ptr<scalar_t>();
+
+  const std::vector<RowBlock> blocks = make_blocks(pr);
+  const int64_t n_splits = choose_splits(pr, blocks);
+  const int64_t part = D + 2;  // a row's partial result: acc[D], max, sum
+  std::vector<int64_t> part_base(blocks.size() + 1, 0);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    part_base[i + 1] = part_base[i] + static_cast<int64_t>(blocks[i].rows.size()) * n_splits * part;
+  }
+  Buffer<acc_t> partial(std::max<int64_t>(1, part_base.back()));
+
+  auto make_scratch = [&] { return DecodeScratch<acc_t>(D, W); };
+  const int64_t n_items = static_cast<int64_t>(blocks.size()) * n_splits;
+  parallel_items(n_items, make_scratch, [&](int64_t item, DecodeScratch<acc_t>& ws) {
+    const RowBlock& blk = blocks[item / n_splits];
+    const int64_t split = item % n_splits;
+    const SequenceView& seq = pr.rows[blk.b];
+    const int64_t m = static_cast<int64_t>(blk.rows.size());
+    const int64_t off = seq.position_offset();
+    const acc_t bias = static_cast<acc_t>(sigmoid_bias_of(P, seq));
+    acc_t* res = partial.data() + part_base[item / n_splits] + split * m * part;  // rows' partials, `part` apart
+    std::vector<acc_t> slope(m);
+    for (int64_t a = 0; a < m; ++a) {
+      ws.pos[a] = blk.rows[a] + off;
+      slope[a] = alibi_slope<acc_t>(P, slopes, blk.b, blk.heads[a]);
+      const scalar_t* src = Q + blk.b * q.stride(0) + blk.heads[a] * q.stride(1) + blk.rows[a] * q.stride(2);
+      convert_in(ops, src, D, acc_t(1), ws.q.data() + a * D);
+      acc_t* r = res + a * part;
+      std::fill(r, r + D, acc_t(0));
+      r[D] = neg_inf;
+      r[D + 1] = acc_t(0);
+    }
+
+    // One segment of keys: positions j0 + c * step for c in [0, n); row a sees
+    // columns [col_lo[a], col_hi[a]) of it, and with `sink_segment` only the
+    // sink keys at or before its position that its window does not hold.
+    auto run_segment = [&](int64_t j0, int64_t step, int64_t n, const std::vector<int64_t>& col_lo,
+                           const std::vector<int64_t>& col_hi, bool sink_segment) {
+      for (int64_t c0 = 0; c0 < n; c0 += kTileKeys) {
+        const int64_t nt = std::min(kTileKeys, n - c0);
+        bool any = false;
+        for (int64_t a = 0; a < m; ++a) {
+          ws.first[a] = std::clamp(col_lo[a] - c0, int64_t(0), nt);
+          ws.end[a] = std::clamp(col_hi[a] - c0, ws.first[a], nt);
+          any = any || ws.first[a] < ws.end[a];
+        }
+        if (!any) continue;
+        acc_t* S = ws.S.data();
+        // The tile's keys in runs of one stride through the cache; 16-bit keys
+        // are converted to acc_t once per tile.
+        const int64_t j_tile = j0 + c0 * step;
+        for (int64_t c = 0; c < nt;) {
+          const int64_t j = j_tile + c * step;
+          const int64_t len = cache_run_length(pr.cache, j, step, nt - c);
+          const scalar_t* kp = K + ka.offset(blk.b, blk.hk, j);
+          const int64_t ld = step * ka.token_stride();
+          for (int64_t a = 0; a < m; ++a) {
+            ws.run_first[a] = std::clamp(ws.first[a] - c, int64_t(0), len);
+            ws.run_end[a] = std::clamp(ws.end[a] - c, ws.run_first[a], len);
+          }
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            ops.rows_dot(m, D, ws.q.data(), D, kp, ld, scale, S + c, ws.ld_s, ws.run_first.data(),
+                         ws.run_end.data());
+          } else {
+            for (int64_t r = 0; r < len; ++r) convert_in(ops, kp + r * ld, D, acc_t(1), ws.kbuf.data() + r * D);
+            ops.rows_dot(m, D, ws.q.data(), D, ws.kbuf.data(), D, scale, S + c, ws.ld_s, ws.run_first.data(),
+                         ws.run_end.data());
+          }
+          c += len;
+        }
+        for (int64_t a = 0; a < m; ++a) {  // soft-cap, ALiBi, and the sink segment's mask
+          acc_t* s = S + a * ws.ld_s;
+          for (int64_t c = ws.first[a]; c < ws.end[a]; ++c) {
+            const int64_t j = j_tile + c * step;
+            if (sink_segment && (j > ws.pos[a] || in_window(P.window, ws.pos[a], j))) {
+              s[c] = neg_inf;
+              continue;
+            }
+            s[c] = transform_score<acc_t>(s[c], softcap, slope[a], abs_distance(ws.pos[a], j));
+          }
+        }
+        if (sigmoid_score) {
+          ops.sigmoid_rows(S, ws.ld_s, m, ws.first.data(), ws.end.data(), bias);
+        } else {
+          // Running max and sum live in the partial rows (strided): copy in and out.
+          acc_t mx[kBlockRows], sum[kBlockRows];
+          for (int64_t a = 0; a < m; ++a) {
+            mx[a] = res[a * part + D];
+            sum[a] = res[a * part + D + 1];
+          }
+          ops.softmax_rows(S, ws.ld_s, m, ws.first.data(), ws.end.data(), mx, sum, ws.alpha.data());
+          for (int64_t a = 0; a < m; ++a) {
+            res[a * part + D] = mx[a];
+            res[a * part + D + 1] = sum[a];
+            const acc_t al = ws.alpha[a];
+            if (al == acc_t(1)) continue;
+            acc_t* o = res + a * part;
+            for (int64_t e = 0; e < D; ++e) o[e] *= al;
+          }
+        }
+        for (int64_t c = 0; c < nt;) {
+          const int64_t j = j_tile + c * step;
+          const int64_t len = cache_run_length(pr.cache, j, step, nt - c);
+          const scalar_t* vp = V + va.offset(blk.b, blk.hk, j);
+          const int64_t ld = step * va.token_stride();
+          for (int64_t a = 0; a < m; ++a) {
+            ws.run_first[a] = std::clamp(ws.first[a] - c, int64_t(0), len);
+            ws.run_end[a] = std::clamp(ws.end[a] - c, ws.run_first[a], len);
+          }
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            ops.rows_axpy(m, D, S + c, ws.ld_s, vp, ld, res, part, ws.run_first.data(), ws.run_end.data());
+          } else {
+            for (int64_t r = 0; r < len; ++r) convert_in(ops, vp + r * ld, D, acc_t(1), ws.vbuf.data() + r * D);
+            ops.rows_axpy(m, D, S + c, ws.ld_s, ws.vbuf.data(), D, res, part, ws.run_first.data(),
+                          ws.run_end.data());
+          }
+          c += len;
+        }
+      }
+    };
+
+    std::vector<int64_t> col_lo(m), col_hi(m);
+    // Sink tokens (split 0): keys 0 .. sink_tokens - 1, each row masking what it may not see.
+    const int64_t n_sink = std::min(pr.sink_tokens, seq.k_len);
+    if (split == 0 && n_sink > 0) {
+      for (int64_t a = 0; a < m; ++a) {
+        col_lo[a] = 0;
+        col_hi[a] = std::clamp<int64_t>(ws.pos[a] + 1, 0, n_sink);
+      }
+      run_segment(0, 1, n_sink, col_lo, col_hi, true);
+    }
+    // This split's part of the class keys the windows cover, as columns from c_begin.
+    const int64_t c_begin = blk.n * split / n_splits, c_end = blk.n * (split + 1) / n_splits;
+    if (c_begin < c_end) {
+      for (int64_t a = 0; a < m; ++a) {
+        int64_t lo, hi;
+        window_key_range(P.window, seq, ws.pos[a], &lo, &hi);
+        col_lo[a] = lo <= hi ? std::max(c_begin, (lo - blk.lo) / d) - c_begin : 0;
+        col_hi[a] = lo <= hi ? std::min(c_end, (hi - blk.lo) / d + 1) - c_begin : 0;
+      }
+      run_segment(blk.lo + c_begin * d, d, c_end - c_begin, col_lo, col_hi, false);
+    }
+  });
+
+  // Merge the splits of each row (and the sink logit), then write out and lse.
+  const acc_t* sink_logits = nullptr;
+  at::Tensor sinks_acc;
+  if (pr.has_sinks) {
+    sinks_acc = sinks.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    sink_logits = sinks_acc.const_data_ptr<acc_t>();
+  }
+  scalar_t* O = out.data_ptr<scalar_t>();
+  acc_t* L = lse.data_ptr<acc_t>();
+  const int64_t Hq = P.q_heads, Lq = P.q_len;
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t finish) {
+    std::vector<acc_t> row(D);
+    for (int64_t bi = begin; bi < finish; ++bi) {
+      const RowBlock& blk = blocks[bi];
+      const int64_t m = static_cast<int64_t>(blk.rows.size());
+      for (int64_t a = 0; a < m; ++a) {
+        const int64_t h = blk.heads[a];
+        auto split_row = [&](int64_t s) { return partial.data() + part_base[bi] + (s * m + a) * part; };
+        std::fill(row.begin(), row.end(), acc_t(0));
+        acc_t lse_value = acc_t(0);  // not defined for sigmoid
+        if (sigmoid_score) {
+          for (int64_t s = 0; s < n_splits; ++s) {
+            const acc_t* r = split_row(s);
+            for (int64_t e = 0; e < D; ++e) row[e] += r[e];
+          }
+        } else {
+          acc_t mx = sink_logits ? sink_logits[h] : neg_inf;
+          for (int64_t s = 0; s < n_splits; ++s) mx = nan_propagating_max(split_row(s)[D], mx);
+          const acc_t shift = std::isfinite(mx) ? mx : acc_t(0);
+          acc_t total = sink_logits ? std::exp(sink_logits[h] - shift) : acc_t(0);
+          for (int64_t s = 0; s < n_splits; ++s) {
+            const acc_t* r = split_row(s);
+            if (r[D] == neg_inf) continue;  // a part without keys
+            const acc_t w = std::exp(r[D] - shift);
+            total += w * r[D + 1];
+            for (int64_t e = 0; e < D; ++e) row[e] += w * r[e];
+          }
+          // A row without keys (and without a sink) returns zeros; NaN stays NaN.
+          const bool empty = total == acc_t(0);
+          const acc_t inv = empty ? acc_t(0) : acc_t(1) / total;
+          for (int64_t e = 0; e < D; ++e) row[e] = empty ? acc_t(0) : row[e] * inv;
+          lse_value = empty ? neg_inf : shift + std::log(total);
+        }
+        const int64_t i = blk.rows[a];
+        convert_out(ops, row.data(), D, acc_t(1), O + ((blk.b * Hq + h) * Lq + i) * D);
+        L[(blk.b * Hq + h) * Lq + i] = lse_value;
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace detail
+
+void kvcache_attention_forward(const KvCacheProblem& pr, const at::Tensor& q, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& slopes, const at::Tensor& sinks,
+                               at::Tensor& out, at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_kvcache_fwd_cpu", [&] {
+    detail::decode_kernel<scalar_t>(pr, q, k_cache, v_cache, slopes, sinks, out, lse);
+  });
+}
+
+}  // namespace longreach::cpu
