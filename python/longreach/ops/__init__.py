@@ -6,6 +6,7 @@ library (torch.ops.longreach), their fake (meta) kernels for tracing, and their 
 - varlen.py     local_attention_varlen (packed (total, H, D) sequences, flash-attn's layout)
 - rotary.py     apply_rotary / apply_rotary_qk (the RoPE rotation)
 - merge.py      merge_attention (partial results over disjoint key sets -> the exact result)
+- autocast.py   the attention ops' Autocast kernels (q, k, v in the autocast dtype, as SDPA)
 """
 
 from .attention import OWNER, Window, attention_autograd, kernel_options, local_attention, normalize_window
