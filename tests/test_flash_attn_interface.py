@@ -345,6 +345,8 @@ def test_what_cannot_be_honoured_raises():
     (dict(causal="yes"), TypeError, "causal must be a bool"),
     (dict(softcap=None), TypeError, "softcap must be a number"),
     (dict(deterministic=1), TypeError, "deterministic must be a bool"),
+    (dict(softmax_scale="0.5"), TypeError, "softmax_scale must be a finite number or None"),
+    (dict(softmax_scale=math.inf), ValueError, "softmax_scale must be a finite number or None"),
     (dict(alibi_slopes=[0.5, 0.5]), TypeError, "alibi_slopes must be a float32 tensor"),
 ])
 def test_bad_arguments(kwargs, error, match):

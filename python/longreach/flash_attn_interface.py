@@ -89,6 +89,11 @@ def _options(owner: str, dropout_p, softmax_scale, causal, window_size, softcap,
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(f"{owner}: softcap must be a number (0.0 or less means off), "
                         f"got {describe(softcap, typed=True)}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+                                      or not math.isfinite(softmax_scale)):
+        raise (ValueError if isinstance(softmax_scale, (int, float)) and not isinstance(softmax_scale, bool)
+               else TypeError)(f"{owner}: softmax_scale must be a finite number or None (None means "
+                               f"1 / sqrt(head dim)), got {describe(softmax_scale, typed=True)}")
     causal = check_bool(owner, "causal", causal)
     check_bool(owner, "deterministic", deterministic)  # no effect: the backward is always deterministic
     check_bool(owner, "return_attn_probs", return_attn_probs)
