@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,41 @@ def test_cli_runs_with_a_passive_openmp_wait_policy(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice is kept
     cli._with_passive_openmp(["bench"])
     assert calls == []
+
+
+# ------------------------------------------------------------ project URLs, README on PyPI --
+
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)[^)]*\)|<(?:a|img)\b[^>]*?(?:href|src)=[\"']([^\"']+)[\"']")
+
+
+def _project_urls() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+
+
+def test_project_urls_share_one_repository():
+    urls = _project_urls()
+    assert set(urls) == {"Homepage", "Documentation", "Source", "Issues", "Changelog"}
+    repo = urls["Source"]
+    assert repo.startswith("https://") and all(url.startswith(repo) for url in urls.values())
+    assert urls["Changelog"] == f"{repo}/blob/main/CHANGELOG.md"
+
+
+def test_readme_links_work_on_pypi():
+    # PyPI renders README.md without the repository around it: a relative link (docs/x.md, an
+    # image) is broken there. Every link must be absolute or an anchor; those into the repository
+    # use pyproject's Source URL and name a file that exists.
+    repo = _project_urls()["Source"]
+    links = [a or b for a, b in _LINK.findall((ROOT / "README.md").read_text())]
+    assert links, "the pattern finds no link: it is broken"
+    for link in links:
+        assert link.startswith(("https://", "http://", "mailto:", "#")), f"README.md: relative link {link!r}"
+        for prefix in (f"{repo}/blob/main/", f"{repo}/tree/main/", f"{repo}/raw/main/"):
+            if link.startswith(prefix):
+                path = link[len(prefix):].split("#")[0]
+                assert (ROOT / path).exists(), f"README.md links to {link}, but {path} is not in the repository"
+
+
+def test_readme_link_check_can_fail(tmp_path):
+    text = "see [the docs](docs/cuda.md) and ![plot](docs/images/x.png) and <img src=\"a.png\">"
+    assert [a or b for a, b in _LINK.findall(text)] == ["docs/cuda.md", "docs/images/x.png", "a.png"]

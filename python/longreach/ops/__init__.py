@@ -7,6 +7,7 @@ library (torch.ops.longreach), their fake (meta) kernels for tracing, and their 
 - rotary.py     apply_rotary / apply_rotary_qk (the RoPE rotation)
 - kvcache.py    local_attention_with_kvcache (decoding against contiguous, rolling or paged KV caches)
 - merge.py      merge_attention (partial results over disjoint key sets -> the exact result)
+- autocast.py   the attention ops' Autocast kernels (q, k, v in the autocast dtype, as SDPA)
 """
 
 from .attention import OWNER, Window, attention_autograd, kernel_options, local_attention, normalize_window

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _autograd
+from .autocast import register_autocast
 from .._checks import (SCORES, check_bool, check_int, check_same_device, check_scale, check_score,  # noqa: F401
                       check_sigmoid_bias, check_softcap, check_tensor, check_window_side)
 from .._library import check_device_supported
@@ -230,3 +231,4 @@ def attention_autograd(fwd: torch._ops.OpOverload, bwd: torch._ops.OpOverload, p
 
 
 _LocalAttention = attention_autograd(_FWD, _BWD, "longreach.local_attention", "_LocalAttention")
+register_autocast(_FWD, 3)  # q, k, v in the autocast dtype, as SDPA (autocast.py)

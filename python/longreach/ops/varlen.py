@@ -14,6 +14,7 @@ import torch
 from .. import _autograd
 from .._checks import check_cu_seqlens, check_int, check_same_device, check_tensor, describe
 from .._library import check_device_supported
+from .autocast import register_autocast
 from .attention import Window, _lse_dtype, attention_autograd, kernel_options
 
 OWNER = "local_attention_varlen"
@@ -132,3 +133,4 @@ def _varlen_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seq
 _FWD = torch.ops.longreach.local_attention_varlen_fwd.default
 _BWD = torch.ops.longreach.local_attention_varlen_bwd.default
 _Varlen = attention_autograd(_FWD, _BWD, "longreach.local_attention_varlen", "_LocalAttentionVarlen")
+register_autocast(_FWD, 3)  # q, k, v in the autocast dtype, as SDPA (autocast.py)
