@@ -301,6 +301,57 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(grad_c, grad_e)
 
 
+# ------------------------------------------------------------------ kv cache --
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("causal, window_size, alibi", [(True, (-1, -1), False), (True, (5, -1), True),
+                                                         (False, (4, -1), False), (True, (-1, -1), True)])
+def test_with_kvcache_decodes_as_flash_attn(paged, causal, window_size, alibi):
+    torch.manual_seed(0)
+    B, H, Hk, D, capacity, block = 2, 4, 2, 8, 32, 8
+    if paged:
+        k_cache = torch.zeros(10, block, Hk, D, dtype=torch.float64)
+        block_table = torch.randperm(10)[:B * capacity // block].view(B, -1).to(torch.int32)
+    else:
+        k_cache = torch.zeros(B, capacity, Hk, D, dtype=torch.float64)
+        block_table = None
+    v_cache = torch.zeros_like(k_cache)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625]) if alibi else None
+    history_k, history_v = [torch.zeros(1, 0, Hk, D).double()] * B, [torch.zeros(1, 0, Hk, D).double()] * B
+    seqlens = torch.tensor([0, 3], dtype=torch.int32)
+    for b in range(B):  # row 1 starts with 3 keys written by hand
+        pre_k, pre_v = torch.randn(1, 3, Hk, D).double(), torch.randn(1, 3, Hk, D).double()
+        if b == 1:
+            for j in range(3):
+                if paged:
+                    k_cache[block_table[1, 0], j], v_cache[block_table[1, 0], j] = pre_k[0, j], pre_v[0, j]
+                else:
+                    k_cache[1, j], v_cache[1, j] = pre_k[0, j], pre_v[0, j]
+            history_k[1], history_v[1] = pre_k, pre_v
+    for step in range(12):
+        lq = 1 if step % 3 else 2
+        q = torch.randn(B, lq, H, D).double()
+        k, v = torch.randn(B, lq, Hk, D).double(), torch.randn(B, lq, Hk, D).double()
+        out, lse = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens,
+                                              block_table=block_table, causal=causal, window_size=window_size,
+                                              alibi_slopes=slopes, return_softmax_lse=True)
+        for b in range(B):
+            history_k[b] = torch.cat([history_k[b], k[b:b + 1]], 1)
+            history_v[b] = torch.cat([history_v[b], v[b:b + 1]], 1)
+            ref, ref_lse = flash_reference(q[b:b + 1], history_k[b], history_v[b], causal=causal,
+                                           window_size=window_size, alibi_slopes=slopes, rules_seqlen_k=capacity)
+            _close(out[b:b + 1], ref)
+            _close(lse[b:b + 1], ref_lse)
+        seqlens += lq
+
+
+def test_with_kvcache_rejects_what_it_cannot_do():
+    q, cache = torch.randn(1, 1, 2, 8), torch.zeros(1, 4, 2, 8)
+    for name in ("rotary_cos", "cache_batch_idx", "cache_leftpad"):
+        with pytest.raises(NotImplementedError, match=name):
+            fa.flash_attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=1, **{name: torch.zeros(1)})
+
+
 # ----------------------------------------------------------- signatures, errors --
 
 COMMON = [("dropout_p", 0.0), ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
@@ -315,6 +366,11 @@ SIGNATURES = {  # flash-attn 2's flash_attn_interface.py
     "flash_attn_varlen_qkvpacked_func": [(n, REQUIRED) for n in ("qkv", "cu_seqlens", "max_seqlen")] + COMMON,
     "flash_attn_varlen_kvpacked_func": [(n, REQUIRED) for n in ("q", "kv", "cu_seqlens_q", "cu_seqlens_k",
                                                                 "max_seqlen_q", "max_seqlen_k")] + COMMON,
+    "flash_attn_with_kvcache": [(n, REQUIRED) for n in ("q", "k_cache", "v_cache")] + [
+        ("k", None), ("v", None), ("rotary_cos", None), ("rotary_sin", None), ("cache_seqlens", None),
+        ("cache_batch_idx", None), ("cache_leftpad", None), ("block_table", None), ("softmax_scale", None),
+        ("causal", False), ("window_size", (-1, -1)), ("softcap", 0.0), ("rotary_interleaved", True),
+        ("alibi_slopes", None), ("num_splits", 0), ("return_softmax_lse", False)],
 }
 
 

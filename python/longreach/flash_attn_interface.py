@@ -23,10 +23,11 @@ flash-attn computes, corner cases included (docs/flash_attn.md):
   only with dropout, which longreach does not have yet.
 
 What cannot be honoured raises: ``dropout_p > 0`` (NotImplementedError until the op has dropout),
-``block_table`` (paged KV caches). ``deterministic`` is accepted and has no effect: longreach's
+``block_table`` in the varlen function (paged caches are read by ``flash_attn_with_kvcache``). ``deterministic`` is accepted and has no effect: longreach's
 backward is always deterministic. Unlike flash-attn, float32 and float64 inputs and any head
 dim work, and softmax_lse is differentiable (flash-attn drops its gradient). The ALiBi slopes get
-no gradient, as in flash-attn. ``flash_attn_with_kvcache`` is not here yet (it needs the decode op).
+no gradient, as in flash-attn. ``flash_attn_with_kvcache`` runs on longreach.local_attention_with_kvcache
+(contiguous and paged caches, in-place append, split-KV; no rotary inside the call).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ._checks import check_bool, check_tensor, describe
 from .ops import local_attention, local_attention_varlen
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
-           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func"]
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]
 
 Window = Tuple[Optional[int], Optional[int]]
 
@@ -258,3 +259,57 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     k, v = kv.unbind(1)
     return _varlen(owner, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                    causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """flash-attn's ``flash_attn_with_kvcache`` on longreach.local_attention_with_kvcache: q
+    (B, Lq, H, D); k_cache, v_cache (B, capacity, Hk, D), or paged (num_blocks, block_size, Hk, D)
+    with block_table (B, max_blocks) int32; k, v (B, Lq, Hk, D) new keys appended in place at
+    cache_seqlens (int or (B,) int32; None: the whole cache). The window is processed as
+    flash-attn's front end does against the cache's capacity (module docstring). Returns out
+    (B, Lq, H, D), or (out, softmax_lse (B, H, Lq)) with return_softmax_lse=True. Rotary
+    embedding inside the call (rotary_cos/rotary_sin), cache_batch_idx and cache_leftpad raise
+    NotImplementedError: apply longreach.apply_rotary before the call, index the cache yourself."""
+    from .ops import local_attention_with_kvcache
+
+    owner = "flash_attn_with_kvcache"
+    for name, value, instead in (("rotary_cos", rotary_cos, "apply longreach.apply_rotary to q and k first"),
+                                 ("rotary_sin", rotary_sin, "apply longreach.apply_rotary to q and k first"),
+                                 ("cache_batch_idx", cache_batch_idx, "index the caches before the call"),
+                                 ("cache_leftpad", cache_leftpad, "store each row's keys from slot 0")):
+        if value is not None:
+            raise NotImplementedError(f"{owner}: {name} is not supported; {instead}")
+    check_bool(owner, "rotary_interleaved", rotary_interleaved)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(owner, name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{owner}: {name} must be a 4-D tensor (flash-attn's layout), got shape {tuple(t.shape)}")
+    window_size, causal, softcap, slopes = _options(owner, 0.0, softmax_scale, causal, window_size, softcap,
+                                                    alibi_slopes, False, return_softmax_lse)
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged and block_table.dim() == 2 else k_cache.shape[1]
+    if cache_seqlens is None:
+        cache_seqlens = capacity - (0 if k is None else q.shape[1])
+    window, causal_kernel = flash_window(window_size, causal, q.shape[1], capacity, slopes is not None)
+    # Contiguous caches are (B, capacity, Hk, D) here and (B, Hk, capacity, D) in longreach: a view.
+    kc = k_cache if paged else k_cache.transpose(1, 2)
+    vc = v_cache if paged else v_cache.transpose(1, 2)
+    new_k = None if k is None else k.transpose(1, 2)
+    new_v = None if v is None else v.transpose(1, 2)
+    out, lse = local_attention_with_kvcache(q.transpose(1, 2), kc, vc, new_k, new_v, cache_seqlens=cache_seqlens,
+                                            block_table=block_table, window=window, alibi_slopes=slopes,
+                                            softcap=softcap, scale=softmax_scale, num_splits=num_splits,
+                                            return_lse=True)
+    out = out.transpose(1, 2).contiguous()
+    if not return_softmax_lse:
+        return out
+    slopes_at_rows = positions = None
+    if slopes is not None and causal_kernel:  # flash-attn's causal ALiBi lse shift (flash_lse)
+        lens = torch.as_tensor(cache_seqlens, device=q.device).reshape(-1).expand(q.shape[0]).long()
+        total = lens + (0 if k is None else q.shape[1])
+        positions = (total[:, None] - q.shape[1] + torch.arange(q.shape[1], device=q.device))[:, None, :]
+        slopes_at_rows = slopes[..., None] if slopes.dim() == 2 else slopes[None, :, None]
+    return out, flash_lse(lse, slopes_at_rows, positions)

@@ -104,6 +104,10 @@ def local_attention_with_kvcache(
         raise NotImplementedError(
             f"{OWNER} is forward only (decoding); call it under torch.no_grad() or torch.inference_mode(), or train "
             f"with local_attention / local_attention_varlen, got inputs that require gradients")
+    if q.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "longreach::local_attention_kvcache_fwd", "CUDA"):
+        raise NotImplementedError(f"{OWNER}: there is no CUDA decode kernel yet (CPU only); on CUDA, attend over "
+                                  f"the cache's keys with local_attention")
     check_device_supported("local_attention_kvcache_fwd", q)
     left, right, dilation, score, sigmoid_bias, softcap, scale = options
     out, lse = torch.ops.longreach.local_attention_kvcache_fwd(
