@@ -1,0 +1,119 @@
+"""longreach.distributed: context-parallel local attention over gloo processes on CPU.
+
+Outputs and every gradient of 2 and 4 ranks equal the single-process op over the whole sequence
+(float64 to 1e-12, float32 to 1e-5, relative to the values' size); the bytes each rank sends per
+layer equal its halo and do not grow with the shard; a mismatch between ranks raises on every
+rank. The ranks run in subprocesses (tests/distributed_worker.py) under a hard time bound
+(tests/distributed_launch.py), several cases per launch to keep process start-up rare.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longreach.distributed as cp
+from distributed_launch import launch
+from longreach.distributed.layout import ShardLayout
+
+TOLERANCE = {"torch.float64": 1e-12, "torch.float32": 1e-5}
+SLOPES_TOLERANCE = 1e-5  # slope gradients are float32 (the slopes' dtype) on every path
+
+
+# ----------------------------------------------------------- the plan (no processes) --
+
+def _needed(layout: ShardLayout, rank: int):
+    """Positions rank's rows reach by their window, outside its shard (written out directly)."""
+    start, end = layout.start(rank), layout.end(rank)
+    if start == end:
+        return set()
+    reach_left = layout.total if layout.left < 0 else layout.left * layout.dilation
+    reach_right = layout.total if layout.right < 0 else layout.right * layout.dilation
+    return {p for p in range(layout.total) if (start - reach_left <= p < start) or (end <= p < end + reach_right)}
+
+
+@pytest.mark.parametrize("lengths", [(13, 9), (7, 0, 12, 5), (0, 0, 4), (3, 3, 3, 3, 3), (5,)])
+@pytest.mark.parametrize("left,right,dilation", [(3, 0, 1), (15, 0, 1), (4, 3, 3), (-1, 2, 1), (1000, -1, 2)])
+def test_plan_covers_exactly_the_halo(lengths, left, right, dilation):
+    layout = ShardLayout(lengths, left, right, dilation)
+    for rank in range(layout.world):
+        received = [(owner, p) for owner, lo, hi in layout.receives(rank) for p in range(lo, hi)]
+        assert sorted(p for _, p in received) == sorted(_needed(layout, rank))  # each position once
+        for owner, p in received:
+            assert layout.start(owner) <= p < layout.end(owner) and owner != rank
+        # what rank sends is what its readers receive from it
+        sends = sorted((reader, lo, hi) for reader, lo, hi in layout.sends(rank))
+        expected = sorted((reader, lo, hi) for reader in range(layout.world)
+                          for owner, lo, hi in layout.receives(reader) if owner == rank)
+        assert sends == expected
+
+
+def test_multi_hop_plan_reads_several_owners():
+    layout = ShardLayout((7, 0, 12, 5), 15, 0, 1)
+    assert layout.receives(3) == [(0, 4, 7), (2, 7, 19)]  # over the empty rank 1
+    assert layout.receives(2) == [(0, 0, 7)]
+    assert layout.receives(1) == [] and layout.sends(1) == []
+    layout = ShardLayout((4, 4, 4, 4), 9, 0, 1)
+    assert layout.receives(3) == [(0, 3, 4), (1, 4, 8), (2, 8, 12)]
+
+
+# --------------------------------------------------------------------- processes --
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_outputs_and_gradients_equal_the_single_process_op(world):
+    ranks = launch("equality", world, timeout=90)
+    names = [r["name"] for r in ranks[0]]
+    assert len(names) >= 6
+    for rank, records in enumerate(ranks):
+        assert [r["name"] for r in records] == names
+        for r in records:
+            tol = TOLERANCE[r["dtype"]]
+            where = f"{r['name']} ({r['dtype']}) on rank {rank} of {world}"
+            assert r["finite"], where
+            for field in ("out", "dq", "dk", "dv"):
+                assert r[field] <= tol, f"{field} differs by {r[field]:.3g} in {where}"
+            if "dslopes" in r:
+                assert r["dslopes"] <= SLOPES_TOLERANCE, f"dslopes differs by {r['dslopes']:.3g} in {where}"
+
+
+def test_bytes_sent_equal_the_halo_and_stay_flat():
+    ranks = launch("bytes", 2, timeout=90)
+    for rank, records in enumerate(ranks):
+        assert {r["shard"] for r in records} == {8192, 32768, 131072}
+        for r in records:
+            per_position = 2 * r["heads"] * r["head_dim"] * r["itemsize"]  # keys and values
+            left, right = r["window"]
+            # rank 0's last `left` positions go to rank 1, rank 1's first `right` to rank 0;
+            # the backward sends the same pieces' gradients the other way.
+            forward = (left if rank == 0 else right) * per_position
+            backward = (right if rank == 0 else left) * per_position
+            assert (r["forward"], r["backward"]) == (forward, backward), r
+            assert r["forward_messages"] == (1 if forward else 0)
+
+
+EXPECTED_ERRORS = {
+    "head dim differs": "ValueError", "dtype differs": "TypeError", "heads differ": "ValueError",
+    "window differs": "ValueError", "alibi slopes differ": "ValueError", "alibi on one rank only": "ValueError",
+    "requires_grad differs": "ValueError", "3-D q on one rank": "ValueError", "bad dilation everywhere": "ValueError",
+}
+
+
+def test_bad_input_raises_on_every_rank_without_hanging():
+    ranks = launch("errors", 2, timeout=60)
+    for rank, records in enumerate(ranks):
+        errors = {r["name"]: r for r in records if r["kind"] == "error"}
+        assert set(errors) == set(EXPECTED_ERRORS)
+        for name, expected in EXPECTED_ERRORS.items():
+            assert errors[name]["type"] == expected, (rank, errors[name])
+            assert "longreach.distributed.local_attention" in errors[name]["message"]
+        assert "q must be a 4-D tensor" in errors["3-D q on one rank"]["message"] if rank == 1 else \
+            "rank(s) [1]" in errors["3-D q on one rank"]["message"]
+        assert "head dim D, got [8, 16]" in errors["head dim differs"]["message"]
+        assert records[-1] == {"kind": "after errors", "ok": True, "shape": [1, 2, 5, 8]}  # the group still works
+
+
+def test_not_initialised_raises():
+    assert not torch.distributed.is_initialized()
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        cp.local_attention(q, q, q, window=(2, 0))
