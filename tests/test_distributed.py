@@ -117,3 +117,53 @@ def test_not_initialised_raises():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match="init_process_group"):
         cp.local_attention(q, q, q, window=(2, 0))
+
+
+# ------------------------------------------------------------- sharding, the example --
+
+def test_shard_sequence_splits_contiguously_with_true_positions():
+    ids = torch.arange(2 * 11).view(2, 11)
+    labels = cp.next_token_labels(ids)
+    assert labels[:, :-1].equal(ids[:, 1:]) and (labels[:, -1] == -100).all()
+    shards = [cp.shard_sequence(ids, labels=labels, rank=r, world=3) for r in range(3)]
+    assert [s.input_ids.shape[1] for s in shards] == [4, 4, 3] and shards[0].lengths == (4, 4, 3)
+    assert torch.cat([s.input_ids for s in shards], 1).equal(ids)
+    assert torch.cat([s.labels for s in shards], 1).equal(labels)  # shifted before the split
+    assert torch.cat([s.position_ids for s in shards], 1).equal(torch.arange(11)[None])
+    assert [s.start for s in shards] == [0, 4, 8]
+    assert cp.shard_lengths(2, 4) == [1, 1, 0, 0]
+    with pytest.raises(ValueError, match="rank and world"):
+        cp.shard_sequence(ids, rank=3, world=3)
+    with pytest.raises(ValueError, match="labels"):
+        cp.shard_sequence(ids, labels=labels[:, :-1], rank=0, world=2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        cp.shard_sequence(ids)
+
+
+def test_enable_context_parallel_needs_attention_modules():
+    from longreach.nn import LocalTransformerConfig, LocalTransformerLM
+
+    with pytest.raises(ValueError, match="no LocalSelfAttention"):
+        cp.enable_context_parallel(torch.nn.Linear(2, 2))
+    model = cp.enable_context_parallel(LocalTransformerLM(LocalTransformerConfig(d_model=16, n_heads=2, window=4)))
+    with pytest.raises(ValueError, match="context parallelism takes no KV cache"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=model.new_cache())
+
+
+def test_example_trains_on_two_ranks_and_matches_one_process():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_context_parallel.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               "--steps", "2", "--seq-len", "96", "--window", "16", "--check", "--timeout", "40"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=90,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    checks = re.findall(r"loss sharded ([\d.]+) unsharded ([\d.]+), max gradient difference ([\d.e+-]+)", run.stdout)
+    assert len(checks) == 2, run.stdout
+    for sharded, unsharded, grad in checks:
+        assert abs(float(sharded) - float(unsharded)) <= 1e-5 and float(grad) <= 1e-5, run.stdout
+    assert "step 1: loss" in run.stdout
