@@ -64,6 +64,26 @@ def run_equality(rank: int, world: int) -> None:
     for index, (name, case) in enumerate(equality_cases(world)):
         errors = check_case(rank, world, index, **case)
         emit(kind="equality", name=name, dtype=str(case.get("dtype", torch.float64)), **errors)
+    if world == 2:
+        run_compiled(rank)
+
+
+def run_compiled(rank: int) -> None:
+    """Inside torch.compile (the graph splits at the call): the eager values and gradients."""
+    gen = torch.Generator().manual_seed(7 + rank)
+    x = torch.randn(1, 2, 9 + rank, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def layer(x):
+        y = torch.tanh(x) * 2
+        out = longreach.distributed.local_attention(y, y, y, window=(4, 0), causal=True)
+        return (out.sin() * y).sum()
+
+    eager = layer(x)
+    (grad,) = torch.autograd.grad(eager, x)
+    compiled = torch.compile(layer, backend="aot_eager")(x)
+    (compiled_grad,) = torch.autograd.grad(compiled, x)
+    emit(kind="equality", name="inside torch.compile", dtype="torch.float64", out=abs(float(compiled - eager)),
+         dq=float((compiled_grad - grad).abs().max()), dk=0.0, dv=0.0, finite=bool(torch.isfinite(compiled)))
 
 
 def check_case(rank, world, seed, *, lengths, window, causal=False, dilation=1, hq=2, hk=2, d=8, batch=2,

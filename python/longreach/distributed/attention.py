@@ -44,6 +44,9 @@ from .layout import ShardLayout
 OWNER = metadata.OWNER
 
 
+# Collectives, host-side plans and data-dependent shapes: torch.compile splits its graph here
+# (the code before and after the call compiles; this function runs eagerly).
+@torch.compiler.disable
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, window=(None, None),
                     causal: bool = False, dilation: int = 1, global_mask: Optional[torch.Tensor] = None,
                     alibi_slopes: Optional[torch.Tensor] = None, score: str = "softmax",
