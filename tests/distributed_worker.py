@@ -42,6 +42,10 @@ def equality_cases(world: int):
                                           alibi=True)),
             ("global tokens both ranks", dict(lengths=[11, 9], window=(2, 1), globals_=[[0, 5, 14], [3, 12]])),
             ("float32 window > total", dict(lengths=[8, 9], window=(1000, 1000), dtype=torch.float32)),
+            ("bfloat16 globals GQA", dict(lengths=[9, 12], window=(4, 2), hq=4, hk=2, globals_=[[2, 17], [10]],
+                                          dtype=torch.bfloat16)),
+            ("sigmoid globals without alibi", dict(lengths=[10, 7], window=(3, 3), score="sigmoid",
+                                                   globals_=[[1, 15], [8]], softcap=4.0)),
         ]
     return [
         ("uneven, empty shard, multi-hop causal", dict(lengths=[7, 0, 12, 5], window=(15, 0), causal=True)),

@@ -16,7 +16,8 @@ import longreach.distributed as cp
 from distributed_launch import launch
 from longreach.distributed.layout import ShardLayout
 
-TOLERANCE = {"torch.float64": 1e-12, "torch.float32": 1e-5}
+# bfloat16: the sharded and unsharded calls round partial sums differently (a few ulps of 2^-8)
+TOLERANCE = {"torch.float64": 1e-12, "torch.float32": 1e-5, "torch.bfloat16": 2e-2}
 SLOPES_TOLERANCE = 1e-5  # slope gradients are float32 (the slopes' dtype) on every path
 
 

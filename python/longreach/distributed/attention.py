@@ -15,10 +15,11 @@ concatenation of the shards in rank order. One call:
    are dropped, so they pass no gradient. Distances (ALiBi), dilation residues and windows are
    then those of the unsharded sequence. The sigmoid default bias is the unsharded one,
    -ln(min(L_total, left + right + 1)), passed explicitly;
-4. global keys outside the halo: a dense part over the gathered global keys (dense.py), merged
-   with the op's result by their log-sum-exps (merge_attention) or added (sigmoid);
-5. global rows (which see every key): every rank computes them over its own keys, the partial
-   results are all-gathered and merged, and each owner keeps its rows.
+4. global keys outside the halo: every row sees them (global_parts.py: the op with an unbounded
+   window, or a dense part with ALiBi), merged with the op's result by their log-sum-exps
+   (merge_attention) or added (sigmoid);
+5. global rows (which see every key): every rank computes them over its own keys (global_parts.py
+   again), the partial results are all-gathered and merged, and each owner keeps its rows.
 
 The backward sends the halo's key/value gradients back to their owners (exchange.py). Every
 rank must call this function, with the same options and shapes except the shard length, and
@@ -37,7 +38,7 @@ from .. import ops
 from .._checks import check_tensor
 from ..ops.attention import kernel_options
 from . import metadata
-from .dense import partial_attention
+from .global_parts import attend_all
 from .exchange import all_gather, halo_and_globals
 from .layout import ShardLayout
 
@@ -158,21 +159,22 @@ def _forward(q, k, v, gm, own_idx, slopes, layout: ShardLayout, rank: int, group
 
     # Global keys the op did not see (outside [first, last)): every row sees them.
     outside = ((g_pos < first) | (g_pos >= last)).nonzero().flatten()
-    out_g, lse_g = partial_attention(q, k_g[:, :, outside], v_g[:, :, outside], positions, g_pos[outside],
-                                     g_mask[:, outside], **dense)
+    out_g, lse_g = attend_all(q, k_g[:, :, outside], v_g[:, :, outside], positions, g_pos[outside],
+                              g_mask[:, outside], **dense)
     if softmax:
-        out, _ = ops.merge_attention([out, out_g.to(out.dtype)], [lse, lse_g.to(lse.dtype)])
+        out, _ = ops.merge_attention([out, out_g], [lse, lse_g])
     else:
-        out = out + out_g.to(out.dtype)
+        out = out + out_g
 
     # Global rows see every key: each rank's keys give a partial result, merged over the group.
-    part_out, part_lse = partial_attention(q_g, k, v, g_pos, positions, None, **dense)
+    part_out, part_lse = attend_all(q_g, k, v, g_pos, positions, None, **dense)
     if softmax:
-        packed = torch.cat((part_out, part_lse[..., None]), dim=-1)
+        packed = torch.cat((part_out.to(part_lse.dtype), part_lse[..., None]), dim=-1)
         parts = all_gather(packed, rank, layout.world, group)
-        rows, _ = ops.merge_attention(parts[..., :D], parts[..., D])
+        rows, _ = ops.merge_attention(parts[..., :D], parts[..., D])  # in the accumulation dtype
     else:
-        rows = all_gather(part_out, rank, layout.world, group).sum(dim=0)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        rows = all_gather(part_out.to(acc), rank, layout.world, group).sum(dim=0)
     mine = ((g_pos >= start) & (g_pos < end)).nonzero().flatten()
     local = g_pos[mine] - start
     full = out.new_zeros(out.shape).index_copy(2, local, rows[:, :, mine].to(out.dtype))
