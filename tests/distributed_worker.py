@@ -172,6 +172,31 @@ def run_bytes(rank: int, world: int) -> None:
                      itemsize=4)
     finally:
         dist.batch_isend_irecv = original
+    run_order(rank)
+
+
+def run_order(rank: int) -> None:
+    """The order of a forward's steps: the halo is posted, the interior rows run, then the wait."""
+    from longreach import ops
+    from longreach.distributed import exchange
+
+    events = []
+    post, op, wait = dist.batch_isend_irecv, ops.local_attention, exchange.PendingHalo.wait
+
+    def record(name, fn):
+        def wrapped(*args, **kwargs):
+            events.append(name if name != "op" else f"op({args[0].shape[2]} rows)")
+            return fn(*args, **kwargs)
+        return wrapped
+
+    dist.batch_isend_irecv, ops.local_attention = record("post", post), record("op", op)
+    exchange.PendingHalo.wait = record("wait", wait)
+    try:
+        q, k, v = (torch.randn(1, 2, 1000, 8) for _ in range(3))
+        longreach.distributed.local_attention(q, k, v, window=(64, 0), causal=True)
+    finally:
+        dist.batch_isend_irecv, ops.local_attention, exchange.PendingHalo.wait = post, op, wait
+    emit(kind="order", events=events)
 
 
 # -------------------------------------------------------------------- bad input --

@@ -14,7 +14,9 @@ concatenation of the shards in rank order. One call:
    position of the halo after, which puts them at their true offsets; the dummy rows' outputs
    are dropped, so they pass no gradient. Distances (ALiBi), dilation residues and windows are
    then those of the unsharded sequence. The sigmoid default bias is the unsharded one,
-   -ln(min(L_total, left + right + 1)), passed explicitly;
+   -ln(min(L_total, left + right + 1)), passed explicitly. The interior rows (whose window
+   stays inside the shard) run on the own keys while the halo is in flight; the boundary rows
+   after the wait (layout.row_groups);
 4. global keys outside the halo: every row sees them (global_parts.py: the op with an unbounded
    window, or a dense part with ALiBi), merged with the op's result by their log-sum-exps
    (merge_attention) or added (sigmoid);
@@ -39,8 +41,8 @@ from .._checks import check_tensor
 from ..ops.attention import kernel_options
 from . import metadata
 from .global_parts import attend_all
-from .exchange import all_gather, halo_and_globals
-from .layout import ShardLayout
+from .exchange import PendingHalo, all_gather, halo_and_globals
+from .layout import ShardLayout, key_span, row_groups, total_reach
 
 OWNER = metadata.OWNER
 
@@ -131,40 +133,67 @@ def _forward(q, k, v, gm, own_idx, slopes, layout: ShardLayout, rank: int, group
         g_pos = table[valid, 0]
         g_mask = table[valid, 1:].t().bool()
     own_globals = _own_globals(q, k, v, own_idx, globals_max)
-    kv_ext, gathered = halo_and_globals(torch.stack((k, v)), own_globals, layout, rank, group, globals_max)
-    k_ext, v_ext = kv_ext[0], kv_ext[1]
+    kv = torch.stack((k, v))
+    pending = PendingHalo(kv, layout, rank, group)  # the halo travels while the interior rows run
 
-    # Rows of the shard, followed by `after` dummy rows so that row i sits at key position
-    # before + i, its true offset within [first, last).
-    mask_ext = _mask_over(g_pos, g_mask, first, last, q.device)
-    q_rows = torch.cat((q, q.new_zeros(B, Hq, after, D)), dim=2) if after else q
+    g_pos_dev, g_mask_dev = g_pos.to(q.device), g_mask.to(q.device)
     kernel = dict(window=(None if layout.left < 0 else layout.left, None if layout.right < 0 else layout.right),
-                  dilation=dilation, global_mask=mask_ext if globals_max else None, alibi_slopes=slopes,
-                  score=scoring["score"], sigmoid_bias=scoring["sigmoid_bias"] if scoring["score"] == "sigmoid"
-                  else None, softcap=scoring["softcap"] or None, scale=scoring["scale"])
+                  dilation=dilation, alibi_slopes=slopes, score=scoring["score"],
+                  sigmoid_bias=scoring["sigmoid_bias"] if scoring["score"] == "sigmoid" else None,
+                  softcap=scoring["softcap"] or None, scale=scoring["scale"])
     softmax = scoring["score"] == "softmax"
-    if softmax:
-        out, lse = ops.local_attention(q_rows, k_ext, v_ext, return_lse=True, **kernel)
-        out, lse = out[:, :, :n], lse[:, :, :n]
-    else:
-        out, lse = ops.local_attention(q_rows, k_ext, v_ext, **kernel)[:, :, :n], None
+    reach_left = total_reach(layout.left, dilation, layout.total)
+    reach_right = total_reach(layout.right, dilation, layout.total)
+    groups = row_groups(n, before, after, reach_left, reach_right)
+
+    def rows(r0, r1, keys_k, keys_v, a, b):
+        """Rows [r0, r1) of the shard over keys [a, b) of the key range (ext coordinates),
+        given as keys_k / keys_v; returns (out, lse, span of global positions)."""
+        dummy = b - (before + r1)  # rows after r1 up to the last key: the op aligns bottom-right
+        q_rows = q[:, :, r0:r1]
+        if dummy:
+            q_rows = torch.cat((q_rows, q.new_zeros(B, Hq, dummy, D)), dim=2)
+        mask = _mask_over(g_pos, g_mask, first + a, first + b, q.device) if globals_max else None
+        if softmax:
+            o, lse = ops.local_attention(q_rows, keys_k, keys_v, return_lse=True, global_mask=mask, **kernel)
+            return o[:, :, :r1 - r0], lse[:, :, :r1 - r0]
+        return ops.local_attention(q_rows, keys_k, keys_v, global_mask=mask, **kernel)[:, :, :r1 - r0], None
+
+    results = {}
+    for r0, r1, interior in groups:
+        if interior:  # its keys are all our own: no halo needed
+            a, b = key_span(r0, r1, before, before + n + after, reach_left, reach_right)
+            results[r0] = rows(r0, r1, k[:, :, a - before:b - before], v[:, :, a - before:b - before], a, b) + \
+                ((a, b),)
+    kv_ext, gathered = halo_and_globals(kv, own_globals, pending, layout, rank, group, globals_max)
+    k_ext, v_ext = kv_ext[0], kv_ext[1]
+    for r0, r1, interior in groups:
+        if not interior:
+            a, b = key_span(r0, r1, before, before + n + after, reach_left, reach_right)
+            results[r0] = rows(r0, r1, k_ext[:, :, a:b], v_ext[:, :, a:b], a, b) + ((a, b),)
+
+    if globals_max:
+        channels = gathered.permute(1, 2, 0, 3, 4).reshape(B, Hq + 2 * Hk, -1, D)[:, :, valid.to(q.device)]
+        q_g, k_g, v_g = channels.split((Hq, Hk, Hk), dim=1)
+        dense = dict(alibi_slopes=slopes, **scoring)
+        for r0, r1, _ in groups:
+            o, lse, (a, b) = results[r0]
+            # Global keys this group's call did not hold: every row sees them.
+            outside = ((g_pos_dev < first + a) | (g_pos_dev >= first + b)).nonzero().flatten()
+            positions = torch.arange(start + r0, start + r1, device=q.device)
+            o_g, lse_g = attend_all(q[:, :, r0:r1], k_g[:, :, outside], v_g[:, :, outside], positions,
+                                    g_pos_dev[outside], g_mask_dev[:, outside], **dense)
+            if softmax:
+                o, lse = ops.merge_attention([o, o_g], [lse, lse_g])
+            else:
+                o = o + o_g
+            results[r0] = (o, lse, (a, b))
+    parts_in_order = [results[r0][0] for r0, _, _ in sorted(groups)]
+    out = parts_in_order[0] if len(parts_in_order) == 1 else torch.cat(parts_in_order, dim=2)
     if not globals_max:
         return out
-
-    channels = gathered.permute(1, 2, 0, 3, 4).reshape(B, Hq + 2 * Hk, -1, D)[:, :, valid.to(q.device)]
-    q_g, k_g, v_g = channels.split((Hq, Hk, Hk), dim=1)
-    g_pos, g_mask = g_pos.to(q.device), g_mask.to(q.device)
+    g_pos, g_mask = g_pos_dev, g_mask_dev
     positions = torch.arange(start, end, device=q.device)
-    dense = dict(alibi_slopes=slopes, **scoring)
-
-    # Global keys the op did not see (outside [first, last)): every row sees them.
-    outside = ((g_pos < first) | (g_pos >= last)).nonzero().flatten()
-    out_g, lse_g = attend_all(q, k_g[:, :, outside], v_g[:, :, outside], positions, g_pos[outside],
-                              g_mask[:, outside], **dense)
-    if softmax:
-        out, _ = ops.merge_attention([out, out_g], [lse, lse_g])
-    else:
-        out = out + out_g
 
     # Global rows see every key: each rank's keys give a partial result, merged over the group.
     part_out, part_lse = attend_all(q_g, k, v, g_pos, positions, None, **dense)

@@ -30,28 +30,49 @@ def _peer(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
-def _p2p(sends, recvs, group) -> None:
-    """Post all sends and receives at once, then wait: no ordering between peers can deadlock."""
+def _post(sends, recvs, group) -> list:
+    """Post all sends and receives at once (no ordering between peers can deadlock); the works."""
     ops = [dist.P2POp(dist.isend, tensor, _peer(group, peer), group) for peer, tensor in sends]
     ops += [dist.P2POp(dist.irecv, tensor, _peer(group, peer), group) for peer, tensor in recvs]
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _p2p(sends, recvs, group) -> None:
+    for work in _post(sends, recvs, group):
+        work.wait()
+
+
+class PendingHalo:
+    """The halo's transfers, posted and not yet waited for (the interior rows run meanwhile)."""
+
+    def __init__(self, kv: torch.Tensor, layout: ShardLayout, rank: int, group):
+        start = layout.start(rank)
+        data = kv.detach()
+        sends = [(reader, data[..., lo - start:hi - start, :].contiguous()) for reader, lo, hi in layout.sends(rank)]
+        self.pieces = layout.receives(rank)
+        self.buffers = [data.new_empty(*data.shape[:3], hi - lo, data.shape[-1]) for _, lo, hi in self.pieces]
+        self._sent = sends  # kept alive until the wait
+        self._works = _post(sends, list(zip((owner for owner, _, _ in self.pieces), self.buffers)), group)
+
+    def wait(self) -> None:
+        for work in self._works:
             work.wait()
+        self._works, self._sent = [], []
 
 
 class _HaloAndGlobals(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kv, own_globals, layout: ShardLayout, rank: int, group, n_globals_max: int):
-        # kv: (2, B, Hk, n, D), the shard's keys and values stacked; own_globals: (B, C, n_globals_max, D)
+    def forward(ctx, kv, own_globals, pending: PendingHalo, layout: ShardLayout, rank: int, group,
+                n_globals_max: int):
+        # kv: (2, B, Hk, n, D), the shard's keys and values stacked; own_globals: (B, C, n_globals_max, D);
+        # pending: the halo's transfers of this kv, posted by the caller
         ctx.layout, ctx.rank, ctx.group, ctx.n_globals_max = layout, rank, group, n_globals_max
         start = layout.start(rank)
-        sends = [(reader, kv[..., lo - start:hi - start, :].contiguous()) for reader, lo, hi in layout.sends(rank)]
-        pieces = layout.receives(rank)
-        shape = kv.shape[:3]
-        recvs = [(owner, kv.new_empty(*shape, hi - lo, kv.shape[-1])) for owner, lo, hi in pieces]
-        _p2p(sends, recvs, group)
-        before = [buf for (owner, lo, _), (_, buf) in zip(pieces, recvs) if lo < start]
-        after = [buf for (owner, lo, _), (_, buf) in zip(pieces, recvs) if lo >= start]
+        pending.wait()
+        pieces = zip(pending.pieces, pending.buffers)
+        received = list(pieces)
+        before = [buf for (_, lo, _), buf in received if lo < start]
+        after = [buf for (_, lo, _), buf in received if lo >= start]
         kv_ext = torch.cat(before + [kv] + after, dim=3)
         world = layout.world
         if n_globals_max == 0:
@@ -84,13 +105,14 @@ class _HaloAndGlobals(torch.autograd.Function):
             total = grad_gathered.contiguous()
             dist.all_reduce(total, group=group)  # every rank's use of every global row
             grad_globals = total[rank]
-        return grad_kv, grad_globals, None, None, None, None
+        return grad_kv, grad_globals, None, None, None, None, None
 
 
-def halo_and_globals(kv: torch.Tensor, own_globals: torch.Tensor, layout: ShardLayout, rank: int, group,
-                     n_globals_max: int):
-    """(kv_ext (2, B, Hk, key range, D), gathered (world, *own_globals.shape))."""
-    return _HaloAndGlobals.apply(kv, own_globals, layout, rank, group, n_globals_max)
+def halo_and_globals(kv: torch.Tensor, own_globals: torch.Tensor, pending: PendingHalo, layout: ShardLayout,
+                     rank: int, group, n_globals_max: int):
+    """Wait for the halo posted by `pending = PendingHalo(kv, ...)` and gather the global rows:
+    (kv_ext (2, B, Hk, key range, D), gathered (world, *own_globals.shape))."""
+    return _HaloAndGlobals.apply(kv, own_globals, pending, layout, rank, group, n_globals_max)
 
 
 class _AllGather(torch.autograd.Function):

@@ -76,3 +76,34 @@ class ShardLayout:
             if lo < hi:
                 pieces.append((owner, lo, hi))
         return pieces
+
+
+def total_reach(side: int, dilation: int, total: int) -> int:
+    """Positions a window side reaches (side * dilation; the whole sequence when unbounded, -1)."""
+    return total if side < 0 else min(total, side * dilation)
+
+
+def row_groups(n: int, before: int, after: int, reach_left: int, reach_right: int) -> List[Tuple[int, int, bool]]:
+    """The shard's rows as (first, end, interior) runs in row order. Interior rows reach only
+    the shard's own keys, so they can run while the halo is in flight; the boundary runs wait
+    for it. Without a halo there is one run, and it is not interior (it reads the exchanged keys,
+    which keeps the exchange's backward, where this rank receives its readers' gradients, in the
+    graph)."""
+    if before == 0 and after == 0:
+        return [(0, n, False)]
+    lo = 0 if before == 0 else min(n, reach_left)
+    hi = n if after == 0 else max(lo, n - reach_right)
+    groups = []
+    if lo > 0:
+        groups.append((0, lo, False))
+    if lo < hi:
+        groups.append((lo, hi, True))
+    if hi < n:
+        groups.append((hi, n, False))
+    return groups
+
+
+def key_span(r0: int, r1: int, before: int, ext_len: int, reach_left: int, reach_right: int) -> Tuple[int, int]:
+    """[first, end) of the keys rows [r0, r1) reach, in the coordinates of the rank's key range
+    (halo before, own shard, halo after; ext_len positions)."""
+    return max(0, before + r0 - reach_left), min(ext_len, before + r1 + reach_right)
