@@ -233,7 +233,38 @@ def run_errors(rank: int, world: int) -> None:
     emit(kind="after errors", ok=bool(torch.isfinite(out).all()), shape=list(out.shape))
 
 
-SUITES = {"equality": run_equality, "bytes": run_bytes, "errors": run_errors}
+def run_hf(rank: int, world: int) -> None:
+    """A tiny Hugging Face Llama (longreach-patched, window 6) with its sequence split over the
+    ranks: logits and every parameter gradient equal the unsharded model's."""
+    import transformers
+
+    import longreach.hf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      initializer_range=0.3, attention_dropout=0.0)
+    full = longreach.hf.patch(transformers.LlamaForCausalLM(config).double(), window=6)
+    sharded = longreach.hf.patch(transformers.LlamaForCausalLM(config).double(), window=6)
+    sharded.load_state_dict(full.state_dict())
+    longreach.distributed.enable_context_parallel(sharded)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 61, (2, 37), generator=gen)
+    weights = torch.randn(2, 37, 61, generator=gen, dtype=torch.float64)
+    ref = full(ids, use_cache=False).logits
+    (ref * weights).sum().backward()
+    shard = longreach.distributed.shard_sequence(ids)
+    own = slice(shard.start, shard.start + shard.input_ids.shape[1])
+    logits = sharded(shard.input_ids, position_ids=shard.position_ids, use_cache=False).logits
+    (logits * weights[:, own]).sum().backward()
+    grad_error = 0.0
+    for p, r in zip(sharded.parameters(), full.parameters()):
+        dist.all_reduce(p.grad)  # every rank's tokens reach every weight
+        grad_error = max(grad_error, float((p.grad - r.grad).abs().max()) / max(1.0, float(r.grad.abs().max())))
+    emit(kind="hf", out=float((logits - ref[:, own]).abs().max()), grads=grad_error, rows=logits.shape[1])
+
+
+SUITES = {"equality": run_equality, "bytes": run_bytes, "errors": run_errors, "hf": run_hf}
 
 
 def main(argv) -> int:

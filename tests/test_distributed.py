@@ -173,3 +173,11 @@ def test_example_trains_on_two_ranks_and_matches_one_process():
     for sharded, unsharded, grad in checks:
         assert abs(float(sharded) - float(unsharded)) <= 1e-5 and float(grad) <= 1e-5, run.stdout
     assert "step 1: loss" in run.stdout
+
+
+def test_hf_llama_with_the_sequence_split_equals_unsharded():
+    pytest.importorskip("transformers")
+    ranks = launch("hf", 2, timeout=90)
+    assert [r[0]["rows"] for r in ranks] == [19, 18]
+    for rank, (record,) in enumerate(ranks):
+        assert record["out"] <= 1e-12 and record["grads"] <= 1e-12, (rank, record)
