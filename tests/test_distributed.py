@@ -62,7 +62,7 @@ def test_multi_hop_plan_reads_several_owners():
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_outputs_and_gradients_equal_the_single_process_op(world):
-    ranks = launch("equality", world, timeout=90)
+    ranks = launch("equality", world, timeout=180)
     names = [r["name"] for r in ranks[0]]
     assert len(names) >= 6
     for rank, records in enumerate(ranks):
@@ -78,7 +78,7 @@ def test_outputs_and_gradients_equal_the_single_process_op(world):
 
 
 def test_bytes_sent_equal_the_halo_and_stay_flat():
-    ranks = launch("bytes", 2, timeout=90)
+    ranks = launch("bytes", 2, timeout=180)
     # The forward posts the halo, runs the rows that need none (rank 1: rows 64..999 of a causal
     # 65-key window), then waits and runs the first 64 rows; rank 0 needs no halo: one call.
     assert ranks[0][-1] == {"kind": "order", "events": ["post", "wait", "op(1000 rows)"]}
@@ -105,7 +105,7 @@ EXPECTED_ERRORS = {
 
 
 def test_bad_input_raises_on_every_rank_without_hanging():
-    ranks = launch("errors", 2, timeout=60)
+    ranks = launch("errors", 2, timeout=180)
     for rank, records in enumerate(ranks):
         errors = {r["name"]: r for r in records if r["kind"] == "error"}
         assert set(errors) == set(EXPECTED_ERRORS)
@@ -177,7 +177,17 @@ def test_example_trains_on_two_ranks_and_matches_one_process():
 
 def test_hf_llama_with_the_sequence_split_equals_unsharded():
     pytest.importorskip("transformers")
-    ranks = launch("hf", 2, timeout=90)
+    ranks = launch("hf", 2, timeout=180)
     assert [r[0]["rows"] for r in ranks] == [19, 18]
     for rank, (record,) in enumerate(ranks):
         assert record["out"] <= 1e-12 and record["grads"] <= 1e-12, (rank, record)
+
+
+def test_fsdp2_and_context_parallel_on_a_2x2_mesh():
+    """One training step, FSDP2 over the flattened (dp=2, cp=2) mesh, each sequence split over cp:
+    the full parameter gradients equal one process's over the whole batch."""
+    ranks = launch("fsdp", 4, timeout=180)
+    assert sorted((r[0]["dp"], r[0]["cp"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for rank, (record,) in enumerate(ranks):
+        assert record["rows"] == (12 if record["cp"] == 0 else 11)
+        assert record["grads"] <= 1e-12, (rank, record)

@@ -46,7 +46,8 @@ def _rank_and_world(group, mesh, mesh_dim, rank, world) -> Tuple[int, int]:
     if mesh is not None:
         if group is not None or rank is not None or world is not None:
             raise ValueError(f"{OWNER}: pass either mesh (and mesh_dim) or group / rank and world, not both")
-        return mesh.get_local_rank(mesh_dim), mesh.size(mesh_dim)
+        sub = mesh if mesh_dim is None else mesh[mesh_dim]  # a name or an index of the mesh's dimensions
+        return sub.get_local_rank(), sub.size()
     if rank is not None or world is not None:
         if rank is None or world is None or not 0 <= rank < world:
             raise ValueError(f"{OWNER}: rank and world go together, with 0 <= rank < world, got rank={rank!r}, "
