@@ -387,6 +387,12 @@ def longreach_attention_forward(
     slopes = None if alibi is None else _alibi_slopes(alibi, query.shape[1], query.device)
     common = dict(causal=True, window=(left, 0), alibi_slopes=slopes, score=options.get("score", "softmax"),
                   softcap=cap, scale=scaling)
+    context_parallel = getattr(module, "longreach_context_parallel", None)  # longreach.distributed
+    if context_parallel is not None:
+        if attention_mask is not None or packed is not None:
+            raise ValueError("longreach: with context parallelism the input is a shard of one unpadded, unpacked "
+                             "sequence per row (no attention_mask, no packing; pass the true position_ids)")
+        return context_parallel.attend(query, key, value, **common).transpose(1, 2).contiguous(), None
     if packed is not None:
         batch, heads, q_length, dim = query.shape
         flat = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value)]

@@ -203,6 +203,9 @@ class LocalSelfAttention(nn.Module):
             self.rotary = rotary if rotary is not None else RotaryEmbedding(
                 head_dim, rope_base, max_position_embeddings, rope_scaling, device=device)
         self.alibi = ALiBi(num_heads, alibi, device=device) if positional in ("alibi", "alibi+rope") else None
+        # Set by longreach.distributed.enable_context_parallel: x is then this rank's shard of the
+        # sequence and the attention runs across the ranks (docs/distributed.md).
+        self.context_parallel = None
 
     @classmethod
     def swat(cls, embed_dim: int, num_heads: int, window: int, **kwargs) -> "LocalSelfAttention":
@@ -257,6 +260,11 @@ class LocalSelfAttention(nn.Module):
         options = dict(causal=self.causal, window=self.window, dilation=self.dilation,
                        alibi_slopes=None if self.alibi is None else self.alibi(), score=self.score,
                        sigmoid_bias=self.sigmoid_bias, softcap=self.softcap)
+        if self.context_parallel is not None:
+            if cache is not None or key_padding_mask is not None or cu_seqlens is not None:
+                raise ValueError(f"{name}: context parallelism takes no KV cache, key padding or cu_seqlens")
+            out = self.context_parallel.attend(q, k, v, **options)
+            return self.o_proj(self.dropout(out.transpose(1, 2).reshape(batch, length, -1)))
         if cu_seqlens is not None:
             flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], self.head_dim) for t in (q, k, v)]
             out = local_attention_varlen(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
