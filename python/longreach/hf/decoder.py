@@ -356,8 +356,7 @@ def longreach_attention_forward(
     the B * L flattened tokens, one problem per document.
     """
     options = _options(module.config)
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("longreach: attention sinks (s_aux) are not supported")
+    sinks = kwargs.get("s_aux")  # gpt-oss's learnable sink logits (Hq,): one more softmax term per row
     if dropout:
         raise ValueError(
             f"longreach: attention dropout is not supported (got dropout={dropout}); "
@@ -387,6 +386,8 @@ def longreach_attention_forward(
     slopes = None if alibi is None else _alibi_slopes(alibi, query.shape[1], query.device)
     common = dict(causal=True, window=(left, 0), alibi_slopes=slopes, score=options.get("score", "softmax"),
                   softcap=cap, scale=scaling)
+    if sinks is not None:
+        common["sinks"] = sinks
     if packed is not None:
         batch, heads, q_length, dim = query.shape
         flat = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value)]
