@@ -182,3 +182,19 @@ def test_errors_agree(case, error):
     with pytest.raises(error, match="sink"):
         OPS.local_attention_fwd(q, k, v, None, None, -1, -1, 1, score, None, 0.0, 0.3, None, False,
                                 case.get("sink_tokens", 0), case.get("sinks"))
+
+
+def test_local_self_attention_sinks():
+    torch.manual_seed(0)
+    m = longreach.nn.LocalSelfAttention(32, 4, window=8, sink_tokens=2, learnable_sinks=True, positional=None)
+    assert isinstance(m.sinks, torch.nn.Parameter) and m.sinks.shape == (4,)
+    with torch.no_grad():
+        m.sinks.normal_()
+    x = torch.randn(2, 20, 32)
+    m(x).square().sum().backward()
+    assert m.sinks.grad is not None and m.sinks.grad.abs().sum() > 0
+    plain = longreach.nn.LocalSelfAttention(32, 4, window=8, positional=None)
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if k != "sinks"})
+    assert not torch.allclose(plain(x), m(x))
+    with pytest.raises(ValueError, match="learnable_sinks"):
+        longreach.nn.LocalSelfAttention(32, 4, window=8, score="sigmoid", learnable_sinks=True)
