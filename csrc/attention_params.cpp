@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -91,7 +92,8 @@ std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, con
 // first dimension counts ("B", or "num_seqs" for a packed batch).
 void set_options(AttentionParams& P, const at::Tensor& q, const c10::optional<at::Tensor>& alibi_slopes,
                  const char* batch_name, int64_t window_left, int64_t window_right, int64_t dilation,
-                 c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale) {
+                 c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
+                 const SinkOptions& sinks) {
   TORCH_CHECK_VALUE(window_left >= -1, "local_attention: window left must be >= 0 (or None/-1 for unbounded), got ",
               window_left);
   TORCH_CHECK_VALUE(window_right >= -1,
@@ -100,6 +102,12 @@ void set_options(AttentionParams& P, const at::Tensor& q, const c10::optional<at
   P.window.left = clip_window_side(window_left, P.q_len, P.k_len);
   P.window.right = clip_window_side(window_right, P.q_len, P.k_len);
   P.window.dilation = clip_dilation(dilation, P.q_len, P.k_len);
+  TORCH_CHECK_VALUE(!sinks.causal || window_right == 0,
+                    "local_attention: causal=True needs window right = 0, got ", window_right);
+  TORCH_CHECK_VALUE(sinks.sink_tokens >= 0, "local_attention: sink_tokens must be an int >= 0, got ",
+                    sinks.sink_tokens);
+  P.window.causal = sinks.causal;
+  P.window.sink_tokens = std::min(sinks.sink_tokens, P.k_len);  // sequences are at most k_len long
 
   if (score == "softmax") {
     P.score = ScoreKind::kSoftmax;
@@ -150,6 +158,22 @@ void set_options(AttentionParams& P, const at::Tensor& q, const c10::optional<at
                 " but q is on ", q.device());
     P.has_alibi = true;
   }
+
+  if (sinks.sinks != nullptr && sinks.sinks->has_value()) {
+    const at::Tensor& t = **sinks.sinks;
+    const auto dt = t.scalar_type();
+    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                     "local_attention: sinks must be a floating tensor (float32, float64, bfloat16 or float16), got ",
+                     dtype_name(dt));
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == P.q_heads, "local_attention: sinks must have shape (Hq,) = (",
+                      P.q_heads, ",), got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == q.device(), "local_attention: sinks is on ", t.device(), " but q is on ",
+                      q.device());
+    TORCH_CHECK_VALUE(P.score == ScoreKind::kSoftmax,
+                      "local_attention: sinks are only defined for score='softmax' (a sink logit enters the "
+                      "softmax denominator), got score='sigmoid'");
+    P.has_sinks = true;
+  }
 }
 
 VarlenProblem make_varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -157,7 +181,8 @@ VarlenProblem make_varlen_params(const at::Tensor& q, const at::Tensor& k, const
                                  int64_t max_seqlen_k, const c10::optional<at::Tensor>& global_mask,
                                  const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
                                  int64_t window_right, int64_t dilation, c10::string_view score,
-                                 c10::optional<double> sigmoid_bias, double softcap, double scale) {
+                                 c10::optional<double> sigmoid_bias, double softcap, double scale,
+                                 const SinkOptions& sinks) {
   check_qkv(q, k, v, 3, "(total, H, D)");
   const std::vector<int64_t> cq =
       read_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, q.size(0), max_seqlen_q, "max_seqlen_q", "total_q");
@@ -174,7 +199,7 @@ VarlenProblem make_varlen_params(const at::Tensor& q, const at::Tensor& k, const
   P.k_len = max_seqlen_k;
   P.head_dim = q.size(2);
   set_options(P, q, alibi_slopes, "num_seqs", window_left, window_right, dilation, score, sigmoid_bias, softcap,
-              scale);
+              scale, sinks);
   if (global_mask.has_value()) {
     check_bool_mask(*global_mask, "global_mask", q, {k.size(0)}, "(total_k,)");
     P.has_global = true;
@@ -192,7 +217,8 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
                                       int64_t window_left, int64_t window_right, int64_t dilation,
                                       c10::string_view score, c10::optional<double> sigmoid_bias,
                                       double softcap, double scale,
-                                      const c10::optional<at::Tensor>& key_padding_mask) {
+                                      const c10::optional<at::Tensor>& key_padding_mask,
+                                      const SinkOptions& sinks) {
   check_qkv(q, k, v, 4, "(B, H, L, D)");
   AttentionParams P;
   P.batch = q.size(0);
@@ -201,7 +227,8 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
   P.q_len = q.size(2);
   P.k_len = k.size(2);
   P.head_dim = q.size(3);
-  set_options(P, q, alibi_slopes, "B", window_left, window_right, dilation, score, sigmoid_bias, softcap, scale);
+  set_options(P, q, alibi_slopes, "B", window_left, window_right, dilation, score, sigmoid_bias, softcap, scale,
+              sinks);
   if (global_mask.has_value()) {
     check_bool_mask(*global_mask, "global_mask", q, {P.batch, P.k_len}, "(B, Lk)");
     P.has_global = true;
@@ -240,6 +267,16 @@ void check_backward_inputs(const AttentionParams& P, const at::Tensor& q, const 
 at::Tensor alibi_slopes_grad_buffer(const AttentionParams& P, const at::Tensor& q, bool alibi_grad) {
   const auto options = q.options().dtype(at::kFloat);
   return alibi_grad ? at::empty({P.batch, P.q_heads}, options) : at::empty({0}, options);
+}
+
+at::Tensor sink_logits(const AttentionParams& P, const at::Tensor& q, const c10::optional<at::Tensor>& sinks) {
+  if (!P.has_sinks) return at::Tensor();
+  return sinks->to(lse_dtype(q.scalar_type())).contiguous();
+}
+
+at::Tensor sinks_grad_buffer(const AttentionParams& P, const at::Tensor& q, const c10::optional<at::Tensor>& sinks) {
+  return P.has_sinks ? at::zeros({P.q_heads}, q.options().dtype(lse_dtype(q.scalar_type())))
+                     : at::empty({0}, q.options().dtype(at::kFloat));
 }
 
 }  // namespace longreach

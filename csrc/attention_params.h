@@ -13,13 +13,22 @@
 
 namespace longreach {
 
+// The options of sink tokens, learnable sinks and causal global tokens, as the
+// ops' schemas take them (the last arguments of every attention op).
+struct SinkOptions {
+  bool causal = false;
+  int64_t sink_tokens = 0;
+  const c10::optional<at::Tensor>* sinks = nullptr;  // (Hq,) floating, or none
+};
+
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const c10::optional<at::Tensor>& global_mask,
                                       const c10::optional<at::Tensor>& alibi_slopes,
                                       int64_t window_left, int64_t window_right, int64_t dilation,
                                       c10::string_view score, c10::optional<double> sigmoid_bias,
                                       double softcap, double scale,
-                                      const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt);
+                                      const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt,
+                                      const SinkOptions& sinks = SinkOptions{});
 
 // The options every layout shares (window, score, soft-cap, scale, sigmoid
 // bias, ALiBi), checked against P's lengths and heads, which must be set;
@@ -46,7 +55,8 @@ VarlenProblem make_varlen_params(const at::Tensor& q, const at::Tensor& k, const
                                  int64_t max_seqlen_k, const c10::optional<at::Tensor>& global_mask,
                                  const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
                                  int64_t window_right, int64_t dilation, c10::string_view score,
-                                 c10::optional<double> sigmoid_bias, double softcap, double scale);
+                                 c10::optional<double> sigmoid_bias, double softcap, double scale,
+                                 const SinkOptions& sinks = SinkOptions{});
 
 // lse's shape: (B, Hq, Lq) for a dense q (B, Hq, Lq, D), (Hq, total_q) for a packed q (total_q, Hq, D).
 inline std::vector<int64_t> lse_shape(const at::Tensor& q) {
@@ -68,5 +78,13 @@ void check_backward_inputs(const AttentionParams& P, const at::Tensor& q, const 
 // The backward's grad_alibi_slopes: (B, Hq) float32 on q's device when
 // alibi_grad (the kernels write every element), else an empty (0,) tensor.
 at::Tensor alibi_slopes_grad_buffer(const AttentionParams& P, const at::Tensor& q, bool alibi_grad);
+
+// The sink logits in the accumulation type (lse_dtype), contiguous (Hq,);
+// undefined without sinks.
+at::Tensor sink_logits(const AttentionParams& P, const at::Tensor& q, const c10::optional<at::Tensor>& sinks);
+
+// The backward's d loss / d sinks before the cast to sinks' dtype: zeros (Hq,)
+// in the accumulation type with sinks, else an empty (0,) float32 tensor.
+at::Tensor sinks_grad_buffer(const AttentionParams& P, const at::Tensor& q, const c10::optional<at::Tensor>& sinks);
 
 }  // namespace longreach

@@ -11,15 +11,23 @@ TORCH_LIBRARY(longreach, m) {
   // caller sums it over B for (Hq,) slopes), else an empty (0,) tensor.
   // key_padding_mask (B, Lk) bool, True = padding: that position holds no key
   // (positions of the others are kept) and a query row at it returns zeros.
+  // causal: window_right must then be 0, and global tokens are causal (a
+  // global row sees the keys up to its position, a global key only the rows at
+  // or after it). sink_tokens: the first n keys are seen by every row at or
+  // after them. sinks (Hq,) any floating dtype: a learnable logit added to each
+  // softmax row's denominator (lse includes it); the backward's grad_sinks has
+  // sinks' dtype and shape, or is an empty (0,) tensor without sinks.
   m.def(
       "local_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? global_mask, Tensor? alibi_slopes, "
       "int window_left, int window_right, int dilation, str score, float? sigmoid_bias, float softcap, "
-      "float scale, Tensor? key_padding_mask=None) -> (Tensor out, Tensor lse)");
+      "float scale, Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "local_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? global_mask, Tensor? alibi_slopes, int window_left, int window_right, "
       "int dilation, str score, float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False, "
-      "Tensor? key_padding_mask=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes)");
+      "Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes, Tensor grad_sinks)");
 }
 
 // Packed (variable-length) batches in flash-attn's layout: q (total_q, Hq, D),
@@ -31,14 +39,15 @@ TORCH_LIBRARY_FRAGMENT(longreach, m) {
   m.def(
       "local_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, Tensor? global_mask, Tensor? alibi_slopes, int window_left, "
-      "int window_right, int dilation, str score, float? sigmoid_bias, float softcap, float scale) "
-      "-> (Tensor out, Tensor lse)");
+      "int window_right, int dilation, str score, float? sigmoid_bias, float softcap, float scale, "
+      "bool causal=False, int sink_tokens=0, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
   m.def(
       "local_attention_varlen_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "Tensor? global_mask, Tensor? alibi_slopes, int window_left, int window_right, int dilation, str score, "
-      "float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes)");
+      "float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False, bool causal=False, "
+      "int sink_tokens=0, Tensor? sinks=None) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes, Tensor grad_sinks)");
 }
 
 // Decoding against a KV cache (flash-attn's flash_attn_with_kvcache contract):

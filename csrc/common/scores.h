@@ -58,6 +58,43 @@ LR_HOST_DEVICE acc_t nan_propagating_max(acc_t a, acc_t b) {
   return (a > b || a != a) ? a : b;
 }
 
+// The end of a softmax row: running max m and sum l = sum exp(s - m) of its
+// scores (l = 0 without any) give the factor of the accumulated sum exp(s - m) v
+// and the row's lse. With a learnable sink logit (gpt-oss) the denominator holds
+// one more term exp(sink) whose value vector is zero: the raw logit, no scale,
+// soft-cap or ALiBi, and lse includes it. A row without keys then gives out = 0,
+// lse = sink; a sink of -inf weighs nothing. NaN in m carries through.
+template <typename acc_t>
+LR_HOST_DEVICE void finish_softmax_row(acc_t m, acc_t l, bool has_sink, acc_t sink, acc_t* out_factor, acc_t* lse) {
+  const acc_t neg_inf = -static_cast<acc_t>(INFINITY);
+  if (!has_sink) {
+    const bool empty = l == acc_t(0);  // a NaN sum (a NaN score) is not empty: NaN row
+    *out_factor = empty ? acc_t(0) : acc_t(1) / l;
+    *lse = empty ? neg_inf : m + log(l);
+    return;
+  }
+  const acc_t m2 = nan_propagating_max(l == acc_t(0) ? neg_inf : m, sink);
+  if (m2 == neg_inf) {  // no key and a -inf sink
+    *out_factor = acc_t(0);
+    *lse = neg_inf;
+    return;
+  }
+  const acc_t keys = l == acc_t(0) ? acc_t(0) : exp(m - m2);
+  const acc_t total = l * keys + exp(sink - m2);
+  *out_factor = keys / total;
+  *lse = m2 + log(total);
+}
+
+// The sink's probability in a row, exp(sink - lse) (0 for a -inf sink), and its
+// gradient: d loss / d sink = p_sink * (dlse - dO . O) = -p_sink * row_dot, with
+// row_dot = dO . O - dlse the softmax backward's row constant. The other
+// gradients do not change: out is still sum_j P_j v_j and lse includes the sink.
+template <typename acc_t>
+LR_HOST_DEVICE acc_t sink_grad_of_row(acc_t sink, acc_t lse, acc_t row_dot) {
+  if (sink == -static_cast<acc_t>(INFINITY)) return acc_t(0);
+  return -exp(sink - lse) * row_dot;
+}
+
 LR_HOST_DEVICE int64_t abs_distance(int64_t p, int64_t j) { return p > j ? p - j : j - p; }
 
 }  // namespace longreach

@@ -41,10 +41,24 @@ LR_HOST_DEVICE bool in_window(const WindowSpec& w, int64_t p, int64_t j) {
   return steps >= -w.left && steps <= w.right;
 }
 
-// The full allowed-key rule: window, plus global keys, plus global rows
-// (a row whose own position is a global token sees every key).
+// Key j of a sequence is a sink (StreamingLLM): one of its first sink_tokens keys.
+LR_HOST_DEVICE bool is_sink_key(const WindowSpec& w, int64_t j) { return j < w.sink_tokens; }
+
+// A key beyond the band that a row at p may still see (it is a global key, a
+// sink, or the row is global): bidirectional global tokens (causal = false)
+// see and are seen by every position; causal global tokens and sinks only
+// look backwards, key j being seen iff j <= p. A sink is thereby exactly a
+// causal global key that is not a global row.
+LR_HOST_DEVICE bool extra_key_visible(const WindowSpec& w, int64_t p, int64_t j, bool row_is_global,
+                                      bool key_is_global) {
+  if (!w.causal && (row_is_global || key_is_global)) return true;
+  return (row_is_global || key_is_global || is_sink_key(w, j)) && j <= p;
+}
+
+// The full allowed-key rule (docs/semantics.md): the window, plus global keys,
+// global rows and sinks. Padding is the caller's (a padded position is no key).
 LR_HOST_DEVICE bool key_allowed(const WindowSpec& w, int64_t p, int64_t j, bool row_is_global, bool key_is_global) {
-  return row_is_global || key_is_global || in_window(w, p, j);
+  return in_window(w, p, j) || extra_key_visible(w, p, j, row_is_global, key_is_global);
 }
 
 // Inclusive range [*lo, *hi] of the keys in the window of position p that lie

@@ -120,6 +120,7 @@ struct ChunkKeyGrads {
   Buffer<acc_t> dk, dv;
   Buffer<acc_t> dk_extra, dv_extra;  // n_global x D, empty when no extras were visited
   std::vector<acc_t> dslope;         // per query head of the group: sum of dS * |p - j| (learnable ALiBi)
+  std::vector<acc_t> dsink;          // per query head of the group: d loss / d sink of its rows
   int64_t buffer_row(int64_t r) const { return r < own_begin ? r : r - (own_end - own_begin); }
   bool owns(int64_t r) const { return r >= own_begin && r < own_end; }
 };
@@ -183,6 +184,20 @@ void reduce_alibi_slope_gradients(const AttentionParams& P, const TilePlan& plan
   for (size_t i = 0; i < sums.size(); ++i) dst[i] = static_cast<float>(-sums[i]);  // scores subtract slope * |p - j|
 }
 
+// d loss / d sinks (Hq,) into dsinks: the chunks' sums per query head added in
+// plan order (a sink's gradient sums over every row of its head and the batch).
+template <typename acc_t>
+void reduce_sink_gradients(const AttentionParams& P, const TilePlan& plan,
+                           const std::vector<ChunkKeyGrads<acc_t>>& key_grads, at::Tensor* dsinks) {
+  const auto& chunks = plan.row_chunks();
+  std::vector<double> sums(P.q_heads, 0.0);
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    for (int64_t g = 0; g < P.group_size(); ++g) sums[chunks[ci].kv_head * P.group_size() + g] += key_grads[ci].dsink[g];
+  }
+  acc_t* dst = dsinks->data_ptr<acc_t>();
+  for (int64_t h = 0; h < P.q_heads; ++h) dst[h] = static_cast<acc_t>(sums[h]);
+}
+
 // Sums the chunks' key gradients per key, chunk by chunk in plan order (so
 // the result does not depend on the threads), and writes dK = scale * sum and
 // dV = sum.
@@ -213,7 +228,7 @@ void reduce_key_gradients(const TileOps<acc_t>& ops, const AttentionParams& P, c
       std::fill(sv.begin(), sv.end(), acc_t(0));
       auto dK = k_rows<scalar_t>(dk, plan, b, hk);
       auto dV = k_rows<scalar_t>(dv, plan, b, hk);
-      const auto& globals = plan.global_keys(b);
+      const auto& globals = plan.extra_keys(b);
       const auto g0 = std::lower_bound(globals.begin(), globals.end(), j0);
       const auto g1 = std::lower_bound(globals.begin(), globals.end(), j1);
       for (int64_t ci : chunks_of_head[bh]) {
@@ -253,8 +268,10 @@ template <typename scalar_t>
 void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Tensor& grad_out,
                      const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& slopes,
-                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor* dslopes) {
+                     const at::Tensor& sinks, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor* dslopes,
+                     at::Tensor* dsinks) {
   using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* sink = dsinks ? sinks.data_ptr<acc_t>() : nullptr;
   const TileOps<acc_t>& ops = tile_ops<acc_t>();
   const int64_t D = P.head_dim, W = ops.vec_width;
   const acc_t scale = static_cast<acc_t>(P.scale);
@@ -287,6 +304,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
     load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
                       KeyUse::kBackward, &ws.span);
     if (dslopes) grads.dslope.assign(P.group_size(), acc_t(0));
+    if (sink) grads.dsink.assign(P.group_size(), acc_t(0));
     const int64_t n_owned = grads.own_end - grads.own_begin;
     grads.dk.assign((chunk_keys.count - n_owned) * D, acc_t(0));
     grads.dv.assign((chunk_keys.count - n_owned) * D, acc_t(0));
@@ -306,7 +324,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
       if (ws.rows.empty()) continue;
       const int64_t nq = static_cast<int64_t>(ws.rows.size());
       if (!ws.keys.extras.empty() && grads.dk_extra.empty()) {
-        const int64_t n_global = static_cast<int64_t>(plan.global_keys(b).size());
+        const int64_t n_global = static_cast<int64_t>(plan.extra_keys(b).size());
         grads.dk_extra.assign(n_global * D, acc_t(0));
         grads.dv_extra.assign(n_global * D, acc_t(0));
       }
@@ -315,7 +333,8 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
       auto row_index = [&](int64_t a) { return ws.rows[a]; };
 
       for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
-        const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
+        const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h),
+                                     chunk.global_rows};
         load_rows(ops, q_rows<const scalar_t>(q, plan, b, h), nq, row_index, regular, D, &ws.q);
         load_rows(ops, q_rows<const scalar_t>(grad_out, plan, b, h), nq, row_index, regular, D, &ws.go);
         const acc_t* lse_all = row_stats(lse_acc, b, h);
@@ -323,6 +342,11 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
         for (int64_t a = 0; a < nq; ++a) {
           ws.lse[a] = sigmoid_score ? acc_t(0) : lse_all[ws.rows[a]];
           ws.dot[a] = dot_all ? dot_all[ws.rows[a]] : acc_t(0);
+        }
+        if (sink) {  // the sink's gradient needs only the row statistics (scores.h)
+          acc_t sum = acc_t(0);
+          for (int64_t a = 0; a < nq; ++a) sum += sink_grad_of_row<acc_t>(sink[h], ws.lse[a], ws.dot[a]);
+          grads.dsink[h - hk * P.group_size()] += sum;
         }
         std::fill(ws.acc.begin(), ws.acc.begin() + nq * D, acc_t(0));
         if (dslopes) {
@@ -418,6 +442,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
   });
 
   if (dslopes) reduce_alibi_slope_gradients(P, plan, key_grads, dslopes);
+  if (sink) reduce_sink_gradients(P, plan, key_grads, dsinks);
   reduce_key_gradients<scalar_t>(ops, P, plan, key_grads, dk, dv);
 }
 
@@ -427,9 +452,11 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
 void attention_backward(const AttentionParams& P, const TilePlan& plan, const at::Tensor& grad_out,
                         const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& slopes,
-                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor* dslopes) {
+                        const at::Tensor& sinks, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor* dslopes,
+                        at::Tensor* dsinks) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_bwd_cpu", [&] {
-    detail::backward_kernel<scalar_t>(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, dq, dk, dv, dslopes);
+    detail::backward_kernel<scalar_t>(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, sinks, dq, dk, dv, dslopes,
+                                      dsinks);
   });
 }
 

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../common/scores.h"
 #include "../common/window.h"
 #include "attention_rows.h"
 #include "block_scratch.h"
@@ -26,8 +27,10 @@ namespace {
 
 template <typename scalar_t>
 void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, const at::Tensor& slopes, at::Tensor& out, at::Tensor& lse) {
+                    const at::Tensor& v, const at::Tensor& slopes, const at::Tensor& sinks, at::Tensor& out,
+                    at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* sink = sinks.defined() ? sinks.data_ptr<acc_t>() : nullptr;
   const TileOps<acc_t>& ops = tile_ops<acc_t>();
   const int64_t D = P.head_dim, W = ops.vec_width;
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
@@ -58,7 +61,8 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
       const int64_t span_row0 = ws.keys.span.count > 0 ? (ws.keys.span.lo - chunk_keys.lo) / chunk_keys.stride : 0;
 
       for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
-        const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h)};
+        const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h),
+                                     chunk.global_rows};
         load_rows(ops, q_rows<const scalar_t>(q, plan, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
                   rows_are_regular(ws.rows), D, &ws.q);
         if (h + 1 < (hk + 1) * P.group_size()) {
@@ -115,9 +119,10 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
             continue;
           }
           // A row with no allowed key returns zeros; a NaN sum (a NaN score) gives NaN.
-          const bool empty = ws.l[a] == acc_t(0);
-          convert_out(ops, src, D, empty ? acc_t(0) : acc_t(1) / ws.l[a], O.row(ws.rows[a]));
-          lse_row[ws.rows[a]] = empty ? neg_inf : ws.m[a] + std::log(ws.l[a]);
+          acc_t factor, row_lse;
+          finish_softmax_row<acc_t>(ws.m[a], ws.l[a], sink != nullptr, sink ? sink[h] : acc_t(0), &factor, &row_lse);
+          convert_out(ops, src, D, factor, O.row(ws.rows[a]));
+          lse_row[ws.rows[a]] = row_lse;
         }
       }
     }
@@ -128,9 +133,10 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
 }  // namespace detail
 
 void attention_forward(const AttentionParams& P, const TilePlan& plan, const at::Tensor& q, const at::Tensor& k,
-                       const at::Tensor& v, const at::Tensor& slopes, at::Tensor& out, at::Tensor& lse) {
+                       const at::Tensor& v, const at::Tensor& slopes, const at::Tensor& sinks, at::Tensor& out,
+                       at::Tensor& lse) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_fwd_cpu", [&] {
-    detail::forward_kernel<scalar_t>(P, plan, q, k, v, slopes, out, lse);
+    detail::forward_kernel<scalar_t>(P, plan, q, k, v, slopes, sinks, out, lse);
   });
 }
 

@@ -56,13 +56,17 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const AttentionParams& P, std::ve
                                                const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                const c10::optional<at::Tensor>& global_mask,
                                                const c10::optional<at::Tensor>& alibi_slopes,
-                                               const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt) {
+                                               const c10::optional<at::Tensor>& key_padding_mask,
+                                               const c10::optional<at::Tensor>& sinks) {
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const auto lse_options = q.options().dtype(lse_dtype(q.scalar_type()));
   const auto out_options = q.options().memory_format(at::MemoryFormat::Contiguous);
   const double empty_lse = -std::numeric_limits<double>::infinity();
-  if (q.numel() == 0 || k.numel() == 0) {  // no key at all: zeros and lse = -inf
-    return {at::zeros(q.sizes(), out_options), at::full(lse_shape(q), empty_lse, lse_options)};
+  const at::Tensor sink = sink_logits(P, q, sinks);
+  if (q.numel() == 0 || k.numel() == 0) {  // no key at all: zeros and lse = -inf (the sink's logit with sinks)
+    at::Tensor lse = at::full(lse_shape(q), empty_lse, lse_options);
+    if (sink.defined() && lse.numel() > 0) lse.copy_(q.dim() == 3 ? sink.view({-1, 1}) : sink.view({1, -1, 1}));
+    return {at::zeros(q.sizes(), out_options), lse};
   }
   // The kernel writes every row of out and lse, except rows at padded
   // positions (in no block): those are zeros with the lse of a row without keys.
@@ -70,25 +74,35 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const AttentionParams& P, std::ve
   at::Tensor lse = P.has_key_padding ? at::full(lse_shape(q), empty_lse, lse_options) : at::empty(lse_shape(q), lse_options);
   const TilePlan plan(P, std::move(seqs), global_mask, key_padding_mask, kForwardChunkBlocks);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
-  attention_forward(P, plan, q, k, v, slopes, out, lse);
+  attention_forward(P, plan, q, k, v, slopes, sink, out, lse);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
+using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Gradients run_backward(
     const AttentionParams& P, std::vector<SequenceView> seqs, const at::Tensor& grad_out_in,
     const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, bool alibi_grad,
-    const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt) {
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& sinks) {
   check_backward_inputs(P, q_in, grad_out_in, out_in, lse, grad_lse, alibi_grad);
   at::Tensor dslopes = alibi_slopes_grad_buffer(P, q_in, alibi_grad);
+  at::Tensor dsinks = sinks_grad_buffer(P, q_in, sinks);
+  // grad_sinks comes back in sinks' dtype (gpt-oss keeps them in the model dtype).
+  auto sinks_grad = [&] { return P.has_sinks ? dsinks.to(sinks->scalar_type()) : dsinks; };
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const at::Tensor grad_out = with_contiguous_rows(grad_out_in), out = with_contiguous_rows(out_in);
   const auto contiguous = at::MemoryFormat::Contiguous;
   if (q.numel() == 0 || k.numel() == 0) {
     return {at::zeros(q.sizes(), q.options().memory_format(contiguous)),
             at::zeros(k.sizes(), k.options().memory_format(contiguous)),
-            at::zeros(v.sizes(), v.options().memory_format(contiguous)), dslopes.zero_()};
+            at::zeros(v.sizes(), v.options().memory_format(contiguous)), dslopes.zero_(),
+            // rows without keys: lse = sink, p_sink = 1 and out = 0, so d sink = sum of dlse
+            P.has_sinks && grad_lse.has_value() && grad_lse->numel() > 0
+                ? grad_lse->to(dsinks.scalar_type()).sum(q.dim() == 3 ? at::IntArrayRef{1} : at::IntArrayRef{0, 2})
+                      .to(sinks->scalar_type())
+                : sinks_grad()};
   }
   // The kernel writes every row of dq, dk and dv, except the dq rows at padded positions.
   at::Tensor dq = P.has_key_padding ? at::zeros(q.sizes(), q.options().memory_format(contiguous))
@@ -97,31 +111,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   at::Tensor dv = at::empty(v.sizes(), v.options().memory_format(contiguous));
   const TilePlan plan(P, std::move(seqs), global_mask, key_padding_mask, kBackwardChunkBlocks);
   const at::Tensor slopes = alibi_slopes.has_value() ? *alibi_slopes : at::Tensor();
-  attention_backward(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, dq, dk, dv,
-                     alibi_grad ? &dslopes : nullptr);
-  return {dq, dk, dv, dslopes};
+  const at::Tensor sink = sink_logits(P, q, sinks);
+  attention_backward(P, plan, grad_out, grad_lse, q, k, v, out, lse, slopes, sink, dq, dk, dv,
+                     alibi_grad ? &dslopes : nullptr, P.has_sinks ? &dsinks : nullptr);
+  return {dq, dk, dv, dslopes, sinks_grad()};
 }
 
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
-    const c10::optional<at::Tensor>& key_padding_mask) {
-  const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
-                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask);
-  return run_forward(P, dense_views(P), q, k, v, global_mask, alibi_slopes, key_padding_mask);
+    const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
+    const c10::optional<at::Tensor>& sinks) {
+  const AttentionParams P =
+      make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
+                            sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
+  return run_forward(P, dense_views(P), q, k, v, global_mask, alibi_slopes, key_padding_mask, sinks);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cpu(
+Gradients local_attention_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
-    const c10::optional<at::Tensor>& key_padding_mask) {
-  const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
-                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask);
+    const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
+    const c10::optional<at::Tensor>& sinks) {
+  const AttentionParams P =
+      make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
+                            sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
   return run_backward(P, dense_views(P), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
-                      alibi_grad, key_padding_mask);
+                      alibi_grad, key_padding_mask, sinks);
 }
 
 std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
@@ -129,25 +148,25 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale) {
+    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
   VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
-                                       scale);
-  return run_forward(V.params, std::move(V.seqs), q, k, v, global_mask, alibi_slopes);
+                                       scale, SinkOptions{causal, sink_tokens, &sinks});
+  return run_forward(V.params, std::move(V.seqs), q, k, v, global_mask, alibi_slopes, c10::nullopt, sinks);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_varlen_bwd_cpu(
+Gradients local_attention_varlen_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool alibi_grad) {
+    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
   VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
-                                       scale);
+                                       scale, SinkOptions{causal, sink_tokens, &sinks});
   return run_backward(V.params, std::move(V.seqs), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
-                      alibi_grad);
+                      alibi_grad, c10::nullopt, sinks);
 }
 
 }  // namespace

@@ -24,7 +24,7 @@ TilePlan::TilePlan(const AttentionParams& P, std::vector<SequenceView> seqs,
   TORCH_CHECK(static_cast<int64_t>(seqs_.size()) == P.batch, "TilePlan: ", seqs_.size(), " views for ", P.batch,
               " problems");
   const int64_t d = P.window.dilation;
-  global_keys_.resize(P.batch);
+  extra_keys_.resize(P.batch);
   global_rows_.resize(P.batch);
   if (key_padding_mask.has_value() && key_padding_mask->numel() > 0) {
     TORCH_CHECK(key_padding_mask->dim() == 2, "TilePlan: key_padding_mask is for dense batches");
@@ -51,11 +51,15 @@ TilePlan::TilePlan(const AttentionParams& P, std::vector<SequenceView> seqs,
     for (int64_t b = 0; b < P.batch; ++b) {
       const SequenceView& s = seqs_[b];
       flag_offset_[b] = packed ? s.k_start : b * P.k_len;
-      for (int64_t j = 0; j < s.k_len; ++j) {
-        if (key_is_global(b, j)) global_keys_[b].push_back(j);
-      }
       for (int64_t i = 0; i < s.q_len; ++i) {
         if (row_is_global(b, i)) global_rows_[b].push_back(i);
+      }
+    }
+  }
+  if (has_extra_keys()) {
+    for (int64_t b = 0; b < P.batch; ++b) {
+      for (int64_t j = 0; j < seqs_[b].k_len; ++j) {
+        if (key_is_extra(b, j)) extra_keys_[b].push_back(j);
       }
     }
   }
@@ -87,11 +91,6 @@ TilePlan::TilePlan(const AttentionParams& P, std::vector<SequenceView> seqs,
     }
     add_run(b, true, 0, ceil_div_i64(static_cast<int64_t>(global_rows_[b].size()), kRowBlock));
   }
-}
-
-int64_t TilePlan::global_rank(int64_t b, int64_t j) const {
-  const auto& g = global_keys_[b];
-  return std::lower_bound(g.begin(), g.end(), j) - g.begin();
 }
 
 void TilePlan::rows_of_block(const RowChunk& c, int64_t block, std::vector<int64_t>* rows) const {
@@ -128,20 +127,22 @@ KeyRange TilePlan::span_of_rows(int64_t b, int64_t first_row, int64_t last_row) 
 void TilePlan::keys_of_block(const RowChunk& c, const std::vector<int64_t>& rows, BlockKeys* keys) const {
   keys->extras.clear();
   keys->extra_ranks.clear();
-  if (c.global_rows) {  // global rows see every key
-    keys->span = KeyRange{0, seqs_[c.batch].k_len, 1};
-    keys->span_needs_mask = false;
+  const int64_t off = seqs_[c.batch].position_offset();
+  if (c.global_rows) {  // global rows see every key; causal ones those up to their position (tile_runs.h)
+    const int64_t k_len = seqs_[c.batch].k_len;
+    keys->span = KeyRange{0, P_.window.causal ? std::min(k_len, rows.back() + off + 1) : k_len, 1};
+    keys->span_needs_mask = P_.window.causal;
     return;
   }
   keys->span = span_of_rows(c.batch, rows.front(), rows.back());
   const KeyRange& s = keys->span;
-  const int64_t off = seqs_[c.batch].position_offset();
   keys->span_needs_mask =
       s.count > 0 && !tile_in_window(P_.window, rows.front() + off, rows.back() + off, s.lo, s.at(s.count - 1));
-  if (has_global_) {
-    const auto& g = global_keys_[c.batch];
+  if (has_extra_keys()) {
+    const auto& g = extra_keys_[c.batch];
+    const int64_t p_last = rows.back() + off;  // visibility only grows with the position: the last row decides
     for (size_t r = 0; r < g.size(); ++r) {
-      if (!s.contains(g[r])) {
+      if (!s.contains(g[r]) && extra_key_visible(P_.window, p_last, g[r], false, key_is_global(c.batch, g[r]))) {
         keys->extras.push_back(g[r]);
         keys->extra_ranks.push_back(static_cast<int64_t>(r));
       }

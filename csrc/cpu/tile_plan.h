@@ -4,9 +4,12 @@
 // class the window is an ordinary band, so a block of kRowBlock consecutive rows
 // of a class sees one contiguous run of the class's keys, its "span", which is
 // known before any score is computed. A block visits its span (masked only at
-// the band's edges), then the global keys outside the band ("extras", always
-// allowed). Rows at global positions see every key: they are taken out of the
-// class blocks and get blocks of their own whose span is all keys, unmasked.
+// the band's edges), then the "extra" keys outside the band: global keys and
+// sink tokens (window.h extra_key_visible: bidirectional global keys are seen
+// by every row, causal global keys and sinks by the rows at or after them).
+// Rows at global positions see every key (causal: every key up to their
+// position): they are taken out of the class blocks and get blocks of their
+// own whose span is all keys (causal: all keys up to the last row's position).
 // Every (row, key) pair is therefore visited exactly once, which both the
 // forward and the one-pass backward rely on.
 //
@@ -24,6 +27,7 @@
 
 #include "../common/geometry.h"
 #include "../common/params.h"
+#include "../common/window.h"
 
 namespace longreach::cpu {
 
@@ -55,8 +59,8 @@ struct RowChunk {
 struct BlockKeys {
   KeyRange span;
   bool span_needs_mask = false;       // some row/key pair of the span may be outside the band
-  std::vector<int64_t> extras;        // global keys outside the band, sorted
-  std::vector<int64_t> extra_ranks;   // their positions in global_keys(batch)
+  std::vector<int64_t> extras;        // extra keys outside the band that some row of the block sees, sorted
+  std::vector<int64_t> extra_ranks;   // their positions in extra_keys(batch)
 };
 
 // A dense batch: B problems of the same lengths.
@@ -86,6 +90,11 @@ class TilePlan {
   bool key_is_global(int64_t b, int64_t j) const {
     return has_global_ && is_global_key_[flag_offset_[b] + j] != 0;
   }
+  // Keys beyond the band that rows may see: global keys and sinks (window.h).
+  bool has_extra_keys() const { return has_global_ || P_.window.sink_tokens > 0; }
+  bool key_is_extra(int64_t b, int64_t j) const {
+    return key_is_global(b, j) || (is_sink_key(P_.window, j) && !key_is_padded(b, j));
+  }
   bool row_is_global(int64_t b, int64_t i) const {
     const int64_t p = i + seqs_[b].position_offset();
     return p >= 0 && p < seqs_[b].k_len && key_is_global(b, p);
@@ -104,10 +113,9 @@ class TilePlan {
     const int64_t base = b * (P_.k_len + 1);
     return padded_prefix_[base + last + 1] != padded_prefix_[base + first];
   }
-  const std::vector<int64_t>& global_keys(int64_t b) const { return global_keys_[b]; }
+  // The extra keys of problem b (global keys and sinks, no padded position), sorted.
+  const std::vector<int64_t>& extra_keys(int64_t b) const { return extra_keys_[b]; }
   bool has_global_rows(int64_t b) const { return !global_rows_[b].empty(); }
-  // Position of global key j in global_keys(b).
-  int64_t global_rank(int64_t b, int64_t j) const;
 
   // Chunks of one (batch, kv head, class) are in row order; the chunks of one
   // piece of rows for every kv head follow each other (see the constructor).
@@ -132,7 +140,7 @@ class TilePlan {
   bool has_padding_ = false;
   std::vector<uint8_t> is_padded_key_;             // (B, Lk) flags of key_padding_mask
   std::vector<int64_t> padded_prefix_;             // per problem, Lk + 1 prefix counts of padded keys
-  std::vector<std::vector<int64_t>> global_keys_;  // per batch, sorted
+  std::vector<std::vector<int64_t>> extra_keys_;   // per batch, sorted
   std::vector<std::vector<int64_t>> global_rows_;  // per batch, sorted
   std::vector<RowChunk> chunks_;
 };

@@ -42,14 +42,23 @@ struct BlockContext {
   const int64_t* pos;  // key position of each row, ascending
   int64_t nq;
   acc_t slope;  // ALiBi slope of the head, 0 when off
+  bool global_rows;  // a block of rows at global positions (tile_plan.h)
 };
+
+// Columns of tile `keys` (a span tile: lo, lo + stride, ...) whose key is at or
+// before position p: the keys a causal global row or a causal extra key allow.
+inline int64_t columns_at_or_before(const TileKeys& keys, int64_t p) {
+  if (p < keys.lo) return 0;
+  return std::min(keys.n, (p - keys.lo) / keys.stride + 1);
+}
 
 // Which keys of a tile each row sees: run[a] = [first[a], end[a]) of tile
 // columns. Inside the band the window is monotone in the row position, so the
-// band part is found by two pointers with window.h's in_window. A global key
-// inside a masked tile is seen by every row, which can break a run: then the
-// run is widened to the hull and `interior` marks that the columns of the hull
-// outside [band_first, band_end) that are not global must be masked.
+// band part is found by two pointers with window.h's in_window. An extra key
+// (global or sink) inside a masked tile is seen by rows outside its band, which
+// can break a run: then the run is widened to the hull and `interior` marks
+// that the columns of the hull outside [band_first, band_end) must be checked
+// (run_allows: extra keys a row sees stay, the rest is masked).
 struct TileRuns {
   std::vector<int64_t> first, end, band_first, band_end;
   bool interior = false;
@@ -75,7 +84,7 @@ inline void transpose_runs(int64_t nq, int64_t nk, TileRuns* runs) {
 }
 
 // The runs of a masked tile (span tiles: keys lo, lo + stride, ... of the
-// rows' class): each row's window band, widened to the global keys it holds.
+// rows' class): each row's window band, widened to the extra keys it may see.
 template <typename acc_t>
 void plan_band_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, int64_t valid_from, TileRuns* runs) {
   const AttentionParams& P = *bc.P;
@@ -88,12 +97,12 @@ void plan_band_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, int64_t
     runs->first[a] = f;
     runs->end[a] = std::max(f, e);
   }
-  if (!bc.plan->has_global()) return;
-  // Global keys left of valid_from (an alignment margin before the block's
+  if (!bc.plan->has_extra_keys()) return;
+  // Extra keys left of valid_from (an alignment margin before the block's
   // span) belong to the block's extras, not to this tile.
   int64_t g_first = nk, g_last = -1;
   for (int64_t c = valid_from; c < nk; ++c) {
-    if (bc.plan->key_is_global(bc.batch, keys.key(c))) {
+    if (bc.plan->key_is_extra(bc.batch, keys.key(c))) {
       g_first = std::min(g_first, c);
       g_last = c;
     }
@@ -106,11 +115,15 @@ void plan_band_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, int64_t
   // row at a negative position when Lq > Lk) or nk (band right of it); taking
   // min/max with constants keeps them monotone, which transpose_runs (the
   // backward's key-side products) relies on. Columns before valid_from are
-  // never in a run: their global keys are the block's extras.
+  // never in a run: their global keys are the block's extras. Under causal
+  // every extra key is seen only at or after it, so a run need not reach
+  // past its row's position (columns_at_or_before is monotone too).
+  const bool causal = P.window.causal;
   for (int64_t a = 0; a < nq; ++a) {
     const int64_t f = std::max(runs->first[a], valid_from);
+    const int64_t g_end = causal ? std::min(g_last + 1, columns_at_or_before(keys, bc.pos[a])) : g_last + 1;
     runs->first[a] = std::min(f, g_first);
-    runs->end[a] = std::max(std::max(runs->end[a], f), g_last + 1);
+    runs->end[a] = std::max(std::max(runs->end[a], f), g_end);
   }
   runs->interior = true;
 }
@@ -127,9 +140,32 @@ void plan_runs(const BlockContext<acc_t>& bc, const TileKeys& keys, bool span_ma
   // Padded keys are never extras (the plan leaves them out of the global
   // keys), but any span tile may hold some: they are masked column by column.
   runs->padded = keys.list == nullptr && plan.any_key_padded(bc.batch, keys.key(0), keys.key(nk - 1));
-  // A tile inside the band needs no mask even when its block's span does.
-  runs->masked = span_masked && !tile_in_window(P.window, bc.pos[0], bc.pos[nq - 1], keys.key(0), keys.key(nk - 1));
-  if (runs->masked) plan_band_runs(bc, keys, valid_from, runs);
+  if (bc.global_rows) {
+    // Global rows see every key of their span (all keys); causal ones the
+    // keys at or before their position, a prefix of the tile.
+    runs->masked = false;
+    if (P.window.causal) {
+      for (int64_t a = 0; a < nq; ++a) runs->end[a] = columns_at_or_before(keys, bc.pos[a]);
+    }
+  } else if (keys.list != nullptr) {
+    // Extras (keys.list, sorted): every bidirectional global key is seen by
+    // every row; causal global keys and sinks by the rows at or after them.
+    runs->masked = false;
+    if (P.window.causal) {  // every extra is causal: a prefix of the list per row
+      for (int64_t a = 0; a < nq; ++a) {
+        runs->end[a] = std::upper_bound(keys.list, keys.list + nk, bc.pos[a]) - keys.list;
+      }
+    } else if (P.window.sink_tokens > 0 && keys.list[0] < P.window.sink_tokens) {  // sinks among them
+      runs->band_first.assign(nq, 0);
+      runs->band_end.assign(nq, 0);
+      runs->interior = true;  // run_allows decides each column
+    }
+    return;
+  } else {
+    // A tile inside the band needs no mask even when its block's span does.
+    runs->masked = span_masked && !tile_in_window(P.window, bc.pos[0], bc.pos[nq - 1], keys.key(0), keys.key(nk - 1));
+    if (runs->masked) plan_band_runs(bc, keys, valid_from, runs);
+  }
   if (runs->padded && !runs->interior) {  // every column of the runs is checked (run_allows)
     runs->band_first = runs->first;
     runs->band_end = runs->end;
@@ -143,7 +179,9 @@ bool run_allows(const BlockContext<acc_t>& bc, const TileKeys& keys, const TileR
   if (!runs.interior) return true;
   const int64_t j = keys.key(c);
   if (runs.padded && bc.plan->key_is_padded(bc.batch, j)) return false;
-  return (c >= runs.band_first[a] && c < runs.band_end[a]) || bc.plan->key_is_global(bc.batch, j);
+  if (c >= runs.band_first[a] && c < runs.band_end[a]) return true;
+  return bc.plan->key_is_extra(bc.batch, j) &&
+         extra_key_visible(bc.P->window, bc.pos[a], j, bc.global_rows, bc.plan->key_is_global(bc.batch, j));
 }
 
 // Turns S = scale * Q K^T into final scores on the rows' runs: -inf where a

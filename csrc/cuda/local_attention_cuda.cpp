@@ -45,28 +45,48 @@ struct CudaBackend {
   }
 };
 
+// Sink tokens, learnable sinks and causal global tokens are implemented on CPU
+// only so far (issue 14): refuse them clearly rather than compute the old rule.
+void check_cuda_sink_options(bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
+                             const c10::optional<at::Tensor>& global_mask) {
+  TORCH_CHECK_NOT_IMPLEMENTED(sink_tokens == 0 && !sinks.has_value() && !(causal && global_mask.has_value()),
+                              "local_attention: sink_tokens, sinks and causal global tokens are not implemented in "
+                              "the CUDA kernels yet (CPU only)");
+}
+
+using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Gradients with_empty_sinks_grad(std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g, const at::Tensor& q) {
+  return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), at::empty({0}, q.options().dtype(at::kFloat))};
+}
+
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
-    const c10::optional<at::Tensor>& key_padding_mask) {
+    const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
+    const c10::optional<at::Tensor>& sinks) {
+  check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_forward(backend, q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
                            sigmoid_bias, softcap, scale, key_padding_mask);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_bwd_cuda(
+Gradients local_attention_bwd_cuda(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
-    const c10::optional<at::Tensor>& key_padding_mask) {
+    const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
+    const c10::optional<at::Tensor>& sinks) {
+  check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
-  return attention_backward(backend, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
-                            window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad,
-                            key_padding_mask);
+  return with_empty_sinks_grad(
+      attention_backward(backend, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
+                         window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad, key_padding_mask),
+      q);
 }
 
 std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
@@ -74,7 +94,8 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale) {
+    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+  check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_varlen_forward(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -82,18 +103,21 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
                                   softcap, scale);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_varlen_bwd_cuda(
+Gradients local_attention_varlen_bwd_cuda(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool alibi_grad) {
+    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+  check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
-  return attention_varlen_backward(backend, grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                   max_seqlen_q, max_seqlen_k, global_mask, alibi_slopes, window_left, window_right,
-                                   dilation, score, sigmoid_bias, softcap, scale, alibi_grad);
+  return with_empty_sinks_grad(
+      attention_varlen_backward(backend, grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                max_seqlen_q, max_seqlen_k, global_mask, alibi_slopes, window_left, window_right,
+                                dilation, score, sigmoid_bias, softcap, scale, alibi_grad),
+      q);
 }
 
 }  // namespace

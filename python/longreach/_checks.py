@@ -165,3 +165,22 @@ def check_cu_seqlens(owner: str, cu_seqlens_q, cu_seqlens_k) -> int:
                          f"{cu_seqlens_q.shape[0] - 1} (shape {tuple(cu_seqlens_q.shape)}) and "
                          f"{cu_seqlens_k.shape[0] - 1} (shape {tuple(cu_seqlens_k.shape)})")
     return cu_seqlens_q.shape[0] - 1
+
+
+SINK_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_sinks(owner: str, sinks, q_heads: int, score: str):
+    """Learnable sink logits: None, or a floating tensor of shape (Hq,), softmax scores only."""
+    if sinks is None:
+        return None
+    expected = f"a floating tensor of shape (Hq,) = ({q_heads},) or None"
+    check_tensor(owner, "sinks", sinks, expected)
+    if sinks.dtype not in SINK_DTYPES:
+        raise TypeError(f"{owner}: sinks must be {expected}, got {describe(sinks)}")
+    if tuple(sinks.shape) != (q_heads,):
+        raise ValueError(f"{owner}: sinks must be {expected}, got {describe(sinks)}")
+    if score != "softmax":
+        raise ValueError(f"{owner}: sinks are only defined for score='softmax' (a sink logit enters the softmax "
+                         f"denominator), got score={score!r}")
+    return sinks

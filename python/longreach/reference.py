@@ -22,8 +22,13 @@ def allowed_keys(
     dilation: int = 1,
     global_mask: Optional[torch.Tensor] = None,
     device=None,
+    sink_tokens: int = 0,
 ) -> torch.Tensor:
-    """Bool mask (B or 1, Lq, Lk): True where query row i may attend to key j."""
+    """Bool mask (B or 1, Lq, Lk): True where query row i may attend to key j.
+
+    Global tokens: bidirectional without causal (a global row sees every key, a global key
+    every row); with causal, only towards the past (key j <= the row's position p). Sink
+    tokens: keys j < sink_tokens, seen by every row with j <= p."""
     left, right = window
     if causal:
         right = 0
@@ -42,7 +47,12 @@ def allowed_keys(
         inside = (pos >= 0) & (pos < k_len)
         row_global = torch.zeros(gm.shape[0], q_len, dtype=torch.bool, device=device)
         row_global[:, inside] = gm[:, pos[inside]]
-        ok = ok | gm[:, None, :] | row_global[:, :, None]
+        extra = gm[:, None, :] | row_global[:, :, None]
+        if causal:
+            extra = extra & (keys[None, None, :] <= pos[None, :, None])
+        ok = ok | extra
+    if sink_tokens > 0:
+        ok = ok | ((keys[None, :] < sink_tokens) & (keys[None, :] <= pos[:, None]))[None]
     return ok
 
 
@@ -73,8 +83,13 @@ def local_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     key_padding_mask: Optional[torch.Tensor] = None,
+    sink_tokens: int = 0,
+    sinks: Optional[torch.Tensor] = None,
 ):
     """Same contract as longreach.local_attention, computed densely.
+
+    sinks (Hq,): as transformers' gpt_oss eager attention, a column holding the raw logit
+    sinks[h] is appended to every row's scores, softmaxed with them and dropped.
 
     key_padding_mask (B, Lk), True = padding: that position holds no key (nor a
     global one), a query row at it gets zeros, and the default sigmoid bias
@@ -105,12 +120,20 @@ def local_attention(
     pad = None if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.bool)
     if pad is not None and global_mask is not None:
         global_mask = global_mask.to(device=q.device, dtype=torch.bool) & ~pad
-    allowed = allowed_keys(q_len, k_len, window, causal, dilation, global_mask, q.device)[:, None]  # (B|1,1,Lq,Lk)
+    allowed = allowed_keys(q_len, k_len, window, causal, dilation, global_mask, q.device,
+                           sink_tokens)[:, None]  # (B|1,1,Lq,Lk)
+    padded_row = torch.zeros(batch, q_len, dtype=torch.bool, device=q.device)
     if pad is not None:
         inside = (pos >= 0) & (pos < k_len)
-        padded_row = torch.zeros(batch, q_len, dtype=torch.bool, device=q.device)
         padded_row[:, inside] = pad[:, pos[inside]]
         allowed = allowed & ~pad[:, None, None, :] & ~padded_row[:, None, :, None]
+    if sinks is not None:
+        if score != "softmax":
+            raise ValueError("sinks are only defined for score='softmax'")
+        column = sinks.to(compute)[None, :, None, None].expand(batch, q_heads, q_len, 1)
+        s = torch.cat([s.expand(batch, q_heads, q_len, k_len), column], dim=-1)
+        allowed = torch.cat([allowed.expand(batch, 1, q_len, k_len), ~padded_row[:, None, :, None]], dim=-1)
+        vc = torch.cat([vc, vc.new_zeros(batch, q_heads, 1, head_dim)], dim=-2)  # the sink's value is zero
 
     if score == "sigmoid":
         if sigmoid_bias is not None:
@@ -130,7 +153,7 @@ def local_attention(
     neg_inf = torch.tensor(float("-inf"), dtype=compute, device=q.device)
     s = torch.where(allowed, s, neg_inf)
     # amax over an empty key dim (Lk = 0) is an error; such rows have no key anyway.
-    row_max = s.amax(dim=-1, keepdim=True).detach() if k_len > 0 else s.new_full(s.shape[:-1] + (1,), float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True).detach() if s.shape[-1] > 0 else s.new_full(s.shape[:-1] + (1,), float("-inf"))
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max)  # exactly 0 where masked
     total = e.sum(dim=-1, keepdim=True)

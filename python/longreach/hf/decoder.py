@@ -356,8 +356,7 @@ def longreach_attention_forward(
     the B * L flattened tokens, one problem per document.
     """
     options = _options(module.config)
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("longreach: attention sinks (s_aux) are not supported")
+    sinks = kwargs.get("s_aux")  # gpt-oss's learnable sink logits (Hq,): one more softmax term per row
     if dropout:
         raise ValueError(
             f"longreach: attention dropout is not supported (got dropout={dropout}); "
@@ -392,7 +391,11 @@ def longreach_attention_forward(
         if attention_mask is not None or packed is not None:
             raise ValueError("longreach: with context parallelism the input is a shard of one unpadded, unpacked "
                              "sequence per row (no attention_mask, no packing; pass the true position_ids)")
+        if sinks is not None:
+            raise ValueError("longreach: context parallelism does not take attention sinks (s_aux) yet")
         return context_parallel.attend(query, key, value, **common).transpose(1, 2).contiguous(), None
+    if sinks is not None:
+        common["sinks"] = sinks
     if packed is not None:
         batch, heads, q_length, dim = query.shape
         flat = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value)]

@@ -100,6 +100,8 @@ class LocalSelfAttention(nn.Module):
         window: None (unbounded), an int W (causal: the last W keys, current one included),
             or a (left, right) pair in the op's convention.
         causal: mask future keys. dilation: window step (longreach.local_attention).
+        sink_tokens: the first n keys stay visible to later rows (StreamingLLM); learnable_sinks: a
+        per-head sink logit nn.Parameter `sinks` (gpt-oss), zeros at first (longreach.local_attention).
         score: "softmax", or "sigmoid" (no normalisation; bias `sigmoid_bias`, default
             -ln(left + right + 1), fixed by the window so a result never depends on the
             sequence length; an unbounded sigmoid window needs an explicit sigmoid_bias).
@@ -151,6 +153,8 @@ class LocalSelfAttention(nn.Module):
         max_position_embeddings: int = 2048,
         sigmoid_bias: Optional[float] = None,
         rotary: Optional[RotaryEmbedding] = None,
+        sink_tokens: int = 0,
+        learnable_sinks: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -176,6 +180,9 @@ class LocalSelfAttention(nn.Module):
         check_int(name, "dilation", dilation, 1)
         check_softcap(name, softcap)
         check_sigmoid_bias(name, sigmoid_bias, score)
+        self.sink_tokens = check_int(name, "sink_tokens", sink_tokens, 0)
+        if check_bool(name, "learnable_sinks", learnable_sinks) and score != "softmax":
+            raise ValueError(f"{name}: learnable_sinks=True needs score='softmax', got score={score!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
         if rope_scaling is not None and positional not in ("rope", "alibi+rope"):
@@ -198,6 +205,8 @@ class LocalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
         self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
+        # gpt-oss's per-head sink logits (zeros at first: exp(0) = one extra key's worth of weight)
+        self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if learnable_sinks else None
         self.rotary = None
         if positional in ("rope", "alibi+rope"):
             self.rotary = rotary if rotary is not None else RotaryEmbedding(
@@ -241,6 +250,9 @@ class LocalSelfAttention(nn.Module):
                                   cache=cache)
         if cache is not None and not self.causal:
             raise ValueError(f"{name}: a KV cache needs causal=True")
+        if cache is not None and self.sink_tokens:
+            raise ValueError(f"{name}: sink_tokens={self.sink_tokens} with a SlidingKVCache is not supported (the "
+                             "cache drops the first keys); use longreach.local_attention_with_kvcache")
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -263,8 +275,11 @@ class LocalSelfAttention(nn.Module):
         if self.context_parallel is not None:
             if cache is not None or key_padding_mask is not None or cu_seqlens is not None:
                 raise ValueError(f"{name}: context parallelism takes no KV cache, key padding or cu_seqlens")
+            if self.sink_tokens or self.sinks is not None:
+                raise ValueError(f"{name}: context parallelism does not take sink tokens or learnable sinks yet")
             out = self.context_parallel.attend(q, k, v, **options)
             return self.o_proj(self.dropout(out.transpose(1, 2).reshape(batch, length, -1)))
+        options.update(sink_tokens=self.sink_tokens, sinks=self.sinks)
         if cu_seqlens is not None:
             flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], self.head_dim) for t in (q, k, v)]
             out = local_attention_varlen(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
@@ -280,4 +295,5 @@ class LocalSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"window={self.window}, causal={self.causal}, dilation={self.dilation}, score={self.score!r}, "
-                f"positional={self.positional!r}, softcap={self.softcap}")
+                f"positional={self.positional!r}, softcap={self.softcap}, sink_tokens={self.sink_tokens}, "
+                f"learnable_sinks={self.sinks is not None}")

@@ -15,7 +15,7 @@ import torch
 from .. import _autograd
 from .autocast import register_autocast
 from .._checks import (SCORES, check_bool, check_int, check_same_device, check_scale, check_score,  # noqa: F401
-                      check_sigmoid_bias, check_softcap, check_tensor, check_window_side)
+                      check_sigmoid_bias, check_sinks, check_softcap, check_tensor, check_window_side)
 from .._library import check_device_supported
 
 Window = Tuple[Optional[int], Optional[int]]
@@ -31,6 +31,13 @@ def normalize_window(window, causal: bool, owner: str = OWNER) -> Tuple[int, int
     left = check_window_side(owner, "left", window[0])
     right = 0 if causal else check_window_side(owner, "right", window[1])
     return (-1 if left is None else left), (-1 if right is None else right)
+
+
+def sink_options(owner: str, q_heads: int, *, causal, score, sink_tokens, sinks) -> tuple:
+    """The ops' last arguments, checked: (causal, sink_tokens, sinks)."""
+    causal = check_bool(owner, "causal", causal)
+    sink_tokens = check_int(owner, "sink_tokens", sink_tokens, 0)
+    return causal, sink_tokens, check_sinks(owner, sinks, q_heads, check_score(owner, score))
 
 
 def kernel_options(owner: str, head_dim, *, window, causal, dilation, score, sigmoid_bias, softcap, scale,
@@ -67,6 +74,8 @@ def local_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     key_padding_mask: Optional[torch.Tensor] = None,
+    sink_tokens: int = 0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Sliding-window attention with dilation, global tokens, ALiBi and soft-capping.
 
@@ -85,6 +94,12 @@ def local_attention(
     global one), the other keys keep their positions, a query row at a padded
     position returns zeros (lse -inf), and the default sigmoid bias counts each
     row's real keys. No host synchronisation.
+
+    With causal=True global tokens are causal: a global row sees the keys up to
+    its position, a global key only the rows at or after it. sink_tokens=n: the
+    first n keys are seen by every row at or after them (StreamingLLM). sinks:
+    (Hq,) learnable logits (gpt-oss), one more term exp(sinks[h]) in each softmax
+    row's denominator with no value; lse includes it; differentiable.
 
     Differentiable by reverse mode (backward, torch.autograd.grad, torch.func.grad,
     vjp, jacrev); second derivatives and forward mode raise NotImplementedError.
@@ -105,8 +120,11 @@ def local_attention(
         check_tensor(OWNER, "key_padding_mask", key_padding_mask, "a bool tensor of shape (B, Lk) or None")
     check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
                       key_padding_mask=key_padding_mask)
+    extra = sink_options(OWNER, q.shape[1], causal=causal, score=score, sink_tokens=sink_tokens, sinks=sinks)
+    check_same_device(OWNER, q=q, sinks=sinks)
     check_device_supported("local_attention_fwd", q)
-    out, lse = _autograd.call(_LocalAttention, _FWD, q, k, v, global_mask, alibi_slopes, *options, key_padding_mask)
+    out, lse = _autograd.call(_LocalAttention, _FWD, q, k, v, global_mask, alibi_slopes, *options, key_padding_mask,
+                              *extra)
     return (out, lse) if return_lse else out
 
 
@@ -119,9 +137,10 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("longreach::local_attention_fwd")
 def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation,
-                              score, sigmoid_bias, softcap, scale, key_padding_mask=None):
+                              score, sigmoid_bias, softcap, scale, key_padding_mask=None, causal=False, sink_tokens=0,
+                              sinks=None):
     check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
-                      key_padding_mask=key_padding_mask)
+                      key_padding_mask=key_padding_mask, sinks=sinks)
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -130,13 +149,18 @@ def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, w
 @torch.library.register_fake("longreach::local_attention_bwd")
 def _local_attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
                               window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad=False,
-                              key_padding_mask=None):
+                              key_padding_mask=None, causal=False, sink_tokens=0, sinks=None):
     check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
-                      key_padding_mask=key_padding_mask)
+                      key_padding_mask=key_padding_mask, sinks=sinks)
     # grad_alibi_slopes: (B, Hq) float32 with alibi_grad, else empty (csrc/ops.cpp)
     slopes_shape = (q.shape[0], q.shape[1]) if alibi_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty(slopes_shape, dtype=torch.float32))
+            q.new_empty(slopes_shape, dtype=torch.float32), sinks_grad_fake(sinks, q))
+
+
+def sinks_grad_fake(sinks, q):
+    """The backward's grad_sinks: sinks' shape and dtype, or an empty (0,) float32 tensor."""
+    return q.new_empty((0,), dtype=torch.float32) if sinks is None else sinks.new_empty(sinks.shape)
 
 
 # --------------------------------------------------------------------- autograd --
@@ -190,7 +214,9 @@ def attention_autograd(fwd: torch._ops.OpOverload, bwd: torch._ops.OpOverload, p
             slopes = saved["alibi_slopes"]
             slopes_grad = slopes is not None and ctx.needs_input_grad[slopes_index]
             args = bwd_args(grad_out=grad_out, grad_lse=grad_lse, **saved, **ctx.options, alibi_grad=slopes_grad)
-            grads = dict(zip(("q", "k", "v", "alibi_slopes"), _autograd.call(Backward, bwd, *args)))
+            grads = dict(zip(("q", "k", "v", "alibi_slopes", "sinks"), _autograd.call(Backward, bwd, *args)))
+            if saved.get("sinks") is None:
+                del grads["sinks"]
             if slopes_grad:  # one row per batch element / sequence; (Hq,) slopes are shared by all
                 grads["alibi_slopes"] = grads["alibi_slopes"].sum(0) if slopes.dim() == 1 else grads["alibi_slopes"]
             else:

@@ -15,7 +15,7 @@ from .. import _autograd
 from .._checks import check_cu_seqlens, check_int, check_same_device, check_tensor, describe
 from .._library import check_device_supported
 from .autocast import register_autocast
-from .attention import Window, _lse_dtype, attention_autograd, kernel_options
+from .attention import Window, _lse_dtype, attention_autograd, kernel_options, sink_options, sinks_grad_fake
 
 OWNER = "local_attention_varlen"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -40,6 +40,8 @@ def local_attention_varlen(
     softcap: Optional[float] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    sink_tokens: int = 0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """longreach.local_attention over packed sequences (flash-attn's varlen layout and names).
 
@@ -61,9 +63,11 @@ def local_attention_varlen(
     max_seqlen_k = check_int(OWNER, "max_seqlen_k", max_seqlen_k, 0)
     options = kernel_options(OWNER, q.shape[-1], window=window, causal=causal, dilation=dilation, score=score,
                              sigmoid_bias=sigmoid_bias, softcap=softcap, scale=scale, return_lse=return_lse)
+    extra = sink_options(OWNER, q.shape[1], causal=causal, score=score, sink_tokens=sink_tokens, sinks=sinks)
+    check_same_device(OWNER, q=q, sinks=sinks)
     check_device_supported("local_attention_varlen_fwd", q)
     out, lse = _autograd.call(_Varlen, _FWD, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              global_mask, alibi_slopes, *options)
+                              global_mask, alibi_slopes, *options, *extra)
     return (out, lse) if return_lse else out
 
 
@@ -112,20 +116,23 @@ def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, global_mask, alibi_slope
 
 @torch.library.register_fake("longreach::local_attention_varlen_fwd")
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask, alibi_slopes,
-                     window_left, window_right, dilation, score, sigmoid_bias, softcap, scale):
+                     window_left, window_right, dilation, score, sigmoid_bias, softcap, scale, causal=False,
+                     sink_tokens=0, sinks=None):
     _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, global_mask, alibi_slopes)
+    check_same_device(OWNER, q=q, sinks=sinks)
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.register_fake("longreach::local_attention_varlen_bwd")
 def _varlen_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                      global_mask, alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
-                     scale, alibi_grad=False):
+                     scale, alibi_grad=False, causal=False, sink_tokens=0, sinks=None):
     num_seqs = _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, global_mask, alibi_slopes)
+    check_same_device(OWNER, q=q, sinks=sinks)
     # grad_alibi_slopes: (num_seqs, Hq) float32 with alibi_grad, else empty
     slopes_shape = (num_seqs, q.shape[1]) if alibi_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty(slopes_shape, dtype=torch.float32))
+            q.new_empty(slopes_shape, dtype=torch.float32), sinks_grad_fake(sinks, q))
 
 
 # --------------------------------------------------------------------- autograd --
