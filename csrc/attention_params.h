@@ -35,7 +35,8 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
 // `batch_name` is what the slopes' first dimension counts ("B", "num_seqs").
 void set_options(AttentionParams& P, const at::Tensor& q, const c10::optional<at::Tensor>& alibi_slopes,
                  const char* batch_name, int64_t window_left, int64_t window_right, int64_t dilation,
-                 c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale);
+                 c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
+                 const SinkOptions& sinks = SinkOptions{});
 
 // Number of real (unpadded) keys per batch row of a (B, Lk) key_padding_mask,
 // int64 (B,) on the mask's device: what the default sigmoid bias counts.

@@ -45,17 +45,6 @@ std::vector<int64_t> read_cache_seqlens(const at::Tensor& s, const at::Tensor& q
   return lens;
 }
 
-void check_sinks(const at::Tensor& sinks, const at::Tensor& q, bool sigmoid) {
-  TORCH_CHECK_VALUE(!sigmoid, kOwner, ": sinks are a softmax term (an extra logit in the denominator); score='sigmoid' "
-                    "has no denominator, got sinks with score='sigmoid'");
-  TORCH_CHECK_TYPE(at::isFloatingType(sinks.scalar_type()), kOwner, ": sinks must be a floating-point tensor, got ",
-                   dtype_name(sinks.scalar_type()));
-  TORCH_CHECK_VALUE(sinks.dim() == 1 && sinks.size(0) == q.size(1), kOwner, ": sinks must have shape (Hq,) = (",
-                    q.size(1), ",), got ", sinks.sizes());
-  TORCH_CHECK_VALUE(sinks.device() == q.device(), kOwner, ": sinks is on ", sinks.device(), " but q is on ",
-                    q.device());
-}
-
 // The used blocks of each row: inside the pool, no block twice within a row
 // (two positions would share a slot).
 std::vector<int64_t> read_block_table(const at::Tensor& t, const at::Tensor& q, int64_t num_blocks,
@@ -138,7 +127,6 @@ KvCacheProblem make_kvcache_params(const at::Tensor& q, const at::Tensor& k_cach
     }
   }
   const std::vector<int64_t> lens = read_cache_seqlens(cache_seqlens, q);
-  TORCH_CHECK_VALUE(sink_tokens >= 0, kOwner, ": sink_tokens must be >= 0, got ", sink_tokens);
   TORCH_CHECK_VALUE(num_splits >= 0, kOwner, ": num_splits must be >= 0 (0 lets the kernel choose), got ",
                     num_splits);
 
@@ -155,11 +143,11 @@ KvCacheProblem make_kvcache_params(const at::Tensor& q, const at::Tensor& k_cach
     longest = std::max(longest, totals[b]);
   }
   P.k_len = longest;
-  set_options(P, q, alibi_slopes, "B", window_left, window_right, dilation, score, sigmoid_bias, softcap, scale);
-  if (sinks.has_value()) {
-    check_sinks(*sinks, q, P.score == ScoreKind::kSigmoid);
-    pr.has_sinks = true;
-  }
+  // The decode op has no global tokens, so causal only means window right = 0
+  // (normalised by the caller); sink tokens and sinks are the training ops' (window.h).
+  set_options(P, q, alibi_slopes, "B", window_left, window_right, dilation, score, sigmoid_bias, softcap, scale,
+              SinkOptions{false, sink_tokens, &sinks});
+  pr.has_sinks = P.has_sinks;
   pr.sink_tokens = sink_tokens;
   pr.num_splits = num_splits;
 

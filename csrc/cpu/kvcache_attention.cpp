@@ -232,7 +232,9 @@ void decode_kernel(const KvCacheProblem& pr, const at::Tensor& q, const at::Tens
           acc_t* s = S + a * ws.ld_s;
           for (int64_t c = ws.first[a]; c < ws.end[a]; ++c) {
             const int64_t j = j_tile + c * step;
-            if (sink_segment && (j > ws.pos[a] || in_window(P.window, ws.pos[a], j))) {
+            // The sink keys the window does not already hold (window.h's one rule).
+            if (sink_segment && (in_window(P.window, ws.pos[a], j) ||
+                                 !extra_key_visible(P.window, ws.pos[a], j, false, false))) {
               s[c] = neg_inf;
               continue;
             }
