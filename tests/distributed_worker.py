@@ -57,7 +57,7 @@ def equality_cases(world: int):
                                                           score="sigmoid", alibi=True, globals_=[[4, 16], [11]])),
         ("sigmoid explicit bias softcap", dict(lengths=[4, 4, 9, 3], window=(6, 6), score="sigmoid",
                                                sigmoid_bias=-1.5, softcap=2.0)),
-        ("float32 globals causal dilation 2", dict(lengths=[9, 3, 6, 7], window=(5, 0), causal=True, dilation=2,
+        ("float32 globals window (5, 0) dilation 2", dict(lengths=[9, 3, 6, 7], window=(5, 0), dilation=2,
                                                    globals_=[[2, 18], [2]], dtype=torch.float32, alibi=True)),
         ("per-batch slopes, scale", dict(lengths=[3, 10, 2, 6], window=(7, 1), alibi="batch", scale=0.7,
                                          dtype=f64)),
@@ -228,6 +228,9 @@ def run_errors(rank: int, world: int) -> None:
     attempt("requires_grad differs", q.requires_grad_(rank == last), k, v, window=(2, 0))
     attempt("3-D q on one rank", q[0] if rank == last else q, k, v, window=(2, 0))
     attempt("bad dilation everywhere", *qkv(), window=(2, 0), dilation=0)
+    gm = torch.zeros(1, 5, dtype=torch.bool)
+    gm[0, 1] = True
+    attempt("causal globals on one rank", *qkv(), window=(2, 0), causal=True, global_mask=gm if rank == 0 else None)
     q, k, v = qkv()
     out = longreach.distributed.local_attention(q, k, v, window=(2, 0))
     emit(kind="after errors", ok=bool(torch.isfinite(out).all()), shape=list(out.shape))

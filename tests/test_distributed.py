@@ -101,6 +101,7 @@ EXPECTED_ERRORS = {
     "head dim differs": "ValueError", "dtype differs": "TypeError", "heads differ": "ValueError",
     "window differs": "ValueError", "alibi slopes differ": "ValueError", "alibi on one rank only": "ValueError",
     "requires_grad differs": "ValueError", "3-D q on one rank": "ValueError", "bad dilation everywhere": "ValueError",
+    "causal globals on one rank": "ValueError",
 }
 
 

@@ -248,6 +248,12 @@ def _check_local(q, k, v, global_mask, alibi_slopes, **options) -> tuple:
                          f"and D (self-attention over one shard)")
     if q.shape[3] == 0 or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"{OWNER}: need D >= 1 and Hq a multiple of Hk, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if global_mask is not None and options.get("causal"):
+        # The single-process op's causal global rule (a global row sees only keys up to its position,
+        # a global key only later rows) is not built into the global parts here yet. A ValueError,
+        # so that the other ranks learn of it in the metadata exchange instead of waiting.
+        raise ValueError(f"{OWNER}: global tokens with causal=True are not supported with context parallelism "
+                         f"yet; pass causal=False (bidirectional global tokens) or no global_mask")
     if global_mask is not None:
         check_tensor(OWNER, "global_mask", global_mask, "a bool tensor of shape (B, L_rank) or None")
         if global_mask.dtype != torch.bool:
