@@ -361,3 +361,23 @@ def test_bad_input_messages_name_the_argument():
         q, kc, vc, kw = _bad(case)
         with pytest.raises((ValueError, TypeError), match=name):
             longreach.local_attention_with_kvcache(q, kc, vc, **kw)
+
+
+@pytest.mark.parametrize("opts", [dict(window=(6, 0), sink_tokens=3), dict(window=(5, 2), dilation=2, sink_tokens=4),
+                                  dict(window=(9, 0), softcap=2.0, sink_tokens=2)])
+def test_decode_equals_the_training_reference_with_sinks(opts):
+    # The same semantics as the training ops: reference.local_attention with sink_tokens and sinks
+    # over the whole history (a second oracle, beside this file's dense one).
+    torch.manual_seed(4)
+    q = torch.randn(2, 4, 3, 8, dtype=torch.float64)
+    kc, vc = torch.randn(2, 2, 40, 8, dtype=torch.float64), torch.randn(2, 2, 40, 8, dtype=torch.float64)
+    seqlens = torch.tensor([37, 11], dtype=torch.int32)
+    sinks = torch.tensor([0.3, -0.7, 1.1, 0.0], dtype=torch.float64)
+    out, lse = longreach.local_attention_with_kvcache(q, kc, vc, cache_seqlens=seqlens, sinks=sinks, return_lse=True,
+                                                      **opts)
+    for b in range(2):
+        n = int(seqlens[b])
+        ref, ref_lse = reference.local_attention(q[b:b + 1], kc[b:b + 1, :, :n], vc[b:b + 1, :, :n], sinks=sinks,
+                                                 return_lse=True, **opts)
+        torch.testing.assert_close(out[b:b + 1], ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(lse[b:b + 1], ref_lse, rtol=1e-10, atol=1e-10)
