@@ -200,34 +200,37 @@ void decode_kernel(const KvCacheProblem& pr, const at::Tensor& q, const at::Tens
         }
         if (!any) continue;
         acc_t* S = ws.S.data();
-        // The tile's keys in runs of one stride through the cache; 16-bit keys
-        // are converted to acc_t once per tile.
         const int64_t j_tile = j0 + c0 * step;
-        for (size_t t = 0; t < seg_head.size(); ++t) {
-          const int64_t a0 = seg[t], ma = seg[t + 1] - seg[t];
-          for (int64_t c = 0; c < nt;) {
-            const int64_t j = j_tile + c * step;
-            const int64_t len = cache_run_length(pr.cache, j, step, nt - c);
-            const scalar_t* kp = K + ka.offset(blk.b, seg_head[t], j);
-            const int64_t ld = step * ka.token_stride();
-            for (int64_t a = a0; a < a0 + ma; ++a) {
-              ws.run_first[a] = std::clamp(ws.first[a] - c, int64_t(0), len);
-              ws.run_end[a] = std::clamp(ws.end[a] - c, ws.run_first[a], len);
+        // Each kv head's rows against the tile's keys (or values), in runs of one
+        // stride through the cache; 16-bit rows are converted to acc_t per run.
+        // body(a0, ma, c, rows, ld): rows [a0, a0 + ma) and the run starting at
+        // column c, whose run_first / run_end are set.
+        auto for_each_run = [&](const scalar_t* base, const CacheAddress& addr, Buffer<acc_t>& buf, auto&& body) {
+          for (size_t t = 0; t < seg_head.size(); ++t) {
+            const int64_t a0 = seg[t], ma = seg[t + 1] - seg[t];
+            for (int64_t c = 0; c < nt;) {
+              const int64_t j = j_tile + c * step;
+              const int64_t len = cache_run_length(pr.cache, j, step, nt - c);
+              const scalar_t* src = base + addr.offset(blk.b, seg_head[t], j);
+              const int64_t ld = step * addr.token_stride();
+              for (int64_t a = a0; a < a0 + ma; ++a) {
+                ws.run_first[a] = std::clamp(ws.first[a] - c, int64_t(0), len);
+                ws.run_end[a] = std::clamp(ws.end[a] - c, ws.run_first[a], len);
+              }
+              if constexpr (std::is_same_v<scalar_t, acc_t>) {
+                body(a0, ma, c, src, ld);
+              } else {
+                for (int64_t r = 0; r < len; ++r) convert_in(ops, src + r * ld, D, acc_t(1), buf.data() + r * D);
+                body(a0, ma, c, static_cast<const acc_t*>(buf.data()), D);
+              }
+              c += len;
             }
-            const acc_t* keys = nullptr;
-            int64_t ldk = D;
-            if constexpr (std::is_same_v<scalar_t, acc_t>) {
-              keys = kp;
-              ldk = ld;
-            } else {
-              for (int64_t r = 0; r < len; ++r) convert_in(ops, kp + r * ld, D, acc_t(1), ws.kbuf.data() + r * D);
-              keys = ws.kbuf.data();
-            }
-            ops.rows_dot(ma, D, ws.q.data() + a0 * D, D, keys, ldk, scale, S + a0 * ws.ld_s + c, ws.ld_s,
-                         ws.run_first.data() + a0, ws.run_end.data() + a0);
-            c += len;
           }
-        }
+        };
+        for_each_run(K, ka, ws.kbuf, [&](int64_t a0, int64_t ma, int64_t c, const acc_t* keys, int64_t ldk) {
+          ops.rows_dot(ma, D, ws.q.data() + a0 * D, D, keys, ldk, scale, S + a0 * ws.ld_s + c, ws.ld_s,
+                       ws.run_first.data() + a0, ws.run_end.data() + a0);
+        });
         for (int64_t a = 0; a < m; ++a) {  // soft-cap, ALiBi, and the sink segment's mask
           acc_t* s = S + a * ws.ld_s;
           for (int64_t c = ws.first[a]; c < ws.end[a]; ++c) {
@@ -260,31 +263,10 @@ void decode_kernel(const KvCacheProblem& pr, const at::Tensor& q, const at::Tens
             for (int64_t e = 0; e < D; ++e) o[e] *= al;
           }
         }
-        for (size_t t = 0; t < seg_head.size(); ++t) {
-          const int64_t a0 = seg[t], ma = seg[t + 1] - seg[t];
-          for (int64_t c = 0; c < nt;) {
-            const int64_t j = j_tile + c * step;
-            const int64_t len = cache_run_length(pr.cache, j, step, nt - c);
-            const scalar_t* vp = V + va.offset(blk.b, seg_head[t], j);
-            const int64_t ld = step * va.token_stride();
-            for (int64_t a = a0; a < a0 + ma; ++a) {
-              ws.run_first[a] = std::clamp(ws.first[a] - c, int64_t(0), len);
-              ws.run_end[a] = std::clamp(ws.end[a] - c, ws.run_first[a], len);
-            }
-            const acc_t* values = nullptr;
-            int64_t ldv = D;
-            if constexpr (std::is_same_v<scalar_t, acc_t>) {
-              values = vp;
-              ldv = ld;
-            } else {
-              for (int64_t r = 0; r < len; ++r) convert_in(ops, vp + r * ld, D, acc_t(1), ws.vbuf.data() + r * D);
-              values = ws.vbuf.data();
-            }
-            ops.rows_axpy(ma, D, S + a0 * ws.ld_s + c, ws.ld_s, values, ldv, res + a0 * part, part,
-                          ws.run_first.data() + a0, ws.run_end.data() + a0);
-            c += len;
-          }
-        }
+        for_each_run(V, va, ws.vbuf, [&](int64_t a0, int64_t ma, int64_t c, const acc_t* values, int64_t ldv) {
+          ops.rows_axpy(ma, D, S + a0 * ws.ld_s + c, ws.ld_s, values, ldv, res + a0 * part, part,
+                        ws.run_first.data() + a0, ws.run_end.data() + a0);
+        });
       }
     };
 
