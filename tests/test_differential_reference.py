@@ -25,6 +25,10 @@ follow (about 4 minutes). The generator draws:
   minimal case below failed on the library before the fix);
 - ALiBi (Hq,) or (B, Hq) with both signs (sometimes a stride-0 expanded (B, Hq));
 - softcap, explicit scale, softmax or sigmoid (default or explicit sigmoid_bias), return_lse;
+- sink_tokens (StreamingLLM's always-visible first keys: a few, or past a block edge) and
+  learnable sinks (Hq,) (gpt-oss) whose gradient is compared too; drawn last from a seed's
+  stream, so that adding them changed no earlier draw; causal global tokens come from the
+  independent causal and global draws;
 - float64 (most cases, scaled error 1e-10), float32 (1e-4), bfloat16 and float16 (error at
   most 2x a plain PyTorch computation in the same dtype plus a few ulps, both measured against
   the float64 oracle on the same rounded inputs);
@@ -100,7 +104,8 @@ class Case:
         return (f"window={self.window}, causal={self.causal}, dilation={self.dilation}, "
                 f"global={self.global_kind}(density {self.global_density:.2f}, strided {self.global_strided}), "
                 f"alibi={self.alibi}, score={self.score!r}, sigmoid_bias={self.sigmoid_bias}, "
-                f"softcap={self.softcap}, scale={self.scale}, return_lse={self.return_lse}")
+                f"softcap={self.softcap}, scale={self.scale}, return_lse={self.return_lse}, "
+                f"sink_tokens={self.extra.get('sink_tokens', 0)}, sinks={self.extra.get('sinks', False)}")
 
     def __str__(self) -> str:
         dt = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[self.dtype]
@@ -227,6 +232,15 @@ def draw_case(seed: int) -> Case:
 
     layouts = (layout(), layout(), layout())
     extra = {"alibi_magnitude": rng.choice([2.0**-8, 2.0**-4, 2.0**-1, 1.0])}
+    # Drawn last, so that adding them left every earlier draw of a seed as it was.
+    r = rng.random()
+    if r < 0.75:
+        extra["sink_tokens"] = 0
+    elif r < 0.92:
+        extra["sink_tokens"] = rng.randint(1, 4)
+    else:
+        extra["sink_tokens"] = rng.randint(5, 200)  # often past a block edge or the whole sequence
+    extra["sinks"] = score == "softmax" and rng.random() < 0.25  # learnable sink logits, with gradients
     return Case(seed, dtype, batch, q_heads, kv_heads, q_len, k_len, head_dim, window, causal, dilation,
                 global_kind, density, global_strided, alibi, score, sigmoid_bias, softcap, scale, return_lse,
                 layouts, extra)
@@ -313,18 +327,21 @@ def build(case: Case):
     kwargs = dict(window=case.window, causal=case.causal, dilation=case.dilation,
                   global_mask=_global_mask(case, gen), alibi_slopes=_alibi(case, gen), score=case.score,
                   sigmoid_bias=case.sigmoid_bias, softcap=case.softcap, scale=case.scale,
-                  return_lse=case.return_lse)
+                  return_lse=case.return_lse, sink_tokens=case.extra["sink_tokens"])
     cotangents = [torch.randn(shapes[0], dtype=torch.float64, generator=gen)]
     if case.return_lse:
         cotangents.append(torch.randn(shapes[0][:3], dtype=torch.float64, generator=gen))
+    if case.extra["sinks"]:  # a fourth leaf (Hq,), drawn last (the other draws are unchanged)
+        leaves = leaves + (2.0 * torch.randn(case.q_heads, dtype=torch.float64, generator=gen),)
+        views = views + (lambda t: t,)
     return list(leaves), list(views), kwargs, cotangents
 
 
 # ----------------------------------------------------------------------------- torch in the low dtype
 
 
-def dense_in_dtype(q, k, v, *, window, causal, dilation, global_mask, alibi_slopes, score, sigmoid_bias, softcap,
-                   scale, return_lse):
+def dense_in_dtype(q, k, v, sinks=None, *, window, causal, dilation, global_mask, alibi_slopes, score, sigmoid_bias,
+                   softcap, scale, return_lse, sink_tokens=0):
     """What plain PyTorch gives in q's dtype: the two matmuls in that dtype, the elementwise
     score math and the softmax in float32 (the baseline the low-precision kernels must match)."""
     batch, q_heads, q_len, head_dim = q.shape
@@ -341,12 +358,18 @@ def dense_in_dtype(q, k, v, *, window, causal, dilation, global_mask, alibi_slop
         slopes = alibi_slopes.float()
         slopes = slopes[None] if slopes.dim() == 1 else slopes
         s = s - slopes[:, :, None, None] * dist
-    allowed = reference.allowed_keys(q_len, k_len, window, causal, dilation, global_mask)[:, None]
+    allowed = reference.allowed_keys(q_len, k_len, window, causal, dilation, global_mask,
+                                     sink_tokens=sink_tokens)[:, None]
     if score == "sigmoid":
         bias = reference.default_sigmoid_bias(k_len, window, causal) if sigmoid_bias is None else sigmoid_bias
         w = torch.sigmoid(s + bias) * allowed
         return (w.to(q.dtype) @ v,)
     s = s.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:  # one more logit per row, with a zero value (gpt-oss), then dropped
+        column = sinks.float()[None, :, None, None].expand(batch, q_heads, q_len, 1)
+        allowed = torch.cat([allowed.expand(batch, q_heads, q_len, k_len), torch.ones_like(column, dtype=torch.bool)], -1)
+        s = torch.cat([s, column], dim=-1)
+        v = torch.cat([v, v.new_zeros(batch, q_heads, 1, head_dim)], dim=-2)
     empty = ~allowed.any(dim=-1, keepdim=True)
     w = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(~allowed, 0.0)
     out = w.to(q.dtype) @ v
@@ -372,6 +395,10 @@ def rms_scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a - e).pow(2).mean().sqrt() / max(1.0, float(e.pow(2).mean().sqrt())))
 
 
+def _sinks(views):
+    return views[3] if len(views) > 3 else None
+
+
 def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
@@ -394,8 +421,8 @@ def run_case(case: Case, device: str = "cpu") -> None:
     # op's own gradient before autograd sums it over the stride-0 dims).
     ours_views = [f(t) for f, t in zip(views, ours_in)]
     exact_views = [f(t) for f, t in zip(views, exact_in)]
-    ours = _as_tuple(longreach.local_attention(*ours_views, **dev_kwargs))
-    exact = _as_tuple(reference.local_attention(*exact_views, **kwargs))
+    ours = _as_tuple(longreach.local_attention(*ours_views[:3], sinks=_sinks(ours_views), **dev_kwargs))
+    exact = _as_tuple(reference.local_attention(*exact_views[:3], sinks=_sinks(exact_views), **kwargs))
     assert len(ours) == len(exact), what
     assert ours[0].dtype == dtype and ours[0].shape == exact[0].shape, what
     if case.return_lse:
@@ -406,7 +433,7 @@ def run_case(case: Case, device: str = "cpu") -> None:
         results["lse"] = (ours[1], exact[1])
     got_grads = grads(ours, [c.to(device) for c in cot], ours_views)
     want_grads = grads(exact, [c.to(torch.float64) for c in cot], exact_views)
-    for name, g, w in zip(("dq", "dk", "dv"), got_grads, want_grads):
+    for name, g, w in zip(("dq", "dk", "dv", "dsinks"), got_grads, want_grads):
         assert g.dtype == dtype and g.shape == w.shape, f"{name}: {what}"
         results[name] = (g, w)
 
@@ -429,8 +456,8 @@ def run_case(case: Case, device: str = "cpu") -> None:
     torch_views = [f(t) for f, t in zip(views, torch_in)]
     theirs = dense_in_dtype(*torch_views, **kwargs)
     their_grads = grads(theirs, cot, torch_views)
-    baseline = {"out": theirs[0], "lse": theirs[1] if case.return_lse else None,
-                "dq": their_grads[0], "dk": their_grads[1], "dv": their_grads[2]}
+    baseline = {"out": theirs[0], "lse": theirs[1] if case.return_lse else None}
+    baseline.update(zip(("dq", "dk", "dv", "dsinks"), their_grads))
     eps = EPS[dtype]
     failures = []
     for name, (a, e) in results.items():
@@ -503,6 +530,12 @@ def test_generator_covers_the_risky_corners():
     assert share(lambda c: c.scale is not None) >= 0.15
     assert share(lambda c: c.return_lse) >= 0.2
     assert share(lambda c: c.batch > 1) >= 0.3
+    assert share(lambda c: c.extra["sink_tokens"] > 0) >= 0.12
+    assert share(lambda c: c.extra["sink_tokens"] > 4) >= 0.03
+    assert share(lambda c: c.extra["sinks"]) >= 0.08
+    assert share(lambda c: c.extra["sinks"] and c.dtype == torch.float64) >= 0.04
+    # causal global tokens (the rule of docs/semantics.md "Global tokens under causal")
+    assert share(lambda c: c.causal and has_global_key(c)) >= 0.1
     assert all(c.batch * c.q_heads * c.q_len * c.k_len * c.head_dim <= MAX_WORK for c in cases)
     assert max(max(c.q_len, c.k_len) for c in cases) <= 640
 
@@ -532,5 +565,5 @@ def test_lq_greater_than_lk_single_global_key_dk_dv(device):
     want_grads = torch.autograd.grad(want.sum(), exact_in)
     tol = TOLERANCE[dtype]
     assert scaled_error(out, want) <= tol
-    for name, g, w in zip(("dq", "dk", "dv"), got_grads, want_grads):
+    for name, g, w in zip(("dq", "dk", "dv", "dsinks"), got_grads, want_grads):
         assert scaled_error(g, w) <= tol, f"{name}: got {g.flatten().tolist()}, expected {w.flatten().tolist()}"
