@@ -31,6 +31,7 @@ namespace {
 constexpr int64_t kBlockRows = 32;  // rows of a work item (softmax_rows takes at most 4096)
 constexpr int64_t kTileKeys = 128;  // keys per score tile
 constexpr int64_t kMaxSplits = 256;
+constexpr int64_t kInterleavedPiece = 16;  // keys per piece where a position's heads are interleaved
 
 // A block of rows of one (batch row, residue class): query heads in order, so
 // the rows of each kv head are a contiguous range of the block, and the class
@@ -140,6 +141,9 @@ void decode_kernel(const KvCacheProblem& pr, const at::Tensor& q, const at::Tens
                         pr.max_blocks};
   const CacheAddress va{&pr.cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), pr.block_table.data(),
                         pr.max_blocks};
+  // One head's consecutive keys are not consecutive rows (paged, or a (B, L, Hk, D)
+  // cache seen through a transpose).
+  const bool spread_keys = ka.token_stride() > D || va.token_stride() > D;
   const scalar_t* K = k_cache.const_data_ptr<scalar_t>();
   const scalar_t* V = v_cache.const_data_ptr<scalar_t>();
   const scalar_t* Q = q.const_data_ptr<scalar_t>();
@@ -205,26 +209,37 @@ void decode_kernel(const KvCacheProblem& pr, const at::Tensor& q, const at::Tens
         // stride through the cache; 16-bit rows are converted to acc_t per run.
         // body(a0, ma, c, rows, ld): rows [a0, a0 + ma) and the run starting at
         // column c, whose run_first / run_end are set.
+        // Where a position's heads are interleaved (paged: (block, slot, Hk, D)),
+        // the heads go inside short pieces of a run, so that the storage is read
+        // in order, position after position: head by head over a whole run read
+        // one head's D values every Hk * D, a new 4 KiB page per key for the
+        // hardware prefetcher, and took 1.5-1.9x the contiguous step (one thread,
+        // 32K cache, window 4096, Hq 32, Hk 8, D 128).
+        const bool interleaved = spread_keys && seg_head.size() > 1;
         auto for_each_run = [&](const scalar_t* base, const CacheAddress& addr, Buffer<acc_t>& buf, auto&& body) {
-          for (size_t t = 0; t < seg_head.size(); ++t) {
-            const int64_t a0 = seg[t], ma = seg[t + 1] - seg[t];
-            for (int64_t c = 0; c < nt;) {
-              const int64_t j = j_tile + c * step;
-              const int64_t len = cache_run_length(pr.cache, j, step, nt - c);
-              const scalar_t* src = base + addr.offset(blk.b, seg_head[t], j);
-              const int64_t ld = step * addr.token_stride();
-              for (int64_t a = a0; a < a0 + ma; ++a) {
-                ws.run_first[a] = std::clamp(ws.first[a] - c, int64_t(0), len);
-                ws.run_end[a] = std::clamp(ws.end[a] - c, ws.run_first[a], len);
+          for (int64_t c = 0; c < nt;) {
+            const int64_t j = j_tile + c * step;
+            const int64_t len = cache_run_length(pr.cache, j, step, nt - c);
+            const int64_t piece = interleaved ? kInterleavedPiece : len;
+            for (int64_t c1 = c; c1 < c + len; c1 += piece) {
+              const int64_t n1 = std::min(piece, c + len - c1);
+              for (size_t t = 0; t < seg_head.size(); ++t) {
+                const int64_t a0 = seg[t], ma = seg[t + 1] - seg[t];
+                const scalar_t* src = base + addr.offset(blk.b, seg_head[t], j_tile + c1 * step);
+                const int64_t ld = step * addr.token_stride();
+                for (int64_t a = a0; a < a0 + ma; ++a) {
+                  ws.run_first[a] = std::clamp(ws.first[a] - c1, int64_t(0), n1);
+                  ws.run_end[a] = std::clamp(ws.end[a] - c1, ws.run_first[a], n1);
+                }
+                if constexpr (std::is_same_v<scalar_t, acc_t>) {
+                  body(a0, ma, c1, src, ld);
+                } else {
+                  for (int64_t r = 0; r < n1; ++r) convert_in(ops, src + r * ld, D, acc_t(1), buf.data() + r * D);
+                  body(a0, ma, c1, static_cast<const acc_t*>(buf.data()), D);
+                }
               }
-              if constexpr (std::is_same_v<scalar_t, acc_t>) {
-                body(a0, ma, c, src, ld);
-              } else {
-                for (int64_t r = 0; r < len; ++r) convert_in(ops, src + r * ld, D, acc_t(1), buf.data() + r * D);
-                body(a0, ma, c, static_cast<const acc_t*>(buf.data()), D);
-              }
-              c += len;
             }
+            c += len;
           }
         };
         for_each_run(K, ka, ws.kbuf, [&](int64_t a0, int64_t ma, int64_t c, const acc_t* keys, int64_t ldk) {

@@ -327,31 +327,117 @@ Vectorized<T> lanes_below(int64_t count) {
 
 // ------------------------------------------------------ few-row products --
 
-// Dot products of one row of A with keys as rows: one vector accumulator per
-// key, the keys of a run are independent, so consecutive keys overlap in the
-// pipeline; a horizontal sum per key is cheap next to reading the key from
-// memory, which is what decoding is bound by.
+// Dot products of rows of A with keys as rows: one vector accumulator per
+// (row, key), the keys of a run are independent, so consecutive keys overlap
+// in the pipeline. Rows go in groups of kRowGroup over the columns all of them
+// see, so that each key is read from memory once per group, not once per row:
+// decoding is bound by reading the keys (a GQA group's query rows share them;
+// in a paged cache one head's keys are Hk * D apart, where the hardware
+// prefetcher helps least). The columns outside the group's common range go
+// row by row.
+constexpr int64_t kRowGroup = 4;
+
+template <typename T>
+void dot_row(const T* q, int64_t k, const T* K, int64_t ldk, T mul, T* s, int64_t c0, int64_t c1) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  for (int64_t c = c0; c < c1; ++c) {
+    const T* key = K + c * ldk;
+    V acc0(T(0)), acc1(T(0));
+    int64_t d = 0;
+    for (; d + 2 * W <= k; d += 2 * W) {
+      acc0 = at::vec::fmadd(V::loadu(q + d), V::loadu(key + d), acc0);
+      acc1 = at::vec::fmadd(V::loadu(q + d + W), V::loadu(key + d + W), acc1);
+    }
+    for (; d < k; d += W) {  // loadu(p, count) zero-fills the missing lanes
+      const int64_t n = std::min(W, k - d);
+      acc0 = at::vec::fmadd(load_n(q + d, n), load_n(key + d, n), acc0);
+    }
+    s[c] = mul * hsum(acc0 + acc1);
+  }
+}
+
+template <typename T>
+void dot_group(const T* A, int64_t lda, int64_t k, const T* K, int64_t ldk, T mul, T* S, int64_t ld_s, int64_t c0,
+               int64_t c1) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  constexpr int64_t G = kRowGroup;
+  for (int64_t c = c0; c < c1; ++c) {
+    const T* key = K + c * ldk;
+    V acc[G];
+    for (int64_t g = 0; g < G; ++g) acc[g] = V(T(0));
+    for (int64_t d = 0; d < k; d += W) {
+      const int64_t n = std::min(W, k - d);
+      const V kv = load_n(key + d, n);
+      for (int64_t g = 0; g < G; ++g) acc[g] = at::vec::fmadd(load_n(A + g * lda + d, n), kv, acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g) S[g * ld_s + c] = mul * hsum(acc[g]);
+  }
+}
+
+// Runs row_part(a, c0, c1) and group_part(a, c0, c1) so that every row a covers
+// its columns [first[a], end[a]) once: groups of kRowGroup rows share the
+// columns common to all of them.
+template <typename RowPart, typename GroupPart>
+void by_row_groups(int64_t m, const int64_t* first, const int64_t* end, RowPart&& row_part, GroupPart&& group_part) {
+  int64_t a = 0;
+  for (; a + kRowGroup <= m; a += kRowGroup) {
+    int64_t cf = first[a], ce = end[a];
+    for (int64_t g = 1; g < kRowGroup; ++g) {
+      cf = std::max(cf, first[a + g]);
+      ce = std::min(ce, end[a + g]);
+    }
+    if (cf >= ce) {
+      for (int64_t g = 0; g < kRowGroup; ++g) row_part(a + g, first[a + g], end[a + g]);
+      continue;
+    }
+    group_part(a, cf, ce);
+    for (int64_t g = 0; g < kRowGroup; ++g) {
+      row_part(a + g, first[a + g], cf);
+      row_part(a + g, ce, end[a + g]);
+    }
+  }
+  for (; a < m; ++a) row_part(a, first[a], end[a]);
+}
+
 template <typename T>
 void rows_dot(int64_t m, int64_t k, const T* A, int64_t lda, const T* K, int64_t ldk, T mul, T* S, int64_t ld_s,
               const int64_t* first, const int64_t* end) {
+  by_row_groups(
+      m, first, end,
+      [&](int64_t a, int64_t c0, int64_t c1) { dot_row(A + a * lda, k, K, ldk, mul, S + a * ld_s, c0, c1); },
+      [&](int64_t a, int64_t c0, int64_t c1) { dot_group(A + a * lda, lda, k, K, ldk, mul, S + a * ld_s, ld_s, c0, c1); });
+}
+
+// C[a][0:n] += S[a][c] * B[c][0:n] over c in [c0, c1) for the rows [0, R) of S
+// and C (R = 1 or kRowGroup): kNV vectors of each output row stay in registers
+// while the keys' value rows stream by, each read once for the R rows.
+template <typename T, int64_t R>
+void axpy_rows(const T* S, int64_t ld_s, int64_t n, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t c0,
+               int64_t c1) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
-  for (int64_t a = 0; a < m; ++a) {
-    const T* q = A + a * lda;
-    T* s = S + a * ld_s;
-    for (int64_t c = first[a]; c < end[a]; ++c) {
-      const T* key = K + c * ldk;
-      V acc0(T(0)), acc1(T(0));
-      int64_t d = 0;
-      for (; d + 2 * W <= k; d += 2 * W) {
-        acc0 = at::vec::fmadd(V::loadu(q + d), V::loadu(key + d), acc0);
-        acc1 = at::vec::fmadd(V::loadu(q + d + W), V::loadu(key + d + W), acc1);
+  if (c0 >= c1) return;
+  for (int64_t n0 = 0; n0 < n; n0 += kNV * W) {
+    V acc[R][kNV];
+    int64_t cnt[kNV];
+    for (int v = 0; v < kNV; ++v) cnt[v] = std::max<int64_t>(0, std::min(W, n - n0 - v * W));
+    for (int64_t r = 0; r < R; ++r) {
+      for (int v = 0; v < kNV; ++v) acc[r][v] = cnt[v] > 0 ? load_n(C + r * ldc + n0 + v * W, cnt[v]) : V(T(0));
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* row = B + c * ldb + n0;
+      for (int v = 0; v < kNV; ++v) {
+        if (cnt[v] == 0) continue;
+        const V x = load_n(row + v * W, cnt[v]);
+        for (int64_t r = 0; r < R; ++r) acc[r][v] = at::vec::fmadd(V(S[r * ld_s + c]), x, acc[r][v]);
       }
-      for (; d < k; d += W) {  // loadu(p, count) zero-fills the missing lanes
-        const int64_t n = std::min(W, k - d);
-        acc0 = at::vec::fmadd(load_n(q + d, n), load_n(key + d, n), acc0);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      for (int v = 0; v < kNV; ++v) {
+        if (cnt[v] > 0) acc[r][v].store(C + r * ldc + n0 + v * W, cnt[v]);
       }
-      s[c] = mul * hsum(acc0 + acc1);
     }
   }
 }
@@ -359,31 +445,12 @@ void rows_dot(int64_t m, int64_t k, const T* A, int64_t lda, const T* K, int64_t
 template <typename T>
 void rows_axpy(int64_t m, int64_t n, const T* S, int64_t ld_s, const T* B, int64_t ldb, T* C, int64_t ldc,
                const int64_t* first, const int64_t* end) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  for (int64_t a = 0; a < m; ++a) {
-    const T* s = S + a * ld_s;
-    T* out = C + a * ldc;
-    // kNV vectors of the output row stay in registers while the run's keys stream by.
-    for (int64_t n0 = 0; n0 < n; n0 += kNV * W) {
-      V acc[kNV];
-      int64_t cnt[kNV];
-      for (int v = 0; v < kNV; ++v) {
-        cnt[v] = std::max<int64_t>(0, std::min(W, n - n0 - v * W));
-        acc[v] = cnt[v] > 0 ? load_n(out + n0 + v * W, cnt[v]) : V(T(0));
-      }
-      for (int64_t c = first[a]; c < end[a]; ++c) {
-        const V p(s[c]);
-        const T* row = B + c * ldb + n0;
-        for (int v = 0; v < kNV; ++v) {
-          if (cnt[v] > 0) acc[v] = at::vec::fmadd(p, load_n(row + v * W, cnt[v]), acc[v]);
-        }
-      }
-      for (int v = 0; v < kNV; ++v) {
-        if (cnt[v] > 0) acc[v].store(out + n0 + v * W, cnt[v]);
-      }
-    }
-  }
+  by_row_groups(
+      m, first, end,
+      [&](int64_t a, int64_t c0, int64_t c1) { axpy_rows<T, 1>(S + a * ld_s, ld_s, n, B, ldb, C + a * ldc, ldc, c0, c1); },
+      [&](int64_t a, int64_t c0, int64_t c1) {
+        axpy_rows<T, kRowGroup>(S + a * ld_s, ld_s, n, B, ldb, C + a * ldc, ldc, c0, c1);
+      });
 }
 
 template <typename T>
