@@ -16,7 +16,7 @@ layer never materialises more than its ring buffer, and a full layer its contigu
 - Later calls (decode steps, chunked prefill) go through the decode op. Sliding layers keep a
   rolling cache of sink_tokens + (window - 1) + chunk slots (chunk: the most new tokens per
   call), flat however long the generation runs; full layers a contiguous cache that grows by
-  doubling.
+  a quarter when full.
 
 The layer reads the window, sink_tokens and sinks from the attention call (they are the
 attention function's business), so one cache class serves every layer type. CPU only: the
@@ -163,8 +163,8 @@ class LongreachLayer(CacheLayerMixin):
                                  "rolling caches were sized for; pass LongreachCache(chunk=...) large enough")
             return
         needed = int(self.lengths.max()) + new
-        if needed > capacity:  # grow by doubling: amortised O(1) copies per token
-            grown = max(needed, 2 * capacity)
+        if needed > capacity:  # grow by a quarter: amortised O(1) copies per token, at most 25% unused slots
+            grown = max(needed, capacity + capacity // 4 + 1)
             for name in ("keys", "values"):
                 old = getattr(self, name)
                 buffer = old.new_zeros(old.shape[0], old.shape[1], grown, old.shape[3])
