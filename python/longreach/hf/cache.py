@@ -36,10 +36,9 @@ from ..ops import local_attention, local_attention_with_kvcache, rolling_cache_c
 _OWNER = "longreach.hf.LongreachCache"
 _TAG = "_longreach_layer"  # attribute set on the key tensor update() returns
 
-try:  # transformers is optional for longreach; this module is imported only with it
-    from transformers.cache_utils import Cache, CacheLayerMixin
-except ImportError:  # pragma: no cover - longreach.hf requires transformers for this module
-    raise
+# transformers is optional for longreach: this module is imported only with it (longreach.hf.LongreachCache
+# and hf/decoder.py import it lazily)
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 __all__ = ["LongreachCache", "LongreachLayer", "layer_of"]
 
