@@ -125,9 +125,11 @@ def test_float64_logits_match_sdpa_tightly():
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("cache", ["default", "dynamic"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_with_cache_matches(family):
-    """Left-padded batch, prompt longer than the sliding window, continuation past it."""
+def test_greedy_generation_with_cache_matches(family, cache):
+    """Left-padded batch, prompt longer than the sliding window, continuation past it; the patched model's
+    default cache (a LongreachCache on CPU: decode steps through the decode op) and HF's DynamicCache."""
     reference = build(family, reference_attn(family))
     patched = patched_copy(reference)
     ids = torch.randint(3, VOCAB, (3, 9))
@@ -135,7 +137,9 @@ def test_greedy_generation_with_cache_matches(family):
     kwargs = dict(attention_mask=mask, max_new_tokens=9, do_sample=False, output_logits=True,
                   return_dict_in_generate=True, eos_token_id=None)
     expected = reference.generate(ids, **kwargs)
-    got = patched.generate(ids, **kwargs)
+    past = transformers.DynamicCache(config=patched.config) if cache == "dynamic" else None
+    got = patched.generate(ids, past_key_values=past, **kwargs)
+    assert isinstance(got.past_key_values, longreach.hf.LongreachCache) == (cache == "default")
     assert torch.equal(got.sequences, expected.sequences)
     for step_got, step_expected in zip(got.logits, expected.logits):
         torch.testing.assert_close(step_got, step_expected, atol=2e-5, rtol=1e-5)

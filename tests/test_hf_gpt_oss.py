@@ -50,3 +50,25 @@ def test_patched_gpt_oss_matches_eager():
     assert any("sinks" in n for n in ref_grads) and ref_grads.keys() == grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("cache", ["longreach", "dynamic"])
+def test_patched_gpt_oss_greedy_generation_matches_eager(cache):
+    """Sinks and alternating sliding (window 4) / full layers through generate(): the longreach cache (decode op,
+    a rolling layer and a contiguous one) and HF's DynamicCache give eager's tokens and step logits; a row with
+    3 pads of left padding included."""
+    eager = _tiny()
+    patched = longreach.hf.patch(copy.deepcopy(eager))
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+                  output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = eager.generate(ids, **kwargs)
+        past = None if cache == "longreach" else transformers.DynamicCache(config=patched.config)
+        got = patched.generate(ids, past_key_values=past, **kwargs)
+    assert isinstance(got.past_key_values, longreach.hf.LongreachCache) == (cache == "longreach")
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {step}")

@@ -17,9 +17,9 @@ from typing import Any, Mapping, Optional
 from .._extras import require
 from . import state
 
-__all__ = ["patch", "unpatch"]
+__all__ = ["patch", "unpatch", "LongreachCache"]
 
-_DECODER_OPTIONS = ("window", "rope_scaling", "softcap", "score", "alibi")
+_DECODER_OPTIONS = ("window", "sink_tokens", "rope_scaling", "softcap", "score", "alibi")
 _LONGFORMER_OPTIONS = ("attention_dropout", "dilation")
 
 
@@ -31,6 +31,7 @@ def patch(
     model,
     *,
     window: Optional[int] = None,
+    sink_tokens: Optional[int] = None,
     rope_scaling: Optional[Mapping[str, Any]] = None,
     softcap: Optional[float] = None,
     score: Optional[str] = None,
@@ -45,6 +46,8 @@ def patch(
 
     - window: int W, every layer attends to the last W keys, the current token included
       (Hugging Face's ``sliding_window=W``); full-attention layers become sliding ones.
+    - sink_tokens: int n, the first n tokens of each sequence stay visible to every later
+      token on top of the window (StreamingLLM's attention sinks).
     - rope_scaling: a Hugging Face rope-scaling dict (``{"rope_type": "yarn", "factor": 4.0}``;
       linear, dynamic, yarn, longrope, llama3), flat or keyed by layer type.
     - softcap: positive float, the attention-logit soft-cap ``c * tanh(s / c)``.
@@ -66,7 +69,7 @@ def patch(
     require(("transformers",), "longreach.hf.patch")
     from .longformer import is_longformer_model, patch_longformer
 
-    options = dict(window=window, rope_scaling=rope_scaling, softcap=softcap, score=score, alibi=alibi,
+    options = dict(window=window, sink_tokens=sink_tokens, rope_scaling=rope_scaling, softcap=softcap, score=score, alibi=alibi,
                    attention_dropout=attention_dropout, dilation=dilation)
     longformer = is_longformer_model(model)
     foreign = _DECODER_OPTIONS if longformer else _LONGFORMER_OPTIONS
@@ -90,7 +93,7 @@ def patch(
         if rope_scaling is not None:
             state.remember_children(base, rotary_children(base))
     try:
-        return patch_decoder(model, window=window, score=score, alibi=alibi, rope_scaling=rope_scaling,
+        return patch_decoder(model, window=window, sink_tokens=sink_tokens, score=score, alibi=alibi, rope_scaling=rope_scaling,
                              softcap=softcap)
     except Exception:
         if first and state.is_patched(base):  # a bad option: leave the model as it was
@@ -124,3 +127,11 @@ def _register_with_transformers() -> None:
 
 
 _register_with_transformers()
+
+
+def __getattr__(name):  # LongreachCache subclasses transformers' Cache: import it only when asked for
+    if name == "LongreachCache":
+        from .cache import LongreachCache
+
+        return LongreachCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

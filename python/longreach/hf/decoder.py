@@ -27,13 +27,15 @@ dropping them.
 from __future__ import annotations
 
 import copy
+import types
 from typing import Any, Dict, Optional
 
 import torch
 
-from .._checks import check_choice, check_score, check_softcap
+from .._checks import check_choice, check_int, check_score, check_softcap
 from ..ops import local_attention
 from ..ops import local_attention_varlen
+from .cache import layer_of
 from ..positional import ALIBI_KINDS, alibi_slopes
 
 ATTENTION_NAME = "longreach"
@@ -46,7 +48,7 @@ __all__ = ["patch_decoder", "register", "longreach_attention_forward", "longreac
 # --------------------------------------------------------------------------- options
 
 
-def _check_options(window, score, alibi, softcap, rope_scaling) -> Dict[str, Any]:
+def _check_options(window, score, alibi, softcap, rope_scaling, sink_tokens=None) -> Dict[str, Any]:
     """Validate the user's options; returns the dict stored in config.longreach (None = keep the model's)."""
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(
@@ -61,7 +63,9 @@ def _check_options(window, score, alibi, softcap, rope_scaling) -> Dict[str, Any
             f"longreach.hf.patch: rope_scaling must be a dict like {{'rope_type': 'yarn', 'factor': 4.0}} or None, "
             f"got {rope_scaling!r}"
         )
-    options = {"window": window, "score": score, "alibi": alibi, "softcap": None if softcap is None else float(softcap),
+    if sink_tokens is not None:
+        sink_tokens = check_int(_OWNER, "sink_tokens", sink_tokens, 0) or None  # 0: none, as if not given
+    options = {"window": window, "sink_tokens": sink_tokens, "score": score, "alibi": alibi, "softcap": None if softcap is None else float(softcap),
                "rope_scaling": None if rope_scaling is None else copy.deepcopy(rope_scaling)}
     return {key: value for key, value in options.items() if value is not None}
 
@@ -72,7 +76,7 @@ def _options(config) -> Dict[str, Any]:
 
 # Options that change what attention computes, which transformers' own attention would drop.
 # (rope_scaling is not one: transformers rebuilds the same RoPE from config.rope_parameters.)
-_ATTENTION_OPTIONS = ("window", "score", "alibi", "softcap")
+_ATTENTION_OPTIONS = ("window", "sink_tokens", "score", "alibi", "softcap")
 
 
 def _name_longreach_in_config(config) -> None:
@@ -377,22 +381,31 @@ def longreach_attention_forward(
             key = key[:, :, : attention_mask.shape[1]]
             value = value[:, :, : attention_mask.shape[1]]
 
-    packed = _packed_geometry(kwargs, attention_mask, kwargs.get("position_ids"), query, key)
-
     window = options.get("window", sliding_window)
     left = None if window is None else window - 1
     cap = options.get("softcap", softcap)
     alibi = options.get("alibi")
     slopes = None if alibi is None else _alibi_slopes(alibi, query.shape[1], query.device)
+    sink_tokens = options.get("sink_tokens", 0)
+    cache_layer = layer_of(key)
+    if cache_layer is not None:  # a LongreachCache layer: it appends and attends (decode op after the prompt)
+        out = cache_layer.attend(query, key, value, attention_mask, window_left=left, sink_tokens=sink_tokens,
+                                 alibi_slopes=slopes, score=options.get("score", "softmax"), softcap=cap,
+                                 scale=scaling, sinks=sinks)
+        return out.transpose(1, 2).contiguous(), None
+
+    packed = _packed_geometry(kwargs, attention_mask, kwargs.get("position_ids"), query, key)
     common = dict(causal=True, window=(left, 0), alibi_slopes=slopes, score=options.get("score", "softmax"),
                   softcap=cap, scale=scaling)
+    if sink_tokens:
+        common["sink_tokens"] = sink_tokens
     context_parallel = getattr(module, "longreach_context_parallel", None)  # longreach.distributed
     if context_parallel is not None:
         if attention_mask is not None or packed is not None:
             raise ValueError("longreach: with context parallelism the input is a shard of one unpadded, unpacked "
                              "sequence per row (no attention_mask, no packing; pass the true position_ids)")
-        if sinks is not None:
-            raise ValueError("longreach: context parallelism does not take attention sinks (s_aux) yet")
+        if sinks is not None or sink_tokens:
+            raise ValueError("longreach: context parallelism does not take attention sinks (s_aux, sink_tokens) yet")
         return context_parallel.attend(query, key, value, **common).transpose(1, 2).contiguous(), None
     if sinks is not None:
         common["sinks"] = sinks
@@ -432,13 +445,15 @@ def is_decoder_model(model) -> bool:
     )
 
 
-def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None, softcap=None):
+def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None, softcap=None, sink_tokens=None):
     """Switch a transformers decoder model to longreach attention, in place; returns the model.
 
     window: int W, every layer attends to the last W keys (current token included), like
     Hugging Face's `sliding_window=W`; None keeps each layer's own (full or sliding).
     score: "softmax" / "sigmoid"; alibi: "standard" / "balanced" slopes added to the scores;
     softcap: a positive float replacing the model's attention-logit soft-cap (None keeps it).
+    sink_tokens: int n, the first n tokens of each sequence stay visible to every later token on
+    top of the window (StreamingLLM).
     rope_scaling: a Hugging Face rope-scaling dict (rope_type linear / yarn / dynamic / ...)
     that replaces the model's rotary embedding. Calling it with no option on a model saved
     after patching restores the saved options.
@@ -450,7 +465,7 @@ def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None,
             "AttentionInterface (its class is not marked _supports_attention_backend), so longreach cannot "
             "replace it; supported: decoder models such as Llama, Mistral, Qwen2, Gemma2, Gemma3"
         )
-    options = _check_options(window, score, alibi, softcap, rope_scaling)
+    options = _check_options(window, score, alibi, softcap, rope_scaling, sink_tokens)
     config = base.config.get_text_config(decoder=True)
     if not options:
         options = _options(config)  # re-patching a model loaded from a patched checkpoint
@@ -469,4 +484,20 @@ def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None,
     base.set_attn_implementation(ATTENTION_NAME)
     if config._attn_implementation != ATTENTION_NAME:
         raise TypeError(f"longreach.hf.patch: transformers refused to switch {type(base).__name__} to longreach")
+    # generate() builds its default cache here: a LongreachCache on CPU (decode steps through the decode op).
+    # A bound method in the instance dict: deepcopy rebinds it to the copy, unpatch deletes it.
+    base._prepare_cache_for_generation = types.MethodType(_prepare_longreach_cache, base)
     return model
+
+
+def _prepare_longreach_cache(self, generation_config, model_kwargs, *args, **kwargs):
+    """generate()'s cache preparation, with a LongreachCache as the default on CPU: when the user passed
+    no cache and no cache_implementation (static, offloaded, ... keep transformers' caches), and the model
+    still runs longreach attention. Elsewhere (CUDA: no decode kernel yet) transformers' DynamicCache."""
+    if (model_kwargs.get("past_key_values") is None and generation_config.cache_implementation is None
+            and generation_config.use_cache is not False and self.device.type == "cpu"
+            and self.config.get_text_config(decoder=True)._attn_implementation == ATTENTION_NAME):
+        from .cache import LongreachCache
+
+        model_kwargs["past_key_values"] = LongreachCache(self.config.get_text_config(decoder=True))
+    return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)

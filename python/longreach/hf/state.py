@@ -74,4 +74,5 @@ def restore(model: nn.Module) -> None:
         setattr(parent, name, child)
     for module, config in record.configs:
         module.config = config
+    model.__dict__.pop("_prepare_cache_for_generation", None)  # patch_decoder's default LongreachCache
     del model.__dict__[_RECORD]
