@@ -17,17 +17,19 @@ TORCH_LIBRARY(longreach, m) {
   // after them. sinks (Hq,) any floating dtype: a learnable logit added to each
   // softmax row's denominator (lse includes it); the backward's grad_sinks has
   // sinks' dtype and shape, or is an empty (0,) tensor without sinks.
+  // chunk > 0: a row sees window keys of its own chunk only, chunks of `chunk`
+  // positions offset per head by chunk_shift (Hq,) int32/int64 (None = 0).
   m.def(
       "local_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? global_mask, Tensor? alibi_slopes, "
       "int window_left, int window_right, int dilation, str score, float? sigmoid_bias, float softcap, "
-      "float scale, Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None) "
-      "-> (Tensor out, Tensor lse)");
+      "float scale, Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None, "
+      "int chunk=0, Tensor? chunk_shift=None) -> (Tensor out, Tensor lse)");
   m.def(
       "local_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? global_mask, Tensor? alibi_slopes, int window_left, int window_right, "
       "int dilation, str score, float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False, "
-      "Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes, Tensor grad_sinks)");
+      "Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None, int chunk=0, "
+      "Tensor? chunk_shift=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes, Tensor grad_sinks)");
 }
 
 // Packed (variable-length) batches in flash-attn's layout: q (total_q, Hq, D),
