@@ -36,19 +36,21 @@ TORCH_LIBRARY(longreach, m) {
 // k / v (total_k, Hk, D), cu_seqlens_* int32 or int64 (num_seqs + 1,), every
 // sequence its own problem with local_attention's semantics. lse is
 // (Hq, total_q), global_mask (total_k,), alibi_slopes (Hq,) or (num_seqs, Hq),
-// grad_alibi_slopes (num_seqs, Hq) with alibi_grad.
+// grad_alibi_slopes (num_seqs, Hq) with alibi_grad. Chunks count from each
+// sequence's position 0.
 TORCH_LIBRARY_FRAGMENT(longreach, m) {
   m.def(
       "local_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, Tensor? global_mask, Tensor? alibi_slopes, int window_left, "
       "int window_right, int dilation, str score, float? sigmoid_bias, float softcap, float scale, "
-      "bool causal=False, int sink_tokens=0, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+      "bool causal=False, int sink_tokens=0, Tensor? sinks=None, int chunk=0, Tensor? chunk_shift=None) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "local_attention_varlen_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "Tensor? global_mask, Tensor? alibi_slopes, int window_left, int window_right, int dilation, str score, "
       "float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False, bool causal=False, "
-      "int sink_tokens=0, Tensor? sinks=None) "
+      "int sink_tokens=0, Tensor? sinks=None, int chunk=0, Tensor? chunk_shift=None) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes, Tensor grad_sinks)");
 }
 

@@ -103,7 +103,9 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
+    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+  check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
@@ -118,7 +120,9 @@ Gradients local_attention_varlen_bwd_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
+    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+  check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};

@@ -48,11 +48,13 @@ def allowed_keys(
         ok &= steps <= right
     ok = ok[None]
     if chunk > 0:
-        shift = torch.zeros(1, dtype=torch.long) if chunk_shift is None else chunk_shift.to("cpu", torch.long)
-        shift = shift.to(device)[:, None]  # (Hq or 1, 1)
-        row_chunk = torch.div(pos[None, :] + shift, chunk, rounding_mode="floor")  # (H, Lq)
-        key_chunk = torch.div(keys[None, :] + shift, chunk, rounding_mode="floor")  # (H, Lk)
-        ok = ok[:, None] & (row_chunk[:, :, None] == key_chunk[:, None, :])[None]  # (1, H, Lq, Lk)
+        # Row p's chunk holds the positions p - r .. p + chunk - 1 - r, r = (p + shift) mod chunk,
+        # computed with Python ints: p + shift could overflow int64 for chunks near 2**63.
+        shifts = [0] if chunk_shift is None else chunk_shift.tolist()
+        r = torch.tensor([[(p + s) % chunk for p in pos.tolist()] for s in shifts], dtype=torch.long,
+                         device=device)[:, :, None]  # (Hq or 1, Lq, 1)
+        same_chunk = (delta[None] >= -r) & (delta[None] <= chunk - 1 - r)
+        ok = ok[:, None] & same_chunk[None]  # (1, H, Lq, Lk)
         pos_e, keys_e = pos[None, None, :, None], keys[None, None, None, :]
     else:
         pos_e, keys_e = pos[None, :, None], keys[None, None, :]
