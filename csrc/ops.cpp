@@ -87,7 +87,9 @@ TORCH_LIBRARY_FRAGMENT(longreach, m) {
 // Windows as in local_attention_fwd (-1 = unbounded).
 TORCH_LIBRARY_FRAGMENT(longreach, m) {
   // Per row: [key_lo, key_hi] of window_key_range; per key: [row_lo, row_hi] of window_row_range.
-  m.def("_debug_window_ranges(int q_len, int k_len, int window_left, int window_right, int dilation) "
+  // chunk / chunk_phase (shift mod chunk): one head's chunk grid (common/geometry.h WindowSpec).
+  m.def("_debug_window_ranges(int q_len, int k_len, int window_left, int window_right, int dilation, "
+        "int chunk=0, int chunk_phase=0) "
         "-> (Tensor key_lo, Tensor key_hi, Tensor row_lo, Tensor row_hi)");
   // Non-empty class tiles of `tile` rows (or keys, by_keys=True): rows (cls, first, last, band_lo, band_hi).
   m.def("_debug_tile_bands(int q_len, int k_len, int window_left, int window_right, int dilation, int tile, "

@@ -241,3 +241,29 @@ def test_bad_input_reaches_the_op_checks(kw, error, match):
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(error, match=match):
         OPS.local_attention_fwd(q, q, q, None, None, -1, -1, 1, "softmax", None, 0.0, 0.5, **kw)
+
+
+@pytest.mark.parametrize("q_len,k_len,window,dilation,chunk,phase", [
+    (37, 37, (-1, 0), 1, 8, 0), (37, 37, (-1, 0), 1, 8, 4), (20, 37, (5, 3), 2, 6, 5), (45, 30, (-1, -1), 3, 7, 2),
+    (30, 30, (4, 4), 1, 1, 0), (30, 30, (-1, 0), 1, 100, 60),
+])
+def test_window_ranges_are_the_chunked_band(q_len, k_len, window, dilation, chunk, phase):
+    """The planners' ranges (window.h window_key_range / window_row_range, which bound the key tiles
+    a block visits) are exactly the first and last keys (rows) of the chunked band: O(c) per row,
+    not O(window)."""
+    key_lo, key_hi, row_lo, row_hi = OPS._debug_window_ranges(q_len, k_len, *window, dilation, chunk, phase)
+    sides = tuple(None if s < 0 else s for s in window)
+    mask = reference.allowed_keys(q_len, k_len, sides, False, dilation, chunk=chunk,
+                                  chunk_shift=torch.tensor([phase]))[0, 0]
+    for i in range(q_len):
+        keys = mask[i].nonzero().flatten().tolist()
+        if keys:
+            assert (key_lo[i].item(), key_hi[i].item()) == (keys[0], keys[-1]), i
+        else:
+            assert key_lo[i] > key_hi[i], i
+    for j in range(k_len):
+        rows = mask[:, j].nonzero().flatten().tolist()
+        if rows:
+            assert (row_lo[j].item(), row_hi[j].item()) == (rows[0], rows[-1]), j
+        else:
+            assert row_lo[j] > row_hi[j], j
