@@ -38,6 +38,13 @@ void set_options(AttentionParams& P, const at::Tensor& q, const c10::optional<at
                  c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
                  const SinkOptions& sinks = SinkOptions{});
 
+// Chunked attention (docs/semantics.md "Chunks"): checks chunk >= 0 and
+// chunk_shift (None, or an int32/int64 (Hq,) tensor on q's device, only with
+// chunk > 0) and returns each query head's shift modulo chunk (its phase, read
+// on the host: a device sync on CUDA), or an empty vector when chunk is 0.
+std::vector<int64_t> chunk_phases(const at::Tensor& q, int64_t q_heads, int64_t chunk,
+                                  const c10::optional<at::Tensor>& chunk_shift);
+
 // Number of real (unpadded) keys per batch row of a (B, Lk) key_padding_mask,
 // int64 (B,) on the mask's device: what the default sigmoid bias counts.
 at::Tensor present_key_counts(const at::Tensor& key_padding_mask);

@@ -17,36 +17,40 @@ TORCH_LIBRARY(longreach, m) {
   // after them. sinks (Hq,) any floating dtype: a learnable logit added to each
   // softmax row's denominator (lse includes it); the backward's grad_sinks has
   // sinks' dtype and shape, or is an empty (0,) tensor without sinks.
+  // chunk > 0: a row sees window keys of its own chunk only, chunks of `chunk`
+  // positions offset per head by chunk_shift (Hq,) int32/int64 (None = 0).
   m.def(
       "local_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? global_mask, Tensor? alibi_slopes, "
       "int window_left, int window_right, int dilation, str score, float? sigmoid_bias, float softcap, "
-      "float scale, Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None) "
-      "-> (Tensor out, Tensor lse)");
+      "float scale, Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None, "
+      "int chunk=0, Tensor? chunk_shift=None) -> (Tensor out, Tensor lse)");
   m.def(
       "local_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? global_mask, Tensor? alibi_slopes, int window_left, int window_right, "
       "int dilation, str score, float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False, "
-      "Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes, Tensor grad_sinks)");
+      "Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None, int chunk=0, "
+      "Tensor? chunk_shift=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes, Tensor grad_sinks)");
 }
 
 // Packed (variable-length) batches in flash-attn's layout: q (total_q, Hq, D),
 // k / v (total_k, Hk, D), cu_seqlens_* int32 or int64 (num_seqs + 1,), every
 // sequence its own problem with local_attention's semantics. lse is
 // (Hq, total_q), global_mask (total_k,), alibi_slopes (Hq,) or (num_seqs, Hq),
-// grad_alibi_slopes (num_seqs, Hq) with alibi_grad.
+// grad_alibi_slopes (num_seqs, Hq) with alibi_grad. Chunks count from each
+// sequence's position 0.
 TORCH_LIBRARY_FRAGMENT(longreach, m) {
   m.def(
       "local_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, Tensor? global_mask, Tensor? alibi_slopes, int window_left, "
       "int window_right, int dilation, str score, float? sigmoid_bias, float softcap, float scale, "
-      "bool causal=False, int sink_tokens=0, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+      "bool causal=False, int sink_tokens=0, Tensor? sinks=None, int chunk=0, Tensor? chunk_shift=None) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "local_attention_varlen_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "Tensor? global_mask, Tensor? alibi_slopes, int window_left, int window_right, int dilation, str score, "
       "float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False, bool causal=False, "
-      "int sink_tokens=0, Tensor? sinks=None) "
+      "int sink_tokens=0, Tensor? sinks=None, int chunk=0, Tensor? chunk_shift=None) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes, Tensor grad_sinks)");
 }
 
@@ -83,7 +87,9 @@ TORCH_LIBRARY_FRAGMENT(longreach, m) {
 // Windows as in local_attention_fwd (-1 = unbounded).
 TORCH_LIBRARY_FRAGMENT(longreach, m) {
   // Per row: [key_lo, key_hi] of window_key_range; per key: [row_lo, row_hi] of window_row_range.
-  m.def("_debug_window_ranges(int q_len, int k_len, int window_left, int window_right, int dilation) "
+  // chunk / chunk_phase (shift mod chunk): one head's chunk grid (common/geometry.h WindowSpec).
+  m.def("_debug_window_ranges(int q_len, int k_len, int window_left, int window_right, int dilation, "
+        "int chunk=0, int chunk_phase=0) "
         "-> (Tensor key_lo, Tensor key_hi, Tensor row_lo, Tensor row_hi)");
   // Non-empty class tiles of `tile` rows (or keys, by_keys=True): rows (cls, first, last, band_lo, band_hi).
   m.def("_debug_tile_bands(int q_len, int k_len, int window_left, int window_right, int dilation, int tile, "

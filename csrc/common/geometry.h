@@ -16,12 +16,18 @@ namespace longreach {
 // rules of the keys beyond the band (window.h key_allowed): with `causal`,
 // global rows and keys only look backwards; the first `sink_tokens` keys of a
 // sequence are seen by every row at or after them (already clipped to k_len).
+// chunk > 0 (0 = off) restricts the band to the row's chunk of `chunk`
+// positions, offset by the head's shift: chunk_phase is that shift modulo
+// chunk, in [0, chunk), as only the residue matters (window.h chunk_residue).
+// A WindowSpec describes one head's grid; heads with other shifts get their own.
 struct WindowSpec {
   int64_t left = 0;
   int64_t right = 0;
   int64_t dilation = 1;
   bool causal = false;
   int64_t sink_tokens = 0;
+  int64_t chunk = 0;
+  int64_t chunk_phase = 0;
 };
 
 // One independent problem: Lq query rows against Lk keys, bottom-right aligned

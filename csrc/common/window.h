@@ -32,13 +32,26 @@ LR_HOST_DEVICE int64_t last_in_class_at_or_before(int64_t hi, int64_t residue, i
   return hi - floor_mod(hi - residue, m);
 }
 
+// Chunks (docs/semantics.md): position x lies in chunk floor((x + shift) / c).
+// r = (x + shift) mod c is x's place in its chunk, so the chunk of x holds the
+// positions x - r .. x + (c - 1 - r). Computed without forming x + shift, which
+// could overflow for chunks near 2^63: floor_mod(x, c) < c and phase < c, so
+// their sum is reduced by one comparison.
+LR_HOST_DEVICE int64_t chunk_residue(const WindowSpec& w, int64_t x) {
+  const int64_t r = floor_mod(x, w.chunk);
+  return r >= w.chunk - w.chunk_phase ? r - (w.chunk - w.chunk_phase) : r + w.chunk_phase;
+}
+
 // Is key j inside the (dilated) sliding window of position p? Global tokens are
-// handled by the caller; this is only the band.
+// handled by the caller; this is only the band (with chunks: the band within p's chunk).
 LR_HOST_DEVICE bool in_window(const WindowSpec& w, int64_t p, int64_t j) {
   const int64_t delta = j - p;
   if (floor_mod(delta, w.dilation) != 0) return false;
   const int64_t steps = delta / w.dilation;  // exact: delta is a multiple
-  return steps >= -w.left && steps <= w.right;
+  if (steps < -w.left || steps > w.right) return false;
+  if (w.chunk <= 0) return true;
+  const int64_t r = chunk_residue(w, p);  // same chunk: -r <= delta <= c - 1 - r
+  return delta >= -r && delta <= w.chunk - 1 - r;
 }
 
 // Key j of a sequence is a sink (StreamingLLM): one of its first sink_tokens keys.
@@ -68,6 +81,11 @@ LR_HOST_DEVICE void window_key_range(const WindowSpec& w, const SequenceView& s,
   const int64_t d = w.dilation;
   int64_t a = p - w.left * d;
   int64_t b = p + w.right * d;
+  if (w.chunk > 0) {  // intersect with p's chunk, p - r .. p + c - 1 - r, on p's residue class
+    const int64_t r = chunk_residue(w, p), up = w.chunk - 1 - r;
+    if (r < p - a) a = first_in_class_at_or_after(p - r, floor_mod(p, d), d);
+    if (up < b - p) b = last_in_class_at_or_before(p + up, floor_mod(p, d), d);
+  }
   if (a < 0) a = first_in_class_at_or_after(0, floor_mod(p, d), d);
   if (b > s.k_len - 1) b = last_in_class_at_or_before(s.k_len - 1, floor_mod(p, d), d);
   *lo = a;
@@ -84,6 +102,11 @@ LR_HOST_DEVICE void window_row_range(const WindowSpec& w, const SequenceView& s,
   int64_t a = j - w.right * d - off;  // as row indices
   int64_t b = j + w.left * d - off;
   const int64_t residue = floor_mod(j - off, d);
+  if (w.chunk > 0) {  // rows in j's chunk (the same-chunk relation is symmetric)
+    const int64_t r = chunk_residue(w, j), up = w.chunk - 1 - r;
+    if (r < j - off - a) a = first_in_class_at_or_after(j - r - off, residue, d);
+    if (up < b - (j - off)) b = last_in_class_at_or_before(j + up - off, residue, d);
+  }
   if (a < 0) a = first_in_class_at_or_after(0, residue, d);
   if (b > s.q_len - 1) b = last_in_class_at_or_before(s.q_len - 1, residue, d);
   *lo = a;
@@ -131,7 +154,8 @@ namespace longreach {
 
 // True when every (row, key) pair of a tile lies inside the window band, given
 // rows at positions p_first..p_last and keys k_first..k_last that are sorted
-// and share one residue class. The band is monotone in p, so the four corners
+// and share one residue class. The band is monotone in p (with chunks too: a
+// chunk's first and last positions never decrease with p), so the four corners
 // decide it; kernels then skip the per-element mask for such tiles.
 LR_HOST_DEVICE bool tile_in_window(const WindowSpec& w, int64_t p_first, int64_t p_last, int64_t k_first,
                                    int64_t k_last) {

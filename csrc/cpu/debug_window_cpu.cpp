@@ -23,10 +23,14 @@ WindowSpec window_spec(int64_t q_len, int64_t k_len, int64_t window_left, int64_
                     clip_dilation(dilation, q_len, k_len)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> debug_window_ranges(int64_t q_len, int64_t k_len,
-                                                                               int64_t window_left,
-                                                                               int64_t window_right, int64_t dilation) {
-  const WindowSpec w = window_spec(q_len, k_len, window_left, window_right, dilation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> debug_window_ranges(
+    int64_t q_len, int64_t k_len, int64_t window_left, int64_t window_right, int64_t dilation, int64_t chunk,
+    int64_t chunk_phase) {
+  TORCH_CHECK(chunk >= 0 && (chunk == 0 ? chunk_phase == 0 : chunk_phase >= 0 && chunk_phase < chunk),
+              "_debug_window_ranges: need chunk >= 0 and 0 <= chunk_phase < chunk, got ", chunk, ", ", chunk_phase);
+  WindowSpec w = window_spec(q_len, k_len, window_left, window_right, dilation);
+  w.chunk = chunk;
+  w.chunk_phase = chunk_phase;
   const SequenceView s{q_len, k_len};
   at::Tensor key_lo = at::empty({q_len}, at::kLong), key_hi = at::empty({q_len}, at::kLong);
   at::Tensor row_lo = at::empty({k_len}, at::kLong), row_hi = at::empty({k_len}, at::kLong);

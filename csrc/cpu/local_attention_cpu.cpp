@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../attention_params.h"
+#include "../chunk_heads.h"
 #include "attention_backward.h"
 #include "attention_forward.h"
 #include "attention_rows.h"
@@ -122,10 +123,24 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks) {
-  const AttentionParams P =
+    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+  AttentionParams P =
       make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
                             sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
+  const std::vector<int64_t> phases = chunk_phases(q, P.q_heads, chunk, chunk_shift);
+  const std::vector<ShiftGroup> groups = shift_groups(phases, P.group_size(), q.device());
+  if (!groups.empty()) {  // heads with different chunk grids: one call per grid (chunk_heads.h)
+    return forward_by_shift(groups, q, k, v, alibi_slopes, sinks, 1,
+                            [&](const ShiftGroup& g, const at::Tensor& qg, const at::Tensor& kg, const at::Tensor& vg,
+                                const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
+                              return local_attention_fwd_cpu(qg, kg, vg, global_mask, sg, window_left, window_right,
+                                                             dilation, score, sigmoid_bias, softcap, scale,
+                                                             key_padding_mask, causal, sink_tokens, sinks_g, chunk,
+                                                             at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)));
+                            });
+  }
+  P.window.chunk = chunk;
+  P.window.chunk_phase = phases.empty() ? 0 : phases[0];
   return run_forward(P, dense_views(P), q, k, v, global_mask, alibi_slopes, key_padding_mask, sinks);
 }
 
@@ -135,10 +150,27 @@ Gradients local_attention_bwd_cpu(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks) {
-  const AttentionParams P =
+    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+  AttentionParams P =
       make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
                             sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
+  const std::vector<int64_t> phases = chunk_phases(q, P.q_heads, chunk, chunk_shift);
+  const std::vector<ShiftGroup> groups = shift_groups(phases, P.group_size(), q.device());
+  if (!groups.empty()) {
+    check_backward_inputs(P, q, grad_out, out, lse, grad_lse, alibi_grad);
+    return backward_by_shift(
+        groups, grad_out, grad_lse, q, k, v, out, lse, alibi_slopes, sinks, 1,
+        [&](const ShiftGroup& g, const at::Tensor& go, const c10::optional<at::Tensor>& gl, const at::Tensor& qg,
+            const at::Tensor& kg, const at::Tensor& vg, const at::Tensor& og, const at::Tensor& lg,
+            const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
+          return local_attention_bwd_cpu(go, gl, qg, kg, vg, og, lg, global_mask, sg, window_left, window_right,
+                                         dilation, score, sigmoid_bias, softcap, scale, alibi_grad, key_padding_mask,
+                                         causal, sink_tokens, sinks_g, chunk,
+                                         at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)));
+        });
+  }
+  P.window.chunk = chunk;
+  P.window.chunk_phase = phases.empty() ? 0 : phases[0];
   return run_backward(P, dense_views(P), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
                       alibi_grad, key_padding_mask, sinks);
 }
@@ -148,10 +180,25 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks, int64_t chunk,
+    const c10::optional<at::Tensor>& chunk_shift) {
   VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
                                        scale, SinkOptions{causal, sink_tokens, &sinks});
+  const std::vector<int64_t> phases = chunk_phases(q, V.params.q_heads, chunk, chunk_shift);
+  const std::vector<ShiftGroup> groups = shift_groups(phases, V.params.group_size(), q.device());
+  if (!groups.empty()) {  // one call per chunk grid (chunk_heads.h); lse is (Hq, total_q)
+    return forward_by_shift(groups, q, k, v, alibi_slopes, sinks, 0,
+                            [&](const ShiftGroup& g, const at::Tensor& qg, const at::Tensor& kg, const at::Tensor& vg,
+                                const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
+                              return local_attention_varlen_fwd_cpu(
+                                  qg, kg, vg, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask, sg,
+                                  window_left, window_right, dilation, score, sigmoid_bias, softcap, scale, causal,
+                                  sink_tokens, sinks_g, chunk, at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)));
+                            });
+  }
+  V.params.window.chunk = chunk;
+  V.params.window.chunk_phase = phases.empty() ? 0 : phases[0];
   return run_forward(V.params, std::move(V.seqs), q, k, v, global_mask, alibi_slopes, c10::nullopt, sinks);
 }
 
@@ -161,10 +208,29 @@ Gradients local_attention_varlen_bwd_cpu(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
+    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
   VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
                                        scale, SinkOptions{causal, sink_tokens, &sinks});
+  const std::vector<int64_t> phases = chunk_phases(q, V.params.q_heads, chunk, chunk_shift);
+  const std::vector<ShiftGroup> groups = shift_groups(phases, V.params.group_size(), q.device());
+  if (!groups.empty()) {
+    check_backward_inputs(V.params, q, grad_out, out, lse, grad_lse, alibi_grad);
+    return backward_by_shift(
+        groups, grad_out, grad_lse, q, k, v, out, lse, alibi_slopes, sinks, 0,
+        [&](const ShiftGroup& g, const at::Tensor& go, const c10::optional<at::Tensor>& gl, const at::Tensor& qg,
+            const at::Tensor& kg, const at::Tensor& vg, const at::Tensor& og, const at::Tensor& lg,
+            const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
+          return local_attention_varlen_bwd_cpu(go, gl, qg, kg, vg, og, lg, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                max_seqlen_k, global_mask, sg, window_left, window_right, dilation,
+                                                score, sigmoid_bias, softcap, scale, alibi_grad, causal, sink_tokens,
+                                                sinks_g, chunk,
+                                                at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)));
+        });
+  }
+  V.params.window.chunk = chunk;
+  V.params.window.chunk_phase = phases.empty() ? 0 : phases[0];
   return run_backward(V.params, std::move(V.seqs), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
                       alibi_grad, c10::nullopt, sinks);
 }

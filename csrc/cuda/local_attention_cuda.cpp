@@ -54,6 +54,13 @@ void check_cuda_sink_options(bool causal, int64_t sink_tokens, const c10::option
                               "the CUDA kernels yet (CPU only)");
 }
 
+// Chunked attention (chunk > 0) is implemented on CPU only so far (issue 20):
+// window.h already holds the rule, the CUDA entry points do not pass it yet.
+void check_cuda_chunk_options(int64_t chunk) {
+  TORCH_CHECK_NOT_IMPLEMENTED(chunk == 0, "local_attention: chunk > 0 (chunked attention) is not implemented in the "
+                                          "CUDA kernels yet (CPU only), got chunk = ", chunk);
+}
+
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Gradients with_empty_sinks_grad(std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g, const at::Tensor& q) {
@@ -65,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks) {
+    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+  check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
@@ -79,7 +87,8 @@ Gradients local_attention_bwd_cuda(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks) {
+    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+  check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
@@ -94,7 +103,9 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
+    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+  check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
@@ -109,7 +120,9 @@ Gradients local_attention_varlen_bwd_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
+    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+  check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};

@@ -184,3 +184,23 @@ def check_sinks(owner: str, sinks, q_heads: int, score: str):
         raise ValueError(f"{owner}: sinks are only defined for score='softmax' (a sink logit enters the softmax "
                          f"denominator), got score={score!r}")
     return sinks
+
+
+CHUNK_SHIFT_DTYPES = (torch.int32, torch.int64)
+
+
+def check_chunk(owner: str, chunk, chunk_shift, q_heads: int):
+    """Chunked attention: chunk an int >= 0 (0 = off), chunk_shift None or an int32/int64 tensor
+    of shape (Hq,), only with chunk > 0. Returns (chunk, chunk_shift) as the ops take them."""
+    chunk = check_int(owner, "chunk", chunk, 0)
+    if chunk_shift is None:
+        return chunk, None
+    expected = f"an int32 or int64 tensor of shape (Hq,) = ({q_heads},) or None"
+    check_tensor(owner, "chunk_shift", chunk_shift, expected)
+    if chunk_shift.dtype not in CHUNK_SHIFT_DTYPES:
+        raise TypeError(f"{owner}: chunk_shift must be {expected}, got {describe(chunk_shift)}")
+    if tuple(chunk_shift.shape) != (q_heads,):
+        raise ValueError(f"{owner}: chunk_shift must be {expected}, got {describe(chunk_shift)}")
+    if chunk == 0:
+        raise ValueError(f"{owner}: chunk_shift needs chunk > 0 (chunks of that many positions), got chunk=0")
+    return chunk, chunk_shift

@@ -23,12 +23,17 @@ def allowed_keys(
     global_mask: Optional[torch.Tensor] = None,
     device=None,
     sink_tokens: int = 0,
+    chunk: int = 0,
+    chunk_shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Bool mask (B or 1, Lq, Lk): True where query row i may attend to key j.
 
     Global tokens: bidirectional without causal (a global row sees every key, a global key
     every row); with causal, only towards the past (key j <= the row's position p). Sink
-    tokens: keys j < sink_tokens, seen by every row with j <= p."""
+    tokens: keys j < sink_tokens, seen by every row with j <= p. chunk=c > 0: the window band
+    only holds keys in the row's chunk, floor((p + shift[h]) / c) == floor((j + shift[h]) / c)
+    (chunk_shift (Hq,) ints, None = 0); the mask is then (B or 1, Hq, Lq, Lk). Global keys,
+    global rows and sinks are not restricted by chunks."""
     left, right = window
     if causal:
         right = 0
@@ -42,6 +47,17 @@ def allowed_keys(
     if right is not None:
         ok &= steps <= right
     ok = ok[None]
+    if chunk > 0:
+        # Row p's chunk holds the positions p - r .. p + chunk - 1 - r, r = (p + shift) mod chunk,
+        # computed with Python ints: p + shift could overflow int64 for chunks near 2**63.
+        shifts = [0] if chunk_shift is None else chunk_shift.tolist()
+        r = torch.tensor([[(p + s) % chunk for p in pos.tolist()] for s in shifts], dtype=torch.long,
+                         device=device)[:, :, None]  # (Hq or 1, Lq, 1)
+        same_chunk = (delta[None] >= -r) & (delta[None] <= chunk - 1 - r)
+        ok = ok[:, None] & same_chunk[None]  # (1, H, Lq, Lk)
+        pos_e, keys_e = pos[None, None, :, None], keys[None, None, None, :]
+    else:
+        pos_e, keys_e = pos[None, :, None], keys[None, None, :]
     if global_mask is not None:
         gm = global_mask.to(device=device, dtype=torch.bool)
         inside = (pos >= 0) & (pos < k_len)
@@ -50,9 +66,9 @@ def allowed_keys(
         extra = gm[:, None, :] | row_global[:, :, None]
         if causal:
             extra = extra & (keys[None, None, :] <= pos[None, :, None])
-        ok = ok | extra
+        ok = ok | (extra[:, None] if chunk > 0 else extra)
     if sink_tokens > 0:
-        ok = ok | ((keys[None, :] < sink_tokens) & (keys[None, :] <= pos[:, None]))[None]
+        ok = ok | ((keys_e < sink_tokens) & (keys_e <= pos_e))
     return ok
 
 
@@ -85,6 +101,8 @@ def local_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     sink_tokens: int = 0,
     sinks: Optional[torch.Tensor] = None,
+    chunk: int = 0,
+    chunk_shift: Optional[torch.Tensor] = None,
 ):
     """Same contract as longreach.local_attention, computed densely.
 
@@ -121,7 +139,9 @@ def local_attention(
     if pad is not None and global_mask is not None:
         global_mask = global_mask.to(device=q.device, dtype=torch.bool) & ~pad
     allowed = allowed_keys(q_len, k_len, window, causal, dilation, global_mask, q.device,
-                           sink_tokens)[:, None]  # (B|1,1,Lq,Lk)
+                           sink_tokens, chunk, chunk_shift)  # (B|1,Lq,Lk), or (B|1,Hq|1,Lq,Lk) with chunks
+    if chunk == 0:
+        allowed = allowed[:, None]
     padded_row = torch.zeros(batch, q_len, dtype=torch.bool, device=q.device)
     if pad is not None:
         inside = (pos >= 0) & (pos < k_len)
@@ -132,7 +152,9 @@ def local_attention(
             raise ValueError("sinks are only defined for score='softmax'")
         column = sinks.to(compute)[None, :, None, None].expand(batch, q_heads, q_len, 1)
         s = torch.cat([s.expand(batch, q_heads, q_len, k_len), column], dim=-1)
-        allowed = torch.cat([allowed.expand(batch, 1, q_len, k_len), ~padded_row[:, None, :, None]], dim=-1)
+        heads = allowed.shape[1]  # 1, or Hq with chunks
+        allowed = torch.cat([allowed.expand(batch, heads, q_len, k_len),
+                             (~padded_row[:, None, :, None]).expand(batch, heads, q_len, 1)], dim=-1)
         vc = torch.cat([vc, vc.new_zeros(batch, q_heads, 1, head_dim)], dim=-2)  # the sink's value is zero
 
     if score == "sigmoid":

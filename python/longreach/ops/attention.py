@@ -14,7 +14,7 @@ import torch
 
 from .. import _autograd
 from .autocast import register_autocast
-from .._checks import (SCORES, check_bool, check_int, check_same_device, check_scale, check_score,  # noqa: F401
+from .._checks import (SCORES, check_bool, check_chunk, check_int, check_same_device, check_scale, check_score,  # noqa: F401
                       check_sigmoid_bias, check_sinks, check_softcap, check_tensor, check_window_side)
 from .._library import check_device_supported
 
@@ -76,6 +76,8 @@ def local_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     sink_tokens: int = 0,
     sinks: Optional[torch.Tensor] = None,
+    chunk: int = 0,
+    chunk_shift: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Sliding-window attention with dilation, global tokens, ALiBi and soft-capping.
 
@@ -101,6 +103,11 @@ def local_attention(
     (Hq,) learnable logits (gpt-oss), one more term exp(sinks[h]) in each softmax
     row's denominator with no value; lse includes it; differentiable.
 
+    chunk=c > 0 (Llama-4, FA3's attention_chunk, LongLoRA's S2-Attn): a row sees the window
+    keys of its own chunk only, chunks of c positions counted from position 0 and offset per
+    head by chunk_shift (Hq,) int (None = 0): key j is visible to position p iff
+    (p + shift) // c == (j + shift) // c. Global keys, global rows and sinks cross chunks.
+
     Differentiable by reverse mode (backward, torch.autograd.grad, torch.func.grad,
     vjp, jacrev); second derivatives and forward mode raise NotImplementedError.
     """
@@ -122,9 +129,11 @@ def local_attention(
                       key_padding_mask=key_padding_mask)
     extra = sink_options(OWNER, q.shape[1], causal=causal, score=score, sink_tokens=sink_tokens, sinks=sinks)
     check_same_device(OWNER, q=q, sinks=sinks)
+    chunks = check_chunk(OWNER, chunk, chunk_shift, q.shape[1])
+    check_same_device(OWNER, q=q, chunk_shift=chunk_shift)
     check_device_supported("local_attention_fwd", q)
     out, lse = _autograd.call(_LocalAttention, _FWD, q, k, v, global_mask, alibi_slopes, *options, key_padding_mask,
-                              *extra)
+                              *extra, *chunks)
     return (out, lse) if return_lse else out
 
 
@@ -138,9 +147,9 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("longreach::local_attention_fwd")
 def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation,
                               score, sigmoid_bias, softcap, scale, key_padding_mask=None, causal=False, sink_tokens=0,
-                              sinks=None):
+                              sinks=None, chunk=0, chunk_shift=None):
     check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
-                      key_padding_mask=key_padding_mask, sinks=sinks)
+                      key_padding_mask=key_padding_mask, sinks=sinks, chunk_shift=chunk_shift)
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
     return out, lse
@@ -149,9 +158,10 @@ def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, w
 @torch.library.register_fake("longreach::local_attention_bwd")
 def _local_attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
                               window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad=False,
-                              key_padding_mask=None, causal=False, sink_tokens=0, sinks=None):
+                              key_padding_mask=None, causal=False, sink_tokens=0, sinks=None, chunk=0,
+                              chunk_shift=None):
     check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
-                      key_padding_mask=key_padding_mask, sinks=sinks)
+                      key_padding_mask=key_padding_mask, sinks=sinks, chunk_shift=chunk_shift)
     # grad_alibi_slopes: (B, Hq) float32 with alibi_grad, else empty (csrc/ops.cpp)
     slopes_shape = (q.shape[0], q.shape[1]) if alibi_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),

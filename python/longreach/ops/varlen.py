@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _autograd
-from .._checks import check_cu_seqlens, check_int, check_same_device, check_tensor, describe
+from .._checks import check_chunk, check_cu_seqlens, check_int, check_same_device, check_tensor, describe
 from .._library import check_device_supported
 from .autocast import register_autocast
 from .attention import Window, _lse_dtype, attention_autograd, kernel_options, sink_options, sinks_grad_fake
@@ -42,6 +42,8 @@ def local_attention_varlen(
     return_lse: bool = False,
     sink_tokens: int = 0,
     sinks: Optional[torch.Tensor] = None,
+    chunk: int = 0,
+    chunk_shift: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """longreach.local_attention over packed sequences (flash-attn's varlen layout and names).
 
@@ -53,7 +55,8 @@ def local_attention_varlen(
     ALiBi distances and the sigmoid default bias from its own lengths. ``global_mask`` is
     (total_k,) bool; ``alibi_slopes`` (Hq,) or (num_seqs, Hq) float32. A row with no allowed
     key returns zeros. Returns (total_q, Hq, D), and the row log-sum-exp (Hq, total_q) with
-    return_lse=True (softmax only).
+    return_lse=True (softmax only). chunk / chunk_shift as in local_attention, chunks counted
+    from each sequence's first position.
 
     Differentiable by reverse mode, the slopes included; second derivatives and forward mode
     raise NotImplementedError.
@@ -65,9 +68,11 @@ def local_attention_varlen(
                              sigmoid_bias=sigmoid_bias, softcap=softcap, scale=scale, return_lse=return_lse)
     extra = sink_options(OWNER, q.shape[1], causal=causal, score=score, sink_tokens=sink_tokens, sinks=sinks)
     check_same_device(OWNER, q=q, sinks=sinks)
+    chunks = check_chunk(OWNER, chunk, chunk_shift, q.shape[1])
+    check_same_device(OWNER, q=q, chunk_shift=chunk_shift)
     check_device_supported("local_attention_varlen_fwd", q)
     out, lse = _autograd.call(_Varlen, _FWD, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              global_mask, alibi_slopes, *options, *extra)
+                              global_mask, alibi_slopes, *options, *extra, *chunks)
     return (out, lse) if return_lse else out
 
 
@@ -117,18 +122,18 @@ def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, global_mask, alibi_slope
 @torch.library.register_fake("longreach::local_attention_varlen_fwd")
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask, alibi_slopes,
                      window_left, window_right, dilation, score, sigmoid_bias, softcap, scale, causal=False,
-                     sink_tokens=0, sinks=None):
+                     sink_tokens=0, sinks=None, chunk=0, chunk_shift=None):
     _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, global_mask, alibi_slopes)
-    check_same_device(OWNER, q=q, sinks=sinks)
+    check_same_device(OWNER, q=q, sinks=sinks, chunk_shift=chunk_shift)
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.register_fake("longreach::local_attention_varlen_bwd")
 def _varlen_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                      global_mask, alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
-                     scale, alibi_grad=False, causal=False, sink_tokens=0, sinks=None):
+                     scale, alibi_grad=False, causal=False, sink_tokens=0, sinks=None, chunk=0, chunk_shift=None):
     num_seqs = _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, global_mask, alibi_slopes)
-    check_same_device(OWNER, q=q, sinks=sinks)
+    check_same_device(OWNER, q=q, sinks=sinks, chunk_shift=chunk_shift)
     # grad_alibi_slopes: (num_seqs, Hq) float32 with alibi_grad, else empty
     slopes_shape = (num_seqs, q.shape[1]) if alibi_grad else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
