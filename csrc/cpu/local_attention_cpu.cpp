@@ -122,10 +122,11 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks) {
-  const AttentionParams P =
+    const c10::optional<at::Tensor>& sinks, double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
+  AttentionParams P =
       make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
                             sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
+  set_dropout(P, dropout_p, dropout_seed);
   return run_forward(P, dense_views(P), q, k, v, global_mask, alibi_slopes, key_padding_mask, sinks);
 }
 
@@ -135,10 +136,11 @@ Gradients local_attention_bwd_cpu(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks) {
-  const AttentionParams P =
+    const c10::optional<at::Tensor>& sinks, double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
+  AttentionParams P =
       make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
                             sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
+  set_dropout(P, dropout_p, dropout_seed);
   return run_backward(P, dense_views(P), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
                       alibi_grad, key_padding_mask, sinks);
 }
@@ -148,10 +150,12 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
                                        scale, SinkOptions{causal, sink_tokens, &sinks});
+  set_dropout(V.params, dropout_p, dropout_seed);
   return run_forward(V.params, std::move(V.seqs), q, k, v, global_mask, alibi_slopes, c10::nullopt, sinks);
 }
 
@@ -161,10 +165,12 @@ Gradients local_attention_varlen_bwd_cpu(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
+    double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
   VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
                                        scale, SinkOptions{causal, sink_tokens, &sinks});
+  set_dropout(V.params, dropout_p, dropout_seed);
   return run_backward(V.params, std::move(V.seqs), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
                       alibi_grad, c10::nullopt, sinks);
 }

@@ -54,6 +54,14 @@ void check_cuda_sink_options(bool causal, int64_t sink_tokens, const c10::option
                               "the CUDA kernels yet (CPU only)");
 }
 
+// Attention dropout is CPU-only for now (common/philox.h is ready for the kernels).
+void check_cuda_dropout(double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
+  AttentionParams P;
+  set_dropout(P, dropout_p, dropout_seed);  // the same argument checks as on CPU
+  TORCH_CHECK_NOT_IMPLEMENTED(!P.dropout.enabled,
+                              "local_attention: dropout_p > 0 is not implemented in the CUDA kernels yet (CPU only)");
+}
+
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Gradients with_empty_sinks_grad(std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g, const at::Tensor& q) {
@@ -65,8 +73,10 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks) {
+    const c10::optional<at::Tensor>& sinks, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_forward(backend, q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
@@ -79,8 +89,10 @@ Gradients local_attention_bwd_cuda(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks) {
+    const c10::optional<at::Tensor>& sinks, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return with_empty_sinks_grad(
@@ -94,8 +106,10 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+    double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_varlen_forward(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -109,8 +123,10 @@ Gradients local_attention_varlen_bwd_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks) {
+    double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return with_empty_sinks_grad(

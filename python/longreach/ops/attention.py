@@ -13,8 +13,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _autograd
+from ..dropout import draw_seed
 from .autocast import register_autocast
-from .._checks import (SCORES, check_bool, check_int, check_same_device, check_scale, check_score,  # noqa: F401
+from .._checks import (SCORES, check_bool, check_dropout_p, check_int, check_same_device, check_scale, check_score,  # noqa: F401
                       check_sigmoid_bias, check_sinks, check_softcap, check_tensor, check_window_side)
 from .._library import check_device_supported
 
@@ -38,6 +39,13 @@ def sink_options(owner: str, q_heads: int, *, causal, score, sink_tokens, sinks)
     causal = check_bool(owner, "causal", causal)
     sink_tokens = check_int(owner, "sink_tokens", sink_tokens, 0)
     return causal, sink_tokens, check_sinks(owner, sinks, q_heads, check_score(owner, score))
+
+
+def dropout_options(owner: str, dropout_p) -> tuple:
+    """The ops' last two arguments: (dropout_p, dropout_seed), the seed (seed, offset) drawn
+    from torch's default generator only when p > 0, so p = 0 leaves the generator alone."""
+    dropout_p = check_dropout_p(owner, dropout_p)
+    return (dropout_p, draw_seed()) if dropout_p > 0 else (0.0, None)
 
 
 def kernel_options(owner: str, head_dim, *, window, causal, dilation, score, sigmoid_bias, softcap, scale,
@@ -76,6 +84,7 @@ def local_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     sink_tokens: int = 0,
     sinks: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Sliding-window attention with dilation, global tokens, ALiBi and soft-capping.
 
@@ -101,6 +110,12 @@ def local_attention(
     (Hq,) learnable logits (gpt-oss), one more term exp(sinks[h]) in each softmax
     row's denominator with no value; lse includes it; differentiable.
 
+    dropout_p: attention dropout (training), CPU only for now: each weight after the
+    softmax (or sigmoid) is zeroed with probability p and the kept ones are scaled by
+    1 / (1 - p); lse is not affected. The mask comes from a counter-based RNG (Philox) keyed
+    by a (seed, offset) drawn from torch's default generator, so torch.manual_seed makes it
+    reproducible and the backward regenerates it (longreach.dropout.keep_mask).
+
     Differentiable by reverse mode (backward, torch.autograd.grad, torch.func.grad,
     vjp, jacrev); second derivatives and forward mode raise NotImplementedError.
     """
@@ -123,8 +138,9 @@ def local_attention(
     extra = sink_options(OWNER, q.shape[1], causal=causal, score=score, sink_tokens=sink_tokens, sinks=sinks)
     check_same_device(OWNER, q=q, sinks=sinks)
     check_device_supported("local_attention_fwd", q)
+    drop = dropout_options(OWNER, dropout_p)
     out, lse = _autograd.call(_LocalAttention, _FWD, q, k, v, global_mask, alibi_slopes, *options, key_padding_mask,
-                              *extra)
+                              *extra, *drop)
     return (out, lse) if return_lse else out
 
 
@@ -138,7 +154,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("longreach::local_attention_fwd")
 def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation,
                               score, sigmoid_bias, softcap, scale, key_padding_mask=None, causal=False, sink_tokens=0,
-                              sinks=None):
+                              sinks=None, dropout_p=0.0, dropout_seed=None):
     check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
                       key_padding_mask=key_padding_mask, sinks=sinks)
     out = q.new_empty(q.shape)
@@ -149,7 +165,8 @@ def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, w
 @torch.library.register_fake("longreach::local_attention_bwd")
 def _local_attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
                               window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad=False,
-                              key_padding_mask=None, causal=False, sink_tokens=0, sinks=None):
+                              key_padding_mask=None, causal=False, sink_tokens=0, sinks=None, dropout_p=0.0,
+                              dropout_seed=None):
     check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
                       key_padding_mask=key_padding_mask, sinks=sinks)
     # grad_alibi_slopes: (B, Hq) float32 with alibi_grad, else empty (csrc/ops.cpp)
