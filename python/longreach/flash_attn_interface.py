@@ -154,8 +154,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """flash-attn's ``flash_attn_func``: q (B, Lq, H, D), k and v (B, Lk, Hk, D) with H % Hk == 0
     (GQA/MQA: query head h reads kv head h // (H // Hk)). Returns out (B, Lq, H, D), or
     (out, softmax_lse (B, H, Lq), None) with return_attn_probs=True. The module docstring gives
-    the window, ALiBi, softcap and lse conventions (flash-attn's); dropout_p is the op's attention dropout
-    NotImplementedError."""
+    the window, ALiBi, softcap and lse conventions (flash-attn's); dropout_p > 0 is longreach's
+    attention dropout (CPU)."""
     return _dense("flash_attn_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                   deterministic, return_attn_probs)
 
