@@ -299,4 +299,23 @@ at::Tensor sinks_grad_buffer(const AttentionParams& P, const at::Tensor& q, cons
                      : at::empty({0}, q.options().dtype(at::kFloat));
 }
 
+void set_dropout(AttentionParams& P, double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, "local_attention: dropout_p must be in [0, 1], got ",
+                    dropout_p);
+  if (dropout_p == 0.0) return;  // p = 0 is the op without dropout, bit for bit
+  TORCH_CHECK_VALUE(dropout_seed.has_value(), "local_attention: dropout_p > 0 needs dropout_seed");
+  const at::Tensor& seed = *dropout_seed;
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "local_attention: dropout_seed must be an int64 tensor, got ",
+                   seed.scalar_type());
+  TORCH_CHECK_VALUE(seed.dim() == 1 && seed.size(0) == 2 && seed.device().is_cpu(),
+                    "local_attention: dropout_seed must be a CPU tensor of shape (2,) (seed, offset), got shape ",
+                    seed.sizes(), " on ", seed.device());
+  const at::Tensor values = seed.contiguous();
+  P.dropout.enabled = true;
+  P.dropout.seed = static_cast<uint64_t>(values.data_ptr<int64_t>()[0]);
+  P.dropout.offset = static_cast<uint64_t>(values.data_ptr<int64_t>()[1]);
+  P.dropout.threshold = static_cast<uint64_t>(std::llround(dropout_p * 4294967296.0));
+  P.dropout.keep_scale = dropout_p < 1.0 ? 1.0 / (1.0 - dropout_p) : 0.0;
+}
+
 }  // namespace longreach

@@ -45,6 +45,10 @@ void set_options(AttentionParams& P, const at::Tensor& q, const c10::optional<at
 std::vector<int64_t> chunk_phases(const at::Tensor& q, int64_t q_heads, int64_t chunk,
                                   const c10::optional<at::Tensor>& chunk_shift);
 
+// dropout_p in [0, 1] and its (seed, offset) int64 (2,) CPU tensor (the ops'
+// last two arguments; a seed is required when dropout_p > 0) into P.dropout.
+void set_dropout(AttentionParams& P, double dropout_p, const c10::optional<at::Tensor>& dropout_seed);
+
 // Number of real (unpadded) keys per batch row of a (B, Lk) key_padding_mask,
 // int64 (B,) on the mask's device: what the default sigmoid bias counts.
 at::Tensor present_key_counts(const at::Tensor& key_padding_mask);

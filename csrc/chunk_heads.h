@@ -48,6 +48,16 @@ inline std::vector<ShiftGroup> shift_groups(const std::vector<int64_t>& phases, 
   return groups;
 }
 
+// Dropout's mask is keyed by the query head (common/philox.h); the calls per
+// chunk grid see a subset of the heads under new indices, so the two do not
+// combine yet.
+inline void check_dropout_with_one_chunk_grid(const std::vector<ShiftGroup>& groups, double dropout_p) {
+  TORCH_CHECK_NOT_IMPLEMENTED(groups.empty() || dropout_p == 0.0,
+                              "local_attention: dropout_p > 0 with chunk_shift values that differ between heads "
+                              "(modulo chunk) is not implemented; got dropout_p=", dropout_p, " and ", groups.size(),
+                              " chunk grids");
+}
+
 // The part of a per-head tensor (heads along `dim`) that a group reads; an
 // absent or empty tensor stays as it is.
 inline c10::optional<at::Tensor> heads_of(const c10::optional<at::Tensor>& t, int64_t dim, const at::Tensor& idx) {

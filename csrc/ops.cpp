@@ -19,17 +19,21 @@ TORCH_LIBRARY(longreach, m) {
   // sinks' dtype and shape, or is an empty (0,) tensor without sinks.
   // chunk > 0: a row sees window keys of its own chunk only, chunks of `chunk`
   // positions offset per head by chunk_shift (Hq,) int32/int64 (None = 0).
+  // dropout_p: attention dropout of the weights after softmax / sigmoid (lse
+  // unaffected), its mask regenerated from dropout_seed, an int64 (2,) CPU
+  // tensor (seed, offset) the Python op draws from torch's generator
+  // (common/philox.h); the backward takes the forward's values.
   m.def(
       "local_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? global_mask, Tensor? alibi_slopes, "
       "int window_left, int window_right, int dilation, str score, float? sigmoid_bias, float softcap, "
       "float scale, Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None, "
-      "int chunk=0, Tensor? chunk_shift=None) -> (Tensor out, Tensor lse)");
+      "int chunk=0, Tensor? chunk_shift=None, float dropout_p=0.0, Tensor? dropout_seed=None) -> (Tensor out, Tensor lse)");
   m.def(
       "local_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? global_mask, Tensor? alibi_slopes, int window_left, int window_right, "
       "int dilation, str score, float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False, "
       "Tensor? key_padding_mask=None, bool causal=False, int sink_tokens=0, Tensor? sinks=None, int chunk=0, "
-      "Tensor? chunk_shift=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes, Tensor grad_sinks)");
+      "Tensor? chunk_shift=None, float dropout_p=0.0, Tensor? dropout_seed=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes, Tensor grad_sinks)");
 }
 
 // Packed (variable-length) batches in flash-attn's layout: q (total_q, Hq, D),
@@ -43,14 +47,16 @@ TORCH_LIBRARY_FRAGMENT(longreach, m) {
       "local_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, Tensor? global_mask, Tensor? alibi_slopes, int window_left, "
       "int window_right, int dilation, str score, float? sigmoid_bias, float softcap, float scale, "
-      "bool causal=False, int sink_tokens=0, Tensor? sinks=None, int chunk=0, Tensor? chunk_shift=None) "
+      "bool causal=False, int sink_tokens=0, Tensor? sinks=None, int chunk=0, Tensor? chunk_shift=None, "
+      "float dropout_p=0.0, Tensor? dropout_seed=None) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "local_attention_varlen_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "Tensor? global_mask, Tensor? alibi_slopes, int window_left, int window_right, int dilation, str score, "
       "float? sigmoid_bias, float softcap, float scale, bool alibi_grad=False, bool causal=False, "
-      "int sink_tokens=0, Tensor? sinks=None, int chunk=0, Tensor? chunk_shift=None) "
+      "int sink_tokens=0, Tensor? sinks=None, int chunk=0, Tensor? chunk_shift=None, float dropout_p=0.0, "
+      "Tensor? dropout_seed=None) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_alibi_slopes, Tensor grad_sinks)");
 }
 

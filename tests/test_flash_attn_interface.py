@@ -13,7 +13,7 @@ Covered: causal, windows including (l, -1) with Lq > Lk + 1 and Lq < Lk and (-1,
 r >= Lk, GQA/MQA, ALiBi (H,) and (B, H) (flash-attn's lse shift in its causal kernel), softcap,
 softmax_scale, the lse layout, dtype and +inf rows, varlen (windows processed against
 max_seqlen_k) and the packed variants, gradients of q, k, v (float64 against the oracle's),
-torch.compile(fullgraph=True), the signatures, and what raises (dropout_p > 0, block_table,
+torch.compile(fullgraph=True), the signatures, dropout_p, and what raises (block_table,
 bad arguments).
 """
 
@@ -25,6 +25,7 @@ import math
 import pytest
 import torch
 
+import longreach
 from longreach import flash_attn_interface as fa
 
 
@@ -383,14 +384,28 @@ def test_signature_is_flash_attns(name):
 
 
 def test_what_cannot_be_honoured_raises():
-    q, k, v = _qkv(1, 4, 4, 2, 2, 8)
-    with pytest.raises(NotImplementedError, match="dropout_p=0.1"):
-        fa.flash_attn_func(q, k, v, dropout_p=0.1)
     packed = _pack(2, 2, 8)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        fa.flash_attn_varlen_func(*packed, dropout_p=0.5)
     with pytest.raises(NotImplementedError, match="block_table"):
         fa.flash_attn_varlen_func(*packed, block_table=torch.zeros(6, 1, dtype=torch.int32))
+
+
+def test_dropout_p_is_the_ops_dropout():
+    """dropout_p > 0 runs longreach's attention dropout: the same generator state gives
+    local_attention's result with the same dropout_p (its mask is tested in test_dropout.py)."""
+    q, k, v = _qkv(1, 6, 6, 2, 2, 8)
+    torch.manual_seed(4)
+    out = fa.flash_attn_func(q, k, v, dropout_p=0.3, causal=True)
+    torch.manual_seed(4)
+    expected = longreach.local_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                         dropout_p=0.3).transpose(1, 2)
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, fa.flash_attn_func(q, k, v, causal=True))
+    packed = _pack(2, 2, 8)
+    torch.manual_seed(4)
+    a = fa.flash_attn_varlen_func(*packed, dropout_p=0.5)
+    torch.manual_seed(4)
+    assert torch.equal(a, fa.flash_attn_varlen_func(*packed, dropout_p=0.5))
+    assert not torch.equal(a, fa.flash_attn_varlen_func(*packed))
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

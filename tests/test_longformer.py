@@ -345,16 +345,34 @@ def test_dilated_module_matches_the_dense_reference():
                                                                     global_tokens, 10000.0))[0], want)
 
 
-def test_patched_model_trains_with_attention_dropout_turned_off():
+def test_patched_model_trains_with_attention_dropout():
+    """HF's default attention_probs_dropout_prob=0.1 in train mode: the op's dropout, Trainer-like
+    steps (AdamW, zero_grad, backward, step) with global tokens and padding."""
     _, patched = original_and_patched(LongformerForMaskedLM, tiny_config(attention_probs_dropout_prob=0.1))
-    ids, mask, _ = make_batch(16)
-    patched.train()
-    with pytest.raises(NotImplementedError, match=r"attention dropout is not fused, got dropout=0.1 in training"):
-        patched(ids, attention_mask=mask, labels=ids)
+    ids, mask, global_mask = make_batch(16, padding="right", global_tokens="first")
     patched.eval()
-    patched(ids, attention_mask=mask)  # inference never applies dropout
+    eval_loss = patched(ids, attention_mask=mask, global_attention_mask=global_mask, labels=ids).loss
+    patched.train()
+    torch.manual_seed(3)
+    first = patched(ids, attention_mask=mask, global_attention_mask=global_mask, labels=ids).loss
+    torch.manual_seed(3)
+    again = patched(ids, attention_mask=mask, global_attention_mask=global_mask, labels=ids).loss
+    assert first == again  # the same generator state gives the same masks
+    assert first != eval_loss  # dropout is applied in training
+    optimizer = torch.optim.AdamW(patched.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in patched.parameters()]
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = patched(ids, attention_mask=mask, global_attention_mask=global_mask, labels=ids).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)
+        optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, patched.parameters()))
+    # attention_dropout=0.0 turns it off: train mode is then deterministic and equals eval mode
     longreach.hf.patch(patched, attention_dropout=0.0).train()
-    patched(ids, attention_mask=mask, labels=ids).loss.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids, attention_mask=mask).logits, patched.eval()(ids, attention_mask=mask).logits)
 
 
 # ----------------------------------------------------------------- bad input --

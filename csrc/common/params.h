@@ -7,6 +7,7 @@
 
 #include "geometry.h"
 #include "host_device.h"
+#include "philox.h"
 
 namespace longreach {
 
@@ -40,6 +41,8 @@ struct AttentionParams {
   // denominator, with no value (scores.h finish_softmax_row). Sink tokens and
   // causal global tokens are part of the window (geometry.h WindowSpec).
   bool has_sinks = false;
+  // Attention dropout (philox.h): applied to the weights after softmax / sigmoid; lse is not affected.
+  DropoutSpec dropout;
 
   // The problem of one batch row of a dense batch (q_len, k_len are then its
   // lengths; for a packed batch they are the maxima over sequences).

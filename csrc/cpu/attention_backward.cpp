@@ -30,6 +30,7 @@
 #include "../common/window.h"
 #include "attention_rows.h"
 #include "block_scratch.h"
+#include "dropout_tile.h"
 #include "key_operands.h"
 #include "tile_ops.h"
 #include "tile_runs.h"
@@ -369,6 +370,11 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           ops.gemm_band_n(nq, nk, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
           ops.gemm_band_n(nq, nk, D, ws.go.ptr, ws.go.ld, 1, ko.vT_from(col0), G, ws.ld_s, first, last);
           finalize_tile(bc, keys, runs, S, ws.ld_s, F);
+          // Dropout Z (keep / (1 - p)): out = (P o Z) V, so the weights' gradient is dP = Z o (dO V^T),
+          // and dV takes P o Z (below); dS = P o (dP - dO . O) keeps the undropped P.
+          const bool dropout = P.dropout.enabled;
+          const int64_t head_row = b * P.q_heads + h;
+          if (dropout) apply_dropout(P.dropout, head_row, ws.rows.data(), nq, keys, runs, G, ws.ld_s);
           // With learnable slopes the soft-cap factor is applied after the
           // slope gradient has read dS with respect to the final score.
           const acc_t* grad_factor = dslopes ? nullptr : F;
@@ -381,6 +387,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
             alibi_slope_grad_tile(bc, keys, runs, S, G, F, ws.ld_s, ws.slope_e.data(), ws.slope_f.data(),
                                   ws.slope_c.data());
           }
+          if (dropout) apply_dropout(P.dropout, head_row, ws.rows.data(), nq, keys, runs, S, ws.ld_s);
           // dQ += dS K
           ops.gemm_band_k(nq, D, nk, G, ws.ld_s, 1, ko.k.row(col0), ko.k.ld, ws.acc.data(), D, first, last);
           // dK += dS^T Q, dV += P^T dO: into the chunk's span rows, or a scratch for extras

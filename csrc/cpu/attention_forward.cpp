@@ -17,6 +17,7 @@
 #include "../common/window.h"
 #include "attention_rows.h"
 #include "block_scratch.h"
+#include "dropout_tile.h"
 #include "key_operands.h"
 #include "tile_ops.h"
 #include "tile_runs.h"
@@ -101,6 +102,8 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
               for (int64_t d = 0; d < D; ++d) o[d] *= al;
             }
           }
+          // Dropout after the softmax (the row sums l above saw every weight, so lse is unaffected).
+          if (P.dropout.enabled) apply_dropout(P.dropout, b * P.q_heads + h, ws.rows.data(), nq, keys, runs, S, ws.ld_s);
           if (few_rows) {
             ops.rows_axpy(nq, D, S, ws.ld_s, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);
           } else {

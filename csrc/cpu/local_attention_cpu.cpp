@@ -123,12 +123,15 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   AttentionParams P =
       make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
                             sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
+  set_dropout(P, dropout_p, dropout_seed);
   const std::vector<int64_t> phases = chunk_phases(q, P.q_heads, chunk, chunk_shift);
   const std::vector<ShiftGroup> groups = shift_groups(phases, P.group_size(), q.device());
+  check_dropout_with_one_chunk_grid(groups, dropout_p);
   if (!groups.empty()) {  // heads with different chunk grids: one call per grid (chunk_heads.h)
     return forward_by_shift(groups, q, k, v, alibi_slopes, sinks, 1,
                             [&](const ShiftGroup& g, const at::Tensor& qg, const at::Tensor& kg, const at::Tensor& vg,
@@ -136,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
                               return local_attention_fwd_cpu(qg, kg, vg, global_mask, sg, window_left, window_right,
                                                              dilation, score, sigmoid_bias, softcap, scale,
                                                              key_padding_mask, causal, sink_tokens, sinks_g, chunk,
-                                                             at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)));
+                                                             at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
                             });
   }
   P.window.chunk = chunk;
@@ -150,12 +153,15 @@ Gradients local_attention_bwd_cpu(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   AttentionParams P =
       make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
                             sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
+  set_dropout(P, dropout_p, dropout_seed);
   const std::vector<int64_t> phases = chunk_phases(q, P.q_heads, chunk, chunk_shift);
   const std::vector<ShiftGroup> groups = shift_groups(phases, P.group_size(), q.device());
+  check_dropout_with_one_chunk_grid(groups, dropout_p);
   if (!groups.empty()) {
     check_backward_inputs(P, q, grad_out, out, lse, grad_lse, alibi_grad);
     return backward_by_shift(
@@ -166,7 +172,7 @@ Gradients local_attention_bwd_cpu(
           return local_attention_bwd_cpu(go, gl, qg, kg, vg, og, lg, global_mask, sg, window_left, window_right,
                                          dilation, score, sigmoid_bias, softcap, scale, alibi_grad, key_padding_mask,
                                          causal, sink_tokens, sinks_g, chunk,
-                                         at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)));
+                                         at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
         });
   }
   P.window.chunk = chunk;
@@ -181,12 +187,15 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
     double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks, int64_t chunk,
-    const c10::optional<at::Tensor>& chunk_shift) {
+    const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
                                        scale, SinkOptions{causal, sink_tokens, &sinks});
+  set_dropout(V.params, dropout_p, dropout_seed);
   const std::vector<int64_t> phases = chunk_phases(q, V.params.q_heads, chunk, chunk_shift);
   const std::vector<ShiftGroup> groups = shift_groups(phases, V.params.group_size(), q.device());
+  check_dropout_with_one_chunk_grid(groups, dropout_p);
   if (!groups.empty()) {  // one call per chunk grid (chunk_heads.h); lse is (Hq, total_q)
     return forward_by_shift(groups, q, k, v, alibi_slopes, sinks, 0,
                             [&](const ShiftGroup& g, const at::Tensor& qg, const at::Tensor& kg, const at::Tensor& vg,
@@ -194,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
                               return local_attention_varlen_fwd_cpu(
                                   qg, kg, vg, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask, sg,
                                   window_left, window_right, dilation, score, sigmoid_bias, softcap, scale, causal,
-                                  sink_tokens, sinks_g, chunk, at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)));
+                                  sink_tokens, sinks_g, chunk, at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
                             });
   }
   V.params.window.chunk = chunk;
@@ -209,12 +218,15 @@ Gradients local_attention_varlen_bwd_cpu(
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
     double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
-    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
                                        scale, SinkOptions{causal, sink_tokens, &sinks});
+  set_dropout(V.params, dropout_p, dropout_seed);
   const std::vector<int64_t> phases = chunk_phases(q, V.params.q_heads, chunk, chunk_shift);
   const std::vector<ShiftGroup> groups = shift_groups(phases, V.params.group_size(), q.device());
+  check_dropout_with_one_chunk_grid(groups, dropout_p);
   if (!groups.empty()) {
     check_backward_inputs(V.params, q, grad_out, out, lse, grad_lse, alibi_grad);
     return backward_by_shift(
@@ -226,7 +238,7 @@ Gradients local_attention_varlen_bwd_cpu(
                                                 max_seqlen_k, global_mask, sg, window_left, window_right, dilation,
                                                 score, sigmoid_bias, softcap, scale, alibi_grad, causal, sink_tokens,
                                                 sinks_g, chunk,
-                                                at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)));
+                                                at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
         });
   }
   V.params.window.chunk = chunk;

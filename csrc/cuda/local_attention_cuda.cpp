@@ -61,6 +61,14 @@ void check_cuda_chunk_options(int64_t chunk) {
                                           "CUDA kernels yet (CPU only), got chunk = ", chunk);
 }
 
+// Attention dropout is CPU-only for now (common/philox.h is ready for the kernels).
+void check_cuda_dropout(double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
+  AttentionParams P;
+  set_dropout(P, dropout_p, dropout_seed);  // the same argument checks as on CPU
+  TORCH_CHECK_NOT_IMPLEMENTED(!P.dropout.enabled,
+                              "local_attention: dropout_p > 0 is not implemented in the CUDA kernels yet (CPU only)");
+}
+
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Gradients with_empty_sinks_grad(std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g, const at::Tensor& q) {
@@ -72,9 +80,11 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_forward(backend, q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
@@ -87,9 +97,11 @@ Gradients local_attention_bwd_cuda(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
-    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+    const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return with_empty_sinks_grad(
@@ -104,9 +116,11 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
     double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
-    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_varlen_forward(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -121,9 +135,11 @@ Gradients local_attention_varlen_bwd_cuda(
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
     double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
-    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift) {
+    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return with_empty_sinks_grad(

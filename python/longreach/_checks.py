@@ -102,6 +102,17 @@ def check_softcap(owner: str, softcap) -> Optional[float]:
     return value
 
 
+def check_dropout_p(owner: str, dropout_p) -> float:
+    """Attention dropout probability: a number in [0, 1] (0 = no dropout)."""
+    expected = "a number in [0, 1]"
+    if dropout_p is None:
+        raise TypeError(f"{owner}: dropout_p must be {expected}, got None")
+    value = _number(owner, "dropout_p", dropout_p, expected)
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"{owner}: dropout_p must be {expected}, got {describe(dropout_p)}")
+    return value
+
+
 def check_scale(owner: str, scale) -> Optional[float]:
     expected = "a finite number or None (None means 1 / sqrt(head dim))"
     value = _number(owner, "scale", scale, expected)

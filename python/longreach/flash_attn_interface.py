@@ -19,11 +19,13 @@ flash-attn computes, corner cases included (docs/flash_attn.md):
   (B, H, Lq) (varlen: (H, total_q)), float32 (float64 for float64 inputs, which flash-attn does
   not take), +inf for a row without keys, and, where flash-attn's causal kernel adds
   ``slope * j`` instead of ``-slope * |p - j|`` (a left-unbounded window with right = 0 and
-  ALiBi), shifted by ``slope * p`` as flash-attn's is. S_dmask is None: flash-attn returns it
-  only with dropout, which longreach does not have yet.
+  ALiBi), shifted by ``slope * p`` as flash-attn's is. S_dmask is None (flash-attn returns it
+  only with dropout; longreach never builds the (Lq, Lk) mask).
+- ``dropout_p > 0`` is the op's attention dropout (CPU only for now): weights after the softmax
+  zeroed with probability p, the kept ones scaled by 1 / (1 - p), the mask from a Philox RNG
+  seeded by torch's default generator (longreach.dropout), not bit-equal to flash-attn's.
 
-What cannot be honoured raises: ``dropout_p > 0`` (NotImplementedError until the op has dropout),
-``block_table`` in the varlen function (paged caches are read by ``flash_attn_with_kvcache``). ``deterministic`` is accepted and has no effect: longreach's
+What cannot be honoured raises: ``block_table`` in the varlen function (paged caches are read by ``flash_attn_with_kvcache``). ``deterministic`` is accepted and has no effect: longreach's
 backward is always deterministic. Unlike flash-attn, float32 and float64 inputs and any head
 dim work, and softmax_lse is differentiable (flash-attn drops its gradient). The ALiBi slopes get
 no gradient, as in flash-attn. ``flash_attn_with_kvcache`` runs on longreach.local_attention_with_kvcache
@@ -79,14 +81,11 @@ def flash_window(window_size: Tuple[int, int], causal: bool, seqlen_q: int, seql
 
 def _options(owner: str, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
              return_attn_probs):
-    """The flash-attn options checked; returns (window_size, causal, softcap or None, slopes)."""
+    """The flash-attn options checked; returns (window_size, causal, softcap or None, slopes, dropout_p)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"{owner}: dropout_p must be a number in [0, 1), got {describe(dropout_p, typed=True)}")
     if not 0 <= dropout_p < 1:
         raise ValueError(f"{owner}: dropout_p must be a number in [0, 1), got {dropout_p}")
-    if dropout_p > 0:
-        raise NotImplementedError(f"{owner}: dropout_p={dropout_p} is not supported yet (longreach's attention "
-                                  f"has no dropout); pass dropout_p=0.0, e.g. in eval mode")
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(f"{owner}: softcap must be a number (0.0 or less means off), "
                         f"got {describe(softcap, typed=True)}")
@@ -102,7 +101,7 @@ def _options(owner: str, dropout_p, softmax_scale, causal, window_size, softcap,
     if alibi_slopes is not None:
         check_tensor(owner, "alibi_slopes", alibi_slopes, "a float32 tensor of shape (H,) or (B, H), or None")
         alibi_slopes = alibi_slopes.detach()  # flash-attn gives the slopes no gradient
-    return window, causal, (float(softcap) if softcap > 0 else None), alibi_slopes
+    return window, causal, (float(softcap) if softcap > 0 else None), alibi_slopes, float(dropout_p)
 
 
 def flash_lse(lse: torch.Tensor, slopes_at_rows: Optional[torch.Tensor], positions: Optional[torch.Tensor]):
@@ -131,13 +130,14 @@ def _check_dense(owner: str, **tensors) -> None:
 def _dense(owner, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
            return_attn_probs):
     _check_dense(owner, q=q, k=k, v=v)
-    window_size, causal, softcap, slopes = _options(owner, dropout_p, softmax_scale, causal, window_size, softcap,
+    window_size, causal, softcap, slopes, dropout_p = _options(owner, dropout_p, softmax_scale, causal, window_size, softcap,
                                                     alibi_slopes, deterministic, return_attn_probs)
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     window, causal_kernel = flash_window(window_size, causal, seqlen_q, seqlen_k, slopes is not None)
     # (B, L, H, D) -> (B, H, L, D) views; the op takes strided inputs.
     out, lse = local_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window=window,
-                               alibi_slopes=slopes, softcap=softcap, scale=softmax_scale, return_lse=True)
+                               alibi_slopes=slopes, softcap=softcap, scale=softmax_scale, return_lse=True,
+                               dropout_p=dropout_p)
     out = out.transpose(1, 2).contiguous()  # flash-attn returns a contiguous (B, Lq, H, D)
     if not return_attn_probs:
         return out
@@ -154,8 +154,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """flash-attn's ``flash_attn_func``: q (B, Lq, H, D), k and v (B, Lk, Hk, D) with H % Hk == 0
     (GQA/MQA: query head h reads kv head h // (H // Hk)). Returns out (B, Lq, H, D), or
     (out, softmax_lse (B, H, Lq), None) with return_attn_probs=True. The module docstring gives
-    the window, ALiBi, softcap and lse conventions (flash-attn's); dropout_p > 0 raises
-    NotImplementedError."""
+    the window, ALiBi, softcap and lse conventions (flash-attn's); dropout_p > 0 is longreach's
+    attention dropout (CPU)."""
     return _dense("flash_attn_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                   deterministic, return_attn_probs)
 
@@ -205,7 +205,7 @@ def _varlen(owner, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     if block_table is not None:
         raise NotImplementedError(f"{owner}: block_table (a paged KV cache) is not supported; pass the keys "
                                   f"packed as k, v (total_k, Hk, D)")
-    window_size, causal, softcap, slopes = _options(owner, dropout_p, softmax_scale, causal, window_size, softcap,
+    window_size, causal, softcap, slopes, dropout_p = _options(owner, dropout_p, softmax_scale, causal, window_size, softcap,
                                                     alibi_slopes, deterministic, return_attn_probs)
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(value, bool) or not isinstance(value, int):  # the op checks the range
@@ -213,7 +213,7 @@ def _varlen(owner, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     window, causal_kernel = flash_window(window_size, causal, max_seqlen_q, max_seqlen_k, slopes is not None)
     out, lse = local_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       window=window, alibi_slopes=slopes, softcap=softcap, scale=softmax_scale,
-                                      return_lse=True)
+                                      return_lse=True, dropout_p=dropout_p)
     if not return_attn_probs:
         return out
     slopes_at_rows = positions = None
@@ -287,7 +287,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         check_tensor(owner, name, t)
         if t.dim() != 4:
             raise ValueError(f"{owner}: {name} must be a 4-D tensor (flash-attn's layout), got shape {tuple(t.shape)}")
-    window_size, causal, softcap, slopes = _options(owner, 0.0, softmax_scale, causal, window_size, softcap,
+    window_size, causal, softcap, slopes, dropout_p = _options(owner, 0.0, softmax_scale, causal, window_size, softcap,
                                                     alibi_slopes, False, return_softmax_lse)
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged and block_table.dim() == 2 else k_cache.shape[1]

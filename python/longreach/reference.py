@@ -103,8 +103,14 @@ def local_attention(
     sinks: Optional[torch.Tensor] = None,
     chunk: int = 0,
     chunk_shift: Optional[torch.Tensor] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ):
     """Same contract as longreach.local_attention, computed densely.
+
+    dropout_mask (B, Hq, Lq, Lk) bool, True = kept (longreach.dropout.keep_mask gives the
+    op's): the weights after softmax / sigmoid are multiplied by mask / (1 - p) (zero for
+    p = 1); lse is not affected.
 
     sinks (Hq,): as transformers' gpt_oss eager attention, a column holding the raw logit
     sinks[h] is appended to every row's scores, softmaxed with them and dropped.
@@ -157,6 +163,15 @@ def local_attention(
                              (~padded_row[:, None, :, None]).expand(batch, heads, q_len, 1)], dim=-1)
         vc = torch.cat([vc, vc.new_zeros(batch, q_heads, 1, head_dim)], dim=-2)  # the sink's value is zero
 
+    def dropped(weights):  # attention dropout of the (B, H, Lq, Lk [+ 1 sink column]) weights
+        if dropout_mask is None:
+            return weights
+        keep = dropout_mask.to(device=q.device, dtype=torch.bool)
+        if weights.shape[-1] > keep.shape[-1]:  # the sink's column (a zero value) is never dropped
+            keep = torch.cat([keep.expand(*weights.shape[:-1], k_len), keep.new_ones(*weights.shape[:-1], 1)], -1)
+        factor = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
+        return torch.where(keep, weights * factor, torch.zeros((), dtype=weights.dtype, device=q.device))
+
     if score == "sigmoid":
         if sigmoid_bias is not None:
             bias = sigmoid_bias
@@ -167,7 +182,7 @@ def local_attention(
             bias = torch.tensor([default_sigmoid_bias(n, window, causal) for n in present], dtype=compute,
                                 device=q.device)[:, None, None, None]
         weights = torch.where(allowed, torch.sigmoid(s + bias), torch.zeros((), dtype=compute, device=q.device))
-        out = weights @ vc
+        out = dropped(weights) @ vc
         if return_lse:
             raise ValueError("return_lse is only defined for softmax scores")
         return out.to(q.dtype)
@@ -180,7 +195,7 @@ def local_attention(
     e = torch.exp(s - row_max)  # exactly 0 where masked
     total = e.sum(dim=-1, keepdim=True)
     empty = total == 0
-    out = (e @ vc) / torch.where(empty, torch.ones_like(total), total)
+    out = (dropped(e) @ vc) / torch.where(empty, torch.ones_like(total), total)
     if not return_lse:
         return out.to(q.dtype)
     lse = torch.where(empty, neg_inf, row_max + torch.log(torch.where(empty, torch.ones_like(total), total)))

@@ -127,9 +127,9 @@ class LongformerSelfAttention(nn.Module):
     `dilation` (keyword, default `config.attention_dilation` if present, else 1;
     an int or one per layer) spaces the window's keys `dilation` apart, as the
     Longformer paper's dilated sliding window; 1 is Hugging Face's model.
-    Attention dropout is not fused: training with `attention_probs_dropout_prob
-    > 0` raises (set `self.dropout = 0.0`, or `longreach.hf.patch(...,
-    attention_dropout=0.0)`).
+    Attention dropout (`attention_probs_dropout_prob`, `self.dropout`) runs in
+    the op in training mode (`dropout_p`, as Hugging Face's dropout of the local
+    and the global probabilities; the masks differ from torch's nn.Dropout).
     """
 
     def __init__(self, config, layer_id: int, *, dilation: Optional[int] = None):
@@ -196,12 +196,7 @@ class LongformerSelfAttention(nn.Module):
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.embed_dim:
             raise ValueError(f"LongformerSelfAttention: hidden_states must be (batch, seq_len, {self.embed_dim}), "
                              f"got shape {tuple(hidden_states.shape)}")
-        if self.training and self.dropout > 0:
-            raise NotImplementedError(
-                f"LongformerSelfAttention (longreach): attention dropout is not fused, got dropout={self.dropout} in "
-                "training mode. Set attention_probs_dropout_prob=0.0 in the config, module.dropout = 0.0, or call "
-                "longreach.hf.patch(model, attention_dropout=0.0)."
-            )
+        dropout_p = self.dropout if self.training else 0.0
         batch, length, _ = hidden_states.shape
         padded, is_global_token, has_global = self._token_masks(
             attention_mask, is_index_masked, is_index_global_attn, is_global_attn, batch, length)
@@ -214,13 +209,14 @@ class LongformerSelfAttention(nn.Module):
         v = self._heads(self.value(hidden_states))
         local = local_attention(q, k, v, scale=1.0, window=(w, w), dilation=self.dilation,
                                 global_mask=is_global_token if has_global else None, key_padding_mask=key_padding,
-                                return_lse=output_attentions)
+                                return_lse=output_attentions, dropout_p=dropout_p)
         out, lse = local if output_attentions else (local, None)
         attn_output = self._merge_heads(out)
 
         if has_global:
             positions, valid = order = global_token_order(is_global_token)
-            global_out, q_global, k_global = self._global_rows(hidden_states, positions, valid, key_padding)
+            global_out, q_global, k_global = self._global_rows(hidden_states, positions, valid, key_padding,
+                                                                dropout_p)
             index = positions[:, :, None].expand(-1, -1, self.embed_dim)
             scattered = torch.zeros_like(attn_output).scatter(1, index, global_out)
             attn_output = torch.where(is_global_token[:, :, None], scattered, attn_output)
@@ -253,12 +249,13 @@ class LongformerSelfAttention(nn.Module):
                              "global (is_index_global_attn); Hugging Face's mask merge never produces that")
         return padded, is_global_token, has_global
 
-    def _global_rows(self, hidden_states, positions, valid, key_padding):
+    def _global_rows(self, hidden_states, positions, valid, key_padding, dropout_p=0.0):
         """Outputs of the global rows (B, G, E): global projections, every non-padded key."""
         gathered = hidden_states.gather(1, positions[:, :, None].expand(-1, -1, self.embed_dim))
         gathered = gathered.masked_fill(~valid[:, :, None], 0.0)  # filler slots, as HF's zero rows
         q_global = self._heads(self.query_global(gathered)) / math.sqrt(self.head_dim)
         k_global = self._heads(self.key_global(hidden_states))
         v_global = self._heads(self.value_global(hidden_states))
-        out = _attend_global_rows(q_global, k_global, v_global, key_padding, window=(None, None))
+        out = _attend_global_rows(q_global, k_global, v_global, key_padding, window=(None, None),
+                                  dropout_p=dropout_p)
         return self._merge_heads(out), q_global, k_global

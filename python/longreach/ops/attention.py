@@ -13,9 +13,10 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _autograd
+from ..dropout import draw_seed
 from .autocast import register_autocast
-from .._checks import (SCORES, check_bool, check_chunk, check_int, check_same_device, check_scale, check_score,  # noqa: F401
-                      check_sigmoid_bias, check_sinks, check_softcap, check_tensor, check_window_side)
+from .._checks import (SCORES, check_bool, check_chunk, check_dropout_p, check_int,  # noqa: F401
+                       check_same_device, check_scale, check_score, check_sigmoid_bias, check_sinks, check_softcap, check_tensor, check_window_side)
 from .._library import check_device_supported
 
 Window = Tuple[Optional[int], Optional[int]]
@@ -38,6 +39,13 @@ def sink_options(owner: str, q_heads: int, *, causal, score, sink_tokens, sinks)
     causal = check_bool(owner, "causal", causal)
     sink_tokens = check_int(owner, "sink_tokens", sink_tokens, 0)
     return causal, sink_tokens, check_sinks(owner, sinks, q_heads, check_score(owner, score))
+
+
+def dropout_options(owner: str, dropout_p) -> tuple:
+    """The ops' last two arguments: (dropout_p, dropout_seed), the seed (seed, offset) drawn
+    from torch's default generator only when p > 0, so p = 0 leaves the generator alone."""
+    dropout_p = check_dropout_p(owner, dropout_p)
+    return (dropout_p, draw_seed()) if dropout_p > 0 else (0.0, None)
 
 
 def kernel_options(owner: str, head_dim, *, window, causal, dilation, score, sigmoid_bias, softcap, scale,
@@ -78,6 +86,7 @@ def local_attention(
     sinks: Optional[torch.Tensor] = None,
     chunk: int = 0,
     chunk_shift: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Sliding-window attention with dilation, global tokens, ALiBi and soft-capping.
 
@@ -107,6 +116,11 @@ def local_attention(
     keys of its own chunk only, chunks of c positions counted from position 0 and offset per
     head by chunk_shift (Hq,) int (None = 0): key j is visible to position p iff
     (p + shift) // c == (j + shift) // c. Global keys, global rows and sinks cross chunks.
+    dropout_p: attention dropout (training), CPU only for now: each weight after the
+    softmax (or sigmoid) is zeroed with probability p and the kept ones are scaled by
+    1 / (1 - p); lse is not affected. The mask comes from a counter-based RNG (Philox) keyed
+    by a (seed, offset) drawn from torch's default generator, so torch.manual_seed makes it
+    reproducible and the backward regenerates it (longreach.dropout.keep_mask).
 
     Differentiable by reverse mode (backward, torch.autograd.grad, torch.func.grad,
     vjp, jacrev); second derivatives and forward mode raise NotImplementedError.
@@ -132,8 +146,9 @@ def local_attention(
     chunks = check_chunk(OWNER, chunk, chunk_shift, q.shape[1])
     check_same_device(OWNER, q=q, chunk_shift=chunk_shift)
     check_device_supported("local_attention_fwd", q)
+    drop = dropout_options(OWNER, dropout_p)
     out, lse = _autograd.call(_LocalAttention, _FWD, q, k, v, global_mask, alibi_slopes, *options, key_padding_mask,
-                              *extra, *chunks)
+                              *extra, *chunks, *drop)
     return (out, lse) if return_lse else out
 
 
@@ -147,7 +162,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("longreach::local_attention_fwd")
 def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation,
                               score, sigmoid_bias, softcap, scale, key_padding_mask=None, causal=False, sink_tokens=0,
-                              sinks=None, chunk=0, chunk_shift=None):
+                              sinks=None, chunk=0, chunk_shift=None, dropout_p=0.0, dropout_seed=None):
     check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
                       key_padding_mask=key_padding_mask, sinks=sinks, chunk_shift=chunk_shift)
     out = q.new_empty(q.shape)
@@ -159,7 +174,7 @@ def _local_attention_fwd_fake(q, k, v, global_mask, alibi_slopes, window_left, w
 def _local_attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
                               window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad=False,
                               key_padding_mask=None, causal=False, sink_tokens=0, sinks=None, chunk=0,
-                              chunk_shift=None):
+                              chunk_shift=None, dropout_p=0.0, dropout_seed=None):
     check_same_device(OWNER, q=q, k=k, v=v, global_mask=global_mask, alibi_slopes=alibi_slopes,
                       key_padding_mask=key_padding_mask, sinks=sinks, chunk_shift=chunk_shift)
     # grad_alibi_slopes: (B, Hq) float32 with alibi_grad, else empty (csrc/ops.cpp)

@@ -15,7 +15,7 @@ from .. import _autograd
 from .._checks import check_chunk, check_cu_seqlens, check_int, check_same_device, check_tensor, describe
 from .._library import check_device_supported
 from .autocast import register_autocast
-from .attention import Window, _lse_dtype, attention_autograd, kernel_options, sink_options, sinks_grad_fake
+from .attention import Window, _lse_dtype, attention_autograd, dropout_options, kernel_options, sink_options, sinks_grad_fake
 
 OWNER = "local_attention_varlen"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -44,6 +44,7 @@ def local_attention_varlen(
     sinks: Optional[torch.Tensor] = None,
     chunk: int = 0,
     chunk_shift: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """longreach.local_attention over packed sequences (flash-attn's varlen layout and names).
 
@@ -57,6 +58,9 @@ def local_attention_varlen(
     key returns zeros. Returns (total_q, Hq, D), and the row log-sum-exp (Hq, total_q) with
     return_lse=True (softmax only). chunk / chunk_shift as in local_attention, chunks counted
     from each sequence's first position.
+
+    dropout_p: attention dropout as in local_attention (CPU only); the mask's batch index is
+    the sequence and its rows and keys are indices within the sequence.
 
     Differentiable by reverse mode, the slopes included; second derivatives and forward mode
     raise NotImplementedError.
@@ -72,7 +76,8 @@ def local_attention_varlen(
     check_same_device(OWNER, q=q, chunk_shift=chunk_shift)
     check_device_supported("local_attention_varlen_fwd", q)
     out, lse = _autograd.call(_Varlen, _FWD, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              global_mask, alibi_slopes, *options, *extra, *chunks)
+                              global_mask, alibi_slopes, *options, *extra, *chunks,
+                              *dropout_options(OWNER, dropout_p))
     return (out, lse) if return_lse else out
 
 
@@ -122,7 +127,7 @@ def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, global_mask, alibi_slope
 @torch.library.register_fake("longreach::local_attention_varlen_fwd")
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask, alibi_slopes,
                      window_left, window_right, dilation, score, sigmoid_bias, softcap, scale, causal=False,
-                     sink_tokens=0, sinks=None, chunk=0, chunk_shift=None):
+                     sink_tokens=0, sinks=None, chunk=0, chunk_shift=None, dropout_p=0.0, dropout_seed=None):
     _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, global_mask, alibi_slopes)
     check_same_device(OWNER, q=q, sinks=sinks, chunk_shift=chunk_shift)
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
@@ -131,7 +136,7 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 @torch.library.register_fake("longreach::local_attention_varlen_bwd")
 def _varlen_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                      global_mask, alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
-                     scale, alibi_grad=False, causal=False, sink_tokens=0, sinks=None, chunk=0, chunk_shift=None):
+                     scale, alibi_grad=False, causal=False, sink_tokens=0, sinks=None, chunk=0, chunk_shift=None, dropout_p=0.0, dropout_seed=None):
     num_seqs = _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, global_mask, alibi_slopes)
     check_same_device(OWNER, q=q, sinks=sinks, chunk_shift=chunk_shift)
     # grad_alibi_slopes: (num_seqs, Hq) float32 with alibi_grad, else empty
