@@ -688,13 +688,19 @@ def test_compile_dynamic_max_seqlen(device):
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     fn = _varlen_loss_fn(None, None)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
     for lengths in COMPILE_PACKS[:3] + COMPILE_PACKS[:1]:
         _check_compiled(compiled, fn, lengths, device, max(lengths), max(lengths))
-    assert counter.frame_count <= 3
+    # Graphs, not backend calls: with dynamic=True the first trace restarts once to
+    # specialise a Python float (torch's _tensorify_python_scalars), which calls the
+    # backend a second time for the same graph.
+    assert counters["stats"]["unique_graphs"] <= 3
 
 
 def test_compile_traces_the_registered_ops():
