@@ -103,4 +103,7 @@ TORCH_LIBRARY_FRAGMENT(longreach, m) {
   // tile_in_window for each row (p_first, p_last, k_first, k_last) of `corners` (N, 4) int64.
   m.def("_debug_tile_in_window(int q_len, int k_len, int window_left, int window_right, int dilation, "
         "Tensor corners) -> Tensor");
+  // The CPU tile kernels in use ("avx512+avx512_bf16"), and the bf16 dispatch rule (csrc/cpu/bf16_ops.h).
+  m.def("_debug_cpu_kernels() -> str");
+  m.def("_debug_bf16_choice(str env, str capability, bool cpu_has_bf16) -> str");
 }

@@ -182,3 +182,49 @@ def test_every_instruction_set_copy_matches_the_reference(capability):
     ran = json.loads(run.stdout.strip().splitlines()[-1])["capability"]
     if ran.lower() != capability:  # ATen never goes above what the CPU has
         pytest.skip(f"asked for {capability}, this CPU ran {ran}")
+
+
+# ---------------------------------------------------------------------------
+# The bf16 products on AVX512_BF16 (csrc/cpu/bf16_ops.h): the dispatch rule on
+# any machine, and the forward forced on and off in a subprocess.
+
+def test_bf16_dispatch_rule():
+    choose = torch.ops.longreach._debug_bf16_choice
+    assert choose("", "AVX512", True) == "avx512_bf16"
+    assert choose("1", "AVX512", True) == "avx512_bf16"
+    assert choose("0", "AVX512", True) == "off"
+    assert choose("", "AVX512", False) == "off"
+    assert choose("", "AVX2", True) == "off"
+    with pytest.raises(RuntimeError, match="cannot run"):
+        choose("1", "AVX2", True)
+    with pytest.raises(ValueError, match="LONGREACH_CPU_BF16"):
+        choose("yes", "AVX512", True)
+
+
+BF16_SCRIPT = r"""
+import json, torch, longreach
+from longreach import reference
+torch.manual_seed(0)
+worst = 0.0
+for L, D, win, kw in [(300, 64, (50, 0), dict(causal=True)), (1100, 128, (None, None), {}),
+                      (257, 40, (30, 7), dict(dilation=2)), (200, 64, (20, 0), dict(causal=True, softcap=5.0))]:
+    q, k, v = (torch.randn(1, 2, L, D) for _ in range(3))
+    e = reference.local_attention(q.double(), k.double(), v.double(), window=win, **kw)
+    o = longreach.local_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), window=win, **kw)
+    worst = max(worst, ((o.double() - e).abs().max() / e.abs().max()).item())
+print(json.dumps({"kernels": torch.ops.longreach._debug_cpu_kernels(), "worst": worst}))
+"""
+
+
+@pytest.mark.parametrize("switch", ["0", "1"])
+def test_bf16_kernels_forced_on_and_off(switch):
+    if "avx512" not in torch.ops.longreach._debug_cpu_kernels():
+        pytest.skip("no AVX512 capability here")
+    env = dict(os.environ, LONGREACH_CPU_BF16=switch)
+    run = subprocess.run([sys.executable, "-c", BF16_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    if switch == "1" and run.returncode != 0 and "cannot run" in run.stderr:
+        pytest.skip("this CPU has no AVX512_BF16")
+    assert run.returncode == 0, run.stdout + run.stderr
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    assert res["kernels"].endswith("+avx512_bf16") == (switch == "1"), res
+    assert res["worst"] < 2e-2, res  # bf16 rounding of out and P: ~4e-3 relative here

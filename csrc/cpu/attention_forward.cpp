@@ -11,11 +11,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "../common/scores.h"
 #include "../common/window.h"
 #include "attention_rows.h"
+#include "bf16_ops.h"
 #include "block_scratch.h"
 #include "dropout_tile.h"
 #include "key_operands.h"
@@ -40,7 +43,15 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
   const auto& chunks = plan.row_chunks();
 
   const bool few_rows = P.q_len <= kFewRows;
-  const KeyUse use = few_rows ? KeyUse::kForwardFewRows : KeyUse::kForward;
+  // bfloat16 products on the CPU's bf16 dot-product instruction where it has
+  // one (bf16_ops.h): S = Q K^T from the bf16 rows as they are, O += P V with P
+  // rounded to bf16 (as PyTorch's own bf16 attention does); softmax and the
+  // accumulators stay float32.
+  const Bf16Ops* bf = nullptr;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (!few_rows && D % 2 == 0) bf = bf16_ops();
+  }
+  const KeyUse use = few_rows ? KeyUse::kForwardFewRows : bf ? KeyUse::kForwardBf16 : KeyUse::kForward;
 
   auto make_scratch = [&] { return Scratch<acc_t>(D, W, /*backward=*/false, /*softcap=*/false); };
   parallel_items(static_cast<int64_t>(chunks.size()), make_scratch, [&](int64_t ci, Scratch<acc_t>& ws) {
@@ -64,8 +75,14 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
       for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
         const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h),
                                      chunk.global_rows};
-        load_rows(ops, q_rows<const scalar_t>(q, plan, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
-                  rows_are_regular(ws.rows), D, &ws.q);
+        if (bf) {
+          const auto Q = q_rows<const scalar_t>(q, plan, b, h);
+          ws.q16.resize(nq * D);
+          for (int64_t a = 0; a < nq; ++a) std::memcpy(ws.q16.data() + a * D, Q.row(ws.rows[a]), D * sizeof(scalar_t));
+        } else {
+          load_rows(ops, q_rows<const scalar_t>(q, plan, b, h), nq, [&](int64_t a) { return ws.rows[a]; },
+                    rows_are_regular(ws.rows), D, &ws.q);
+        }
         if (h + 1 < (hk + 1) * P.group_size()) {
           prefetch_rows(q_rows<const scalar_t>(q, plan, b, h + 1), ws.rows, D, q_len);
         } else if (t + 1 < chunk.first_block + chunk.n_blocks) {
@@ -85,7 +102,11 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
           const int64_t* first = runs.first.data();
           const int64_t* last = runs.end.data();
           acc_t* S = ws.S.data();
-          if (few_rows) {
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (bf) bf->gemm_band_n(nq, keys.n, D, ws.q16.data(), D, ko.kT_pairs_from(col0), scale, S, ws.ld_s, first, last);
+          }
+          if (bf) {
+          } else if (few_rows) {
             ops.rows_dot(nq, D, ws.q.ptr, ws.q.ld, ko.k.row(col0), ko.k.ld, scale, S, ws.ld_s, first, last);
           } else {
             ops.gemm_band_n(nq, keys.n, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
@@ -102,9 +123,20 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
               for (int64_t d = 0; d < D; ++d) o[d] *= al;
             }
           }
+<<<<<<< HEAD
           // Dropout after the softmax (the row sums l above saw every weight, so lse is unaffected).
           if (P.dropout.enabled) apply_dropout(P.dropout, b * P.q_heads + h, ws.rows.data(), nq, keys, runs, S, ws.ld_s);
           if (few_rows) {
+=======
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (bf) {
+              bf->gemm_band_k(nq, D, keys.n, S, ws.ld_s, 1, ko.v_pairs_from(col0), ko.ld_pairs, ws.acc.data(), D, first,
+                              last);
+            }
+          }
+          if (bf) {
+          } else if (few_rows) {
+>>>>>>> s6-bf16
             ops.rows_axpy(nq, D, S, ws.ld_s, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);
           } else {
             ops.gemm_band_k(nq, D, keys.n, S, ws.ld_s, 1, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);

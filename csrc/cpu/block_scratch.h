@@ -25,6 +25,7 @@ struct Scratch {
   Buffer<acc_t> slope_e, slope_f, slope_c;  // learnable ALiBi, per row (attention_backward.cpp)
   Buffer<acc_t> dk_tile, dv_tile;
   Rows<acc_t> q, go;
+  Buffer<c10::BFloat16> q16;  // the bf16 forward's query rows as they are (Bf16Ops)
   KeyOperands<acc_t> span, extra;
   std::vector<int64_t> rows, pos;
   TileRuns runs;

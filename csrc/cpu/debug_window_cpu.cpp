@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../common/tile_schedule.h"
+#include "bf16_ops.h"
 #include "../common/window.h"
 
 namespace longreach::cpu {
@@ -94,6 +95,10 @@ TORCH_LIBRARY_IMPL(longreach, CPU, m) {
 TORCH_LIBRARY_IMPL(longreach, CompositeExplicitAutograd, m) {
   m.impl("_debug_window_ranges", &debug_window_ranges);
   m.impl("_debug_tile_bands", &debug_tile_bands);
+  m.impl("_debug_cpu_kernels", [] { return cpu_kernels_in_use(); });
+  m.impl("_debug_bf16_choice", [](std::string env, std::string capability, bool cpu_has_bf16) {
+    return choose_bf16_kernels(env, capability, cpu_has_bf16);
+  });
 }
 
 }  // namespace longreach::cpu

@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+
+#include <type_traits>
 
 #include "attention_rows.h"
 #include "tile_ops.h"
@@ -35,12 +38,43 @@ void pack_columns(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& src
   }
 }
 
+// bfloat16 keys as pair words for Bf16Ops (bf16_ops.h), copied bit for bit:
+// panel-major columns (K^T for S = Q K^T) and pair rows (V for O += P V).
+// D is even on this path.
+template <typename IndexFn>
+void pack_pair_columns(const HeadRows<const c10::BFloat16>& src, int64_t n, IndexFn&& index, int64_t D,
+                       Buffer<uint32_t>* dst) {
+  constexpr int64_t W = 16;
+  const int64_t k2 = D / 2, groups = (n + W - 1) / W + 1;
+  dst->assign(groups * (k2 + 1) * W, 0u);
+  for (int64_t r = 0; r < n; ++r) {
+    const c10::BFloat16* row = src.row(index(r));
+    uint32_t* out = dst->data() + (r / W) * (k2 + 1) * W + r % W;
+    for (int64_t p = 0; p < k2; ++p) std::memcpy(out + p * W, row + 2 * p, sizeof(uint32_t));
+  }
+}
+
+template <typename IndexFn>
+void pack_pair_rows(const HeadRows<const c10::BFloat16>& src, int64_t n, IndexFn&& index, int64_t D, int64_t ld,
+                    Buffer<uint32_t>* dst) {
+  dst->assign(((n + 1) / 2 + 1) * ld, 0u);  // a zero row past an odd count, and one of slack
+  for (int64_t r = 0; r < n; ++r) {
+    const c10::BFloat16* row = src.row(index(r));
+    uint32_t* out = dst->data() + (r / 2) * ld;
+    const int shift = (r % 2) * 16;
+    for (int64_t d = 0; d < D; ++d) out[d] |= static_cast<uint32_t>(row[d].x) << shift;
+  }
+}
+
 // The key-side operands of a chunk (its span) or of a block's extras.
 template <typename acc_t>
 struct KeyOperands {
   Buffer<acc_t> kT, vT;  // scale * K^T and V^T, keys as columns, panel-major (pack_columns)
   Rows<acc_t> k, v;           // K and V rows
-  int64_t D = 0, W = 0;
+  Buffer<uint32_t> kT_pairs, v_pairs;  // the bf16 forward's (KeyUse::kForwardBf16): K^T and V as pair words
+  int64_t D = 0, W = 0, ld_pairs = 0;
+  const uint32_t* kT_pairs_from(int64_t c0) const { return kT_pairs.data() + c0 / 16 * (D / 2 + 1) * 16; }
+  const uint32_t* v_pairs_from(int64_t c0) const { return v_pairs.data() + c0 / 2 * ld_pairs; }
   // The panels from column c0 on (c0 a multiple of W).
   const acc_t* kT_from(int64_t c0) const { return kT.data() + c0 / W * (D + 1) * W; }
   const acc_t* vT_from(int64_t c0) const { return vT.data() + c0 / W * (D + 1) * W; }
@@ -49,7 +83,7 @@ struct KeyOperands {
 // Which operands the tile loops read: the forward's products take scale * K^T
 // packed and V rows, or, for blocks of a few rows (kFewRows), K and V rows as
 // they are; the backward's take scale * K^T and V^T packed and K rows.
-enum class KeyUse { kForward, kForwardFewRows, kBackward };
+enum class KeyUse { kForward, kForwardFewRows, kBackward, kForwardBf16 };  // kForwardBf16: K^T and V as bf16 pair words (bf16_ops.h)
 
 // A forward whose query rows are this few per head (decoding) reads keys as
 // rows (TileOps::rows_dot / rows_axpy): packing K^T would cost as much as the
@@ -75,6 +109,15 @@ void load_key_operands(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>
       pack_columns(ops, K, n, index, D, scale, &out->kT);
       pack_columns(ops, V, n, index, D, acc_t(1), &out->vT);
       load_rows(ops, K, n, index, regular, D, &out->k);
+      break;
+    case KeyUse::kForwardBf16:
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        out->ld_pairs = (D + 15) / 16 * 16;
+        pack_pair_columns(K, n, index, D, &out->kT_pairs);
+        pack_pair_rows(V, n, index, D, out->ld_pairs, &out->v_pairs);
+      } else {
+        TORCH_CHECK(false, "KeyUse::kForwardBf16 is for bfloat16 keys");
+      }
       break;
   }
 }

@@ -1,0 +1,59 @@
+// bfloat16 products on the CPU's bf16 dot-product instruction (AVX512_BF16
+// vdpbf16ps: per float lane, acc += a0 * b0 + a1 * b1 for two bf16 pairs, the
+// sum kept in float32). One table, compiled in csrc/cpu/isa/tile_ops_avx512_bf16.cpp
+// with its own -m flags; bf16_ops() returns it where the CPU has the
+// instruction and ATen runs its AVX512 capability, else nullptr, and the
+// kernels then convert bf16 rows to float and use TileOps<float> as before.
+// LONGREACH_CPU_BF16=0 turns it off (the float path), =1 requires it (an error
+// on a CPU without it): the tests run both.
+//
+// The operands are "pair words": two bf16 values in one 32-bit word, the first
+// in the low half, which is the layout the instruction reads. Two layouts:
+//  - panel-major columns (keys as columns of S = Q K^T): group g of 16 columns
+//    at B + g * (k2 + 1) * 16 words, pair p of column c at + p * 16 + c % 16
+//    (k2 = k / 2 pairs, one padding pair per group, and one zero group of
+//    slack past the last column), as TileOps::gemm_band_n's float panels;
+//  - pair rows (V, K, Q, dO as the B of C += A B): word (p, c) holds rows
+//    2p and 2p + 1 of column c at B[p * ldb + c], a zero row past an odd count.
+// Softmax, the accumulators and the outputs stay float32: only the inputs of
+// a product are bf16. A float A operand of gemm_band_k (P or dS) is rounded to
+// bf16 (round to nearest even) inside the call; see docs/performance.md for
+// which products do that.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <string>
+
+namespace longreach::cpu {
+
+struct Bf16Ops {
+  const char* isa;
+  // C = mul * A @ B over the rows' runs, exactly as TileOps<float>::gemm_band_n
+  // (C written on whole vectors of 16 columns of the runs' block unions, up to
+  // round_up(n, 16)). A: m rows of k bf16 (k even) at A + a * lda; B panel-major.
+  void (*gemm_band_n)(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t lda, const uint32_t* B,
+                      float mul, float* C, int64_t ldc, const int64_t* first, const int64_t* end);
+  // C += round_bf16(A) @ B as TileOps<float>::gemm_band_k: A float, element (i, p)
+  // at A[i * a_row + p * a_col] with a_col == 1 or a_row == 1, non-zero only in
+  // [first[i], end[i]); B pair rows with leading dimension ldb (>= n words).
+  void (*gemm_band_k)(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row, int64_t a_col,
+                      const uint32_t* B, int64_t ldb, float* C, int64_t ldc, const int64_t* first,
+                      const int64_t* end);
+};
+
+// The table this process uses, or nullptr (see above). Decided once.
+const Bf16Ops* bf16_ops();
+// The rule behind it, testable on any machine: "avx512_bf16" or "off" for the
+// variable's value, ATen's capability and cpuid's answer; raises for a bad value
+// (ValueError) or for =1 where the kernels cannot run.
+std::string choose_bf16_kernels(const std::string& env, const std::string& capability, bool cpu_has_bf16);
+// "avx512", "avx512+avx512_bf16", ...: the float table and the bf16 one in use.
+std::string cpu_kernels_in_use();
+
+namespace AVX512_BF16 {
+const Bf16Ops& bf16_table();
+}  // namespace AVX512_BF16
+
+}  // namespace longreach::cpu
