@@ -123,11 +123,8 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
               for (int64_t d = 0; d < D; ++d) o[d] *= al;
             }
           }
-<<<<<<< HEAD
           // Dropout after the softmax (the row sums l above saw every weight, so lse is unaffected).
           if (P.dropout.enabled) apply_dropout(P.dropout, b * P.q_heads + h, ws.rows.data(), nq, keys, runs, S, ws.ld_s);
-          if (few_rows) {
-=======
           if constexpr (std::is_same_v<acc_t, float>) {
             if (bf) {
               bf->gemm_band_k(nq, D, keys.n, S, ws.ld_s, 1, ko.v_pairs_from(col0), ko.ld_pairs, ws.acc.data(), D, first,
@@ -136,7 +133,6 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
           }
           if (bf) {
           } else if (few_rows) {
->>>>>>> s6-bf16
             ops.rows_axpy(nq, D, S, ws.ld_s, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);
           } else {
             ops.gemm_band_k(nq, D, keys.n, S, ws.ld_s, 1, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);
