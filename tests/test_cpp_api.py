@@ -28,9 +28,14 @@ def _build_and_run(source: Path, name: str, program: str) -> dict:
     build = ROOT / "build" / "cpp_tests" / name
     prefix = f"{longreach.cmake_prefix_path};{torch.utils.cmake_prefix_path}"
     if not (build / "build.ninja").exists():
-        subprocess.run([CMAKE, "-S", str(source), "-B", str(build), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={NINJA}",
-                        "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={prefix}"],
-                       check=True, capture_output=True, text=True, timeout=300)
+        conf = subprocess.run([CMAKE, "-S", str(source), "-B", str(build), "-G", "Ninja",
+                               f"-DCMAKE_MAKE_PROGRAM={NINJA}", "-DCMAKE_BUILD_TYPE=Release",
+                               f"-DCMAKE_PREFIX_PATH={prefix}"], capture_output=True, text=True, timeout=300)
+        if conf.returncode != 0 and torch.version.cuda:
+            # Torch's CMake config of a CUDA build wants a CUDA toolkit it can configure (docs/cpp.md)
+            shutil.rmtree(build, ignore_errors=True)
+            pytest.skip(f"find_package(Torch) of a CUDA build of torch failed here:\n{conf.stderr[-2000:]}")
+        assert conf.returncode == 0, conf.stdout + conf.stderr
     subprocess.run([CMAKE, "--build", str(build)], check=True, capture_output=True, text=True, timeout=600)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([str(build / program)], capture_output=True, text=True, timeout=120, env=env)
