@@ -37,7 +37,9 @@ def main() -> None:
 
     if torch.cuda.is_initialized():
         fail("import longreach initialised CUDA")
-    print(f"check_cuda_build: torch {torch.__version__} (CUDA {torch.version.cuda}), library {_C.__file__}")
+    # The kernels live in liblongreach.so next to the Python module _C (CMakeLists.txt).
+    library = os.path.join(os.path.dirname(_C.__file__), "liblongreach.so")
+    print(f"check_cuda_build: torch {torch.__version__} (CUDA {torch.version.cuda}), library {library}")
 
     missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"longreach::{op}", "CUDA")]
     if missing:
@@ -47,15 +49,15 @@ def main() -> None:
     cuobjdump = os.environ.get("LONGREACH_CUOBJDUMP") or shutil.which("cuobjdump")
     if not cuobjdump:
         fail("cuobjdump not found (run scripts/cuda_toolchain.sh, or set LONGREACH_CUOBJDUMP)")
-    elfs = subprocess.run([cuobjdump, "--list-elf", _C.__file__], capture_output=True, text=True, check=True).stdout
+    elfs = subprocess.run([cuobjdump, "--list-elf", library], capture_output=True, text=True, check=True).stdout
     archs = [a.strip().split("-")[0] for a in os.environ.get("LONGREACH_CUDA_ARCHS", "80;90").split(";") if a.strip()]
     for arch in archs:
         found = [line for line in elfs.splitlines() if f"sm_{arch}" in line]
         if not found:
-            fail(f"no sm_{arch} device code in {_C.__file__}:\n{elfs}")
+            fail(f"no sm_{arch} device code in {library}:\n{elfs}")
         print(f"check_cuda_build: sm_{arch}: {len(found)} cubins")
 
-    ptx = subprocess.run([cuobjdump, "--dump-ptx", _C.__file__], capture_output=True, text=True, check=True).stdout
+    ptx = subprocess.run([cuobjdump, "--dump-ptx", library], capture_output=True, text=True, check=True).stdout
     if ".version" in ptx:  # archs given as NN-real embed no PTX
         mma_per_file: dict = {}
         current = None
@@ -70,7 +72,7 @@ def main() -> None:
         print("check_cuda_build: tensor-core mma instructions: "
               + ", ".join(f"{k} {v}" for k, v in sorted(mma_per_file.items())))
 
-    usage = subprocess.run([cuobjdump, "--dump-resource-usage", _C.__file__], capture_output=True, text=True,
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", library], capture_output=True, text=True,
                            check=True).stdout
     kernels = resource_usage(usage)
     if not kernels:

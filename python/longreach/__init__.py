@@ -14,6 +14,7 @@ from .position_ids import pose_position_ids, segment_position_ids
 from .positional import alibi_slopes, rope_frequencies
 from .ops import apply_rotary, apply_rotary_qk
 from .ops import local_attention_varlen, local_attention_with_kvcache, merge_attention
+from ._library import cmake_prefix_path  # the C++ API's CMake prefix (docs/cpp.md)
 
 __version__ = "0.1.0"
 

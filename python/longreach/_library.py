@@ -22,3 +22,11 @@ def check_device_supported(op_name: str, tensor: torch.Tensor) -> None:
         raise RuntimeError(f"longreach.{op_name}: tensors on {tensor.device} are not supported (CPU and CUDA only)")
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"longreach::{op_name}", key):
         raise RuntimeError(f"longreach.{op_name}: got a tensor on {tensor.device}, but {_REBUILD_HINT}")
+
+
+# The CMake prefix of the C++ API (docs/cpp.md): the installed package directory holds
+# liblongreach.so, include/longreach/longreach.h and share/cmake/longreach/, as
+# torch.utils.cmake_prefix_path does for Torch.
+import os as _os  # noqa: E402
+
+cmake_prefix_path = _os.path.dirname(_os.path.abspath(_C.__file__))
