@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 import longreach.hf  # noqa: E402
 from longreach.hf import decoder  # noqa: E402
+from hf_testing import assert_same_generation, left_padded  # noqa: E402
 
 VOCAB = 61
 COMMON = dict(
@@ -140,24 +141,7 @@ def test_greedy_generation_with_cache_matches(family, cache):
     past = transformers.DynamicCache(config=patched.config) if cache == "dynamic" else None
     got = patched.generate(ids, past_key_values=past, **kwargs)
     assert isinstance(got.past_key_values, longreach.hf.LongreachCache) == (cache == "default")
-    assert torch.equal(got.sequences, expected.sequences)
-    for step_got, step_expected in zip(got.logits, expected.logits):
-        torch.testing.assert_close(step_got, step_expected, atol=2e-5, rtol=1e-5)
-
-
-def left_padded(pads, length):
-    """An attention mask whose row i starts with pads[i] padding tokens."""
-    mask = torch.ones(len(pads), length, dtype=torch.long)
-    for row, count in enumerate(pads):
-        mask[row, :count] = 0
-    return mask
-
-
-def assert_same_generation(got, expected):
-    assert torch.equal(got.sequences, expected.sequences)
-    assert len(got.logits) == len(expected.logits)
-    for step, (step_got, step_expected) in enumerate(zip(got.logits, expected.logits)):
-        torch.testing.assert_close(step_got, step_expected, atol=2e-5, rtol=1e-5, msg=f"step {step}")
+    assert_same_generation(got, expected)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

@@ -19,6 +19,7 @@ import longreach.hf  # noqa: E402
 from longreach import reference  # noqa: E402
 from longreach.hf import LongreachCache, decoder  # noqa: E402
 from longreach.hf.cache import LongreachLayer  # noqa: E402
+from hf_testing import assert_same_generation, left_padded  # noqa: E402
 
 VOCAB = 61
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -47,19 +48,6 @@ def build(family):
         patched.load_state_dict(reference_model.state_dict())
         return reference_model, longreach.hf.patch(patched, window=WINDOW)
     return reference_model, longreach.hf.patch(copy.deepcopy(reference_model))
-
-
-def left_padded(pads, length):
-    mask = torch.ones(len(pads), length, dtype=torch.long)
-    for row, count in enumerate(pads):
-        mask[row, :count] = 0
-    return mask
-
-
-def assert_same_generation(got, expected):
-    assert torch.equal(got.sequences, expected.sequences)
-    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=f"step {step}")
 
 
 def count_decode_calls(monkeypatch):
