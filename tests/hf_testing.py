@@ -13,10 +13,10 @@ def left_padded(pads, length):
     return mask
 
 
-def assert_same_generation(got, expected):
+def assert_same_generation(got, expected, atol=2e-5):
     """Greedy generate() outputs (return_dict_in_generate, output_logits): the same tokens and,
     step by step, the same logits."""
     assert torch.equal(got.sequences, expected.sequences)
     assert len(got.logits) == len(expected.logits)
     for step, (step_got, step_expected) in enumerate(zip(got.logits, expected.logits)):
-        torch.testing.assert_close(step_got, step_expected, atol=2e-5, rtol=1e-5, msg=f"step {step}")
+        torch.testing.assert_close(step_got, step_expected, atol=atol, rtol=1e-5, msg=f"step {step}")

@@ -10,6 +10,7 @@ import torch
 
 import longreach
 import longreach.hf
+from hf_testing import assert_same_generation
 
 transformers = pytest.importorskip("transformers")
 GptOssConfig = getattr(transformers, "GptOssConfig", None)
@@ -69,6 +70,4 @@ def test_patched_gpt_oss_greedy_generation_matches_eager(cache):
         past = None if cache == "longreach" else transformers.DynamicCache(config=patched.config)
         got = patched.generate(ids, past_key_values=past, **kwargs)
     assert isinstance(got.past_key_values, longreach.hf.LongreachCache) == (cache == "longreach")
-    assert torch.equal(got.sequences, expected.sequences)
-    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+    assert_same_generation(got, expected, atol=1e-5)
