@@ -181,16 +181,21 @@ def check_cu_seqlens(owner: str, cu_seqlens_q, cu_seqlens_k) -> int:
 SINK_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _check_per_head(owner: str, name: str, t, dtypes, q_heads: int, expected: str) -> None:
+    """A tensor of one value per query head, (Hq,), of one of `dtypes`."""
+    check_tensor(owner, name, t, expected)
+    if t.dtype not in dtypes:
+        raise TypeError(f"{owner}: {name} must be {expected}, got {describe(t)}")
+    if tuple(t.shape) != (q_heads,):
+        raise ValueError(f"{owner}: {name} must be {expected}, got {describe(t)}")
+
+
 def check_sinks(owner: str, sinks, q_heads: int, score: str):
     """Learnable sink logits: None, or a floating tensor of shape (Hq,), softmax scores only."""
     if sinks is None:
         return None
-    expected = f"a floating tensor of shape (Hq,) = ({q_heads},) or None"
-    check_tensor(owner, "sinks", sinks, expected)
-    if sinks.dtype not in SINK_DTYPES:
-        raise TypeError(f"{owner}: sinks must be {expected}, got {describe(sinks)}")
-    if tuple(sinks.shape) != (q_heads,):
-        raise ValueError(f"{owner}: sinks must be {expected}, got {describe(sinks)}")
+    _check_per_head(owner, "sinks", sinks, SINK_DTYPES, q_heads,
+                    f"a floating tensor of shape (Hq,) = ({q_heads},) or None")
     if score != "softmax":
         raise ValueError(f"{owner}: sinks are only defined for score='softmax' (a sink logit enters the softmax "
                          f"denominator), got score={score!r}")
@@ -206,12 +211,8 @@ def check_chunk(owner: str, chunk, chunk_shift, q_heads: int):
     chunk = check_int(owner, "chunk", chunk, 0)
     if chunk_shift is None:
         return chunk, None
-    expected = f"an int32 or int64 tensor of shape (Hq,) = ({q_heads},) or None"
-    check_tensor(owner, "chunk_shift", chunk_shift, expected)
-    if chunk_shift.dtype not in CHUNK_SHIFT_DTYPES:
-        raise TypeError(f"{owner}: chunk_shift must be {expected}, got {describe(chunk_shift)}")
-    if tuple(chunk_shift.shape) != (q_heads,):
-        raise ValueError(f"{owner}: chunk_shift must be {expected}, got {describe(chunk_shift)}")
+    _check_per_head(owner, "chunk_shift", chunk_shift, CHUNK_SHIFT_DTYPES, q_heads,
+                    f"an int32 or int64 tensor of shape (Hq,) = ({q_heads},) or None")
     if chunk == 0:
         raise ValueError(f"{owner}: chunk_shift needs chunk > 0 (chunks of that many positions), got chunk=0")
     return chunk, chunk_shift
