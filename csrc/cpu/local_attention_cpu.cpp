@@ -53,6 +53,18 @@ constexpr int64_t kBackwardChunkBlocks = 64;
 // The forward of any layout, once P and its sequence views are checked: a dense
 // batch (q (B, Hq, Lq, D), lse (B, Hq, Lq)) or a packed one (q (total_q, Hq, D),
 // lse (Hq, total_q)).
+// The chunk grids of a call (chunk_heads.h): several, which the caller runs one
+// by one, or one (or none), which this sets in P.window.
+std::vector<ShiftGroup> chunk_grids(AttentionParams& P, const at::Tensor& q, int64_t chunk,
+                                    const c10::optional<at::Tensor>& chunk_shift, double dropout_p) {
+  const std::vector<int64_t> phases = chunk_phases(q, P.q_heads, chunk, chunk_shift);
+  std::vector<ShiftGroup> groups = shift_groups(phases, P.group_size(), q.device());
+  check_dropout_with_one_chunk_grid(groups, dropout_p);
+  P.window.chunk = chunk;
+  P.window.chunk_phase = phases.empty() ? 0 : phases[0];
+  return groups;
+}
+
 std::tuple<at::Tensor, at::Tensor> run_forward(const AttentionParams& P, std::vector<SequenceView> seqs,
                                                const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                const c10::optional<at::Tensor>& global_mask,
@@ -129,9 +141,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
       make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
                             sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
   set_dropout(P, dropout_p, dropout_seed);
-  const std::vector<int64_t> phases = chunk_phases(q, P.q_heads, chunk, chunk_shift);
-  const std::vector<ShiftGroup> groups = shift_groups(phases, P.group_size(), q.device());
-  check_dropout_with_one_chunk_grid(groups, dropout_p);
+  const std::vector<ShiftGroup> groups = chunk_grids(P, q, chunk, chunk_shift, dropout_p);
   if (!groups.empty()) {  // heads with different chunk grids: one call per grid (chunk_heads.h)
     return forward_by_shift(groups, q, k, v, alibi_slopes, sinks, 1,
                             [&](const ShiftGroup& g, const at::Tensor& qg, const at::Tensor& kg, const at::Tensor& vg,
@@ -142,8 +152,6 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
                                                              at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
                             });
   }
-  P.window.chunk = chunk;
-  P.window.chunk_phase = phases.empty() ? 0 : phases[0];
   return run_forward(P, dense_views(P), q, k, v, global_mask, alibi_slopes, key_padding_mask, sinks);
 }
 
@@ -159,9 +167,7 @@ Gradients local_attention_bwd_cpu(
       make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
                             sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
   set_dropout(P, dropout_p, dropout_seed);
-  const std::vector<int64_t> phases = chunk_phases(q, P.q_heads, chunk, chunk_shift);
-  const std::vector<ShiftGroup> groups = shift_groups(phases, P.group_size(), q.device());
-  check_dropout_with_one_chunk_grid(groups, dropout_p);
+  const std::vector<ShiftGroup> groups = chunk_grids(P, q, chunk, chunk_shift, dropout_p);
   if (!groups.empty()) {
     check_backward_inputs(P, q, grad_out, out, lse, grad_lse, alibi_grad);
     return backward_by_shift(
@@ -175,8 +181,6 @@ Gradients local_attention_bwd_cpu(
                                          at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
         });
   }
-  P.window.chunk = chunk;
-  P.window.chunk_phase = phases.empty() ? 0 : phases[0];
   return run_backward(P, dense_views(P), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
                       alibi_grad, key_padding_mask, sinks);
 }
@@ -193,9 +197,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
                                        scale, SinkOptions{causal, sink_tokens, &sinks});
   set_dropout(V.params, dropout_p, dropout_seed);
-  const std::vector<int64_t> phases = chunk_phases(q, V.params.q_heads, chunk, chunk_shift);
-  const std::vector<ShiftGroup> groups = shift_groups(phases, V.params.group_size(), q.device());
-  check_dropout_with_one_chunk_grid(groups, dropout_p);
+  const std::vector<ShiftGroup> groups = chunk_grids(V.params, q, chunk, chunk_shift, dropout_p);
   if (!groups.empty()) {  // one call per chunk grid (chunk_heads.h); lse is (Hq, total_q)
     return forward_by_shift(groups, q, k, v, alibi_slopes, sinks, 0,
                             [&](const ShiftGroup& g, const at::Tensor& qg, const at::Tensor& kg, const at::Tensor& vg,
@@ -206,8 +208,6 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
                                   sink_tokens, sinks_g, chunk, at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
                             });
   }
-  V.params.window.chunk = chunk;
-  V.params.window.chunk_phase = phases.empty() ? 0 : phases[0];
   return run_forward(V.params, std::move(V.seqs), q, k, v, global_mask, alibi_slopes, c10::nullopt, sinks);
 }
 
@@ -224,9 +224,7 @@ Gradients local_attention_varlen_bwd_cpu(
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
                                        scale, SinkOptions{causal, sink_tokens, &sinks});
   set_dropout(V.params, dropout_p, dropout_seed);
-  const std::vector<int64_t> phases = chunk_phases(q, V.params.q_heads, chunk, chunk_shift);
-  const std::vector<ShiftGroup> groups = shift_groups(phases, V.params.group_size(), q.device());
-  check_dropout_with_one_chunk_grid(groups, dropout_p);
+  const std::vector<ShiftGroup> groups = chunk_grids(V.params, q, chunk, chunk_shift, dropout_p);
   if (!groups.empty()) {
     check_backward_inputs(V.params, q, grad_out, out, lse, grad_lse, alibi_grad);
     return backward_by_shift(
@@ -241,8 +239,6 @@ Gradients local_attention_varlen_bwd_cpu(
                                                 at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
         });
   }
-  V.params.window.chunk = chunk;
-  V.params.window.chunk_phase = phases.empty() ? 0 : phases[0];
   return run_backward(V.params, std::move(V.seqs), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
                       alibi_grad, c10::nullopt, sinks);
 }
