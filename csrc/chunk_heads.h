@@ -88,6 +88,13 @@ std::tuple<at::Tensor, at::Tensor> forward_by_shift(const std::vector<ShiftGroup
   return {out, lse};
 }
 
+// A group's part of grad_lse: unlike heads_of's optional per-head inputs, where
+// an empty tensor means "absent", an empty grad_lse (Lq = 0) is sliced too.
+inline c10::optional<at::Tensor> lse_grad_of(const c10::optional<at::Tensor>& t, int64_t dim, const at::Tensor& idx) {
+  if (!t.has_value() || !t->defined()) return t;
+  return t->index_select(dim, idx);
+}
+
 using ShiftGradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The backward by groups: f(group, grad_out, grad_lse, q, k, v, out, lse,
@@ -102,7 +109,7 @@ ShiftGradients backward_by_shift(const std::vector<ShiftGroup>& groups, const at
   at::Tensor dq, dk, dv, dslopes, dsinks;
   for (const ShiftGroup& g : groups) {
     auto [gq, gk, gv, gs, gsk] =
-        f(g, grad_out.index_select(1, g.heads), heads_of(grad_lse, lse_dim, g.heads), q.index_select(1, g.heads),
+        f(g, grad_out.index_select(1, g.heads), lse_grad_of(grad_lse, lse_dim, g.heads), q.index_select(1, g.heads),
           k.index_select(1, g.kv_heads), v.index_select(1, g.kv_heads), out.index_select(1, g.heads),
           lse.index_select(lse_dim, g.heads), heads_of(slopes, -1, g.heads), heads_of(sinks, 0, g.heads));
     if (!dq.defined()) {

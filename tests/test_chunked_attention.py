@@ -267,3 +267,16 @@ def test_window_ranges_are_the_chunked_band(q_len, k_len, window, dilation, chun
             assert (row_lo[j].item(), row_hi[j].item()) == (rows[0], rows[-1]), j
         else:
             assert row_lo[j] > row_hi[j], j
+
+
+def test_no_query_rows_with_several_chunk_grids():
+    """Lq = 0 with heads on different chunk grids (one call per grid): the empty grad_lse is
+    sliced per grid like every other per-head tensor (the randomized differential test found
+    it passed whole, and the backward rejected its shape)."""
+    q = torch.randn(1, 2, 0, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 5, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 5, 4, dtype=torch.float64, requires_grad=True)
+    out, lse = longreach.local_attention(q, k, v, chunk=2, chunk_shift=torch.tensor([0, 1]), return_lse=True)
+    assert out.shape == (1, 2, 0, 4) and lse.shape == (1, 2, 0)
+    dq, dk, dv = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+    assert dq.shape == q.shape and torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(v))
