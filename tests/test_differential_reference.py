@@ -26,7 +26,8 @@ follow (about 4 minutes). The generator draws:
 - ALiBi (Hq,) or (B, Hq) with both signs (sometimes a stride-0 expanded (B, Hq));
 - softcap, explicit scale, softmax or sigmoid (default or explicit sigmoid_bias), return_lse;
 - sink_tokens (StreamingLLM's always-visible first keys: a few, or past a block edge) and
-  learnable sinks (Hq,) (gpt-oss) whose gradient is compared too; drawn last from a seed's
+  learnable sinks (Hq,) (gpt-oss) whose gradient is compared too, chunks (sizes 1 to past the
+  sequence) with half-shifted or arbitrary per-head shifts; drawn last from a seed's
   stream, so that adding them changed no earlier draw; causal global tokens come from the
   independent causal and global draws;
 - float64 (most cases, scaled error 1e-10), float32 (1e-4), bfloat16 and float16 (error at
@@ -105,7 +106,8 @@ class Case:
                 f"global={self.global_kind}(density {self.global_density:.2f}, strided {self.global_strided}), "
                 f"alibi={self.alibi}, score={self.score!r}, sigmoid_bias={self.sigmoid_bias}, "
                 f"softcap={self.softcap}, scale={self.scale}, return_lse={self.return_lse}, "
-                f"sink_tokens={self.extra.get('sink_tokens', 0)}, sinks={self.extra.get('sinks', False)}")
+                f"sink_tokens={self.extra.get('sink_tokens', 0)}, sinks={self.extra.get('sinks', False)}, "
+                f"chunk={self.extra.get('chunk', 0)}, chunk_shift={self.extra.get('chunk_shift')}")
 
     def __str__(self) -> str:
         dt = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[self.dtype]
@@ -241,6 +243,16 @@ def draw_case(seed: int) -> Case:
     else:
         extra["sink_tokens"] = rng.randint(5, 200)  # often past a block edge or the whole sequence
     extra["sinks"] = score == "softmax" and rng.random() < 0.25  # learnable sink logits, with gradients
+    # Chunks (docs/semantics.md "Chunks"), drawn after the sinks for the same reason.
+    r = rng.random()
+    extra["chunk"] = 0 if r < 0.8 else (rng.randint(1, 40) if r < 0.95 else rng.randint(41, 700))
+    extra["chunk_shift"] = None
+    if extra["chunk"] and rng.random() < 0.6:  # LongLoRA's half-shifted heads, or any shifts
+        c = extra["chunk"]
+        if rng.random() < 0.5:
+            extra["chunk_shift"] = [c // 2 if h % 2 else 0 for h in range(q_heads)]
+        else:
+            extra["chunk_shift"] = [rng.randint(-2 * c, 2 * c) for _ in range(q_heads)]
     return Case(seed, dtype, batch, q_heads, kv_heads, q_len, k_len, head_dim, window, causal, dilation,
                 global_kind, density, global_strided, alibi, score, sigmoid_bias, softcap, scale, return_lse,
                 layouts, extra)
@@ -327,7 +339,8 @@ def build(case: Case):
     kwargs = dict(window=case.window, causal=case.causal, dilation=case.dilation,
                   global_mask=_global_mask(case, gen), alibi_slopes=_alibi(case, gen), score=case.score,
                   sigmoid_bias=case.sigmoid_bias, softcap=case.softcap, scale=case.scale,
-                  return_lse=case.return_lse, sink_tokens=case.extra["sink_tokens"])
+                  return_lse=case.return_lse, sink_tokens=case.extra["sink_tokens"], chunk=case.extra["chunk"],
+                  chunk_shift=None if case.extra["chunk_shift"] is None else torch.tensor(case.extra["chunk_shift"]))
     cotangents = [torch.randn(shapes[0], dtype=torch.float64, generator=gen)]
     if case.return_lse:
         cotangents.append(torch.randn(shapes[0][:3], dtype=torch.float64, generator=gen))
@@ -341,7 +354,7 @@ def build(case: Case):
 
 
 def dense_in_dtype(q, k, v, sinks=None, *, window, causal, dilation, global_mask, alibi_slopes, score, sigmoid_bias,
-                   softcap, scale, return_lse, sink_tokens=0):
+                   softcap, scale, return_lse, sink_tokens=0, chunk=0, chunk_shift=None):
     """What plain PyTorch gives in q's dtype: the two matmuls in that dtype, the elementwise
     score math and the softmax in float32 (the baseline the low-precision kernels must match)."""
     batch, q_heads, q_len, head_dim = q.shape
@@ -359,7 +372,8 @@ def dense_in_dtype(q, k, v, sinks=None, *, window, causal, dilation, global_mask
         slopes = slopes[None] if slopes.dim() == 1 else slopes
         s = s - slopes[:, :, None, None] * dist
     allowed = reference.allowed_keys(q_len, k_len, window, causal, dilation, global_mask,
-                                     sink_tokens=sink_tokens)[:, None]
+                                     sink_tokens=sink_tokens, chunk=chunk, chunk_shift=chunk_shift)
+    allowed = allowed if chunk else allowed[:, None]  # (B|1, Hq or 1, Lq, Lk)
     if score == "sigmoid":
         bias = reference.default_sigmoid_bias(k_len, window, causal) if sigmoid_bias is None else sigmoid_bias
         w = torch.sigmoid(s + bias) * allowed
@@ -534,6 +548,8 @@ def test_generator_covers_the_risky_corners():
     assert share(lambda c: c.extra["sink_tokens"] > 4) >= 0.03
     assert share(lambda c: c.extra["sinks"]) >= 0.08
     assert share(lambda c: c.extra["sinks"] and c.dtype == torch.float64) >= 0.04
+    assert share(lambda c: c.extra["chunk"] > 0) >= 0.1
+    assert share(lambda c: c.extra["chunk_shift"] is not None) >= 0.05
     # causal global tokens (the rule of docs/semantics.md "Global tokens under causal")
     assert share(lambda c: c.causal and has_global_key(c)) >= 0.1
     assert all(c.batch * c.q_heads * c.q_len * c.k_len * c.head_dim <= MAX_WORK for c in cases)
