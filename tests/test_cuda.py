@@ -105,6 +105,29 @@ def test_cuda_matches_cpu_forward_and_backward(name, kwargs, shape, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_cuda_learnable_sinks_match_cpu(dtype):
+    """Learnable sinks (gpt-oss) on CUDA: out, lse and the gradients of q, k, v
+    and sinks equal the CPU op's (GQA, a -inf sink, globals)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 70, 64, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 70, 64, generator=g).to(dtype) for _ in range(2))
+    mask = torch.zeros(2, 70, dtype=torch.bool)
+    mask[:, 5] = True
+    sinks = torch.tensor([0.5, float("-inf"), 4.0, -1.0])
+    results = []
+    for dev, t in (("cuda", dtype), ("cpu", torch.float32)):
+        qq, kk, vv, ss = (x.to(dev, t).detach().requires_grad_() for x in (q, k, v, sinks))
+        out, lse = longreach.local_attention(qq, kk, vv, window=(9, 2), global_mask=mask.to(dev), sinks=ss,
+                                             return_lse=True)
+        loss = (out.float() * torch.linspace(-1, 1, 64, device=dev)).sum() + lse.sum() * 0.1
+        results.append((out, lse, *torch.autograd.grad(loss, (qq, kk, vv, ss))))
+    for a, b in zip(*results):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.float().cpu(), b, atol=TOL[dtype]["atol"] * scale, rtol=TOL[dtype]["rtol"])
+
+
+@needs_gpu
 def test_cuda_matches_reference_in_float32_with_strided_inputs():
     B, L, H, D = 2, 75, 4, 64
     x = torch.randn(B, L, 3 * H, D, device="cuda")

@@ -66,7 +66,7 @@ def _emulated_run(emulation, q, k, v, kw, grad_seed=1):
     g = torch.Generator().manual_seed(grad_seed)
     grad = torch.randn(out.shape, generator=g).to(out)
     grad_lse = torch.where(torch.isfinite(lse), 0.1, 0.0).float() if softmax else None
-    dq, dk, dv, _ = emulation.bwd(grad, grad_lse, q, k, v, out, lse, *args)
+    dq, dk, dv, *_ = emulation.bwd(grad, grad_lse, q, k, v, out, lse, *args)
     return out, (lse if softmax else None), dq, dk, dv
 
 
@@ -115,7 +115,7 @@ def test_emulated_cuda_kernels_match_reference_in_float32(emulation, q_len, k_le
         ref = reference.local_attention(qr, kr, vr, **kw, **extra)
         torch.testing.assert_close(out.double(), ref, atol=3e-5, rtol=3e-5)
         go = torch.randn_like(out)
-        dq, dk, dv, _ = emulation.bwd(go, None, q, k, v, out, lse, *args)
+        dq, dk, dv, *_ = emulation.bwd(go, None, q, k, v, out, lse, *args)
         for got, want in zip((dq, dk, dv), torch.autograd.grad(ref, (qr, kr, vr), go.double())):
             torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
@@ -146,7 +146,7 @@ def test_emulated_cuda_alibi_slope_gradient_matches_the_reference(emulation, sco
     args = _op_args(q, kw)
     out, lse = emulation.fwd(q, k, v, *args)
     go = torch.randn_like(out)
-    *_, dslopes = emulation.bwd(go, None, q, k, v, out, lse, *args, alibi_grad=True)
+    _, _, _, dslopes, _ = emulation.bwd(go, None, q, k, v, out, lse, *args, alibi_grad=True)
     sr = slopes.double().requires_grad_()
     ref = reference.local_attention(q.double(), k.double(), v.double(), **{**kw, "alibi_slopes": sr})
     (want,) = torch.autograd.grad(ref, sr, go.double())
@@ -256,3 +256,61 @@ def test_emulated_cuda_grid_folds_head_batch_pairs(emulation, fold_limit, packed
     torch.testing.assert_close(got_lse, want_lse, atol=1e-5, rtol=1e-5)
     for name, a, b in zip(("dq", "dk", "dv"), got[:3], want[:3]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(window=(3, 0)),
+        dict(window=(2, 1), dilation=2, softcap=5.0),
+        dict(window=(4, 0), global_idx=(0, 9)),
+        dict(window=(2, 2), key_padding=True),
+    ],
+    ids=["causal-band", "dilated-softcap", "globals", "padding"],
+)
+def test_emulated_learnable_sinks_match_cpu(emulation, case, dtype):
+    """Learnable sinks (gpt-oss) in the CUDA kernel bodies: out, lse and every
+    gradient (grad_sinks included) equal the CPU op's, with GQA (4 q heads on
+    2 kv heads), one sink at -inf and one large enough to dominate."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 23, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 23, 16, generator=g).to(dtype) for _ in range(2))
+    sinks = torch.tensor([0.5, float("-inf"), 6.0, -1.0])
+    kw = dict(window=case["window"], dilation=case.get("dilation", 1), softcap=case.get("softcap"))
+    if "global_idx" in case:
+        mask = torch.zeros(2, 23, dtype=torch.bool)
+        mask[:, list(case["global_idx"])] = True
+        kw["global_mask"] = mask
+    padding = None
+    if case.get("key_padding"):
+        padding = torch.zeros(2, 23, dtype=torch.bool)
+        padding[1, 18:] = True
+    args = _op_args(q, kw)
+    out, lse = emulation.fwd(q, k, v, *args, key_padding_mask=padding, sinks=sinks)
+    op = torch.ops.longreach
+    want_out, want_lse = op.local_attention_fwd(q, k, v, *args, padding, False, 0, sinks)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), want_out.float(), **tol)
+    torch.testing.assert_close(lse, want_lse.float(), atol=1e-4, rtol=1e-4)
+    go = torch.randn(out.shape, generator=g).to(dtype)
+    glse = torch.randn(lse.shape, generator=g)
+    got = emulation.bwd(go, glse, q, k, v, want_out, want_lse.float(), *args, key_padding_mask=padding, sinks=sinks)
+    want = op.local_attention_bwd(go, glse, q, k, v, want_out, want_lse, *args, False, padding, False, 0, sinks)
+    for label, a, b in zip(("dq", "dk", "dv", "dslopes", "dsinks"), got, want):
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"{label}: {m}")
+    assert got[4].shape == (4,) and got[4][1] == 0  # a -inf sink has no gradient
+
+
+def test_emulated_sinks_without_keys(emulation):
+    """No keys at all: lse = sink, out = 0, d sink = the sum of dlse (as on CPU)."""
+    q = torch.randn(1, 2, 3, 8)
+    k = v = torch.randn(1, 2, 0, 8)
+    sinks = torch.tensor([1.5, -2.0])
+    args = _op_args(q, dict(window=(2, 0)))
+    out, lse = emulation.fwd(q, k, v, *args, sinks=sinks)
+    assert torch.equal(out, torch.zeros_like(out))
+    torch.testing.assert_close(lse, sinks.view(1, 2, 1).expand(1, 2, 3))
+    glse = torch.randn(1, 2, 3)
+    *_, dsinks = emulation.bwd(torch.randn_like(out), glse, q, k, v, out, lse, *args, sinks=sinks)
+    torch.testing.assert_close(dsinks, glse.sum((0, 2)))

@@ -112,6 +112,11 @@ struct AttentionArgs {
   // Learnable ALiBi (backward, else null): zeros laid out like lse on entry; each
   // dQ row block writes its d loss / d slope at its first row, the host sums per sequence.
   acc_t* slope_grad;
+  // Learnable sinks (gpt-oss, else null): the (Hq,) logits; in the backward
+  // each dQ row block writes its rows' d loss / d sink (scores.h
+  // sink_grad_of_row) into sink_grad, laid out like lse; the host sums per head.
+  const acc_t* sinks = nullptr;
+  acc_t* sink_grad = nullptr;
   GlobalTokens global;
   bool vec_loads;                // 16-byte loads are safe for q, k, v, grad_out
 };
@@ -537,19 +542,20 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
     block_sync();
   }
 
-  // Normalise and write. A softmax row with no allowed key has sum 0: zeros, lse = -inf
-  // (a NaN sum, from a NaN score, gives NaN).
+  // Normalise and write (scores.h finish_softmax_row): a softmax row with no
+  // allowed key has sum 0: zeros, lse = -inf, or lse = sink with a learnable
+  // sink (a NaN sum, from a NaN score, gives NaN).
   acc_t* lse = a.lse + a.stat_base(b, h);
+  const bool has_sink = a.sinks != nullptr;
+  const acc_t sink = has_sink ? a.sinks[h] : acc_t(0);
   for (int r = t.tid; r < BM; r += t.nthreads) {
-    const bool empty = row_sum[r] == acc_t(0);
+    acc_t row_lse = acc_t(0);
     if (sigmoid_score) {
       row_scale[r] = acc_t(1);
     } else {
-      row_scale[r] = empty ? acc_t(0) : acc_t(1) / row_sum[r];
+      finish_softmax_row<acc_t>(row_max[r], row_sum[r], has_sink, sink, &row_scale[r], &row_lse);
     }
-    if (rows.idx[r] >= 0) {
-      lse[rows.idx[r]] = sigmoid_score ? acc_t(0) : (empty ? neg_infinity<acc_t>() : row_max[r] + log(row_sum[r]));
-    }
+    if (rows.idx[r] >= 0) lse[rows.idx[r]] = row_lse;
   }
   block_sync();
   T* out = a.out.head(b, h);
@@ -664,6 +670,8 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
     const int64_t i = rows.idx[r];
     row_lse[r] = i >= 0 ? a.lse[row_base + i] : acc_t(0);
     row_dot[r] = i >= 0 && a.row_dot != nullptr ? a.row_dot[row_base + i] : acc_t(0);
+    // Each row is in exactly one row block, so its sink gradient is written once.
+    if (i >= 0 && a.sink_grad != nullptr) a.sink_grad[row_base + i] = sink_grad_of_row<acc_t>(a.sinks[h], row_lse[r], row_dot[r]);
   }
   load_rows(sQ, DMAX, a.q.head(b, h), a.q.sl, rows.idx, BM, D, Dp, a.vec_loads);
   load_rows(sdO, DMAX, a.grad_out.head(b, h), a.grad_out.sl, rows.idx, BM, D, Dp, a.vec_loads);

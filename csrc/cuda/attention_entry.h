@@ -48,6 +48,11 @@ void dispatch_cuda_dtype(at::ScalarType dt, F&& f) {
   }
 }
 
+// The learnable sinks of a SinkOptions (none when it holds no pointer).
+inline c10::optional<at::Tensor> sinks_of(const SinkOptions& so) {
+  return so.sinks != nullptr ? *so.sinks : c10::nullopt;
+}
+
 // The forward of either layout, once P is checked: `packed` null for a dense
 // batch, else the sequences' starts (cu_seqlens as int64 on q's device).
 template <typename Backend>
@@ -55,11 +60,24 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Backend& backend, const Attention
                                                const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                const c10::optional<at::Tensor>& global_mask,
                                                const c10::optional<at::Tensor>& alibi_slopes,
-                                               const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt) {
+                                               const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt,
+                                               const c10::optional<at::Tensor>& sinks = c10::nullopt) {
   check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::full(lse_shape(q), -std::numeric_limits<double>::infinity(), q.options().dtype(at::kFloat));
+  const at::Tensor sink = sink_logits(P, q, sinks);  // float32 (Hq,) or undefined
+  // A row without keys (no block visits it) has lse = its head's sink logit.
+  // A query row at a padded position is in no block and keeps lse = -inf (as on CPU).
+  if (sink.defined()) {
+    lse.copy_(q.dim() == 3 ? sink.view({-1, 1}) : sink.view({1, -1, 1}));
+    if (key_padding_mask.has_value()) {
+      const int64_t lq = P.q_len, lk = P.k_len;  // rows sit at positions lk - lq .. lk - 1
+      at::Tensor rows = key_padding_mask->to(at::kBool).narrow(1, std::max<int64_t>(lk - lq, 0), std::min(lq, lk));
+      if (lq > lk) rows = at::cat({at::zeros({rows.size(0), lq - lk}, rows.options()), rows}, 1);
+      lse.masked_fill_(rows.unsqueeze(1), -std::numeric_limits<double>::infinity());
+    }
+  }
   if (out.numel() == 0 || k.numel() == 0) return {out, lse};
   const KeyPaddingTensors padding = make_key_padding(key_padding_mask);
   const GlobalTokenTensors g = make_global_tokens(P, packed, global_mask, padding);
@@ -69,19 +87,29 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Backend& backend, const Attention
         make_attention_args<T, float>(P, packed, q, k, v, at::Tensor(), alibi_slopes, g, padding);
     a.out = head_tensor<T>(out, packed ? packed->q_starts() : nullptr);
     a.lse = lse.data_ptr<float>();
+    a.sinks = sink.defined() ? sink.data_ptr<float>() : nullptr;
     backend.template forward<T>(a);
   });
   return {out, lse};
 }
 
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     Backend& backend, const AttentionParams& P, const PackedSeqs* packed, const at::Tensor& grad_out_in,
     const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, bool alibi_grad,
-    const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt) {
+    const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt,
+    const c10::optional<at::Tensor>& sinks = c10::nullopt) {
   check_backward_inputs(P, q_in, grad_out_in, out_in, lse_in, grad_lse, alibi_grad);
+  // Per-row d loss / d sink (AttentionArgs::sink_grad), laid out like lse,
+  // summed per head and cast to sinks' dtype (gpt-oss keeps them in the model dtype).
+  at::Tensor sink_rows = P.has_sinks ? at::zeros(lse_shape(q_in), q_in.options().dtype(at::kFloat)) : at::Tensor();
+  const std::vector<int64_t> row_dims = q_in.dim() == 3 ? std::vector<int64_t>{1} : std::vector<int64_t>{0, 2};
+  auto sinks_grad = [&] {
+    if (!P.has_sinks) return sinks_grad_buffer(P, q_in, sinks);
+    return sink_rows.sum(row_dims).to(sinks->scalar_type());
+  };
   // Per-row partial sums of the slope gradient, laid out like lse (see
   // AttentionArgs::slope_grad), summed per problem below.
   at::Tensor slope_rows = alibi_grad ? at::zeros(lse_shape(q_in), q_in.options().dtype(at::kFloat)) : at::Tensor();
@@ -96,7 +124,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   at::Tensor dq = at::zeros(q.sizes(), q.options().memory_format(contiguous));
   at::Tensor dk = at::zeros(k.sizes(), k.options().memory_format(contiguous));
   at::Tensor dv = at::zeros(v.sizes(), v.options().memory_format(contiguous));
-  if (q.numel() == 0 || k.numel() == 0) return {dq, dk, dv, slopes_grad()};
+  if (q.numel() == 0 || k.numel() == 0) {
+    // rows without keys: lse = sink, p_sink = 1 and out = 0, so d sink = sum of dlse
+    if (P.has_sinks && grad_lse.has_value() && grad_lse->numel() > 0) sink_rows.copy_(*grad_lse);
+    return {dq, dk, dv, slopes_grad(), sinks_grad()};
+  }
   const at::Tensor lse = lse_in.contiguous();
   const bool softmax = P.score == ScoreKind::kSoftmax;
   at::Tensor row_dot;
@@ -106,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   }
   const KeyPaddingTensors padding = make_key_padding(key_padding_mask);
   const GlobalTokenTensors g = make_global_tokens(P, packed, global_mask, padding);
+  const at::Tensor sink = sink_logits(P, q, sinks);
   const int64_t* qs = packed ? packed->q_starts() : nullptr;
   const int64_t* ks = packed ? packed->k_starts() : nullptr;
   dispatch_cuda_dtype(q.scalar_type(), [&](auto tag) {
@@ -118,9 +151,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     a.lse = lse.data_ptr<float>();
     a.row_dot = softmax ? row_dot.data_ptr<float>() : nullptr;
     a.slope_grad = alibi_grad ? slope_rows.data_ptr<float>() : nullptr;
+    a.sinks = sink.defined() ? sink.data_ptr<float>() : nullptr;
+    a.sink_grad = sink.defined() ? sink_rows.data_ptr<float>() : nullptr;
     backend.template backward<T>(a);
   });
-  return {dq, dk, dv, slopes_grad()};
+  return {dq, dk, dv, slopes_grad(), sinks_grad()};
 }
 
 template <typename Backend>
@@ -129,23 +164,25 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(Backend& backend, const at:
                                                      const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
                                                      int64_t window_right, int64_t dilation, c10::string_view score,
                                                      c10::optional<double> sigmoid_bias, double softcap, double scale,
-                                                     const c10::optional<at::Tensor>& key_padding_mask) {
+                                                     const c10::optional<at::Tensor>& key_padding_mask,
+                                                     const SinkOptions& so = SinkOptions{}) {
   const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
-                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask);
-  return run_forward(backend, P, nullptr, q, k, v, global_mask, alibi_slopes, key_padding_mask);
+                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask, so);
+  return run_forward(backend, P, nullptr, q, k, v, global_mask, alibi_slopes, key_padding_mask, sinks_of(so));
 }
 
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     Backend& backend, const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool alibi_grad, const c10::optional<at::Tensor>& key_padding_mask) {
+    double scale, bool alibi_grad, const c10::optional<at::Tensor>& key_padding_mask,
+    const SinkOptions& so = SinkOptions{}) {
   const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
-                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask);
+                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask, so);
   return run_backward(backend, P, nullptr, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
-                      alibi_grad, key_padding_mask);
+                      alibi_grad, key_padding_mask, sinks_of(so));
 }
 
 template <typename Backend>
@@ -154,28 +191,28 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale) {
+    double scale, const SinkOptions& so = SinkOptions{}) {
   const VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              global_mask, alibi_slopes, window_left, window_right, dilation, score,
-                                             sigmoid_bias, softcap, scale);
+                                             sigmoid_bias, softcap, scale, so);
   const PackedSeqs packed(cu_seqlens_q, cu_seqlens_k, q.size(0));
-  return run_forward(backend, V.params, &packed, q, k, v, global_mask, alibi_slopes);
+  return run_forward(backend, V.params, &packed, q, k, v, global_mask, alibi_slopes, c10::nullopt, sinks_of(so));
 }
 
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(
     Backend& backend, const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool alibi_grad) {
+    double scale, bool alibi_grad, const SinkOptions& so = SinkOptions{}) {
   const VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              global_mask, alibi_slopes, window_left, window_right, dilation, score,
-                                             sigmoid_bias, softcap, scale);
+                                             sigmoid_bias, softcap, scale, so);
   const PackedSeqs packed(cu_seqlens_q, cu_seqlens_k, q.size(0));
   return run_backward(backend, V.params, &packed, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
-                      alibi_grad);
+                      alibi_grad, c10::nullopt, sinks_of(so));
 }
 
 }  // namespace longreach::cuda_kernels

@@ -45,12 +45,12 @@ struct CudaBackend {
   }
 };
 
-// Sink tokens, learnable sinks and causal global tokens are implemented on CPU
-// only so far (issue 14): refuse them clearly rather than compute the old rule.
-void check_cuda_sink_options(bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
-                             const c10::optional<at::Tensor>& global_mask) {
-  TORCH_CHECK_NOT_IMPLEMENTED(sink_tokens == 0 && !sinks.has_value() && !(causal && global_mask.has_value()),
-                              "local_attention: sink_tokens, sinks and causal global tokens are not implemented in "
+// Sink tokens and causal global tokens are implemented on CPU only so far
+// (issue 14): refuse them clearly rather than compute the old rule. Learnable
+// sinks are supported.
+void check_cuda_sink_options(bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& global_mask) {
+  TORCH_CHECK_NOT_IMPLEMENTED(sink_tokens == 0 && !(causal && global_mask.has_value()),
+                              "local_attention: sink_tokens and causal global tokens are not implemented in "
                               "the CUDA kernels yet (CPU only)");
 }
 
@@ -71,10 +71,6 @@ void check_cuda_dropout(double dropout_p, const c10::optional<at::Tensor>& dropo
 
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Gradients with_empty_sinks_grad(std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g, const at::Tensor& q) {
-  return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), at::empty({0}, q.options().dtype(at::kFloat))};
-}
-
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
@@ -83,12 +79,13 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
     const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_chunk_options(chunk);
-  check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_sink_options(causal, sink_tokens, global_mask);
+  const SinkOptions so{causal, sink_tokens, &sinks};
   check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_forward(backend, q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
-                           sigmoid_bias, softcap, scale, key_padding_mask);
+                           sigmoid_bias, softcap, scale, key_padding_mask, so);
 }
 
 Gradients local_attention_bwd_cuda(
@@ -100,14 +97,14 @@ Gradients local_attention_bwd_cuda(
     const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
     const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_chunk_options(chunk);
-  check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_sink_options(causal, sink_tokens, global_mask);
+  const SinkOptions so{causal, sink_tokens, &sinks};
   check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
-  return with_empty_sinks_grad(
-      attention_backward(backend, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
-                         window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad, key_padding_mask),
-      q);
+  return attention_backward(backend, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
+                            window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad, key_padding_mask,
+                            so);
 }
 
 std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
@@ -119,13 +116,14 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
     int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
     const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_chunk_options(chunk);
-  check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_sink_options(causal, sink_tokens, global_mask);
+  const SinkOptions so{causal, sink_tokens, &sinks};
   check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_varlen_forward(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   global_mask, alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias,
-                                  softcap, scale);
+                                  softcap, scale, so);
 }
 
 Gradients local_attention_varlen_bwd_cuda(
@@ -138,15 +136,14 @@ Gradients local_attention_varlen_bwd_cuda(
     int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
     const c10::optional<at::Tensor>& dropout_seed) {
   check_cuda_chunk_options(chunk);
-  check_cuda_sink_options(causal, sink_tokens, sinks, global_mask);
+  check_cuda_sink_options(causal, sink_tokens, global_mask);
+  const SinkOptions so{causal, sink_tokens, &sinks};
   check_cuda_dropout(dropout_p, dropout_seed);
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
-  return with_empty_sinks_grad(
-      attention_varlen_backward(backend, grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                max_seqlen_q, max_seqlen_k, global_mask, alibi_slopes, window_left, window_right,
-                                dilation, score, sigmoid_bias, softcap, scale, alibi_grad),
-      q);
+  return attention_varlen_backward(backend, grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                   max_seqlen_q, max_seqlen_k, global_mask, alibi_slopes, window_left, window_right,
+                                   dilation, score, sigmoid_bias, softcap, scale, alibi_grad, so);
 }
 
 }  // namespace

@@ -84,22 +84,23 @@ std::tuple<at::Tensor, at::Tensor> emulated_fwd(const at::Tensor& q, const at::T
                                                 const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
                                                 int64_t window_right, int64_t dilation, const std::string& score,
                                                 c10::optional<double> sigmoid_bias, double softcap, double scale,
-                                                const c10::optional<at::Tensor>& key_padding_mask) {
+                                                const c10::optional<at::Tensor>& key_padding_mask,
+                                                const c10::optional<at::Tensor>& sinks) {
   HostBackend backend;
   return attention_forward(backend, q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
-                           sigmoid_bias, softcap, scale, key_padding_mask);
+                           sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{false, 0, &sinks});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     const std::string& score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
-    const c10::optional<at::Tensor>& key_padding_mask) {
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& sinks) {
   HostBackend backend;
   return attention_backward(backend, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
                             window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad,
-                            key_padding_mask);
+                            key_padding_mask, SinkOptions{false, 0, &sinks});
 }
 
 std::tuple<at::Tensor, at::Tensor> emulated_varlen_fwd(
@@ -112,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> emulated_varlen_fwd(
                                   window_right, dilation, score, sigmoid_bias, softcap, scale);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_varlen_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_varlen_bwd(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k,
     int64_t max_q, int64_t max_k, const c10::optional<at::Tensor>& global_mask,
@@ -132,13 +133,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("global_mask"), pybind11::arg("alibi_slopes"), pybind11::arg("window_left"),
         pybind11::arg("window_right"), pybind11::arg("dilation"), pybind11::arg("score"),
         pybind11::arg("sigmoid_bias"), pybind11::arg("softcap"), pybind11::arg("scale"),
-        pybind11::arg("key_padding_mask") = pybind11::none());
+        pybind11::arg("key_padding_mask") = pybind11::none(), pybind11::arg("sinks") = pybind11::none());
   m.def("bwd", &longreach::cuda_kernels::emulated_bwd, pybind11::arg("grad_out"), pybind11::arg("grad_lse"),
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"),
         pybind11::arg("global_mask"), pybind11::arg("alibi_slopes"), pybind11::arg("window_left"),
         pybind11::arg("window_right"), pybind11::arg("dilation"), pybind11::arg("score"),
         pybind11::arg("sigmoid_bias"), pybind11::arg("softcap"), pybind11::arg("scale"),
-        pybind11::arg("alibi_grad") = false, pybind11::arg("key_padding_mask") = pybind11::none());
+        pybind11::arg("alibi_grad") = false, pybind11::arg("key_padding_mask") = pybind11::none(),
+        pybind11::arg("sinks") = pybind11::none());
   m.def("set_grid_fold_limit", [](int64_t limit) {
     TORCH_CHECK(limit >= 1 && limit <= longreach::cuda_kernels::kMaxGridYZ, "grid fold limit must be 1 .. 65535");
     longreach::cuda_kernels::grid_fold_limit = limit;
