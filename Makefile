@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 NATIVE_SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all setup build test demo bench clean
+.PHONY: all setup build test demo bench docs clean
 
 all: test
 
@@ -35,6 +35,11 @@ demo: build
 
 bench: build
 	$(PY) -m longreach bench
+
+# The API reference, generated offline from the docstrings into build/docs/api
+# (tests/test_api_reference.py builds it in `make test` too).
+docs: build
+	$(PY) scripts/build_api_reference.py --out build/docs/api
 
 clean:
 	rm -rf build $(VENV)

@@ -228,6 +228,7 @@ class LocalSelfAttention(nn.Module):
         return None if left is None else left * self.dilation
 
     def new_cache(self) -> SlidingKVCache:
+        """An empty rolling cache sized for this layer's window (``cache_size()`` slots), for ``forward(x, cache=...)``."""
         return SlidingKVCache(self.cache_size())
 
     def forward(

@@ -63,6 +63,7 @@ class LocalTransformerConfig:
                       **overrides})
 
     def to_dict(self) -> Dict[str, Any]:
+        """The fields as a plain dict (JSON-serialisable; ``LocalTransformerConfig(**d)`` rebuilds it)."""
         return dataclasses.asdict(self)
 
 
@@ -164,6 +165,7 @@ class LocalTransformerLM(nn.Module):
         self.config = dataclasses.replace(self.config, rope_scaling=scaling, max_position_embeddings=max_len)
 
     def new_cache(self) -> KVCache:
+        """One empty rolling cache per block, for incremental decoding with ``forward(ids, cache=...)``."""
         return KVCache([block.attn.new_cache() for block in self.blocks])
 
     def _positions(self, input_ids, key_padding_mask, cache: Optional[KVCache]):
