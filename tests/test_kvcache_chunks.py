@@ -211,3 +211,38 @@ def test_bad_chunk_arguments_are_rejected_and_the_cache_is_unchanged(case, api):
     assert "local_attention_with_kvcache" in str(info.value)
     assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
 
+
+# -------------------------------------------------------------------- transformers cache --
+
+@pytest.mark.parametrize("window_left", [6, None], ids=["rolling", "contiguous"])
+def test_the_hf_cache_layer_takes_chunks_in_prefill_and_decode(window_left):
+    # LongreachLayer.attend hands chunk / chunk_shift to the training op (prompt) and to the decode
+    # op (later calls) alike: the outputs are the training op's over the whole sequence.
+    pytest.importorskip("transformers")
+    from longreach.hf.cache import LongreachLayer
+
+    torch.manual_seed(11)
+    L, prompt = 31, 11  # a prompt, then ten calls of two new tokens
+    chunks = dict(chunk=5, chunk_shift=HALF)
+    q, k, v = torch.randn(1, HQ, L, D), torch.randn(1, HK, L, D), torch.randn(1, HK, L, D)
+    layer = LongreachLayer(chunk=2)
+    rows, start = [], 0
+    for stop in [prompt] + list(range(prompt + 2, L + 1, 2)):
+        sl = slice(start, stop)
+        rows.append(layer.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], None, window_left=window_left, sink_tokens=0,
+                                 **chunks))
+        start = stop
+    full = longreach.local_attention(q, k, v, causal=True, window=(window_left, 0), **chunks)
+    torch.testing.assert_close(torch.cat(rows, 2), full, rtol=2e-6, atol=2e-6)
+    assert layer.rolling == (window_left is not None)
+
+
+def test_the_hf_cache_layer_rejects_chunks_with_a_padded_prompt():
+    # The prompt's chunk grid would count the padding, the cache's only the real tokens.
+    pytest.importorskip("transformers")
+    from longreach.hf.cache import LongreachLayer
+
+    q, k = torch.randn(1, HQ, 4, D), torch.randn(1, HK, 4, D)
+    valid = torch.tensor([[False, True, True, True]])
+    with pytest.raises(NotImplementedError, match="chunk with a padded prompt"):
+        LongreachLayer().attend(q, k, k.clone(), valid, window_left=3, sink_tokens=0, chunk=2)
