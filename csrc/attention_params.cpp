@@ -241,19 +241,19 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
 }
 
 std::vector<int64_t> chunk_phases(const at::Tensor& q, int64_t q_heads, int64_t chunk,
-                                  const c10::optional<at::Tensor>& chunk_shift) {
-  TORCH_CHECK_VALUE(chunk >= 0, "local_attention: chunk must be an int >= 0 (0 = no chunks), got ", chunk);
+                                  const c10::optional<at::Tensor>& chunk_shift, const char* owner) {
+  TORCH_CHECK_VALUE(chunk >= 0, owner, ": chunk must be an int >= 0 (0 = no chunks), got ", chunk);
   const bool has_shift = chunk_shift.has_value() && chunk_shift->defined();
-  TORCH_CHECK_VALUE(chunk > 0 || !has_shift, "local_attention: chunk_shift needs chunk > 0, got chunk = 0");
+  TORCH_CHECK_VALUE(chunk > 0 || !has_shift, owner, ": chunk_shift needs chunk > 0, got chunk = 0");
   if (chunk == 0) return {};
   std::vector<int64_t> phases(q_heads, 0);
   if (!has_shift) return phases;
   const at::Tensor& t = *chunk_shift;
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
-                   "local_attention: chunk_shift must be an int32 or int64 tensor, got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == q_heads, "local_attention: chunk_shift must have shape (Hq,) = (",
+                   owner, ": chunk_shift must be an int32 or int64 tensor, got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == q_heads, owner, ": chunk_shift must have shape (Hq,) = (",
                     q_heads, ",), got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == q.device(), "local_attention: chunk_shift is on ", t.device(), " but q is on ",
+  TORCH_CHECK_VALUE(t.device() == q.device(), owner, ": chunk_shift is on ", t.device(), " but q is on ",
                     q.device());
   const at::Tensor host = t.to(at::kCPU, at::kLong).contiguous();
   for (int64_t h = 0; h < q_heads; ++h) phases[h] = floor_mod(host.data_ptr<int64_t>()[h], chunk);

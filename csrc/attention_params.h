@@ -42,8 +42,10 @@ void set_options(AttentionParams& P, const at::Tensor& q, const c10::optional<at
 // chunk_shift (None, or an int32/int64 (Hq,) tensor on q's device, only with
 // chunk > 0) and returns each query head's shift modulo chunk (its phase, read
 // on the host: a device sync on CUDA), or an empty vector when chunk is 0.
+// `owner` names the op in the messages.
 std::vector<int64_t> chunk_phases(const at::Tensor& q, int64_t q_heads, int64_t chunk,
-                                  const c10::optional<at::Tensor>& chunk_shift);
+                                  const c10::optional<at::Tensor>& chunk_shift,
+                                  const char* owner = "local_attention");
 
 // dropout_p in [0, 1] and its (seed, offset) int64 (2,) CPU tensor (the ops'
 // last two arguments; a seed is required when dropout_p > 0) into P.dropout.

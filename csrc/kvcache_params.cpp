@@ -87,7 +87,8 @@ KvCacheProblem make_kvcache_params(const at::Tensor& q, const at::Tensor& k_cach
                                    const c10::optional<at::Tensor>& sinks, int64_t window_left,
                                    int64_t window_right, int64_t dilation, c10::string_view score,
                                    c10::optional<double> sigmoid_bias, double softcap, double scale,
-                                   int64_t sink_tokens, bool rolling, int64_t num_splits) {
+                                   int64_t sink_tokens, bool rolling, int64_t num_splits, int64_t chunk,
+                                   const c10::optional<at::Tensor>& chunk_shift) {
   TORCH_CHECK_VALUE(q.dim() == 4, kOwner, ": q must be a 4-D tensor (B, Hq, Lq, D), got shape ", q.sizes());
   TORCH_CHECK_TYPE(is_attention_dtype(q.scalar_type()), kOwner, ": q has dtype ", dtype_name(q.scalar_type()),
                    "; expected float32, float64, bfloat16 or float16");
@@ -150,6 +151,10 @@ KvCacheProblem make_kvcache_params(const at::Tensor& q, const at::Tensor& k_cach
   pr.has_sinks = P.has_sinks;
   pr.sink_tokens = sink_tokens;
   pr.num_splits = num_splits;
+  // Chunks count from position 0 of the sequence (absolute positions, whatever
+  // slot a rolling cache keeps them in), as in the training ops.
+  pr.chunk_phases = chunk_phases(q, Hq, chunk, chunk_shift, kOwner);
+  P.window.chunk = chunk;
 
   CacheGeometry& g = pr.cache;
   if (paged) {

@@ -29,6 +29,17 @@ struct KvCacheProblem {
   bool has_sinks = false;
   int64_t num_splits = 0;  // as given: 0 lets the kernel choose
   bool append = false;     // k and v given
+  // Chunks (params.window.chunk > 0): each query head's shift modulo the chunk,
+  // read on the host; the decode kernel takes them as per-head data (one call
+  // serves every shift, unlike the training ops' call per chunk grid).
+  std::vector<int64_t> chunk_phases;
+
+  // The window of query head h: params.window with the head's chunk grid.
+  WindowSpec head_window(int64_t h) const {
+    WindowSpec w = params.window;
+    if (w.chunk > 0) w.chunk_phase = chunk_phases[h];
+    return w;
+  }
 };
 
 KvCacheProblem make_kvcache_params(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -38,7 +49,8 @@ KvCacheProblem make_kvcache_params(const at::Tensor& q, const at::Tensor& k_cach
                                    const c10::optional<at::Tensor>& sinks, int64_t window_left,
                                    int64_t window_right, int64_t dilation, c10::string_view score,
                                    c10::optional<double> sigmoid_bias, double softcap, double scale,
-                                   int64_t sink_tokens, bool rolling, int64_t num_splits);
+                                   int64_t sink_tokens, bool rolling, int64_t num_splits, int64_t chunk,
+                                   const c10::optional<at::Tensor>& chunk_shift);
 
 // Writes k / v (B, Hk, Lq, D) into the caches at positions cache_seqlens[b] ..
 // + Lq - 1 of each row (through the layout's slots), with ATen ops: one

@@ -68,13 +68,15 @@ TORCH_LIBRARY_FRAGMENT(longreach, m) {
 // (num_blocks, block_size, Hk, D) with block_table (B, max_blocks) int32.
 // cache_seqlens (B,) int32. sink_tokens: the first keys every later row sees;
 // sinks (Hq,): learnable sink logits in the softmax denominator (lse includes
-// them). num_splits 0 = the kernel chooses. Forward only.
+// them). num_splits 0 = the kernel chooses. chunk / chunk_shift as in
+// local_attention_fwd, chunks counted from position 0 of each row's sequence
+// (absolute positions, in every layout). Forward only.
 TORCH_LIBRARY_FRAGMENT(longreach, m) {
   m.def(
       "local_attention_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
       "Tensor cache_seqlens, Tensor? block_table, Tensor? alibi_slopes, Tensor? sinks, int window_left, "
       "int window_right, int dilation, str score, float? sigmoid_bias, float softcap, float scale, int sink_tokens, "
-      "bool rolling, int num_splits) -> (Tensor out, Tensor lse)");
+      "bool rolling, int num_splits, int chunk=0, Tensor? chunk_shift=None) -> (Tensor out, Tensor lse)");
 }
 
 // Rotary position embedding. cos / sin are position-indexed tables

@@ -385,13 +385,30 @@ def test_decode_equals_the_training_reference_with_sinks(opts):
 
 def test_randomized_decode_calls_equal_the_reference():
     # Randomized differential cases (seeded): layout, lengths, heads, window, dilation, sinks, ALiBi,
-    # softcap, score drawn per case; each row of each call against reference.local_attention over
-    # that row's whole history.
+    # softcap, score, chunks drawn per case; each row of each call against reference.local_attention
+    # over that row's whole history. Chunks come from a generator of their own, so adding them left
+    # every earlier draw of every case as it was.
     gen = torch.Generator().manual_seed(1234)
+    chunk_gen = torch.Generator().manual_seed(4321)
+
+    def draw_chunks(hq):
+        def pick(lo, hi):
+            return int(torch.randint(lo, hi + 1, (1,), generator=chunk_gen))
+        kind = pick(0, 9)
+        if kind < 6:  # 60% without chunks; the others of 1-12 positions, or past every row's history
+            return {}
+        c = pick(1, 12) if kind < 9 else pick(40, 100)
+        pattern = pick(0, 2)
+        if pattern == 0:
+            return dict(chunk=c)
+        if pattern == 1:  # LongLoRA's half-shifted heads
+            return dict(chunk=c, chunk_shift=torch.tensor([c // 2 if h >= hq // 2 else 0 for h in range(hq)]))
+        return dict(chunk=c, chunk_shift=torch.randint(-2 * c, 2 * c + 1, (hq,), generator=chunk_gen))
 
     def draw(lo, hi):
         return int(torch.randint(lo, hi + 1, (1,), generator=gen))
 
+    chunked = 0
     for case in range(150):
         layout = ("contiguous", "rolling", "paged")[draw(0, 2)]
         B, hk, D, lq = draw(1, 3), draw(1, 2), draw(1, 3) * 4, draw(1, 4)
@@ -402,7 +419,9 @@ def test_randomized_decode_calls_equal_the_reference():
         opts = dict(window=(left, right), dilation=dilation, sink_tokens=sink_tokens, score=score,
                     softcap=2.5 if draw(0, 1) else None,
                     alibi_slopes=torch.randn(hq, generator=gen) * 0.3 if draw(0, 1) else None,
-                    sinks=torch.randn(hq, generator=gen).double() if score == "softmax" and draw(0, 1) else None)
+                    sinks=torch.randn(hq, generator=gen).double() if score == "softmax" and draw(0, 1) else None,
+                    **draw_chunks(hq))
+        chunked += "chunk" in opts
         lens = [draw(0, 30) for _ in range(B)]
         if layout == "rolling":
             capacity = sink_tokens + left * dilation + lq + draw(0, 3)
@@ -422,3 +441,4 @@ def test_randomized_decode_calls_equal_the_reference():
             hist_v = torch.cat([cache.history_v[b], v[b]], 1)[None]
             ref = reference.local_attention(q[b:b + 1], hist_k, hist_v, **opts)
             torch.testing.assert_close(out[b:b + 1], ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"case {case}: {m}")
+    assert chunked >= 40, chunked  # the draw keeps reaching chunks

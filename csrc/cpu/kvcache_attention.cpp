@@ -8,7 +8,10 @@
 // their partial (out, max, sum) are merged by log-sum-exp at the end, where
 // the learnable sink logits join the denominator. Keys are read as rows
 // (rows_dot / rows_axpy: packing K^T costs as much as using it for a few
-// rows), in runs of one stride through the cache's storage.
+// rows), in runs of one stride through the cache's storage. Chunks: each row
+// applies its head's window (KvCacheProblem::head_window, the per-head shift as
+// data, so one call serves heads of every shift), and a block reads only the
+// keys of its rows' chunks, O(Lq + chunk) per row, not the history.
 #include "kvcache_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -84,16 +87,27 @@ std::vector<RowBlock> make_blocks(const KvCacheProblem& pr) {
       if (!blk.rows.empty()) blocks.push_back(blk);
     }
   }
-  // The class keys the block's windows cover (the rows' windows are bands in one class).
+  // The class keys the block's windows cover: the span from the lowest to the
+  // highest key of the rows' bands (each a band in the one class). Every row is
+  // asked, as with chunks the heads' grids differ (per-head shifts), so the
+  // bands are not ordered by row; a block's span is then at most Lq + chunk
+  // positions, not the history.
   for (RowBlock& blk : blocks) {
     const SequenceView& s = pr.rows[blk.b];
     const int64_t off = s.position_offset();
-    const auto [i_min, i_max] = std::minmax_element(blk.rows.begin(), blk.rows.end());
-    int64_t lo, hi, lo2, hi2;
-    window_key_range(P.window, s, *i_min + off, &lo, &hi);
-    window_key_range(P.window, s, *i_max + off, &lo2, &hi2);
-    blk.lo = lo;
-    blk.n = hi2 >= lo ? (hi2 - lo) / d + 1 : 0;
+    int64_t lo_all = 0, hi_all = -1;
+    for (size_t a = 0; a < blk.rows.size(); ++a) {
+      int64_t lo, hi;
+      window_key_range(pr.head_window(blk.heads[a]), s, blk.rows[a] + off, &lo, &hi);
+      if (lo > hi) continue;
+      if (hi_all < lo_all) {
+        lo_all = lo, hi_all = hi;
+      } else {
+        lo_all = std::min(lo_all, lo), hi_all = std::max(hi_all, hi);
+      }
+    }
+    blk.lo = lo_all;
+    blk.n = hi_all >= lo_all ? (hi_all - lo_all) / d + 1 : 0;
   }
   return blocks;
 }
@@ -178,8 +192,10 @@ void decode_kernel(const KvCacheProblem& pr, const at::Tensor& q, const at::Tens
     }
     seg.push_back(m);
     std::vector<acc_t> slope(m);
+    std::vector<WindowSpec> win(m);  // each row's window: its head's chunk grid
     for (int64_t a = 0; a < m; ++a) {
       ws.pos[a] = blk.rows[a] + off;
+      win[a] = pr.head_window(blk.heads[a]);
       slope[a] = alibi_slope<acc_t>(P, slopes, blk.b, blk.heads[a]);
       const scalar_t* src = Q + blk.b * q.stride(0) + blk.heads[a] * q.stride(1) + blk.rows[a] * q.stride(2);
       convert_in(ops, src, D, acc_t(1), ws.q.data() + a * D);
@@ -251,8 +267,8 @@ void decode_kernel(const KvCacheProblem& pr, const at::Tensor& q, const at::Tens
           for (int64_t c = ws.first[a]; c < ws.end[a]; ++c) {
             const int64_t j = j_tile + c * step;
             // The sink keys the window does not already hold (window.h's one rule).
-            if (sink_segment && (in_window(P.window, ws.pos[a], j) ||
-                                 !extra_key_visible(P.window, ws.pos[a], j, false, false))) {
+            if (sink_segment && (in_window(win[a], ws.pos[a], j) ||
+                                 !extra_key_visible(win[a], ws.pos[a], j, false, false))) {
               s[c] = neg_inf;
               continue;
             }
@@ -300,7 +316,7 @@ void decode_kernel(const KvCacheProblem& pr, const at::Tensor& q, const at::Tens
     if (c_begin < c_end) {
       for (int64_t a = 0; a < m; ++a) {
         int64_t lo, hi;
-        window_key_range(P.window, seq, ws.pos[a], &lo, &hi);
+        window_key_range(win[a], seq, ws.pos[a], &lo, &hi);
         col_lo[a] = lo <= hi ? std::max(c_begin, (lo - blk.lo) / d) - c_begin : 0;
         col_hi[a] = lo <= hi ? std::min(c_end, (hi - blk.lo) / d + 1) - c_begin : 0;
       }

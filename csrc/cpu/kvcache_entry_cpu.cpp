@@ -21,10 +21,12 @@ std::tuple<at::Tensor, at::Tensor> local_attention_kvcache_fwd_cpu(
     const c10::optional<at::Tensor>& v, const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& block_table,
     const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, int64_t sink_tokens, bool rolling, int64_t num_splits) {
+    double scale, int64_t sink_tokens, bool rolling, int64_t num_splits, int64_t chunk,
+    const c10::optional<at::Tensor>& chunk_shift) {
   const KvCacheProblem pr =
       make_kvcache_params(q_in, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes, sinks, window_left,
-                          window_right, dilation, score, sigmoid_bias, softcap, scale, sink_tokens, rolling, num_splits);
+                          window_right, dilation, score, sigmoid_bias, softcap, scale, sink_tokens, rolling, num_splits,
+                          chunk, chunk_shift);
   if (pr.append) append_to_cache(pr, k_cache, v_cache, *k, *v);
   const at::Tensor q = detail::with_contiguous_rows(q_in);
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));

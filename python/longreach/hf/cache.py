@@ -18,8 +18,9 @@ layer never materialises more than its ring buffer, and a full layer its contigu
   call), flat however long the generation runs; full layers a contiguous cache that grows by
   a quarter when full.
 
-The layer reads the window, sink_tokens and sinks from the attention call (they are the
-attention function's business), so one cache class serves every layer type. CPU only: the
+The layer reads the window, sink_tokens and sinks (and chunk / chunk_shift, when the attention
+call passes them) from the attention call (they are the attention function's business), so one
+cache class serves every layer type; prefill and decode steps take them alike. CPU only: the
 decode op has no CUDA kernel yet; patched models pick this cache by default only on CPU
 (hf/decoder.py) and keep transformers' DynamicCache elsewhere.
 """
@@ -120,10 +121,11 @@ class LongreachLayer(CacheLayerMixin):
 
     def _prefill(self, query, key, value, valid, window_left, sink_tokens, options):
         batch, heads, length, dim = key.shape
-        if valid is not None and sink_tokens and not bool(valid.all()):
-            # the training op's sink tokens are the first positions (padding, left-padded); the cache's are the
-            # first real tokens: they would disagree
-            raise NotImplementedError(f"{_OWNER}: sink_tokens with a padded prompt is not supported yet; "
+        if valid is not None and (sink_tokens or options.get("chunk")) and not bool(valid.all()):
+            # the training op's sink tokens and chunk grid count positions from the first one (padding, left-
+            # padded); the cache's from the first real token: they would disagree
+            what = "sink_tokens" if sink_tokens else "chunk"
+            raise NotImplementedError(f"{_OWNER}: {what} with a padded prompt is not supported yet; "
                                       "generate one unpadded sequence per row")
         padding = None if valid is None else ~valid[:, -length:]
         out = local_attention(query, key, value, key_padding_mask=padding, causal=True, window=(window_left, 0),

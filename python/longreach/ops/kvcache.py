@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .._checks import check_bool, check_int, check_same_device, check_tensor, describe
+from .._checks import check_bool, check_chunk, check_int, check_same_device, check_tensor, describe
 from .._library import check_device_supported
 from .attention import Window, _lse_dtype, kernel_options
 
@@ -41,6 +41,8 @@ def local_attention_with_kvcache(
     sinks: Optional[torch.Tensor] = None,
     num_splits: int = 0,
     return_lse: bool = False,
+    chunk: int = 0,
+    chunk_shift: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Attention of a few new query rows over a KV cache, appending the new keys first.
 
@@ -68,7 +70,10 @@ def local_attention_with_kvcache(
     row at or after them, on top of the window) and sinks ((Hq,) learnable sink logits: one
     extra term exp(sinks[h]) in each softmax row's denominator; lse includes it). num_splits
     cuts each row's keys into parts computed in parallel and merged by log-sum-exp (0: chosen
-    from the problem and the thread count). Returns out (B, Hq, Lq, D), and with return_lse the
+    from the problem and the thread count). chunk / chunk_shift as in local_attention: chunks of
+    `chunk` positions counted from position 0 of the row's sequence (the true positions above,
+    in every layout: a rolling cache's slots are not positions), offset per head by chunk_shift
+    (Hq,) int; the kernel reads only the keys of a row's chunk. Returns out (B, Hq, Lq, D), and with return_lse the
     row log-sum-exp (B, Hq, Lq) float32 (float64 for float64).
 
     Every argument is checked (cache_seqlens and block_table read on the host: one device sync
@@ -86,6 +91,7 @@ def local_attention_with_kvcache(
     rolling = check_bool(OWNER, "rolling", rolling)
     sink_tokens = check_int(OWNER, "sink_tokens", sink_tokens, 0)
     num_splits = check_int(OWNER, "num_splits", num_splits, 0)
+    chunk, chunk_shift = check_chunk(OWNER, chunk, chunk_shift, q.shape[1])
     if (k is None) != (v is None):
         raise ValueError(f"{OWNER}: pass both k and v (the new keys and values) or neither")
     for name, t, expected in (("k", k, "a tensor (B, Hk, Lq, D) or None"), ("v", v, "a tensor (B, Hk, Lq, D) or None"),
@@ -99,7 +105,7 @@ def local_attention_with_kvcache(
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     check_tensor(OWNER, "cache_seqlens", cache_seqlens, "a torch.int32 tensor of shape (B,) or an int")
     check_same_device(OWNER, q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
-                      block_table=block_table, alibi_slopes=alibi_slopes, sinks=sinks)
+                      block_table=block_table, alibi_slopes=alibi_slopes, sinks=sinks, chunk_shift=chunk_shift)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, alibi_slopes, sinks)):
         raise NotImplementedError(
             f"{OWNER} is forward only (decoding); call it under torch.no_grad() or torch.inference_mode(), or train "
@@ -112,7 +118,7 @@ def local_attention_with_kvcache(
     left, right, dilation, score, sigmoid_bias, softcap, scale = options
     out, lse = torch.ops.longreach.local_attention_kvcache_fwd(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes, sinks, left, right, dilation, score,
-        sigmoid_bias, softcap, scale, sink_tokens, rolling, num_splits)
+        sigmoid_bias, softcap, scale, sink_tokens, rolling, num_splits, chunk, chunk_shift)
     return (out, lse) if return_lse else out
 
 
@@ -127,9 +133,10 @@ def rolling_cache_capacity(window_left: int, new_tokens: int = 1, dilation: int 
 
 @torch.library.register_fake("longreach::local_attention_kvcache_fwd")
 def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, alibi_slopes, sinks, window_left,
-                      window_right, dilation, score, sigmoid_bias, softcap, scale, sink_tokens, rolling, num_splits):
+                      window_right, dilation, score, sigmoid_bias, softcap, scale, sink_tokens, rolling, num_splits,
+                      chunk=0, chunk_shift=None):
     check_same_device(OWNER, q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
-                      block_table=block_table, alibi_slopes=alibi_slopes, sinks=sinks)
+                      block_table=block_table, alibi_slopes=alibi_slopes, sinks=sinks, chunk_shift=chunk_shift)
     if q.dim() != 4:
         raise ValueError(f"{OWNER}: q must be a 4-D tensor (B, Hq, Lq, D), got {describe(q)}")
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
