@@ -505,12 +505,6 @@ def test_prepared_4d_mask_raises():
         patched(ids, attention_mask=torch.zeros(1, 1, 6, 6))
 
 
-def test_attention_dropout_raises():
-    patched = patched_copy(build("llama", attention_dropout=0.1)).train()
-    with pytest.raises(ValueError, match="dropout"):
-        patched(torch.randint(3, VOCAB, (1, 6)))
-
-
 @pytest.mark.parametrize(
     "options, match",
     [

@@ -300,7 +300,7 @@ def test_torch_compile_fullgraph_matches_eager():
          "rope_scaling=.* needs positional='rope' or 'alibi\\+rope'"),
         (dict(dilation=0), "dilation must be an int >= 1, got 0"),
         (dict(softcap=-2.0), "softcap must be a positive number or None, got -2.0"),
-        (dict(dropout=1.5), "dropout must be in \\[0, 1\\), got 1.5"),
+        (dict(dropout=1.5), "dropout must be a number in \\[0, 1\\], got 1.5"),
     ],
 )
 def test_bad_constructor_arguments_raise(kwargs, match):

@@ -102,14 +102,15 @@ def check_softcap(owner: str, softcap) -> Optional[float]:
     return value
 
 
-def check_dropout_p(owner: str, dropout_p) -> float:
-    """Attention dropout probability: a number in [0, 1] (0 = no dropout)."""
+def check_dropout_p(owner: str, dropout_p, name: str = "dropout_p") -> float:
+    """Attention dropout probability: a number in [0, 1] (0 = no dropout). name: the argument's
+    name in the caller (the nn modules call it `dropout`, as nn.MultiheadAttention does)."""
     expected = "a number in [0, 1]"
     if dropout_p is None:
-        raise TypeError(f"{owner}: dropout_p must be {expected}, got None")
-    value = _number(owner, "dropout_p", dropout_p, expected)
+        raise TypeError(f"{owner}: {name} must be {expected}, got None")
+    value = _number(owner, name, dropout_p, expected)
     if not 0.0 <= value <= 1.0:  # NaN fails too
-        raise ValueError(f"{owner}: dropout_p must be {expected}, got {describe(dropout_p)}")
+        raise ValueError(f"{owner}: {name} must be {expected}, got {describe(dropout_p)}")
     return value
 
 

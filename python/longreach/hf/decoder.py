@@ -13,7 +13,8 @@ registers a `longreach` entry in both and switches the model to it:
 - the attention function (`longreach_attention_forward`) applies causal, the layer's sliding
   window (or the `window` option), soft-capping, the layer's `scaling`, GQA and ALiBi/sigmoid
   options in the fused op, with the padding as the op's key_padding_mask (any pattern, no host
-  sync under torch.compile). Packed rows
+  sync under torch.compile), and the `dropout` transformers passes (config.attention_dropout in
+  training mode, 0 in eval) as the op's dropout_p. Packed rows
   (`cu_seq_lens_q/k` kwargs as flash_attention_2 receives them, the mask function's document
   indices, or `position_ids` that restart inside a row) go to `longreach.local_attention_varlen`,
   one problem per document.
@@ -32,7 +33,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .._checks import check_choice, check_int, check_score, check_softcap
+from .._checks import check_choice, check_dropout_p, check_int, check_score, check_softcap
 from ..ops import local_attention
 from ..ops import local_attention_varlen
 from .cache import layer_of
@@ -361,11 +362,8 @@ def longreach_attention_forward(
     """
     options = _options(module.config)
     sinks = kwargs.get("s_aux")  # gpt-oss's learnable sink logits (Hq,): one more softmax term per row
-    if dropout:
-        raise ValueError(
-            f"longreach: attention dropout is not supported (got dropout={dropout}); "
-            "set config.attention_dropout = 0.0"
-        )
+    # transformers passes the model's attention dropout in training mode (0.0 in eval): the op's dropout_p
+    dropout = check_dropout_p("longreach", dropout, "dropout")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if not causal:
         raise NotImplementedError("longreach: the Hugging Face decoder path supports causal attention only")
@@ -389,6 +387,10 @@ def longreach_attention_forward(
     sink_tokens = options.get("sink_tokens", 0)
     cache_layer = layer_of(key)
     if cache_layer is not None:  # a LongreachCache layer: it appends and attends (decode op after the prompt)
+        if dropout:
+            raise NotImplementedError(
+                f"longreach: attention dropout (dropout={dropout}, the model is in training mode) with a "
+                "LongreachCache is not supported: the decode op has no dropout; call model.eval() before generating")
         out = cache_layer.attend(query, key, value, attention_mask, window_left=left, sink_tokens=sink_tokens,
                                  alibi_slopes=slopes, score=options.get("score", "softmax"), softcap=cap,
                                  scale=scaling, sinks=sinks)
@@ -406,9 +408,14 @@ def longreach_attention_forward(
                              "sequence per row (no attention_mask, no packing; pass the true position_ids)")
         if sinks is not None or sink_tokens:
             raise ValueError("longreach: context parallelism does not take attention sinks (s_aux, sink_tokens) yet")
+        if dropout:
+            raise ValueError(f"longreach: context parallelism does not take attention dropout yet (dropout={dropout} "
+                             "in training mode); set config.attention_dropout = 0.0")
         return context_parallel.attend(query, key, value, **common).transpose(1, 2).contiguous(), None
     if sinks is not None:
         common["sinks"] = sinks
+    if dropout:
+        common["dropout_p"] = dropout
     if packed is not None:
         batch, heads, q_length, dim = query.shape
         flat = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value)]

@@ -9,8 +9,8 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .._checks import (SCORES, check_bool, check_choice, check_int, check_score, check_sigmoid_bias, check_softcap,  # noqa: F401
-                       check_window_side)
+from .._checks import (SCORES, check_bool, check_choice, check_dropout_p, check_int, check_score,  # noqa: F401
+                       check_sigmoid_bias, check_softcap, check_window_side)
 from ..ops import local_attention
 from ..position_ids import packed_position_ids
 from ..positional import ALIBI_KINDS
@@ -110,8 +110,10 @@ class LocalSelfAttention(nn.Module):
             max_position_embeddings complete the RoPE configuration. alibi: "standard" or
             "balanced" slopes.
         softcap: soft-cap of the scores (c * tanh(s / c)), None = off.
-        bias: biases in the projections. dropout: on the attention output, before the output
-            projection (the fused op has no attention-probability dropout).
+        bias: biases in the projections. dropout: attention dropout, as nn.MultiheadAttention's:
+            in training mode (module.training) each attention weight is zeroed with probability
+            p and the kept ones scaled by 1 / (1 - p), inside the fused op (its dropout_p, mask
+            seeded from torch's default generator); eval mode never drops.
         rotary: share an existing RotaryEmbedding (e.g. one per model) instead of owning one.
 
     SWAT (Fu et al. 2025) in one call: ``LocalSelfAttention(E, H, window=W, score="sigmoid",
@@ -183,8 +185,6 @@ class LocalSelfAttention(nn.Module):
         self.sink_tokens = check_int(name, "sink_tokens", sink_tokens, 0)
         if check_bool(name, "learnable_sinks", learnable_sinks) and score != "softmax":
             raise ValueError(f"{name}: learnable_sinks=True needs score='softmax', got score={score!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
         if rope_scaling is not None and positional not in ("rope", "alibi+rope"):
             raise ValueError(f"{name}: rope_scaling={dict(rope_scaling)!r} needs positional='rope' or 'alibi+rope', "
                              f"got positional={positional!r}")
@@ -204,7 +204,7 @@ class LocalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
         self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = check_dropout_p(name, dropout, "dropout")  # a float, as nn.MultiheadAttention's
         # gpt-oss's per-head sink logits (zeros at first: exp(0) = one extra key's worth of weight)
         self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if learnable_sinks else None
         self.rotary = None
@@ -270,6 +270,7 @@ class LocalSelfAttention(nn.Module):
                         position_ids = torch.arange(offset, offset + length, device=x.device)[None]
             q, k = self.rotary(q, k, position_ids=position_ids, seq_len=seq_len)
 
+        dropout_p = self.dropout if self.training else 0.0  # p = 0 draws no random number
         options = dict(causal=self.causal, window=self.window, dilation=self.dilation,
                        alibi_slopes=None if self.alibi is None else self.alibi(), score=self.score,
                        sigmoid_bias=self.sigmoid_bias, softcap=self.softcap)
@@ -278,23 +279,26 @@ class LocalSelfAttention(nn.Module):
                 raise ValueError(f"{name}: context parallelism takes no KV cache, key padding or cu_seqlens")
             if self.sink_tokens or self.sinks is not None:
                 raise ValueError(f"{name}: context parallelism does not take sink tokens or learnable sinks yet")
+            if dropout_p:
+                raise ValueError(f"{name}: context parallelism does not take attention dropout yet "
+                                 f"(dropout={self.dropout} in training mode); use dropout=0 or eval mode")
             out = self.context_parallel.attend(q, k, v, **options)
-            return self.o_proj(self.dropout(out.transpose(1, 2).reshape(batch, length, -1)))
-        options.update(sink_tokens=self.sink_tokens, sinks=self.sinks)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        options.update(sink_tokens=self.sink_tokens, sinks=self.sinks, dropout_p=dropout_p)
         if cu_seqlens is not None:
             flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], self.head_dim) for t in (q, k, v)]
             out = local_attention_varlen(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
             out = out.reshape(batch, length, self.num_heads * self.head_dim)
-            return self.o_proj(self.dropout(out))
+            return self.o_proj(out)
         if cache is not None:  # the cache keeps which of its keys are real
             k, v, key_valid = cache.update(k, v, None if key_padding_mask is None else ~key_padding_mask)
             key_padding_mask = None if key_valid is None else ~key_valid
         out = local_attention(q, k, v, key_padding_mask=key_padding_mask, **options)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return self.o_proj(self.dropout(out))
+        return self.o_proj(out)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"window={self.window}, causal={self.causal}, dilation={self.dilation}, score={self.score!r}, "
                 f"positional={self.positional!r}, softcap={self.softcap}, sink_tokens={self.sink_tokens}, "
-                f"learnable_sinks={self.sinks is not None}")
+                f"learnable_sinks={self.sinks is not None}, dropout={self.dropout}")

@@ -32,6 +32,9 @@ class LocalTransformerConfig:
     positional: "rope", "alibi", "alibi+rope" or None. rope_scaling: Hugging Face dict, or
     None. max_position_embeddings: the RoPE tables' initial length (they grow on demand) and
     the "original length" of length-dependent scalings. mlp_ratio: hidden width / d_model.
+    dropout: residual dropout on the output of each attention and MLP branch (GPT-2's
+    resid_pdrop). attention_dropout: LocalSelfAttention's dropout of the attention weights
+    (Hugging Face's config.attention_dropout); both only in training mode.
     """
 
     vocab_size: int = 256
@@ -55,6 +58,7 @@ class LocalTransformerConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    attention_dropout: float = 0.0
 
     @classmethod
     def swat(cls, window: int, **overrides) -> "LocalTransformerConfig":
@@ -77,10 +81,11 @@ class TransformerBlock(nn.Module):
         self.attn = LocalSelfAttention(
             c.d_model, c.n_heads, c.n_kv_heads, window=c.window, causal=True, dilation=c.dilation, score=c.score,
             positional=c.positional, rope_scaling=c.rope_scaling, alibi=c.alibi, softcap=c.softcap, bias=c.bias,
-            dropout=c.dropout, rope_base=c.rope_base, max_position_embeddings=c.max_position_embeddings,
+            dropout=c.attention_dropout, rope_base=c.rope_base, max_position_embeddings=c.max_position_embeddings,
             sigmoid_bias=c.sigmoid_bias, rotary=rotary,
         )
         hidden = int(round(c.mlp_ratio * c.d_model))
+        self.attn_dropout = nn.Dropout(c.dropout)  # residual dropout of the attention branch (GPT-2's)
         self.mlp_norm = nn.LayerNorm(c.d_model, eps=c.norm_eps)
         self.mlp = nn.Sequential(
             nn.Linear(c.d_model, hidden, bias=c.bias), nn.GELU(), nn.Linear(hidden, c.d_model, bias=c.bias),
@@ -89,8 +94,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, position_ids=None, cache: Optional[SlidingKVCache] = None, *, key_padding_mask=None,
                 cu_seqlens=None, max_seqlen=None):
-        x = x + self.attn(self.attn_norm(x), None, position_ids, cache, key_padding_mask=key_padding_mask,
-                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        x = x + self.attn_dropout(self.attn(self.attn_norm(x), None, position_ids, cache,
+                                            key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
+                                            max_seqlen=max_seqlen))
         return x + self.mlp(self.mlp_norm(x))
 
 
