@@ -32,6 +32,8 @@ class LocalTransformerConfig:
     positional: "rope", "alibi", "alibi+rope" or None. rope_scaling: Hugging Face dict, or
     None. max_position_embeddings: the RoPE tables' initial length (they grow on demand) and
     the "original length" of length-dependent scalings. mlp_ratio: hidden width / d_model.
+    chunk, chunk_shift: chunked attention in every layer (LocalSelfAttention's; chunk_shift
+    "half", a list of n_heads ints or None, so the config stays a plain dict).
     """
 
     vocab_size: int = 256
@@ -55,6 +57,8 @@ class LocalTransformerConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    chunk: int = 0
+    chunk_shift: Optional[Any] = None
 
     @classmethod
     def swat(cls, window: int, **overrides) -> "LocalTransformerConfig":
@@ -77,7 +81,7 @@ class TransformerBlock(nn.Module):
             c.d_model, c.n_heads, c.n_kv_heads, window=c.window, causal=True, dilation=c.dilation, score=c.score,
             positional=c.positional, rope_scaling=c.rope_scaling, alibi=c.alibi, softcap=c.softcap, bias=c.bias,
             dropout=c.dropout, rope_base=c.rope_base, max_position_embeddings=c.max_position_embeddings,
-            sigmoid_bias=c.sigmoid_bias, rotary=rotary,
+            sigmoid_bias=c.sigmoid_bias, rotary=rotary, chunk=c.chunk, chunk_shift=c.chunk_shift,
         )
         hidden = int(round(c.mlp_ratio * c.d_model))
         self.mlp_norm = nn.LayerNorm(c.d_model, eps=c.norm_eps)
