@@ -110,3 +110,15 @@ def test_bad_input(kw, error, match):
         LocalSelfAttention(16, 4, **kw)
     with pytest.raises(error, match=match):
         LocalTransformerLM(LocalTransformerConfig(d_model=16, n_heads=4, **kw))
+
+
+def test_compile_fullgraph_forward_backward():
+    torch.manual_seed(3)
+    module = LocalSelfAttention(16, 4, 2, window=6, chunk=4, chunk_shift="half")
+    x = torch.randn(2, 13, 16, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    expected = module(x)
+    actual = compiled(x)
+    torch.testing.assert_close(actual, expected)
+    grad = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(actual, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
