@@ -7,11 +7,16 @@
     # offline smoke run: a tiny random Llama (pretrained length 64) taken to 256 tokens
     python examples/finetune_hf_long_context.py --tiny --steps 30
 
+    # LongLoRA's shifted sparse attention (S2-Attn): chunks of 64 tokens in training, half the heads
+    # shifted by 32; the held-out loss (eval mode) and the saved model use the windowed attention
+    python examples/finetune_hf_long_context.py --tiny --steps 30 --chunk 64 --chunk-shift half
+
 The recipe: `longreach.hf.patch(model, window=W, rope_scaling={...})` makes every layer attend
 to the last W keys with the fused kernel (cost and memory grow with W, not with the sequence)
 and rescales RoPE; gradient checkpointing and LoRA (peft) keep training memory small; the
 merged model is saved with the options in its config, and
-`longreach.hf.patch(AutoModelForCausalLM.from_pretrained(out))` restores them.
+`longreach.hf.patch(AutoModelForCausalLM.from_pretrained(out))` restores them. With --chunk,
+training attends within chunks (LongLoRA), inference does not (docs/huggingface.md).
 See docs/huggingface.md.
 """
 
@@ -37,6 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--factor", type=float, default=4.0, help="context extension factor for --rope (default 4)")
     p.add_argument("--window", type=int, default=None,
                    help="sliding window in keys, current token included (default: the pretrained length)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="LongLoRA's S2-Attn: in training, attend only within chunks of this many tokens "
+                   "(eval mode, the held-out loss and the saved model's inference run without chunks)")
+    p.add_argument("--chunk-shift", choices=["half", "none"], default=None,
+                   help="with --chunk: 'half' (default) shifts the chunks of half the heads by chunk/2, 'none' keeps "
+                   "one grid")
     p.add_argument("--seq-len", type=int, default=None,
                    help="training sequence length (default: factor x the pretrained length)")
     p.add_argument("--data", default=None, help="a text file or folder of .txt/.py/.md files "
@@ -52,10 +63,12 @@ def parse_args(argv=None):
     for name in ("factor", "lr"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("window", "seq_len", "steps", "batch_size"):
+    for name in ("window", "chunk", "seq_len", "steps", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive int, got {value}")
+    if args.chunk_shift is not None and args.chunk is None:
+        p.error("--chunk-shift needs --chunk")
     if args.lora_r < 0:
         p.error(f"--lora-r must be >= 0, got {args.lora_r}")
     return args
@@ -106,8 +119,12 @@ def main(argv=None):
     window = args.window or pretrained
     seq_len = args.seq_len or int(args.factor * pretrained)
     rope_scaling = None if args.rope == "none" else {"rope_type": args.rope, "factor": args.factor}
-    longreach.hf.patch(model, window=window, rope_scaling=rope_scaling)
-    print(f"patched {type(model).__name__}: window {window} keys, rope {rope_scaling}, "
+    chunks = {}
+    if args.chunk:
+        chunks = dict(chunk=args.chunk, chunk_shift=None if args.chunk_shift == "none" else "half")
+    longreach.hf.patch(model, window=window, rope_scaling=rope_scaling, **chunks)
+    chunked = f", training in chunks of {args.chunk} (shift {chunks['chunk_shift']})" if chunks else ""
+    print(f"patched {type(model).__name__}: window {window} keys, rope {rope_scaling}{chunked}, "
           f"pretrained length {pretrained} -> training length {seq_len}")
 
     text = load_text(args.data)

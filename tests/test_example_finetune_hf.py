@@ -38,11 +38,30 @@ def test_tiny_run_trains_saves_and_reloads(tmp_path, capsys):
     assert model(torch.randint(0, 256, (1, 40))).logits.shape == (1, 40, 256)
 
 
+def test_tiny_run_with_shifted_chunks(tmp_path, capsys):
+    """LongLoRA's S2-Attn through the example: chunks in training, saved with the model."""
+    import transformers
+
+    import longreach.hf
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("def g(y):\n    return y * 2\n" * 100)
+    out = tmp_path / "model"
+    load_example().main(["--tiny", "--steps", "2", "--seq-len", "96", "--window", "48", "--chunk", "16",
+                         "--chunk-shift", "half", "--data", str(data), "--out", str(out)])
+    assert "training in chunks of 16 (shift half)" in capsys.readouterr().out
+    model = longreach.hf.patch(transformers.AutoModelForCausalLM.from_pretrained(out))
+    assert model.config.longreach["chunk"] == 16 and model.config.longreach["chunk_shift"] == "half"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tiny", "--window", "0"], "--window must be a positive int, got 0"),
     (["--tiny", "--factor", "-1"], "--factor must be positive"),
     (["--tiny", "--rope", "stretchy"], "invalid choice: 'stretchy'"),
     (["--steps", "3"], "one of the arguments --model --tiny is required"),
+    (["--tiny", "--chunk", "0"], "--chunk must be a positive int, got 0"),
+    (["--tiny", "--chunk-shift", "half"], "--chunk-shift needs --chunk"),
+    (["--tiny", "--chunk", "8", "--chunk-shift", "third"], "invalid choice: 'third'"),
 ])
 def test_bad_flags_fail_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -30,7 +30,7 @@ from longreach import flash_attn_interface as fa
 
 
 def flash_reference(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                    softmax_scale=None, rules_seqlen_q=None, rules_seqlen_k=None):
+                    softmax_scale=None, rules_seqlen_q=None, rules_seqlen_k=None, attention_chunk=0):
     """flash-attn's result (out, lse) for q (B, Lq, H, D), k, v (B, Lk, Hk, D), in float64.
 
     rules_seqlen_*: the lengths flash-attn's front end processes the window against (varlen:
@@ -65,6 +65,12 @@ def flash_reference(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, al
             right = rules_k
         # construct_local_mask / mask.h: keep col in [row + sk - sq - left, row + sk - sq + right]
         masked = (col > row + seqlen_k - seqlen_q + right) | (col < row + seqlen_k - seqlen_q - left)
+    if attention_chunk > 0:
+        # flash-attn 3's construct_chunk_mask (hopper/test_util.py): keep col in the chunk of the
+        # row's position p, [p - p % c, p - p % c + c), chunks counted from key 0
+        position = row + seqlen_k - seqlen_q
+        start = position - position % attention_chunk
+        masked = masked | (col < start) | (col >= start + attention_chunk)
     if alibi_slopes is not None:
         slopes = alibi_slopes.double()
         slopes = (slopes[None] if slopes.dim() == 1 else slopes).expand(batch, heads)[:, :, None, None]
@@ -305,9 +311,10 @@ def test_compiles_fullgraph():
 # ------------------------------------------------------------------ kv cache --
 
 @pytest.mark.parametrize("paged", [False, True])
-@pytest.mark.parametrize("causal, window_size, alibi", [(True, (-1, -1), False), (True, (5, -1), True),
-                                                         (False, (4, -1), False), (True, (-1, -1), True)])
-def test_with_kvcache_decodes_as_flash_attn(paged, causal, window_size, alibi):
+@pytest.mark.parametrize("causal, window_size, alibi, chunk", [
+    (True, (-1, -1), False, 0), (True, (5, -1), True, 0), (False, (4, -1), False, 0), (True, (-1, -1), True, 0),
+    (True, (-1, -1), False, 5), (True, (3, -1), True, 4), (False, (4, -1), False, 6)])
+def test_with_kvcache_decodes_as_flash_attn(paged, causal, window_size, alibi, chunk):
     torch.manual_seed(0)
     B, H, Hk, D, capacity, block = 2, 4, 2, 8, 32, 8
     if paged:
@@ -335,12 +342,13 @@ def test_with_kvcache_decodes_as_flash_attn(paged, causal, window_size, alibi):
         k, v = torch.randn(B, lq, Hk, D).double(), torch.randn(B, lq, Hk, D).double()
         out, lse = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens,
                                               block_table=block_table, causal=causal, window_size=window_size,
-                                              alibi_slopes=slopes, return_softmax_lse=True)
+                                              alibi_slopes=slopes, return_softmax_lse=True, attention_chunk=chunk)
         for b in range(B):
             history_k[b] = torch.cat([history_k[b], k[b:b + 1]], 1)
             history_v[b] = torch.cat([history_v[b], v[b:b + 1]], 1)
             ref, ref_lse = flash_reference(q[b:b + 1], history_k[b], history_v[b], causal=causal,
-                                           window_size=window_size, alibi_slopes=slopes, rules_seqlen_k=capacity)
+                                           window_size=window_size, alibi_slopes=slopes, rules_seqlen_k=capacity,
+                                           attention_chunk=chunk)
             _close(out[b:b + 1], ref)
             _close(lse[b:b + 1], ref_lse)
         seqlens += lq
@@ -373,6 +381,8 @@ SIGNATURES = {  # flash-attn 2's flash_attn_interface.py
         ("causal", False), ("window_size", (-1, -1)), ("softcap", 0.0), ("rotary_interleaved", True),
         ("alibi_slopes", None), ("num_splits", 0), ("return_softmax_lse", False)],
 }
+for _params in SIGNATURES.values():
+    _params.append(("attention_chunk", 0))  # flash-attn 3's, after flash-attn 2's arguments
 
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
@@ -434,3 +444,57 @@ def test_bad_shapes():
         fa.flash_attn_func(q, k, v[:, :3])
     with pytest.raises(ValueError, match=r"qkv must be a 5-D tensor \(B, L, 3, H, D\)"):
         fa.flash_attn_qkvpacked_func(q)
+
+
+# ------------------------------------------------------- attention_chunk (flash-attn 3) --
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k, chunk, causal, window_size", [
+    (13, 13, 4, True, (-1, -1)),   # Llama-4's chunked causal layers
+    (5, 13, 4, True, (2, -1)),     # bottom-right rows, window and chunk intersected
+    (13, 13, 5, False, (-1, -1)),  # bidirectional inside chunks
+    (9, 9, 20, True, (3, 0)),      # a chunk longer than the keys: the window alone
+])
+def test_attention_chunk_matches_flash_attn_3s_reference(seqlen_q, seqlen_k, chunk, causal, window_size):
+    q, k, v = _qkv(2, seqlen_q, seqlen_k, 4, 2, 8, grad=True)
+    out, lse, _ = fa.flash_attn_func(q, k, v, causal=causal, window_size=window_size, attention_chunk=chunk,
+                                     return_attn_probs=True)
+    expected, expected_lse = flash_reference(q, k, v, causal=causal, window_size=window_size,
+                                             attention_chunk=chunk)
+    _close(out, expected)
+    _close(lse, expected_lse)
+    grad = torch.randn_like(out)
+    for actual_grad, expected_grad in zip(torch.autograd.grad(out, (q, k, v), grad),
+                                          torch.autograd.grad(expected, (q, k, v), grad)):
+        _close(actual_grad, expected_grad)
+    if chunk < seqlen_k:  # the chunks matter
+        assert not torch.allclose(out, flash_reference(q, k, v, causal=causal, window_size=window_size)[0])
+
+
+def test_attention_chunk_varlen_counts_chunks_per_sequence():
+    cu_q = torch.tensor([0, 7, 12], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 16], dtype=torch.int32)
+    q, k, v = torch.randn(12, 4, 8, dtype=torch.float64), torch.randn(16, 2, 8, dtype=torch.float64), \
+        torch.randn(16, 2, 8, dtype=torch.float64)
+    out = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 9, causal=True, attention_chunk=3)
+    for s in range(2):
+        rows, keys = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+        expected, _ = flash_reference(q[None, rows], k[None, keys], v[None, keys], causal=True, attention_chunk=3)
+        _close(out[rows], expected[0])
+    qkv = torch.randn(12, 3, 4, 8, dtype=torch.float64)
+    packed = fa.flash_attn_varlen_qkvpacked_func(qkv, cu_q, 7, causal=True, attention_chunk=3)
+    _close(packed, fa.flash_attn_varlen_func(*qkv.unbind(1), cu_q, cu_q, 7, 7, causal=True, attention_chunk=3))
+
+
+@pytest.mark.parametrize("value, error, match", [
+    (-1, ValueError, "attention_chunk must be an int >= 0, got -1"),
+    (2.0, TypeError, "attention_chunk must be an int >= 0, got 2.0"),
+    (True, TypeError, "attention_chunk must be an int >= 0"),
+])
+def test_attention_chunk_bad_values(value, error, match):
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(error, match=match):
+        fa.flash_attn_func(q, q, q, attention_chunk=value)
+    with pytest.raises(error, match=match):
+        fa.flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 4]), torch.tensor([0, 4]), 4, 4,
+                                  attention_chunk=value)

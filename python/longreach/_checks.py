@@ -217,3 +217,36 @@ def check_chunk(owner: str, chunk, chunk_shift, q_heads: int):
     if chunk == 0:
         raise ValueError(f"{owner}: chunk_shift needs chunk > 0 (chunks of that many positions), got chunk=0")
     return chunk, chunk_shift
+
+
+def chunk_shifts(owner: str, chunk, chunk_shift, q_heads: int, device=None):
+    """The one expansion of a user's `chunk_shift` (nn modules, longreach.hf.patch, the example):
+    None (no shift), "half" (LongLoRA's S2-Attn and SCCA's two-group pattern: 0 in heads
+    0 .. Hq // 2 - 1, chunk // 2 in heads Hq // 2 .. Hq - 1), a sequence of Hq ints, or an
+    int32/int64 tensor (Hq,). Returns (chunk, an int64 tensor (Hq,) on `device` or None),
+    checked by check_chunk as the ops check it."""
+    if isinstance(chunk_shift, str):
+        if chunk_shift != "half":
+            raise ValueError(f"{owner}: chunk_shift must be 'half', a sequence of {q_heads} ints, an int tensor "
+                             f"of shape (Hq,) = ({q_heads},) or None, got {chunk_shift!r}")
+        chunk = check_int(owner, "chunk", chunk, 0)
+        if chunk == 0:
+            raise ValueError(f"{owner}: chunk_shift='half' needs chunk > 0 (chunks of that many positions), "
+                             "got chunk=0")
+        chunk_shift = torch.zeros(q_heads, dtype=torch.long, device=device)
+        chunk_shift[q_heads // 2:] = chunk // 2
+    elif isinstance(chunk_shift, (list, tuple)):
+        if len(chunk_shift) != q_heads or any(isinstance(s, bool) or not isinstance(s, int) for s in chunk_shift):
+            raise (ValueError if all(isinstance(s, int) and not isinstance(s, bool) for s in chunk_shift)
+                   else TypeError)(f"{owner}: chunk_shift must be {q_heads} ints (one per query head), "
+                                   f"got {describe(chunk_shift)}")
+        if any(not -INT64_MAX - 1 <= s <= INT64_MAX for s in chunk_shift):
+            raise ValueError(f"{owner}: chunk_shift values must fit in int64, got {describe(chunk_shift)}")
+        chunk_shift = torch.tensor(chunk_shift, dtype=torch.long, device=device)
+    elif chunk_shift is not None and not isinstance(chunk_shift, torch.Tensor):
+        raise TypeError(f"{owner}: chunk_shift must be 'half', a sequence of {q_heads} ints, an int tensor of "
+                        f"shape (Hq,) = ({q_heads},) or None, got {describe(chunk_shift, typed=True)}")
+    chunk, chunk_shift = check_chunk(owner, chunk, chunk_shift, q_heads)
+    if chunk_shift is not None:
+        chunk_shift = chunk_shift.to(device=device if device is not None else chunk_shift.device, dtype=torch.long)
+    return chunk, chunk_shift

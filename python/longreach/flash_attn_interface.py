@@ -21,6 +21,9 @@ flash-attn computes, corner cases included (docs/flash_attn.md):
   ``slope * j`` instead of ``-slope * |p - j|`` (a left-unbounded window with right = 0 and
   ALiBi), shifted by ``slope * p`` as flash-attn's is. S_dmask is None (flash-attn returns it
   only with dropout; longreach never builds the (Lq, Lk) mask).
+- ``attention_chunk=c`` (flash-attn 3's, the last argument here): rows see only the keys of the
+  chunk of c key positions their position lies in, counted from key 0 (per sequence), intersected
+  with the window; the op's ``chunk``. Differentiable (flash-attn 3's backward is not).
 - ``dropout_p > 0`` is the op's attention dropout (CPU only for now): weights after the softmax
   zeroed with probability p, the kept ones scaled by 1 / (1 - p), the mask from a Philox RNG
   seeded by torch's default generator (longreach.dropout), not bit-equal to flash-attn's.
@@ -39,7 +42,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import check_bool, check_tensor, describe
+from ._checks import check_bool, check_int, check_tensor, describe
 from .ops import local_attention, local_attention_varlen
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
@@ -77,6 +80,13 @@ def flash_window(window_size: Tuple[int, int], causal: bool, seqlen_q: int, seql
     # One side bounded: flash-attn sets the other to seqlen_k. On the left that never cuts a key
     # (row i's window then starts at i - seqlen_q < 0); on the right it does when Lq > Lk + 1.
     return (None if left < 0 else left, seqlen_k if right < 0 else right), causal_kernel
+
+
+def _attention_chunk(owner: str, attention_chunk) -> int:
+    """flash-attn 3's attention_chunk: an int >= 0, 0 = off; the op's chunk (the same grid: chunks of
+    that many key positions from key 0, each row in the chunk of its bottom-right position, intersected
+    with the window)."""
+    return check_int(owner, "attention_chunk", attention_chunk, 0)
 
 
 def _options(owner: str, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -128,8 +138,9 @@ def _check_dense(owner: str, **tensors) -> None:
 
 
 def _dense(owner, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-           return_attn_probs):
+           return_attn_probs, attention_chunk=0):
     _check_dense(owner, q=q, k=k, v=v)
+    chunk = _attention_chunk(owner, attention_chunk)
     window_size, causal, softcap, slopes, dropout_p = _options(owner, dropout_p, softmax_scale, causal, window_size, softcap,
                                                     alibi_slopes, deterministic, return_attn_probs)
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
@@ -137,7 +148,7 @@ def _dense(owner, q, k, v, dropout_p, softmax_scale, causal, window_size, softca
     # (B, L, H, D) -> (B, H, L, D) views; the op takes strided inputs.
     out, lse = local_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window=window,
                                alibi_slopes=slopes, softcap=softcap, scale=softmax_scale, return_lse=True,
-                               dropout_p=dropout_p)
+                               dropout_p=dropout_p, chunk=chunk)
     out = out.transpose(1, 2).contiguous()  # flash-attn returns a contiguous (B, Lq, H, D)
     if not return_attn_probs:
         return out
@@ -150,35 +161,35 @@ def _dense(owner, q, k, v, dropout_p, softmax_scale, causal, window_size, softca
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, attention_chunk=0):
     """flash-attn's ``flash_attn_func``: q (B, Lq, H, D), k and v (B, Lk, Hk, D) with H % Hk == 0
     (GQA/MQA: query head h reads kv head h // (H // Hk)). Returns out (B, Lq, H, D), or
     (out, softmax_lse (B, H, Lq), None) with return_attn_probs=True. The module docstring gives
     the window, ALiBi, softcap and lse conventions (flash-attn's); dropout_p > 0 is longreach's
     attention dropout (CPU)."""
     return _dense("flash_attn_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                  deterministic, return_attn_probs)
+                  deterministic, return_attn_probs, attention_chunk)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, attention_chunk=0):
     """flash-attn's ``flash_attn_qkvpacked_func``: qkv (B, L, 3, H, D); otherwise flash_attn_func."""
     owner = "flash_attn_qkvpacked_func"
     _check_packed(owner, "qkv", qkv, 5, 3, "(B, L, 3, H, D)")
     q, k, v = qkv.unbind(2)
     return _dense(owner, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                  deterministic, return_attn_probs)
+                  deterministic, return_attn_probs, attention_chunk)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, attention_chunk=0):
     """flash-attn's ``flash_attn_kvpacked_func``: q (B, Lq, H, D), kv (B, Lk, 2, Hk, D); otherwise
     flash_attn_func."""
     owner = "flash_attn_kvpacked_func"
     _check_packed(owner, "kv", kv, 5, 2, "(B, Lk, 2, Hk, D)")
     k, v = kv.unbind(2)
     return _dense(owner, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                  deterministic, return_attn_probs)
+                  deterministic, return_attn_probs, attention_chunk)
 
 
 def _check_packed(owner: str, name: str, t, dim: int, count: int, layout: str) -> None:
@@ -201,10 +212,12 @@ def _row_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total
 
 
 def _varlen(owner, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-            causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None):
+            causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None,
+            attention_chunk=0):
     if block_table is not None:
         raise NotImplementedError(f"{owner}: block_table (a paged KV cache) is not supported; pass the keys "
                                   f"packed as k, v (total_k, Hk, D)")
+    chunk = _attention_chunk(owner, attention_chunk)
     window_size, causal, softcap, slopes, dropout_p = _options(owner, dropout_p, softmax_scale, causal, window_size, softcap,
                                                     alibi_slopes, deterministic, return_attn_probs)
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
@@ -213,7 +226,7 @@ def _varlen(owner, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     window, causal_kernel = flash_window(window_size, causal, max_seqlen_q, max_seqlen_k, slopes is not None)
     out, lse = local_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       window=window, alibi_slopes=slopes, softcap=softcap, scale=softmax_scale,
-                                      return_lse=True, dropout_p=dropout_p)
+                                      return_lse=True, dropout_p=dropout_p, chunk=chunk)
     if not return_attn_probs:
         return out
     slopes_at_rows = positions = None
@@ -225,7 +238,7 @@ def _varlen(owner, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, attention_chunk=0):
     """flash-attn's ``flash_attn_varlen_func``: q (total_q, H, D), k and v (total_k, Hk, D),
     cu_seqlens_* (B + 1,) int32 (int64 works too), max_seqlen_* the longest sequences. Each
     sequence is its own problem (bottom-right aligned); window_size is processed against
@@ -234,37 +247,41 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     NotImplementedError."""
     return _varlen("flash_attn_varlen_func", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                    dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                   return_attn_probs, block_table)
+                   return_attn_probs, block_table, attention_chunk)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False):
+                                     return_attn_probs=False, attention_chunk=0):
     """flash-attn's ``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, H, D), one cu_seqlens and
     max_seqlen for queries and keys; otherwise flash_attn_varlen_func."""
     owner = "flash_attn_varlen_qkvpacked_func"
     _check_packed(owner, "qkv", qkv, 4, 3, "(total, 3, H, D)")
     q, k, v = qkv.unbind(1)
     return _varlen(owner, q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
-                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                   attention_chunk=attention_chunk)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                    attention_chunk=0):
     """flash-attn's ``flash_attn_varlen_kvpacked_func``: q (total_q, H, D), kv (total_k, 2, Hk, D);
     otherwise flash_attn_varlen_func."""
     owner = "flash_attn_varlen_kvpacked_func"
     _check_packed(owner, "kv", kv, 4, 2, "(total_k, 2, Hk, D)")
     k, v = kv.unbind(1)
     return _varlen(owner, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                   attention_chunk=attention_chunk)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+                            attention_chunk=0):
     """flash-attn's ``flash_attn_with_kvcache`` on longreach.local_attention_with_kvcache: q
     (B, Lq, H, D); k_cache, v_cache (B, capacity, Hk, D), or paged (num_blocks, block_size, Hk, D)
     with block_table (B, max_blocks) int32; k, v (B, Lq, Hk, D) new keys appended in place at
@@ -283,6 +300,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if value is not None:
             raise NotImplementedError(f"{owner}: {name} is not supported; {instead}")
     check_bool(owner, "rotary_interleaved", rotary_interleaved)
+    chunk = _attention_chunk(owner, attention_chunk)  # chunks from key 0, as the decode op counts them
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(owner, name, t)
         if t.dim() != 4:
@@ -302,7 +320,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     out, lse = local_attention_with_kvcache(q.transpose(1, 2), kc, vc, new_k, new_v, cache_seqlens=cache_seqlens,
                                             block_table=block_table, window=window, alibi_slopes=slopes,
                                             softcap=softcap, scale=softmax_scale, num_splits=num_splits,
-                                            return_lse=True)
+                                            chunk=chunk, return_lse=True)
     out = out.transpose(1, 2).contiguous()
     if not return_softmax_lse:
         return out

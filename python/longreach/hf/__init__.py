@@ -19,7 +19,7 @@ from . import state
 
 __all__ = ["patch", "unpatch", "LongreachCache"]
 
-_DECODER_OPTIONS = ("window", "sink_tokens", "rope_scaling", "softcap", "score", "alibi")
+_DECODER_OPTIONS = ("window", "sink_tokens", "rope_scaling", "softcap", "score", "alibi", "chunk", "chunk_shift")
 _LONGFORMER_OPTIONS = ("attention_dropout", "dilation")
 
 
@@ -36,6 +36,8 @@ def patch(
     softcap: Optional[float] = None,
     score: Optional[str] = None,
     alibi: Optional[str] = None,
+    chunk: Optional[int] = None,
+    chunk_shift=None,
     attention_dropout: Optional[float] = None,
     dilation: Optional[int] = None,
 ):
@@ -53,6 +55,12 @@ def patch(
     - softcap: positive float, the attention-logit soft-cap ``c * tanh(s / c)``.
     - score: "softmax" or "sigmoid".
     - alibi: "standard" or "balanced" ALiBi slopes added to the scores.
+    - chunk: int c, in training mode (``model.train()``) every token attends only to the keys of
+      its chunk of c positions, within the window (LongLoRA's S2-Attn, with ``chunk_shift``);
+      in eval mode (``model.eval()``, generate) the full or windowed attention runs, as LongLoRA
+      infers. docs/huggingface.md "Chunked fine-tuning".
+    - chunk_shift: "half" (LongLoRA: the chunks of the second half of the heads shifted by
+      c // 2), a list of one int per query head, an int tensor, or None (no shift).
 
     The options are stored in ``config.longreach`` and travel with ``save_pretrained``; with no
     option, a model loaded from a patched checkpoint gets its saved ones back.
@@ -70,7 +78,7 @@ def patch(
     from .longformer import is_longformer_model, patch_longformer
 
     options = dict(window=window, sink_tokens=sink_tokens, rope_scaling=rope_scaling, softcap=softcap, score=score, alibi=alibi,
-                   attention_dropout=attention_dropout, dilation=dilation)
+                   chunk=chunk, chunk_shift=chunk_shift, attention_dropout=attention_dropout, dilation=dilation)
     longformer = is_longformer_model(model)
     foreign = _DECODER_OPTIONS if longformer else _LONGFORMER_OPTIONS
     given = [name for name in foreign if options[name] is not None]
@@ -94,7 +102,7 @@ def patch(
             state.remember_children(base, rotary_children(base))
     try:
         return patch_decoder(model, window=window, sink_tokens=sink_tokens, score=score, alibi=alibi, rope_scaling=rope_scaling,
-                             softcap=softcap)
+                             softcap=softcap, chunk=chunk, chunk_shift=chunk_shift)
     except Exception:
         if first and state.is_patched(base):  # a bad option: leave the model as it was
             state.restore(base)

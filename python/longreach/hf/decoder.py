@@ -33,7 +33,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .._checks import check_choice, check_dropout_p, check_int, check_score, check_softcap
+from .._checks import check_choice, check_dropout_p, check_int, check_score, check_softcap, chunk_shifts
 from ..ops import local_attention
 from ..ops import local_attention_varlen
 from .cache import layer_of
@@ -49,7 +49,8 @@ __all__ = ["patch_decoder", "register", "longreach_attention_forward", "longreac
 # --------------------------------------------------------------------------- options
 
 
-def _check_options(window, score, alibi, softcap, rope_scaling, sink_tokens=None) -> Dict[str, Any]:
+def _check_options(window, score, alibi, softcap, rope_scaling, sink_tokens=None, chunk=None, chunk_shift=None,
+                   num_heads=None) -> Dict[str, Any]:
     """Validate the user's options; returns the dict stored in config.longreach (None = keep the model's)."""
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(
@@ -66,8 +67,15 @@ def _check_options(window, score, alibi, softcap, rope_scaling, sink_tokens=None
         )
     if sink_tokens is not None:
         sink_tokens = check_int(_OWNER, "sink_tokens", sink_tokens, 0) or None  # 0: none, as if not given
+    if chunk is not None or chunk_shift is not None:
+        # Checked as the ops will take it; stored as config.json can hold it: "half" or a list of ints.
+        chunk, shifts = chunk_shifts(_OWNER, 0 if chunk is None else chunk, chunk_shift, num_heads)
+        if shifts is not None and not isinstance(chunk_shift, str):
+            chunk_shift = shifts.tolist()
+        chunk = chunk or None  # 0: off, as if not given
     options = {"window": window, "sink_tokens": sink_tokens, "score": score, "alibi": alibi, "softcap": None if softcap is None else float(softcap),
-               "rope_scaling": None if rope_scaling is None else copy.deepcopy(rope_scaling)}
+               "rope_scaling": None if rope_scaling is None else copy.deepcopy(rope_scaling),
+               "chunk": chunk, "chunk_shift": chunk_shift}
     return {key: value for key, value in options.items() if value is not None}
 
 
@@ -77,7 +85,7 @@ def _options(config) -> Dict[str, Any]:
 
 # Options that change what attention computes, which transformers' own attention would drop.
 # (rope_scaling is not one: transformers rebuilds the same RoPE from config.rope_parameters.)
-_ATTENTION_OPTIONS = ("window", "sink_tokens", "score", "alibi", "softcap")
+_ATTENTION_OPTIONS = ("window", "sink_tokens", "score", "alibi", "softcap", "chunk")
 
 
 def _name_longreach_in_config(config) -> None:
@@ -272,6 +280,18 @@ def longreach_mask(
 # --------------------------------------------------------------------------- attention function
 
 _SLOPES_CACHE: Dict[tuple, torch.Tensor] = {}
+_SHIFTS_CACHE: Dict[tuple, torch.Tensor] = {}
+
+
+def _chunk_shift(options, num_heads: int, device) -> Optional[torch.Tensor]:
+    """config.longreach's chunk_shift ("half" or a list of ints) as the op's (Hq,) tensor, made once."""
+    shift = options.get("chunk_shift")
+    if shift is None:
+        return None
+    key = (options["chunk"], shift if isinstance(shift, str) else tuple(shift), num_heads, str(device))
+    if key not in _SHIFTS_CACHE:
+        _SHIFTS_CACHE[key] = chunk_shifts(_OWNER, options["chunk"], shift, num_heads, device)[1]
+    return _SHIFTS_CACHE[key]
 
 
 def _alibi_slopes(kind: str, num_heads: int, device) -> torch.Tensor:
@@ -385,7 +405,13 @@ def longreach_attention_forward(
     alibi = options.get("alibi")
     slopes = None if alibi is None else _alibi_slopes(alibi, query.shape[1], query.device)
     sink_tokens = options.get("sink_tokens", 0)
+    # LongLoRA's recipe: chunks (S2-Attn) while training, the full or windowed attention in eval mode.
+    chunk = options.get("chunk", 0) if module.training else 0
     cache_layer = layer_of(key)
+    if chunk and (cache_layer is not None or key.shape[2] != query.shape[2]):
+        raise NotImplementedError(
+            f"longreach: patch(chunk={chunk}) applies chunks in training mode, to whole sequences; this call attends "
+            "to cached keys. Train with use_cache=False, or call model.eval() to run without chunks")
     if cache_layer is not None:  # a LongreachCache layer: it appends and attends (decode op after the prompt)
         if dropout:
             raise NotImplementedError(
@@ -401,13 +427,16 @@ def longreach_attention_forward(
                   softcap=cap, scale=scaling)
     if sink_tokens:
         common["sink_tokens"] = sink_tokens
+    if chunk:
+        common.update(chunk=chunk, chunk_shift=_chunk_shift(options, query.shape[1], query.device))
     context_parallel = getattr(module, "longreach_context_parallel", None)  # longreach.distributed
     if context_parallel is not None:
         if attention_mask is not None or packed is not None:
             raise ValueError("longreach: with context parallelism the input is a shard of one unpadded, unpacked "
                              "sequence per row (no attention_mask, no packing; pass the true position_ids)")
-        if sinks is not None or sink_tokens:
-            raise ValueError("longreach: context parallelism does not take attention sinks (s_aux, sink_tokens) yet")
+        if sinks is not None or sink_tokens or chunk:
+            raise ValueError("longreach: context parallelism does not take attention sinks (s_aux, sink_tokens) or "
+                             "chunks (patch(chunk=...)) yet")
         if dropout:
             raise ValueError(f"longreach: context parallelism does not take attention dropout yet (dropout={dropout} "
                              "in training mode); set config.attention_dropout = 0.0")
@@ -452,7 +481,8 @@ def is_decoder_model(model) -> bool:
     )
 
 
-def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None, softcap=None, sink_tokens=None):
+def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None, softcap=None, sink_tokens=None,
+                  chunk=None, chunk_shift=None):
     """Switch a transformers decoder model to longreach attention, in place; returns the model.
 
     window: int W, every layer attends to the last W keys (current token included), like
@@ -462,7 +492,8 @@ def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None,
     sink_tokens: int n, the first n tokens of each sequence stay visible to every later token on
     top of the window (StreamingLLM).
     rope_scaling: a Hugging Face rope-scaling dict (rope_type linear / yarn / dynamic / ...)
-    that replaces the model's rotary embedding. Calling it with no option on a model saved
+    that replaces the model's rotary embedding. chunk, chunk_shift: chunked attention in
+    training mode only (LongLoRA's S2-Attn; longreach.hf.patch). Calling it with no option on a model saved
     after patching restores the saved options.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -472,8 +503,9 @@ def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None,
             "AttentionInterface (its class is not marked _supports_attention_backend), so longreach cannot "
             "replace it; supported: decoder models such as Llama, Mistral, Qwen2, Gemma2, Gemma3"
         )
-    options = _check_options(window, score, alibi, softcap, rope_scaling, sink_tokens)
     config = base.config.get_text_config(decoder=True)
+    options = _check_options(window, score, alibi, softcap, rope_scaling, sink_tokens, chunk, chunk_shift,
+                             getattr(config, "num_attention_heads", None))
     if not options:
         options = _options(config)  # re-patching a model loaded from a patched checkpoint
     if "rope_scaling" in options:

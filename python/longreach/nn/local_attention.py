@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._checks import (SCORES, check_bool, check_choice, check_dropout_p, check_int, check_score,  # noqa: F401
-                       check_sigmoid_bias, check_softcap, check_window_side)
+                       check_sigmoid_bias, check_softcap, check_window_side, chunk_shifts)
 from ..ops import local_attention
 from ..position_ids import packed_position_ids
 from ..positional import ALIBI_KINDS
@@ -115,6 +115,10 @@ class LocalSelfAttention(nn.Module):
             p and the kept ones scaled by 1 / (1 - p), inside the fused op (its dropout_p, mask
             seeded from torch's default generator); eval mode never drops.
         rotary: share an existing RotaryEmbedding (e.g. one per model) instead of owning one.
+        chunk: c > 0 restricts the window to chunks of c positions (Llama-4's chunked layers,
+            LongLoRA's S2-Attn, SCCA; docs/semantics.md "Chunks"), 0 = off. chunk_shift: the
+            per-head offset of the chunk grid: None (0), "half" (LongLoRA: c // 2 in the second
+            half of the heads), Hq ints or an int tensor (Hq,); kept as the buffer `chunk_shift`.
 
     SWAT (Fu et al. 2025) in one call: ``LocalSelfAttention(E, H, window=W, score="sigmoid",
     positional="alibi+rope", alibi="balanced")`` (also ``LocalSelfAttention.swat(E, H, W)``).
@@ -157,6 +161,8 @@ class LocalSelfAttention(nn.Module):
         rotary: Optional[RotaryEmbedding] = None,
         sink_tokens: int = 0,
         learnable_sinks: bool = False,
+        chunk: int = 0,
+        chunk_shift=None,
         device=None,
         dtype=None,
     ) -> None:
@@ -189,6 +195,7 @@ class LocalSelfAttention(nn.Module):
             raise ValueError(f"{name}: rope_scaling={dict(rope_scaling)!r} needs positional='rope' or 'alibi+rope', "
                              f"got positional={positional!r}")
         self.window = resolve_window(window, causal, name)
+        self.chunk, shifts = chunk_shifts(name, chunk, chunk_shift, num_heads, device)
         left, right = self.window
         if score == "sigmoid" and sigmoid_bias is None:
             if left is None or right is None:
@@ -212,6 +219,8 @@ class LocalSelfAttention(nn.Module):
             self.rotary = rotary if rotary is not None else RotaryEmbedding(
                 head_dim, rope_base, max_position_embeddings, rope_scaling, device=device)
         self.alibi = ALiBi(num_heads, alibi, device=device) if positional in ("alibi", "alibi+rope") else None
+        # A buffer so .to(device) moves it; not persistent: state_dicts stay those of a model without chunks.
+        self.register_buffer("chunk_shift", shifts, persistent=False)
         # Set by longreach.distributed.enable_context_parallel: x is then this rank's shard of the
         # sequence and the attention runs across the ranks (docs/distributed.md).
         self.context_parallel = None
@@ -223,9 +232,13 @@ class LocalSelfAttention(nn.Module):
                    alibi="balanced", **kwargs)
 
     def cache_size(self) -> Optional[int]:
-        """Past keys a causal query can reach (what a SlidingKVCache must keep); None = all."""
+        """Past keys a causal query can reach (what a SlidingKVCache must keep); None = all.
+        With chunks, a row reaches at most chunk - 1 keys back (the start of its chunk)."""
         left = self.window[0]
-        return None if left is None else left * self.dilation
+        reach = None if left is None else left * self.dilation
+        if self.chunk:
+            reach = self.chunk - 1 if reach is None else min(reach, self.chunk - 1)
+        return reach
 
     def new_cache(self) -> SlidingKVCache:
         """An empty rolling cache sized for this layer's window (``cache_size()`` slots), for ``forward(x, cache=...)``."""
@@ -277,20 +290,28 @@ class LocalSelfAttention(nn.Module):
         if self.context_parallel is not None:
             if cache is not None or key_padding_mask is not None or cu_seqlens is not None:
                 raise ValueError(f"{name}: context parallelism takes no KV cache, key padding or cu_seqlens")
-            if self.sink_tokens or self.sinks is not None:
-                raise ValueError(f"{name}: context parallelism does not take sink tokens or learnable sinks yet")
+            if self.sink_tokens or self.sinks is not None or self.chunk:
+                raise ValueError(f"{name}: context parallelism does not take sink tokens, learnable sinks or "
+                                 "chunks yet")
             if dropout_p:
                 raise ValueError(f"{name}: context parallelism does not take attention dropout yet "
                                  f"(dropout={self.dropout} in training mode); use dropout=0 or eval mode")
             out = self.context_parallel.attend(q, k, v, **options)
             return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-        options.update(sink_tokens=self.sink_tokens, sinks=self.sinks, dropout_p=dropout_p)
+        options.update(sink_tokens=self.sink_tokens, sinks=self.sinks, dropout_p=dropout_p, chunk=self.chunk,
+                       chunk_shift=self.chunk_shift)
         if cu_seqlens is not None:
             flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], self.head_dim) for t in (q, k, v)]
             out = local_attention_varlen(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
             out = out.reshape(batch, length, self.num_heads * self.head_dim)
             return self.o_proj(out)
         if cache is not None:  # the cache keeps which of its keys are real
+            if self.chunk:
+                # Chunks are counted from position 0, the cache's first key sits at position
+                # seen - len(cache): shifting the grid by that start keeps every key in its chunk.
+                start = cache.seen - len(cache)
+                base = 0 if self.chunk_shift is None else self.chunk_shift
+                options["chunk_shift"] = base + torch.full((self.num_heads,), start, dtype=torch.long, device=x.device)
             k, v, key_valid = cache.update(k, v, None if key_padding_mask is None else ~key_padding_mask)
             key_padding_mask = None if key_valid is None else ~key_valid
         out = local_attention(q, k, v, key_padding_mask=key_padding_mask, **options)
@@ -301,4 +322,4 @@ class LocalSelfAttention(nn.Module):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"window={self.window}, causal={self.causal}, dilation={self.dilation}, score={self.score!r}, "
                 f"positional={self.positional!r}, softcap={self.softcap}, sink_tokens={self.sink_tokens}, "
-                f"learnable_sinks={self.sinks is not None}, dropout={self.dropout}")
+                f"learnable_sinks={self.sinks is not None}, dropout={self.dropout}, chunk={self.chunk}")

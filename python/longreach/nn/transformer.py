@@ -35,6 +35,8 @@ class LocalTransformerConfig:
     dropout: residual dropout on the output of each attention and MLP branch (GPT-2's
     resid_pdrop). attention_dropout: LocalSelfAttention's dropout of the attention weights
     (Hugging Face's config.attention_dropout); both only in training mode.
+    chunk, chunk_shift: chunked attention in every layer (LocalSelfAttention's; chunk_shift
+    "half", a list of n_heads ints or None, so the config stays a plain dict).
     """
 
     vocab_size: int = 256
@@ -59,6 +61,8 @@ class LocalTransformerConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention_dropout: float = 0.0
+    chunk: int = 0
+    chunk_shift: Optional[Any] = None
 
     @classmethod
     def swat(cls, window: int, **overrides) -> "LocalTransformerConfig":
@@ -82,7 +86,7 @@ class TransformerBlock(nn.Module):
             c.d_model, c.n_heads, c.n_kv_heads, window=c.window, causal=True, dilation=c.dilation, score=c.score,
             positional=c.positional, rope_scaling=c.rope_scaling, alibi=c.alibi, softcap=c.softcap, bias=c.bias,
             dropout=c.attention_dropout, rope_base=c.rope_base, max_position_embeddings=c.max_position_embeddings,
-            sigmoid_bias=c.sigmoid_bias, rotary=rotary,
+            sigmoid_bias=c.sigmoid_bias, rotary=rotary, chunk=c.chunk, chunk_shift=c.chunk_shift,
         )
         hidden = int(round(c.mlp_ratio * c.d_model))
         self.attn_dropout = nn.Dropout(c.dropout)  # residual dropout of the attention branch (GPT-2's)
