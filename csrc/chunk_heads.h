@@ -5,7 +5,9 @@
 // sliced along the head dimension; k and v gathered per query head, so a GQA
 // group split across shifts reads its kv head in each part, and the key
 // gradients are summed back). LongLoRA and SCCA use two shifts (0 and c / 2):
-// two calls, each O(L * c) per head. Device-agnostic (ATen ops only).
+// two calls, each O(L * c) per head. Device-agnostic (ATen ops only): the CPU
+// entries (cpu/local_attention_cpu.cpp) and the CUDA ones (cuda/attention_entry.h,
+// shared with the host emulation) both split calls here.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +15,8 @@
 #include <cstdint>
 #include <tuple>
 #include <vector>
+
+#include "attention_params.h"
 
 namespace longreach {
 
@@ -56,6 +60,24 @@ inline void check_dropout_with_one_chunk_grid(const std::vector<ShiftGroup>& gro
                               "local_attention: dropout_p > 0 with chunk_shift values that differ between heads "
                               "(modulo chunk) is not implemented; got dropout_p=", dropout_p, " and ", groups.size(),
                               " chunk grids");
+}
+
+// The chunk grids of a call: several, which the caller runs one by one (one
+// call per ShiftGroup, each with a single chunk_shift value), or one (or none),
+// which this sets in P.window.
+inline std::vector<ShiftGroup> chunk_grids(AttentionParams& P, const at::Tensor& q, int64_t chunk,
+                                           const c10::optional<at::Tensor>& chunk_shift, double dropout_p) {
+  const std::vector<int64_t> phases = chunk_phases(q, P.q_heads, chunk, chunk_shift);
+  std::vector<ShiftGroup> groups = shift_groups(phases, P.group_size(), q.device());
+  check_dropout_with_one_chunk_grid(groups, dropout_p);
+  P.window.chunk = chunk;
+  P.window.chunk_phase = phases.empty() ? 0 : phases[0];
+  return groups;
+}
+
+// The chunk_shift argument of a group's call: its phase for each of its heads.
+inline at::Tensor group_shift(const ShiftGroup& g, const at::Tensor& q_group) {
+  return at::full({q_group.size(1)}, g.phase, q_group.options().dtype(at::kLong));
 }
 
 // The part of a per-head tensor (heads along `dim`) that a group reads; an

@@ -127,6 +127,49 @@ def test_cuda_learnable_sinks_match_cpu(dtype):
         torch.testing.assert_close(a.float().cpu(), b, atol=TOL[dtype]["atol"] * scale, rtol=TOL[dtype]["rtol"])
 
 
+def _cuda_and_cpu_runs(dtype, kwargs, seed=11, shape=(2, 4, 2, 150, 160, 64)):
+    """(out, lse, dq, dk, dv) on CUDA in dtype and on CPU in float32 from the same rounded
+    inputs; torch.manual_seed before each call gives both the same dropout_seed."""
+    B, Hq, Hk, Lq, Lk, D = shape
+    q, k, v, _ = _make_inputs(shape, {}, dtype, "cpu", seed=seed)
+    results = []
+    for dev, t in (("cuda", dtype), ("cpu", torch.float32)):
+        kw = {key: (val.to(dev) if isinstance(val, torch.Tensor) else val) for key, val in kwargs.items()}
+        torch.manual_seed(1234)
+        results.append(_run(q.to(dev, t), k.to(dev, t), v.to(dev, t), kw))
+    return results
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(chunk=32, window=(20, 0), causal=True), dict(chunk=48, chunk_shift=torch.tensor([0, 24, 0, 24])),
+     dict(chunk=7, chunk_shift=torch.tensor([0, 3, -2, 9]), window=(5, 5), dilation=2)],
+    ids=["causal_chunks", "half_shift_gqa", "arbitrary_shifts_dilated"],
+)
+def test_cuda_chunks_match_cpu(kwargs, dtype):
+    """chunk= / chunk_shift= on CUDA (one kernel call per chunk grid) against the CPU op."""
+    got, want = _cuda_and_cpu_runs(dtype, kwargs)
+    for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.float().cpu() / scale, b.float() / scale, **TOL[dtype], msg=label)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 1.0])
+def test_cuda_dropout_matches_cpu(dropout_p, dtype):
+    """Attention dropout on CUDA: the same seed gives the CPU op's mask (common/philox.h), so
+    out, lse and the gradients agree to the dtype's tolerance; p = 1 drops every weight."""
+    got, want = _cuda_and_cpu_runs(dtype, dict(window=(24, 8), chunk=40, dropout_p=dropout_p))
+    for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.float().cpu() / scale, b.float() / scale, **TOL[dtype], msg=label)
+    if dropout_p == 1.0:
+        assert torch.count_nonzero(got[0]) == 0
+
+
 @needs_gpu
 def test_cuda_matches_reference_in_float32_with_strided_inputs():
     B, L, H, D = 2, 75, 4, 64

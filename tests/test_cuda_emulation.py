@@ -314,3 +314,170 @@ def test_emulated_sinks_without_keys(emulation):
     glse = torch.randn(1, 2, 3)
     *_, dsinks = emulation.bwd(torch.randn_like(out), glse, q, k, v, out, lse, *args, sinks=sinks)
     torch.testing.assert_close(dsinks, glse.sum((0, 2)))
+
+
+# ---------------------------------------------------------------- chunks --
+# (name, kwargs): chunk sizes 1, not dividing the lengths, past them; shifts half a chunk
+# (LongLoRA / SCCA: two chunk grids, so two calls) and arbitrary per head (negative, past the
+# chunk); with a window, dilation and global tokens. Lq = 45 rows on Lk = 50 keys, GQA 4 on 2.
+CHUNK_CASES = [
+    ("chunk1", dict(chunk=1)),
+    ("chunk7_not_dividing", dict(chunk=7, window=(4, 2))),
+    ("chunk_past_lengths", dict(chunk=80, window=(5, 0), causal=True)),
+    ("half_shift", dict(chunk=8, chunk_shift=[0, 4, 0, 4])),
+    ("arbitrary_shifts", dict(chunk=9, chunk_shift=[0, 3, -5, 13], window=(6, 3))),
+    ("dilated", dict(chunk=10, chunk_shift=[2, 2, 2, 2], window=(3, 3), dilation=2)),
+    ("globals_sigmoid", dict(chunk=6, chunk_shift=[0, 3, 1, 0], global_every=9, score="sigmoid")),
+    ("alibi_softcap", dict(chunk=12, chunk_shift=[0, 6, 6, 0], alibi=True, softcap=5.0)),
+]
+
+
+def _chunk_kwargs(case, B, Lk):
+    kw = {key: val for key, val in case.items() if key not in ("global_every", "alibi")}
+    if "chunk_shift" in kw:
+        kw["chunk_shift"] = torch.tensor(kw["chunk_shift"])
+    if "global_every" in case:
+        gm = torch.zeros(B, Lk, dtype=torch.bool)
+        gm[:, :: case["global_every"]] = True
+        gm[-1, 2] = True
+        kw["global_mask"] = gm
+    if case.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(B, 4) * 0.3
+    return kw
+
+
+@pytest.mark.parametrize("name,case", CHUNK_CASES, ids=[c[0] for c in CHUNK_CASES])
+def test_emulated_cuda_chunks_match_the_reference(emulation, name, case):
+    """chunk= / chunk_shift= through the CUDA blocks (the chunk grid in every block plan and
+    mask, heads with different shifts split per grid as on CPU) against the dense reference."""
+    B, Hq, Hk, Lq, Lk, D = 2, 4, 2, 45, 50, 16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k, v = (torch.randn(B, Hk, Lk, D, generator=g) for _ in range(2))
+    kw = _chunk_kwargs(case, B, Lk)
+    chunk, shift = kw.pop("chunk"), kw.pop("chunk_shift", None)
+    args = _op_args(q, kw)
+    out, lse = emulation.fwd(q, k, v, *args, chunk=chunk, chunk_shift=shift)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref = reference.local_attention(qr, kr, vr, **kw, chunk=chunk, chunk_shift=shift)
+    torch.testing.assert_close(out.double(), ref, atol=3e-5, rtol=3e-5)
+    go = torch.randn(out.shape, generator=g)
+    dq, dk, dv, *_ = emulation.bwd(go, None, q, k, v, out, lse, *args, chunk=chunk, chunk_shift=shift)
+    for label, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(ref, (qr, kr, vr), go.double())):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{label}: {m}")
+
+
+@pytest.mark.parametrize("shift", [None, [0, 5, 5, 0]], ids=["one_grid", "two_grids"])
+def test_emulated_cuda_varlen_chunks_match_the_cpu_kernels(emulation, shift):
+    """Packed batches with chunks (per-sequence positions, empty sequences, a grid split
+    across a GQA group) against the CPU varlen op, forward and backward."""
+    lq, lk = [5, 0, 30, 1, 37], [7, 4, 26, 0, 40]
+    Hq, Hk, D = 4, 2, 16
+    cq = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+    ck = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(lq), Hq, D)
+    k, v = (torch.randn(sum(lk), Hk, D) for _ in range(2))
+    gm = torch.zeros(sum(lk), dtype=torch.bool)
+    gm[::11] = True
+    shift_t = None if shift is None else torch.tensor(shift)
+    args = (cq, ck, max(lq), max(lk), gm, None, 6, 2, 1, "softmax", None, 0.0, D ** -0.5)
+    cd = dict(chunk=10, chunk_shift=shift_t)
+    out, lse = emulation.varlen_fwd(q, k, v, *args, **cd)
+    op = torch.ops.longreach
+    want_out, want_lse = op.local_attention_varlen_fwd(q, k, v, *args, False, 0, None, 10, shift_t, 0.0, None)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    fin = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[fin], want_lse[fin], atol=1e-5, rtol=1e-5)
+    go = torch.randn(out.shape)
+    got = emulation.varlen_bwd(go, None, q, k, v, out, lse, *args, False, **cd)
+    want = op.local_attention_varlen_bwd(go, None, q, k, v, want_out, want_lse, *args, False, False, 0, None, 10,
+                                         shift_t, 0.0, None)
+    for label, a, b in zip(("dq", "dk", "dv"), got[:3], want[:3]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{label}: {m}")
+
+
+# --------------------------------------------------------------- dropout --
+
+def _dense_op_tail(dropout_p, seed, chunk=0, shift=None):
+    """local_attention_fwd's arguments after scale: no padding, sinks or causal globals."""
+    return (None, False, 0, None, chunk, shift, dropout_p, seed)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize(
+    "case",
+    [dict(window=(6, 2)), dict(window=(5, 0), dilation=2, global_every=7, score="sigmoid"),
+     dict(window=(None, None), chunk=8, chunk_shift=[3, 3, 3, 3], alibi=True, softcap=4.0)],
+    ids=["band", "dilated_globals_sigmoid", "chunked_alibi_softcap"],
+)
+def test_emulated_cuda_dropout_matches_the_cpu_kernels(emulation, case, dropout_p):
+    """Attention dropout in the CUDA blocks: the same dropout_seed gives the CPU op's keep
+    bits (common/philox.h keyed by (batch * Hq + head, row, key)) in the forward and both
+    backward passes, so out, lse and every gradient equal the CPU op's (float32); the
+    reference with longreach.dropout.keep_mask's mask is the independent check of out."""
+    from longreach.dropout import keep_mask
+
+    B, Hq, Hk, Lq, Lk, D = 2, 4, 2, 40, 44, 16
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k, v = (torch.randn(B, Hk, Lk, D, generator=g) for _ in range(2))
+    kw = _chunk_kwargs(case, B, Lk)
+    chunk, shift = kw.pop("chunk", 0), kw.pop("chunk_shift", None)
+    seed = torch.tensor([0x1234_5678_9ABC_DEF0 - 2**63, 977], dtype=torch.int64)
+    args = _op_args(q, kw)
+    cd = dict(chunk=chunk, chunk_shift=shift, dropout_p=dropout_p, dropout_seed=seed)
+    out, lse = emulation.fwd(q, k, v, *args, **cd)
+    op = torch.ops.longreach
+    tail = _dense_op_tail(dropout_p, seed, chunk, shift)
+    want_out, want_lse = op.local_attention_fwd(q, k, v, *args, *tail)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)  # lse is taken before dropout
+    if dropout_p == 1.0:
+        assert torch.equal(out, torch.zeros_like(out))
+    mask = keep_mask(seed, dropout_p, B, Hq, Lq, Lk)
+    ref = reference.local_attention(q.double(), k.double(), v.double(), **kw, chunk=chunk, chunk_shift=shift,
+                                    dropout_mask=mask, dropout_p=dropout_p)
+    torch.testing.assert_close(out.double(), ref, atol=3e-5, rtol=3e-5)
+    go = torch.randn(out.shape, generator=g)
+    glse = torch.randn(lse.shape, generator=g) if kw.get("score", "softmax") == "softmax" else None
+    got = emulation.bwd(go, glse, q, k, v, out, lse, *args, **cd)
+    want = op.local_attention_bwd(go, glse, q, k, v, want_out, want_lse, *args, False, *tail)
+    for label, a, b in zip(("dq", "dk", "dv"), got[:3], want[:3]):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a / scale, b / scale, atol=1e-5, rtol=1e-5, msg=lambda m: f"{label}: {m}")
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 1.0])
+def test_emulated_cuda_varlen_dropout_matches_the_cpu_kernels(emulation, dropout_p):
+    """Packed batches: the mask's batch index is the sequence (as on CPU), rows and keys per sequence."""
+    lq, lk = [5, 0, 30, 1, 37], [7, 4, 26, 0, 40]
+    Hq, Hk, D = 4, 2, 16
+    cq = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+    ck = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(lq), Hq, D)
+    k, v = (torch.randn(sum(lk), Hk, D) for _ in range(2))
+    seed = torch.tensor([-7, 2**40 + 3], dtype=torch.int64)
+    args = (cq, ck, max(lq), max(lk), None, None, 8, 3, 1, "softmax", None, 0.0, D ** -0.5)
+    cd = dict(dropout_p=dropout_p, dropout_seed=seed)
+    out, lse = emulation.varlen_fwd(q, k, v, *args, **cd)
+    op = torch.ops.longreach
+    tail = (False, 0, None, 0, None, dropout_p, seed)
+    want_out, want_lse = op.local_attention_varlen_fwd(q, k, v, *args, *tail)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    fin = torch.isfinite(want_lse)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    torch.testing.assert_close(lse[fin], want_lse[fin], atol=1e-5, rtol=1e-5)
+    go = torch.randn(out.shape)
+    got = emulation.varlen_bwd(go, None, q, k, v, out, lse, *args, False, **cd)
+    want = op.local_attention_varlen_bwd(go, None, q, k, v, want_out, want_lse, *args, False, *tail)
+    for label, a, b in zip(("dq", "dk", "dv"), got[:3], want[:3]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{label}: {m}")
+
+
+def test_emulated_cuda_dropout_with_several_chunk_grids_is_refused_as_on_cpu(emulation):
+    q = k = v = torch.randn(1, 2, 16, 8)
+    args = _op_args(q, dict(window=(3, 0)))
+    seed = torch.tensor([1, 2], dtype=torch.int64)
+    with pytest.raises(NotImplementedError, match="chunk grids"):
+        emulation.fwd(q, k, v, *args, chunk=4, chunk_shift=torch.tensor([0, 2]), dropout_p=0.2, dropout_seed=seed)

@@ -53,18 +53,6 @@ constexpr int64_t kBackwardChunkBlocks = 64;
 // The forward of any layout, once P and its sequence views are checked: a dense
 // batch (q (B, Hq, Lq, D), lse (B, Hq, Lq)) or a packed one (q (total_q, Hq, D),
 // lse (Hq, total_q)).
-// The chunk grids of a call (chunk_heads.h): several, which the caller runs one
-// by one, or one (or none), which this sets in P.window.
-std::vector<ShiftGroup> chunk_grids(AttentionParams& P, const at::Tensor& q, int64_t chunk,
-                                    const c10::optional<at::Tensor>& chunk_shift, double dropout_p) {
-  const std::vector<int64_t> phases = chunk_phases(q, P.q_heads, chunk, chunk_shift);
-  std::vector<ShiftGroup> groups = shift_groups(phases, P.group_size(), q.device());
-  check_dropout_with_one_chunk_grid(groups, dropout_p);
-  P.window.chunk = chunk;
-  P.window.chunk_phase = phases.empty() ? 0 : phases[0];
-  return groups;
-}
-
 std::tuple<at::Tensor, at::Tensor> run_forward(const AttentionParams& P, std::vector<SequenceView> seqs,
                                                const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                const c10::optional<at::Tensor>& global_mask,
@@ -149,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
                               return local_attention_fwd_cpu(qg, kg, vg, global_mask, sg, window_left, window_right,
                                                              dilation, score, sigmoid_bias, softcap, scale,
                                                              key_padding_mask, causal, sink_tokens, sinks_g, chunk,
-                                                             at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
+                                                             group_shift(g, qg), 0.0, c10::nullopt);
                             });
   }
   return run_forward(P, dense_views(P), q, k, v, global_mask, alibi_slopes, key_padding_mask, sinks);
@@ -178,7 +166,7 @@ Gradients local_attention_bwd_cpu(
           return local_attention_bwd_cpu(go, gl, qg, kg, vg, og, lg, global_mask, sg, window_left, window_right,
                                          dilation, score, sigmoid_bias, softcap, scale, alibi_grad, key_padding_mask,
                                          causal, sink_tokens, sinks_g, chunk,
-                                         at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
+                                         group_shift(g, qg), 0.0, c10::nullopt);
         });
   }
   return run_backward(P, dense_views(P), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
@@ -205,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
                               return local_attention_varlen_fwd_cpu(
                                   qg, kg, vg, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask, sg,
                                   window_left, window_right, dilation, score, sigmoid_bias, softcap, scale, causal,
-                                  sink_tokens, sinks_g, chunk, at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
+                                  sink_tokens, sinks_g, chunk, group_shift(g, qg), 0.0, c10::nullopt);
                             });
   }
   return run_forward(V.params, std::move(V.seqs), q, k, v, global_mask, alibi_slopes, c10::nullopt, sinks);
@@ -236,7 +224,7 @@ Gradients local_attention_varlen_bwd_cpu(
                                                 max_seqlen_k, global_mask, sg, window_left, window_right, dilation,
                                                 score, sigmoid_bias, softcap, scale, alibi_grad, causal, sink_tokens,
                                                 sinks_g, chunk,
-                                                at::full({qg.size(1)}, g.phase, q.options().dtype(at::kLong)), 0.0, c10::nullopt);
+                                                group_shift(g, qg), 0.0, c10::nullopt);
         });
   }
   return run_backward(V.params, std::move(V.seqs), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,

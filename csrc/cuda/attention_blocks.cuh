@@ -134,6 +134,16 @@ LR_HOST_DEVICE acc_t alibi_slope_of(const AttentionArgs<T, acc_t>& a, int64_t b,
 // Head dims round up to a multiple of 16 (zero-padded) for the tile products.
 LR_HOST_DEVICE int padded_head_dim(int64_t D) { return static_cast<int>((D + 15) / 16 * 16); }
 
+// Attention dropout (common/philox.h) of the weight w of (row, key), both
+// indices in the sequence (-1 = no pair: w is 0 there): kept weights times
+// 1 / (1 - p), as the CPU kernels' apply_dropout, and the same bit in the
+// forward and in both backward passes. head_row = batch (sequence) * Hq + head.
+template <typename acc_t>
+LR_HOST_DEVICE acc_t dropped(const DropoutSpec& d, int64_t head_row, int64_t row, int64_t key, acc_t w) {
+  if (!d.enabled || row < 0 || key < 0) return w;
+  return d.keep(head_row, row, key) ? w * static_cast<acc_t>(d.keep_scale) : acc_t(0);
+}
+
 // ------------------------------------------------------------ tile sides --
 
 // One side (rows or keys) of the current tile: indices (-1 = none) and modes.
@@ -468,6 +478,7 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
   const acc_t bias = static_cast<acc_t>(sigmoid_bias_of(P, s));
   const acc_t slope = alibi_slope_of(a, b, h);
+  const int64_t head_row = b * P.q_heads + h;  // dropout's key (common/philox.h)
 
   SmemCarver sm{smem};
   T* sQ = sm.take<T>(BM * DMAX);
@@ -506,7 +517,8 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
     if (sigmoid_score) {  // no running max or sum: each weight is final
       for (int e = t.tid; e < BM * BN; e += t.nthreads) {
         const acc_t s = sS[e];
-        sP[e] = static_cast<T>(s == neg_infinity<acc_t>() ? acc_t(0) : sigmoid<acc_t>(s + bias));
+        const acc_t w = s == neg_infinity<acc_t>() ? acc_t(0) : sigmoid<acc_t>(s + bias);
+        sP[e] = static_cast<T>(dropped<acc_t>(P.dropout, head_row, rows.idx[e / BN], keys.idx[e % BN], w));
       }
     } else {  // online softmax: a warp per row, its lanes over the row's keys
       for (int r = t.warp; r < BM; r += t.nwarps) {
@@ -523,8 +535,9 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
           alpha = exp(m_old - m_new);  // 0 when m_old = -inf
           for (int c = t.lane; c < BN; c += t.warp_size) {
             const acc_t p = exp(s[c] - m_new);
-            sum += p;
-            sP[r * BN + c] = static_cast<T>(p);  // may alias s[c] (float32): read above
+            sum += p;  // before dropout: the row's sum (so lse) sees every weight, as on CPU
+            // may alias s[c] (float32): read above
+            sP[r * BN + c] = static_cast<T>(dropped<acc_t>(P.dropout, head_row, rows.idx[r], keys.idx[c], p));
           }
         }
         sum = warp_sum(sum);  // also orders every lane's read of row_max[r] before lane 0's write
@@ -595,13 +608,16 @@ LR_HOST_DEVICE acc_t score_backward(const AttentionParams& P, acc_t s, acc_t dp,
 
 // Per-element backward of one tile: S holds raw q.k, dP holds dO.v on entry;
 // on exit P (probabilities, element type; only with kStoreP: the dQ pass has no
-// use for it) and dS (d loss / d q.k, element type).
+// use for it) and dS (d loss / d q.k, element type). With dropout Z (keep /
+// (1 - p)), out = (P o Z) V, as the CPU backward: the weights' gradient is
+// Z o dP, dS is computed from it and the undropped P, and P comes out as P o Z
+// (what dV = (P o Z)^T dO takes).
 // Returns this thread's part of sum(dS_final * |p - j|) over the tile (the
 // ALiBi slope gradient without its sign), 0 unless `slope_grad`.
 template <typename T, typename acc_t, int BM, int BN, bool kStoreP = true>
 LR_HOST_DEVICE acc_t tile_backward(const AttentionParams& P, const SequenceView& s, acc_t* S, acc_t* dP, T* Pout, T* dS, TileSide rows,
                                    TileSide keys, const acc_t* row_lse, const acc_t* row_dot, acc_t slope,
-                                   bool slope_grad = false) {
+                                   int64_t head_row, bool slope_grad = false) {
   finalize_scores<acc_t, BM, BN>(P, s, S, rows, keys, slope);
   block_sync();
   const BlockCtx t = block_ctx();
@@ -612,8 +628,10 @@ LR_HOST_DEVICE acc_t tile_backward(const AttentionParams& P, const SequenceView&
     acc_t prob = acc_t(0), ds = acc_t(0);
     if (S[e] != neg_infinity<acc_t>()) {
       const int64_t distance = abs_distance(rows.idx[a] + s.position_offset(), keys.idx[c]);
-      const acc_t g = score_backward<acc_t>(P, S[e], dP[e], row_lse[a], row_dot[a], slope, bias, distance, &prob, &ds);
+      const acc_t dp = dropped<acc_t>(P.dropout, head_row, rows.idx[a], keys.idx[c], dP[e]);
+      const acc_t g = score_backward<acc_t>(P, S[e], dp, row_lse[a], row_dot[a], slope, bias, distance, &prob, &ds);
       if (slope_grad) slope_part += g * static_cast<acc_t>(distance);
+      if constexpr (kStoreP) prob = dropped<acc_t>(P.dropout, head_row, rows.idx[a], keys.idx[c], prob);
     }
     // Pout / dS may alias S / dP (float32): each element is read before it is written.
     if constexpr (kStoreP) Pout[e] = static_cast<T>(prob);
@@ -690,7 +708,7 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
     mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
     block_sync();
     slope_part += tile_backward<T, acc_t, BM, BN, /*kStoreP=*/false>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot,
-                                                                     slope, slope_grad);
+                                                                     slope, b * P.q_heads + h, slope_grad);
     block_sync();
     mm_ab_acc<T, acc_t>(sdQ, DMAX, sdS, BN, sK, DMAX, BM, Dp, BN);
     block_sync();
@@ -782,7 +800,7 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
       mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
       mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
       block_sync();
-      tile_backward<T, acc_t, BM, BN>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope);
+      tile_backward<T, acc_t, BM, BN>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope, b * P.q_heads + h);
       block_sync();
       mm_atb_acc<T, acc_t>(sdV, DMAX, sP, BN, sdO, DMAX, BN, Dp, BM);
       mm_atb_acc<T, acc_t>(sdK, DMAX, sdS, BN, sQ, DMAX, BN, Dp, BM);

@@ -2,7 +2,8 @@
 // Backend that runs the blocks: the CUDA backend (local_attention_cuda.cu)
 // launches kernels on the current stream, the host emulation
 // (tests/emulation/) runs the same block functions in a loop. Both share the
-// argument checks, allocations, global-token lists and row constants here.
+// argument checks, allocations, global-token lists, row constants and the
+// split of a call by chunk grid (chunk_heads.h, as on CPU) here.
 //
 // A Backend provides, for T in {c10::Half, c10::BFloat16, float}:
 //   template <T> void forward(const AttentionArgs<T, float>&);
@@ -14,8 +15,10 @@
 
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "../attention_params.h"
+#include "../chunk_heads.h"
 #include "../dtype_names.h"
 #include "attention_launch.h"
 
@@ -158,6 +161,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backw
   return {dq, dk, dv, slopes_grad(), sinks_grad()};
 }
 
+// The ops' last four arguments: chunked attention (chunk, chunk_shift) and
+// attention dropout (dropout_p, dropout_seed), as the schemas take them.
+struct ChunkDropoutOptions {
+  int64_t chunk = 0;
+  c10::optional<at::Tensor> chunk_shift;
+  double dropout_p = 0.0;
+  c10::optional<at::Tensor> dropout_seed;
+};
+
+// Checks the chunk and dropout options into P (the same checks and the same
+// P.dropout as on CPU, so a dropout_seed gives the CPU op's mask) and returns
+// the chunk grids (chunk_heads.h): empty when one grid (or none) serves every
+// head, which is then in P.window.
+inline std::vector<ShiftGroup> set_chunk_dropout(AttentionParams& P, const at::Tensor& q,
+                                                 const ChunkDropoutOptions& cd) {
+  set_dropout(P, cd.dropout_p, cd.dropout_seed);
+  return chunk_grids(P, q, cd.chunk, cd.chunk_shift, cd.dropout_p);
+}
+
+// A shift group's call: one chunk grid, no dropout (chunk_grids refuses dropout with several grids).
+inline ChunkDropoutOptions group_options(const ChunkDropoutOptions& cd, const ShiftGroup& g, const at::Tensor& qg) {
+  return ChunkDropoutOptions{cd.chunk, group_shift(g, qg), 0.0, c10::nullopt};
+}
+
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> attention_forward(Backend& backend, const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
@@ -165,9 +192,21 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(Backend& backend, const at:
                                                      int64_t window_right, int64_t dilation, c10::string_view score,
                                                      c10::optional<double> sigmoid_bias, double softcap, double scale,
                                                      const c10::optional<at::Tensor>& key_padding_mask,
-                                                     const SinkOptions& so = SinkOptions{}) {
-  const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
-                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask, so);
+                                                     const SinkOptions& so = SinkOptions{},
+                                                     const ChunkDropoutOptions& cd = ChunkDropoutOptions{}) {
+  AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation,
+                                            score, sigmoid_bias, softcap, scale, key_padding_mask, so);
+  const std::vector<ShiftGroup> groups = set_chunk_dropout(P, q, cd);
+  if (!groups.empty()) {  // heads with different chunk grids: one call per grid (chunk_heads.h)
+    return forward_by_shift(groups, q, k, v, alibi_slopes, sinks_of(so), 1,
+                            [&](const ShiftGroup& g, const at::Tensor& qg, const at::Tensor& kg, const at::Tensor& vg,
+                                const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
+                              return attention_forward(backend, qg, kg, vg, global_mask, sg, window_left, window_right,
+                                                       dilation, score, sigmoid_bias, softcap, scale, key_padding_mask,
+                                                       SinkOptions{so.causal, so.sink_tokens, &sinks_g},
+                                                       group_options(cd, g, qg));
+                            });
+  }
   return run_forward(backend, P, nullptr, q, k, v, global_mask, alibi_slopes, key_padding_mask, sinks_of(so));
 }
 
@@ -178,9 +217,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
     double scale, bool alibi_grad, const c10::optional<at::Tensor>& key_padding_mask,
-    const SinkOptions& so = SinkOptions{}) {
-  const AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right,
-                                                  dilation, score, sigmoid_bias, softcap, scale, key_padding_mask, so);
+    const SinkOptions& so = SinkOptions{}, const ChunkDropoutOptions& cd = ChunkDropoutOptions{}) {
+  AttentionParams P = make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation,
+                                            score, sigmoid_bias, softcap, scale, key_padding_mask, so);
+  const std::vector<ShiftGroup> groups = set_chunk_dropout(P, q, cd);
+  if (!groups.empty()) {
+    check_backward_inputs(P, q, grad_out, out, lse, grad_lse, alibi_grad);
+    return backward_by_shift(
+        groups, grad_out, grad_lse, q, k, v, out, lse, alibi_slopes, sinks_of(so), 1,
+        [&](const ShiftGroup& g, const at::Tensor& go, const c10::optional<at::Tensor>& gl, const at::Tensor& qg,
+            const at::Tensor& kg, const at::Tensor& vg, const at::Tensor& og, const at::Tensor& lg,
+            const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
+          return attention_backward(backend, go, gl, qg, kg, vg, og, lg, global_mask, sg, window_left, window_right,
+                                    dilation, score, sigmoid_bias, softcap, scale, alibi_grad, key_padding_mask,
+                                    SinkOptions{so.causal, so.sink_tokens, &sinks_g}, group_options(cd, g, qg));
+        });
+  }
   return run_backward(backend, P, nullptr, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
                       alibi_grad, key_padding_mask, sinks_of(so));
 }
@@ -191,10 +243,21 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, const SinkOptions& so = SinkOptions{}) {
-  const VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             global_mask, alibi_slopes, window_left, window_right, dilation, score,
-                                             sigmoid_bias, softcap, scale, so);
+    double scale, const SinkOptions& so = SinkOptions{}, const ChunkDropoutOptions& cd = ChunkDropoutOptions{}) {
+  VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
+                                       alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias,
+                                       softcap, scale, so);
+  const std::vector<ShiftGroup> groups = set_chunk_dropout(V.params, q, cd);
+  if (!groups.empty()) {  // one call per chunk grid; a packed lse is (Hq, total_q)
+    return forward_by_shift(groups, q, k, v, alibi_slopes, sinks_of(so), 0,
+                            [&](const ShiftGroup& g, const at::Tensor& qg, const at::Tensor& kg, const at::Tensor& vg,
+                                const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
+                              return attention_varlen_forward(
+                                  backend, qg, kg, vg, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  global_mask, sg, window_left, window_right, dilation, score, sigmoid_bias, softcap,
+                                  scale, SinkOptions{so.causal, so.sink_tokens, &sinks_g}, group_options(cd, g, qg));
+                            });
+  }
   const PackedSeqs packed(cu_seqlens_q, cu_seqlens_k, q.size(0));
   return run_forward(backend, V.params, &packed, q, k, v, global_mask, alibi_slopes, c10::nullopt, sinks_of(so));
 }
@@ -206,10 +269,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
-    double scale, bool alibi_grad, const SinkOptions& so = SinkOptions{}) {
-  const VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             global_mask, alibi_slopes, window_left, window_right, dilation, score,
-                                             sigmoid_bias, softcap, scale, so);
+    double scale, bool alibi_grad, const SinkOptions& so = SinkOptions{},
+    const ChunkDropoutOptions& cd = ChunkDropoutOptions{}) {
+  VarlenProblem V = make_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask,
+                                       alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias,
+                                       softcap, scale, so);
+  const std::vector<ShiftGroup> groups = set_chunk_dropout(V.params, q, cd);
+  if (!groups.empty()) {
+    check_backward_inputs(V.params, q, grad_out, out, lse, grad_lse, alibi_grad);
+    return backward_by_shift(
+        groups, grad_out, grad_lse, q, k, v, out, lse, alibi_slopes, sinks_of(so), 0,
+        [&](const ShiftGroup& g, const at::Tensor& go, const c10::optional<at::Tensor>& gl, const at::Tensor& qg,
+            const at::Tensor& kg, const at::Tensor& vg, const at::Tensor& og, const at::Tensor& lg,
+            const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
+          return attention_varlen_backward(backend, go, gl, qg, kg, vg, og, lg, cu_seqlens_q, cu_seqlens_k,
+                                           max_seqlen_q, max_seqlen_k, global_mask, sg, window_left, window_right,
+                                           dilation, score, sigmoid_bias, softcap, scale, alibi_grad,
+                                           SinkOptions{so.causal, so.sink_tokens, &sinks_g}, group_options(cd, g, qg));
+        });
+  }
   const PackedSeqs packed(cu_seqlens_q, cu_seqlens_k, q.size(0));
   return run_backward(backend, V.params, &packed, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
                       alibi_grad, c10::nullopt, sinks_of(so));

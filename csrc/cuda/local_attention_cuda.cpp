@@ -54,21 +54,6 @@ void check_cuda_sink_options(bool causal, int64_t sink_tokens, const c10::option
                               "the CUDA kernels yet (CPU only)");
 }
 
-// Chunked attention (chunk > 0) is implemented on CPU only so far (issue 20):
-// window.h already holds the rule, the CUDA entry points do not pass it yet.
-void check_cuda_chunk_options(int64_t chunk) {
-  TORCH_CHECK_NOT_IMPLEMENTED(chunk == 0, "local_attention: chunk > 0 (chunked attention) is not implemented in the "
-                                          "CUDA kernels yet (CPU only), got chunk = ", chunk);
-}
-
-// Attention dropout is CPU-only for now (common/philox.h is ready for the kernels).
-void check_cuda_dropout(double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
-  AttentionParams P;
-  set_dropout(P, dropout_p, dropout_seed);  // the same argument checks as on CPU
-  TORCH_CHECK_NOT_IMPLEMENTED(!P.dropout.enabled,
-                              "local_attention: dropout_p > 0 is not implemented in the CUDA kernels yet (CPU only)");
-}
-
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
@@ -78,14 +63,13 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cuda(
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
     const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
     const c10::optional<at::Tensor>& dropout_seed) {
-  check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, global_mask);
   const SinkOptions so{causal, sink_tokens, &sinks};
-  check_cuda_dropout(dropout_p, dropout_seed);
+  const ChunkDropoutOptions cd{chunk, chunk_shift, dropout_p, dropout_seed};
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_forward(backend, q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
-                           sigmoid_bias, softcap, scale, key_padding_mask, so);
+                           sigmoid_bias, softcap, scale, key_padding_mask, so, cd);
 }
 
 Gradients local_attention_bwd_cuda(
@@ -96,15 +80,14 @@ Gradients local_attention_bwd_cuda(
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
     const c10::optional<at::Tensor>& sinks, int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
     const c10::optional<at::Tensor>& dropout_seed) {
-  check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, global_mask);
   const SinkOptions so{causal, sink_tokens, &sinks};
-  check_cuda_dropout(dropout_p, dropout_seed);
+  const ChunkDropoutOptions cd{chunk, chunk_shift, dropout_p, dropout_seed};
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_backward(backend, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
                             window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad, key_padding_mask,
-                            so);
+                            so, cd);
 }
 
 std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
@@ -115,15 +98,14 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cuda(
     double scale, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
     int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
     const c10::optional<at::Tensor>& dropout_seed) {
-  check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, global_mask);
   const SinkOptions so{causal, sink_tokens, &sinks};
-  check_cuda_dropout(dropout_p, dropout_seed);
+  const ChunkDropoutOptions cd{chunk, chunk_shift, dropout_p, dropout_seed};
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_varlen_forward(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   global_mask, alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias,
-                                  softcap, scale, so);
+                                  softcap, scale, so, cd);
 }
 
 Gradients local_attention_varlen_bwd_cuda(
@@ -135,15 +117,14 @@ Gradients local_attention_varlen_bwd_cuda(
     double scale, bool alibi_grad, bool causal, int64_t sink_tokens, const c10::optional<at::Tensor>& sinks,
     int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
     const c10::optional<at::Tensor>& dropout_seed) {
-  check_cuda_chunk_options(chunk);
   check_cuda_sink_options(causal, sink_tokens, global_mask);
   const SinkOptions so{causal, sink_tokens, &sinks};
-  check_cuda_dropout(dropout_p, dropout_seed);
+  const ChunkDropoutOptions cd{chunk, chunk_shift, dropout_p, dropout_seed};
   const c10::cuda::CUDAGuard guard(q.device());
   CudaBackend backend{c10::cuda::getCurrentCUDAStream().stream()};
   return attention_varlen_backward(backend, grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                    max_seqlen_q, max_seqlen_k, global_mask, alibi_slopes, window_left, window_right,
-                                   dilation, score, sigmoid_bias, softcap, scale, alibi_grad, so);
+                                   dilation, score, sigmoid_bias, softcap, scale, alibi_grad, so, cd);
 }
 
 }  // namespace

@@ -24,7 +24,7 @@ flash-attn computes, corner cases included (docs/flash_attn.md):
 - ``attention_chunk=c`` (flash-attn 3's, the last argument here): rows see only the keys of the
   chunk of c key positions their position lies in, counted from key 0 (per sequence), intersected
   with the window; the op's ``chunk``. Differentiable (flash-attn 3's backward is not).
-- ``dropout_p > 0`` is the op's attention dropout (CPU only for now): weights after the softmax
+- ``dropout_p > 0`` is the op's attention dropout (CPU and CUDA kernels): weights after the softmax
   zeroed with probability p, the kept ones scaled by 1 / (1 - p), the mask from a Philox RNG
   seeded by torch's default generator (longreach.dropout), not bit-equal to flash-attn's.
 

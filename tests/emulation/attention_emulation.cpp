@@ -79,16 +79,25 @@ struct HostBackend {
   }
 };
 
+// The ops' chunk= / chunk_shift= and dropout arguments (keywords of every emulated entry).
+ChunkDropoutOptions chunk_dropout(int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
+                                  const c10::optional<at::Tensor>& dropout_seed) {
+  return ChunkDropoutOptions{chunk, chunk_shift, dropout_p, dropout_seed};
+}
+
 std::tuple<at::Tensor, at::Tensor> emulated_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const c10::optional<at::Tensor>& global_mask,
                                                 const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
                                                 int64_t window_right, int64_t dilation, const std::string& score,
                                                 c10::optional<double> sigmoid_bias, double softcap, double scale,
                                                 const c10::optional<at::Tensor>& key_padding_mask,
-                                                const c10::optional<at::Tensor>& sinks) {
+                                                const c10::optional<at::Tensor>& sinks, int64_t chunk,
+                                                const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
+                                                const c10::optional<at::Tensor>& dropout_seed) {
   HostBackend backend;
   return attention_forward(backend, q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
-                           sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{false, 0, &sinks});
+                           sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{false, 0, &sinks},
+                           chunk_dropout(chunk, chunk_shift, dropout_p, dropout_seed));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
@@ -96,21 +105,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     const std::string& score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
-    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& sinks) {
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& sinks, int64_t chunk,
+    const c10::optional<at::Tensor>& chunk_shift, double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
   HostBackend backend;
   return attention_backward(backend, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes, window_left,
                             window_right, dilation, score, sigmoid_bias, softcap, scale, alibi_grad,
-                            key_padding_mask, SinkOptions{false, 0, &sinks});
+                            key_padding_mask, SinkOptions{false, 0, &sinks},
+                            chunk_dropout(chunk, chunk_shift, dropout_p, dropout_seed));
 }
 
 std::tuple<at::Tensor, at::Tensor> emulated_varlen_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     int64_t max_q, int64_t max_k, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
-    const std::string& score, c10::optional<double> sigmoid_bias, double softcap, double scale) {
+    const std::string& score, c10::optional<double> sigmoid_bias, double softcap, double scale, int64_t chunk,
+    const c10::optional<at::Tensor>& chunk_shift, double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
   HostBackend backend;
   return attention_varlen_forward(backend, q, k, v, cu_q, cu_k, max_q, max_k, global_mask, alibi_slopes, window_left,
-                                  window_right, dilation, score, sigmoid_bias, softcap, scale);
+                                  window_right, dilation, score, sigmoid_bias, softcap, scale, SinkOptions{},
+                                  chunk_dropout(chunk, chunk_shift, dropout_p, dropout_seed));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_varlen_bwd(
@@ -118,33 +131,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k,
     int64_t max_q, int64_t max_k, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
-    const std::string& score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad) {
+    const std::string& score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
+    int64_t chunk, const c10::optional<at::Tensor>& chunk_shift, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed) {
   HostBackend backend;
   return attention_varlen_backward(backend, grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
                                    global_mask, alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias,
-                                   softcap, scale, alibi_grad);
+                                   softcap, scale, alibi_grad, SinkOptions{},
+                                   chunk_dropout(chunk, chunk_shift, dropout_p, dropout_seed));
 }
 
 }  // namespace
 }  // namespace longreach::cuda_kernels
 
+// The keywords every entry takes after its positional arguments (the ops' chunk and dropout ones).
+#define LR_CHUNK_DROPOUT_ARGS                                                                        \
+  pybind11::arg("chunk") = 0, pybind11::arg("chunk_shift") = pybind11::none(),                        \
+      pybind11::arg("dropout_p") = 0.0, pybind11::arg("dropout_seed") = pybind11::none()
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fwd", &longreach::cuda_kernels::emulated_fwd, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
-        pybind11::arg("global_mask"), pybind11::arg("alibi_slopes"), pybind11::arg("window_left"),
-        pybind11::arg("window_right"), pybind11::arg("dilation"), pybind11::arg("score"),
-        pybind11::arg("sigmoid_bias"), pybind11::arg("softcap"), pybind11::arg("scale"),
-        pybind11::arg("key_padding_mask") = pybind11::none(), pybind11::arg("sinks") = pybind11::none());
-  m.def("bwd", &longreach::cuda_kernels::emulated_bwd, pybind11::arg("grad_out"), pybind11::arg("grad_lse"),
-        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"),
-        pybind11::arg("global_mask"), pybind11::arg("alibi_slopes"), pybind11::arg("window_left"),
-        pybind11::arg("window_right"), pybind11::arg("dilation"), pybind11::arg("score"),
-        pybind11::arg("sigmoid_bias"), pybind11::arg("softcap"), pybind11::arg("scale"),
-        pybind11::arg("alibi_grad") = false, pybind11::arg("key_padding_mask") = pybind11::none(),
-        pybind11::arg("sinks") = pybind11::none());
+  namespace py = pybind11;
+  m.def("fwd", &longreach::cuda_kernels::emulated_fwd, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("global_mask"), py::arg("alibi_slopes"), py::arg("window_left"), py::arg("window_right"),
+        py::arg("dilation"), py::arg("score"), py::arg("sigmoid_bias"), py::arg("softcap"), py::arg("scale"),
+        py::arg("key_padding_mask") = py::none(), py::arg("sinks") = py::none(), LR_CHUNK_DROPOUT_ARGS);
+  m.def("bwd", &longreach::cuda_kernels::emulated_bwd, py::arg("grad_out"), py::arg("grad_lse"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("global_mask"), py::arg("alibi_slopes"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("dilation"), py::arg("score"),
+        py::arg("sigmoid_bias"), py::arg("softcap"), py::arg("scale"), py::arg("alibi_grad") = false,
+        py::arg("key_padding_mask") = py::none(), py::arg("sinks") = py::none(), LR_CHUNK_DROPOUT_ARGS);
   m.def("set_grid_fold_limit", [](int64_t limit) {
     TORCH_CHECK(limit >= 1 && limit <= longreach::cuda_kernels::kMaxGridYZ, "grid fold limit must be 1 .. 65535");
     longreach::cuda_kernels::grid_fold_limit = limit;
   });
-  m.def("varlen_fwd", &longreach::cuda_kernels::emulated_varlen_fwd);
-  m.def("varlen_bwd", &longreach::cuda_kernels::emulated_varlen_bwd);
+  m.def("varlen_fwd", &longreach::cuda_kernels::emulated_varlen_fwd, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
+        py::arg("global_mask"), py::arg("alibi_slopes"), py::arg("window_left"), py::arg("window_right"),
+        py::arg("dilation"), py::arg("score"), py::arg("sigmoid_bias"), py::arg("softcap"), py::arg("scale"),
+        LR_CHUNK_DROPOUT_ARGS);
+  m.def("varlen_bwd", &longreach::cuda_kernels::emulated_varlen_bwd, py::arg("grad_out"), py::arg("grad_lse"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"),
+        py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("global_mask"),
+        py::arg("alibi_slopes"), py::arg("window_left"), py::arg("window_right"), py::arg("dilation"),
+        py::arg("score"), py::arg("sigmoid_bias"), py::arg("softcap"), py::arg("scale"), py::arg("alibi_grad"),
+        LR_CHUNK_DROPOUT_ARGS);
 }

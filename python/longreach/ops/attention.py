@@ -116,7 +116,7 @@ def local_attention(
     keys of its own chunk only, chunks of c positions counted from position 0 and offset per
     head by chunk_shift (Hq,) int (None = 0): key j is visible to position p iff
     (p + shift) // c == (j + shift) // c. Global keys, global rows and sinks cross chunks.
-    dropout_p: attention dropout (training), CPU only for now: each weight after the
+    dropout_p: attention dropout (training), CPU and CUDA (one mask for a seed): each weight after the
     softmax (or sigmoid) is zeroed with probability p and the kept ones are scaled by
     1 / (1 - p); lse is not affected. The mask comes from a counter-based RNG (Philox) keyed
     by a (seed, offset) drawn from torch's default generator, so torch.manual_seed makes it

@@ -59,7 +59,7 @@ def local_attention_varlen(
     return_lse=True (softmax only). chunk / chunk_shift as in local_attention, chunks counted
     from each sequence's first position.
 
-    dropout_p: attention dropout as in local_attention (CPU only); the mask's batch index is
+    dropout_p: attention dropout as in local_attention (CPU and CUDA); the mask's batch index is
     the sequence and its rows and keys are indices within the sequence.
 
     Differentiable by reverse mode, the slopes included; second derivatives and forward mode

@@ -28,6 +28,8 @@ struct Case {
   bool sigmoid = false;
   std::vector<int64_t> lq = {}, lk = {};
   int pad_every = 0;  // dense only: key_padding_mask on every n-th key (from key 2) and keys 20..39 of batch 0
+  int64_t chunk = 0, chunk_phase = 0;  // chunked attention (one chunk grid; 0 = no chunks)
+  double dropout_p = 0.0;              // attention dropout, seeded by the harness's fixed (seed, offset)
   bool packed() const { return !lq.empty(); }
 };
 
@@ -110,6 +112,15 @@ inline Problem make_problem(const Case& c, unsigned seed) {
   P.has_alibi = c.alibi;
   P.has_global = c.global_every > 0;
   P.has_key_padding = c.pad_every > 0;
+  P.window.chunk = c.chunk;
+  P.window.chunk_phase = c.chunk_phase;
+  if (c.dropout_p > 0.0) {  // what set_dropout (attention_params.cpp) makes of dropout_p and a seed
+    P.dropout.enabled = true;
+    P.dropout.seed = 0x243F6A8885A308D3ull;
+    P.dropout.offset = 0x13198A2E03707344ull;
+    P.dropout.threshold = static_cast<uint64_t>(std::llround(c.dropout_p * 4294967296.0));
+    P.dropout.keep_scale = c.dropout_p < 1.0 ? 1.0 / (1.0 - c.dropout_p) : 0.0;
+  }
 
   std::mt19937 gen(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);

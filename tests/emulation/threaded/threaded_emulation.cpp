@@ -40,7 +40,7 @@ struct Options {
 // Cases chosen to reach every branch of the block plans: GQA, Lq > Lk (rows
 // that see nothing), decoding, dilation, global rows and keys, ALiBi with its
 // slope gradient, softcap, sigmoid, scalar loads (D = 20), each head-dim
-// bucket, a packed batch with empty sequences, and key padding.
+// bucket, a packed batch with empty sequences, key padding, and chunks with dropout.
 std::vector<Case> cases(bool all) {
   std::vector<Case> quick = {
       {"causal_gqa_d64", 1, 2, 1, 70, 70, 64, 31, 0, 1},
@@ -51,6 +51,8 @@ std::vector<Case> cases(bool all) {
       {"varlen_global_alibi", 0, 2, 1, 0, 0, 16, 6, 2, 2, 5, true, 2.0, false, {5, 0, 40, 1, 33}, {7, 4, 36, 0, 33}},
       {"unbounded_d256", 1, 2, 2, 33, 33, 256, -1, -1, 1},
       {"key_padding_global_d64", 2, 2, 1, 40, 48, 64, 12, 3, 1, 9, false, 0.0, false, {}, {}, 5},
+      // chunks of 13 shifted by 5 (blocks spanning chunk ends) with dropout: the keep bits in all three passes
+      {"chunk_dropout_gqa_d32", 1, 4, 2, 60, 60, 32, 20, 4, 1, 0, false, 0.0, false, {}, {}, 0, 13, 5, 0.3},
   };
   if (!all) return quick;
   std::vector<Case> more = {
