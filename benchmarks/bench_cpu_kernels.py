@@ -10,6 +10,8 @@ kernels rather than of the neighbours.
     python benchmarks/bench_cpu_kernels.py ratios          # fp32: longreach vs SDPA causal vs GEMM
     python benchmarks/bench_cpu_kernels.py dtypes          # longreach fp32 vs bf16 vs fp16
     python benchmarks/bench_cpu_kernels.py small           # L = 256 and decoding (Lq = 1), in microseconds
+    python benchmarks/bench_cpu_kernels.py bf16            # issue #19: bf16 vs fp32, and vs bf16 SDPA causal
+    python benchmarks/bench_cpu_kernels.py bf16 --quick    # the same table at L = 1024 (a smoke run)
 
 Useful FLOPs are counted as in docs/benchmarking.md (forward 4 * B * H * L * keys_per_row * D,
 forward+backward 3.5x that; SDPA causal credited with its own causal pairs).
@@ -120,6 +122,44 @@ def dtypes(args) -> None:
                   f"{flops / t / 1e9:8.1f} {t / best[(torch.float32, backward)]:12.2f}")
 
 
+def bf16(args) -> None:
+    """Issue #19's table: longreach bf16 vs float32 on the same values, forward and
+    forward+backward, and bf16 per useful FLOP vs PyTorch's bf16 SDPA causal, per
+    (L, D); every candidate of one shape interleaved round by round. Which bf16
+    kernels ran is printed (LONGREACH_CPU_BF16=0 gives the float path).
+    At the default shapes SDPA causal's O(L^2) backward at L = 32768 dominates the
+    run time (minutes per round)."""
+    heads, left = args.heads, args.left
+    lengths = [1024] if args.quick else args.lengths
+    dims = args.dims
+    print(f"B=1 H={heads} causal window ({left}, 0), 1 thread, thread CPU time, best of {args.rounds} "
+          f"interleaved rounds; CPU kernels: {torch.ops.longreach._debug_cpu_kernels()}")
+    print(f"{'L':>6s} {'D':>4s} {'pass':17s} {'fp32 ms':>9s} {'bf16 ms':>9s} {'bf16 x':>7s} "
+          f"{'bf16 GF/s':>10s} {'SDPA GF/s':>10s} {'vs SDPA':>8s}")
+    for length in lengths:
+        for dim in dims:
+            gen = torch.Generator().manual_seed(0)
+            base = [torch.randn(1, heads, length, dim, generator=gen) for _ in range(4)]
+            candidates = {}
+            for dt in (torch.float32, torch.bfloat16):
+                q, k, v = (t.to(dt).requires_grad_() for t in base[:3])
+                for backward in (False, True):
+                    candidates[("longreach", dt, backward)] = attention_call(q, k, v, backward, "longreach", left,
+                                                                             base[3].to(dt))
+                    if dt == torch.bfloat16:
+                        candidates[("sdpa", dt, backward)] = attention_call(q, k, v, backward, "sdpa_causal", left,
+                                                                            base[3].to(dt))
+            best = best_interleaved(candidates, args.rounds)
+            for backward in (False, True):
+                factor = 3.5 if backward else 1.0
+                useful = 4 * heads * length * keys_per_row(length, left) * dim * factor
+                sdpa_useful = 4 * heads * length * (length + 1) / 2 * dim * factor  # its own causal pairs
+                t32, t16 = best[("longreach", torch.float32, backward)], best[("longreach", torch.bfloat16, backward)]
+                ours, sdpa = useful / t16 / 1e9, sdpa_useful / best[("sdpa", torch.bfloat16, backward)] / 1e9
+                print(f"{length:6d} {dim:4d} {'forward+backward' if backward else 'forward':17s} {t32 * 1e3:9.1f} "
+                      f"{t16 * 1e3:9.1f} {t32 / t16:7.2f} {ours:10.1f} {sdpa:10.1f} {ours / sdpa:8.2f}")
+
+
 def small(args) -> None:
     """Small sizes, microseconds per call (best of N, one thread)."""
     cases = {
@@ -150,16 +190,19 @@ def small(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("ratios", "dtypes", "small"))
+    parser.add_argument("what", choices=("ratios", "dtypes", "small", "bf16"))
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--left", type=int, default=511, help="window (left, 0), causal (default 511)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5; 30 for small)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5; 30 for small; 1 for bf16 --quick)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768], help="bf16: sequence lengths")
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="bf16: head dims")
+    parser.add_argument("--quick", action="store_true", help="bf16: L = 1024 only, one round (checks that it runs)")
     args = parser.parse_args()
     if args.rounds is None:
-        args.rounds = 30 if args.what == "small" else 5
+        args.rounds = 30 if args.what == "small" else 1 if args.quick else 5
     torch.set_num_threads(1)
-    {"ratios": ratios, "dtypes": dtypes, "small": small}[args.what](args)
+    {"ratios": ratios, "dtypes": dtypes, "small": small, "bf16": bf16}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@
 #include "../common/scores.h"
 #include "../common/window.h"
 #include "attention_rows.h"
+#include "bf16_ops.h"
 #include "block_scratch.h"
 #include "dropout_tile.h"
 #include "key_operands.h"
@@ -279,6 +280,16 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
   const bool softcap = P.softcap > 0.0;
   const at::Tensor lse_acc = lse.contiguous();
+  // bfloat16 products on the CPU's bf16 dot-product instruction where it has
+  // one (bf16_ops.h), as in the forward: S = Q K^T and dP = dO V^T from the
+  // bf16 rows as they are; dQ += dS K, dK += dS^T Q and dV += P^T dO with P
+  // and dS rounded to bf16 (PyTorch's bf16 attention backward rounds them
+  // too). Softmax, dS and every accumulator stay float32.
+  const Bf16Ops* bf = nullptr;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (D % 2 == 0) bf = bf16_ops();
+  }
+  const KeyUse use = bf ? KeyUse::kBackwardBf16 : KeyUse::kBackward;
   const at::Tensor rowdot =
       sigmoid_score ? at::Tensor() : softmax_row_dots<scalar_t>(P, plan, grad_out, out, lse_acc, grad_lse);
   const at::Tensor glse_acc =  // d loss / d lse per row, for the slope gradient's row constant
@@ -303,7 +314,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
     ChunkKeyGrads<acc_t>& grads = key_grads[ci];
     const KeyRange& chunk_keys = grads.span;
     load_key_operands(ops, K, V, chunk_keys.count, [&](int64_t r) { return chunk_keys.at(r); }, true, D, scale,
-                      KeyUse::kBackward, &ws.span);
+                      use, &ws.span);
     if (dslopes) grads.dslope.assign(P.group_size(), acc_t(0));
     if (sink) grads.dsink.assign(P.group_size(), acc_t(0));
     const int64_t n_owned = grads.own_end - grads.own_begin;
@@ -321,7 +332,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
     }
 
     for (int64_t t = chunk.first_block; t < chunk.first_block + chunk.n_blocks; ++t) {
-      load_block(ops, P, plan, chunk, t, K, V, KeyUse::kBackward, ws);
+      load_block(ops, P, plan, chunk, t, K, V, use, ws);
       if (ws.rows.empty()) continue;
       const int64_t nq = static_cast<int64_t>(ws.rows.size());
       if (!ws.keys.extras.empty() && grads.dk_extra.empty()) {
@@ -336,8 +347,16 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
       for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
         const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h),
                                      chunk.global_rows};
-        load_rows(ops, q_rows<const scalar_t>(q, plan, b, h), nq, row_index, regular, D, &ws.q);
-        load_rows(ops, q_rows<const scalar_t>(grad_out, plan, b, h), nq, row_index, regular, D, &ws.go);
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (bf) {
+            load_bf16_rows(q_rows<const scalar_t>(q, plan, b, h), nq, row_index, D, &ws.q16, &ws.q_pairs);
+            load_bf16_rows(q_rows<const scalar_t>(grad_out, plan, b, h), nq, row_index, D, &ws.go16, &ws.go_pairs);
+          }
+        }
+        if (!bf) {
+          load_rows(ops, q_rows<const scalar_t>(q, plan, b, h), nq, row_index, regular, D, &ws.q);
+          load_rows(ops, q_rows<const scalar_t>(grad_out, plan, b, h), nq, row_index, regular, D, &ws.go);
+        }
         const acc_t* lse_all = row_stats(lse_acc, b, h);
         const acc_t* dot_all = row_stats(rowdot, b, h);
         for (int64_t a = 0; a < nq; ++a) {
@@ -366,9 +385,17 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           acc_t* F = softcap ? ws.F.data() : nullptr;
           const int64_t* first = runs.first.data();
           const int64_t* last = runs.end.data();
-          // S = scale Q K^T, dP = dO V^T
-          ops.gemm_band_n(nq, nk, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
-          ops.gemm_band_n(nq, nk, D, ws.go.ptr, ws.go.ld, 1, ko.vT_from(col0), G, ws.ld_s, first, last);
+          // S = scale Q K^T, dP = dO V^T (bf is only ever set where acc_t is float)
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (bf) {
+              bf->gemm_band_n(nq, nk, D, ws.q16.data(), D, ko.kT_pairs_from(col0), scale, S, ws.ld_s, first, last);
+              bf->gemm_band_n(nq, nk, D, ws.go16.data(), D, ko.vT_pairs_from(col0), 1.f, G, ws.ld_s, first, last);
+            }
+          }
+          if (!bf) {
+            ops.gemm_band_n(nq, nk, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
+            ops.gemm_band_n(nq, nk, D, ws.go.ptr, ws.go.ld, 1, ko.vT_from(col0), G, ws.ld_s, first, last);
+          }
           finalize_tile(bc, keys, runs, S, ws.ld_s, F);
           // Dropout Z (keep / (1 - p)): out = (P o Z) V, so the weights' gradient is dP = Z o (dO V^T),
           // and dV takes P o Z (below); dS = P o (dP - dO . O) keeps the undropped P.
@@ -389,16 +416,30 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           }
           if (dropout) apply_dropout(P.dropout, head_row, ws.rows.data(), nq, keys, runs, S, ws.ld_s);
           // dQ += dS K
-          ops.gemm_band_k(nq, D, nk, G, ws.ld_s, 1, ko.k.row(col0), ko.k.ld, ws.acc.data(), D, first, last);
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (bf) {
+              bf->gemm_band_k(nq, D, nk, G, ws.ld_s, 1, ko.k_pairs_from(col0), ko.ld_pairs, ws.acc.data(), D, first,
+                              last);
+            }
+          }
+          if (!bf) ops.gemm_band_k(nq, D, nk, G, ws.ld_s, 1, ko.k.row(col0), ko.k.ld, ws.acc.data(), D, first, last);
           // dK += dS^T Q, dV += P^T dO: into the chunk's span rows, or a scratch for extras
           transpose_runs(nq, nk, &runs);
           // Keys [c0, c1) of the tile into rows of ld `ld` at dk_dst / dv_dst.
           auto key_products = [&](int64_t c0, int64_t c1, acc_t* dk_dst, acc_t* dv_dst, int64_t ld) {
             if (c0 >= c1) return;
-            ops.gemm_band_k(c1 - c0, D, nq, G + c0, 1, ws.ld_s, ws.q.ptr, ws.q.ld, dk_dst, ld,
-                            runs.key_first.data() + c0, runs.key_end.data() + c0);
-            ops.gemm_band_k(c1 - c0, D, nq, S + c0, 1, ws.ld_s, ws.go.ptr, ws.go.ld, dv_dst, ld,
-                            runs.key_first.data() + c0, runs.key_end.data() + c0);
+            const int64_t* kf = runs.key_first.data() + c0;
+            const int64_t* ke = runs.key_end.data() + c0;
+            if constexpr (std::is_same_v<acc_t, float>) {
+              if (bf) {
+                const int64_t ldp = bf16_pair_ld(D);
+                bf->gemm_band_k(c1 - c0, D, nq, G + c0, 1, ws.ld_s, ws.q_pairs.data(), ldp, dk_dst, ld, kf, ke);
+                bf->gemm_band_k(c1 - c0, D, nq, S + c0, 1, ws.ld_s, ws.go_pairs.data(), ldp, dv_dst, ld, kf, ke);
+                return;
+              }
+            }
+            ops.gemm_band_k(c1 - c0, D, nq, G + c0, 1, ws.ld_s, ws.q.ptr, ws.q.ld, dk_dst, ld, kf, ke);
+            ops.gemm_band_k(c1 - c0, D, nq, S + c0, 1, ws.ld_s, ws.go.ptr, ws.go.ld, dv_dst, ld, kf, ke);
           };
           if (extra) {
             ws.dk_tile.assign(nk * D, acc_t(0));

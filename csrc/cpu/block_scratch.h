@@ -25,7 +25,8 @@ struct Scratch {
   Buffer<acc_t> slope_e, slope_f, slope_c;  // learnable ALiBi, per row (attention_backward.cpp)
   Buffer<acc_t> dk_tile, dv_tile;
   Rows<acc_t> q, go;
-  Buffer<c10::BFloat16> q16;  // the bf16 forward's query rows as they are (Bf16Ops)
+  Buffer<c10::BFloat16> q16, go16;    // bf16 products (Bf16Ops): a block's Q (and dO) rows as they are
+  Buffer<uint32_t> q_pairs, go_pairs;  // and, for the backward, as pair rows
   KeyOperands<acc_t> span, extra;
   std::vector<int64_t> rows, pos;
   TileRuns runs;

@@ -41,6 +41,9 @@ void pack_columns(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>& src
 // bfloat16 keys as pair words for Bf16Ops (bf16_ops.h), copied bit for bit:
 // panel-major columns (K^T for S = Q K^T) and pair rows (V for O += P V).
 // D is even on this path.
+// Words per pair row: whole vectors of 16 (Bf16Ops reads whole vectors of B).
+inline int64_t bf16_pair_ld(int64_t D) { return (D + 15) / 16 * 16; }
+
 template <typename IndexFn>
 void pack_pair_columns(const HeadRows<const c10::BFloat16>& src, int64_t n, IndexFn&& index, int64_t D,
                        Buffer<uint32_t>* dst) {
@@ -54,16 +57,33 @@ void pack_pair_columns(const HeadRows<const c10::BFloat16>& src, int64_t n, Inde
   }
 }
 
+// Pair rows: word (p, d) = rows 2p (low half) and 2p + 1 of column d, a loop
+// the compiler vectorises with the baseline SSE2 unpacks.
 template <typename IndexFn>
 void pack_pair_rows(const HeadRows<const c10::BFloat16>& src, int64_t n, IndexFn&& index, int64_t D, int64_t ld,
                     Buffer<uint32_t>* dst) {
   dst->assign(((n + 1) / 2 + 1) * ld, 0u);  // a zero row past an odd count, and one of slack
-  for (int64_t r = 0; r < n; ++r) {
-    const c10::BFloat16* row = src.row(index(r));
+  for (int64_t r = 0; r < n; r += 2) {
+    const uint16_t* lo = reinterpret_cast<const uint16_t*>(src.row(index(r)));
+    const uint16_t* hi = r + 1 < n ? reinterpret_cast<const uint16_t*>(src.row(index(r + 1))) : nullptr;
     uint32_t* out = dst->data() + (r / 2) * ld;
-    const int shift = (r % 2) * 16;
-    for (int64_t d = 0; d < D; ++d) out[d] |= static_cast<uint32_t>(row[d].x) << shift;
+    if (hi == nullptr) {
+      for (int64_t d = 0; d < D; ++d) out[d] = lo[d];
+      continue;
+    }
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<uint32_t>(lo[d]) | static_cast<uint32_t>(hi[d]) << 16;
   }
+}
+
+// A block's query-side rows (Q or dO of one head) for the bf16 backward: the
+// rows as they are (the A of gemm_band_n) and as pair rows (the B of dK += dS^T Q
+// and dV += P^T dO).
+template <typename IndexFn>
+void load_bf16_rows(const HeadRows<const c10::BFloat16>& src, int64_t n, IndexFn&& index, int64_t D,
+                    Buffer<c10::BFloat16>* rows, Buffer<uint32_t>* pairs) {
+  rows->resize(std::max<int64_t>(n, 1) * D);
+  for (int64_t r = 0; r < n; ++r) std::memcpy(rows->data() + r * D, src.row(index(r)), D * sizeof(c10::BFloat16));
+  pack_pair_rows(src, n, index, D, bf16_pair_ld(D), pairs);
 }
 
 // The key-side operands of a chunk (its span) or of a block's extras.
@@ -71,10 +91,15 @@ template <typename acc_t>
 struct KeyOperands {
   Buffer<acc_t> kT, vT;  // scale * K^T and V^T, keys as columns, panel-major (pack_columns)
   Rows<acc_t> k, v;           // K and V rows
-  Buffer<uint32_t> kT_pairs, v_pairs;  // the bf16 forward's (KeyUse::kForwardBf16): K^T and V as pair words
+  // bf16 pair words (bf16_ops.h): K^T (and V^T, backward) as panel-major
+  // columns, V (forward) or K (backward) as pair rows.
+  Buffer<uint32_t> kT_pairs, vT_pairs, v_pairs, k_pairs;
   int64_t D = 0, W = 0, ld_pairs = 0;
+  // From column / key c0 on (c0 a multiple of 16, so of 2).
   const uint32_t* kT_pairs_from(int64_t c0) const { return kT_pairs.data() + c0 / 16 * (D / 2 + 1) * 16; }
+  const uint32_t* vT_pairs_from(int64_t c0) const { return vT_pairs.data() + c0 / 16 * (D / 2 + 1) * 16; }
   const uint32_t* v_pairs_from(int64_t c0) const { return v_pairs.data() + c0 / 2 * ld_pairs; }
+  const uint32_t* k_pairs_from(int64_t c0) const { return k_pairs.data() + c0 / 2 * ld_pairs; }
   // The panels from column c0 on (c0 a multiple of W).
   const acc_t* kT_from(int64_t c0) const { return kT.data() + c0 / W * (D + 1) * W; }
   const acc_t* vT_from(int64_t c0) const { return vT.data() + c0 / W * (D + 1) * W; }
@@ -82,8 +107,10 @@ struct KeyOperands {
 
 // Which operands the tile loops read: the forward's products take scale * K^T
 // packed and V rows, or, for blocks of a few rows (kFewRows), K and V rows as
-// they are; the backward's take scale * K^T and V^T packed and K rows.
-enum class KeyUse { kForward, kForwardFewRows, kBackward, kForwardBf16 };  // kForwardBf16: K^T and V as bf16 pair words (bf16_ops.h)
+// they are; the backward's take scale * K^T and V^T packed and K rows. The
+// bf16 kinds hold the same operands as bf16 pair words (bf16_ops.h), K^T
+// unscaled (the products take scale as their `mul`).
+enum class KeyUse { kForward, kForwardFewRows, kBackward, kForwardBf16, kBackwardBf16 };
 
 // A forward whose query rows are this few per head (decoding) reads keys as
 // rows (TileOps::rows_dot / rows_axpy): packing K^T would cost as much as the
@@ -111,12 +138,18 @@ void load_key_operands(const TileOps<acc_t>& ops, const HeadRows<const scalar_t>
       load_rows(ops, K, n, index, regular, D, &out->k);
       break;
     case KeyUse::kForwardBf16:
+    case KeyUse::kBackwardBf16:
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        out->ld_pairs = (D + 15) / 16 * 16;
+        out->ld_pairs = bf16_pair_ld(D);
         pack_pair_columns(K, n, index, D, &out->kT_pairs);
-        pack_pair_rows(V, n, index, D, out->ld_pairs, &out->v_pairs);
+        if (use == KeyUse::kForwardBf16) {
+          pack_pair_rows(V, n, index, D, out->ld_pairs, &out->v_pairs);
+        } else {
+          pack_pair_columns(V, n, index, D, &out->vT_pairs);
+          pack_pair_rows(K, n, index, D, out->ld_pairs, &out->k_pairs);
+        }
       } else {
-        TORCH_CHECK(false, "KeyUse::kForwardBf16 is for bfloat16 keys");
+        TORCH_CHECK(false, "the bf16 key operands are for bfloat16 keys");
       }
       break;
   }

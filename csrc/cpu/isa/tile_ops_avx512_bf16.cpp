@@ -159,14 +159,20 @@ void row_pairs(int64_t m, int64_t k, const float* A, int64_t a_row, const int64_
     total += kMR * (out->hi2[blk] - out->lo2[blk]);
   }
   out->words.resize(std::max<int64_t>(total, 1));
+  // Plain pointers and values from here on: `out` is a thread_local, and read
+  // through it the loop reloaded the vectors' fields after every store and
+  // looked the variable up again (a __tls_get_addr call, spilling the zmm
+  // registers around it) every 32 elements.
+  uint32_t* const words = out->words.data();
+  const int64_t *const lo2s = out->lo2.data(), *const hi2s = out->hi2.data(), *const offsets = out->offset.data();
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t np = out->hi2[blk] - out->lo2[blk];
+    const int64_t lo2 = lo2s[blk], hi2 = hi2s[blk], np = hi2 - lo2, offset = offsets[blk];
     if (np <= 0) continue;
     for (int64_t i = blk * kMR; i < std::min(m, (blk + 1) * kMR); ++i) {
       const float* src = A + i * a_row;
-      uint32_t* dst = out->words.data() + out->offset[blk] + (i - blk * kMR) * np;
+      uint32_t* dst = words + offset + (i - blk * kMR) * np;
       // Elements [2 lo2, 2 hi2), 32 at a time; lanes outside [lo, hi) read as 0.
-      for (int64_t e = 2 * out->lo2[blk]; e < 2 * out->hi2[blk]; e += 2 * kW) {
+      for (int64_t e = 2 * lo2; e < 2 * hi2; e += 2 * kW) {
         auto lanes = [&](int64_t e0) {
           const int64_t a = std::clamp<int64_t>(lo[blk] - e0, 0, kW), b = std::clamp<int64_t>(hi[blk] - e0, 0, kW);
           return __mmask16(((1u << b) - 1) & ~((1u << a) - 1));
@@ -174,8 +180,8 @@ void row_pairs(int64_t m, int64_t k, const float* A, int64_t a_row, const int64_
         const __m512 x0 = _mm512_maskz_loadu_ps(lanes(e), src + e);
         const __m512 x1 = _mm512_maskz_loadu_ps(lanes(e + kW), src + e + kW);
         const __m512i w = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));
-        const int64_t words = std::min<int64_t>(kW, (2 * out->hi2[blk] - e) / 2);  // left in this row
-        _mm512_mask_storeu_epi32(dst + (e / 2 - out->lo2[blk]), __mmask16((1u << words) - 1), w);
+        const int64_t left = std::min<int64_t>(kW, (2 * hi2 - e) / 2);  // words left in this row
+        _mm512_mask_storeu_epi32(dst + (e / 2 - lo2), __mmask16((1u << left) - 1), w);
       }
     }
   }
@@ -188,6 +194,7 @@ void transposed_pairs(int64_t m, int64_t k, const float* A, int64_t a_col, int64
   alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i idx = _mm512_load_si512(kIdx);
+  uint32_t* const dst = At->data();  // not through At in the loop: see row_pairs
   for (int64_t p = 0; p < k2; ++p) {
     const float* r0 = A + 2 * p * a_col;
     const float* r1 = 2 * p + 1 < k ? A + (2 * p + 1) * a_col : nullptr;
@@ -197,7 +204,7 @@ void transposed_pairs(int64_t m, int64_t k, const float* A, int64_t a_col, int64
       const __m512 x0 = _mm512_maskz_loadu_ps(lanes, r0 + i);
       const __m512 x1 = r1 ? _mm512_maskz_loadu_ps(lanes, r1 + i) : _mm512_setzero_ps();
       const __m512i w = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));  // x0 low half, x1 high half
-      _mm512_mask_storeu_epi32(At->data() + p * ldt + i, lanes, _mm512_permutexvar_epi16(idx, w));
+      _mm512_mask_storeu_epi32(dst + p * ldt + i, lanes, _mm512_permutexvar_epi16(idx, w));
     }
   }
 }
@@ -228,6 +235,10 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
   }
   const int64_t k2 = (k + 1) / 2;
   constexpr int64_t NB = kNV * kW;
+  // Plain pointers into the thread_local buffers (see row_pairs).
+  const uint32_t* const col_words = cols.data();
+  const uint32_t* const row_words = rows.words.data();
+  const int64_t* const row_offset = rows.offset.data();
   for (int64_t p0 = 0; p0 < k2; p0 += kKC) {
     const int64_t p1 = std::min(k2, p0 + kKC);
     for (int64_t n0 = 0; n0 < n; n0 += NB) {
@@ -241,12 +252,12 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
         const uint32_t* a;
         int64_t w_row, w_col;
         if (transposed) {
-          a = cols.data() + q0 * ldt + m0;
+          a = col_words + q0 * ldt + m0;
           w_row = 1;
           w_col = ldt;
         } else {
           const int64_t np = hi2[blk] - lo2[blk];
-          a = rows.words.data() + rows.offset[blk] + (q0 - lo2[blk]);
+          a = row_words + row_offset[blk] + (q0 - lo2[blk]);
           w_row = np;
           w_col = 1;
         }
