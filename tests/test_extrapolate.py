@@ -16,7 +16,7 @@ from longreach.__main__ import main as longreach_main
 from longreach.extrapolate import cli, data, report
 from longreach.extrapolate.model import ModelDims, build_model, configure_for_length, model_config
 from longreach.nn import LocalTransformerConfig
-from longreach.extrapolate.schemes import SCHEMES, models_to_train, parse_scheme_list, rope_scaling
+from longreach.extrapolate.schemes import DEFAULT_SCHEMES, SCHEMES, models_to_train, parse_scheme_list, rope_scaling
 from longreach.extrapolate.train import evaluate
 
 # A run small enough for a test: 64-byte windows, tiny model, a few steps.
@@ -319,7 +319,7 @@ def test_quick_run_writes_table_csv_and_plot(tiny_text, tmp_path, capsys):
     assert longreach_main(["extrapolate", "--quick", "--data", str(tiny_text), "--out", str(out)] + TINY) == 0
     rows = _read_csv(out / "results.csv")
     assert [(r["scheme"], int(r["eval_len"])) for r in rows] == [
-        (s, L) for s in SCHEMES for L in (32, 64, 128)]
+        (s, L) for s in DEFAULT_SCHEMES for L in (32, 64, 128)]
     assert all(0.0 < float(r["bits_per_byte"]) < 16.0 for r in rows)
     assert {int(r["bytes_scored"]) for r in rows} == {2 * 128}
     # PI and YaRN evaluate rope's weights and leave them untouched at the training length.

@@ -58,8 +58,10 @@ def build_model(scheme: Scheme, dims: ModelDims, window: Optional[int], train_le
     return LocalTransformerLM(model_config(scheme, dims, window, train_len))
 
 
-def configure_for_length(model: LocalTransformerLM, scheme: Scheme, train_len: int, eval_len: int) -> None:
-    """Give the model the RoPE tables ``scheme`` evaluates with at ``eval_len`` (plain RoPE for most)."""
+def configure_for_length(model: LocalTransformerLM, scheme: Scheme, train_len: int, eval_len: int,
+                         finetune_len: Optional[int] = None) -> None:
+    """Give the model the RoPE tables ``scheme`` evaluates with at ``eval_len`` (plain RoPE for most;
+    fine-tuned schemes need the length they were fine-tuned at)."""
     if model.rotary is None:
         return
-    model.set_rope_scaling(rope_scaling(scheme, train_len, eval_len), max(train_len, eval_len))
+    model.set_rope_scaling(rope_scaling(scheme, train_len, eval_len, finetune_len), max(train_len, eval_len))

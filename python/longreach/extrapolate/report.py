@@ -5,14 +5,19 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from .schemes import SCHEMES
+
+if TYPE_CHECKING:
+    from .train import TrainResult
 
 # bits per byte: how far above its training-length value a curve may go and still count as flat.
 FLAT_TOLERANCE = 0.05
 # bits per byte: how far below another scheme a curve must be to count as better (not noise).
 BEAT_MARGIN = 0.01
+# bits per byte: how far above another scheme a curve may be and still count as close to it.
+NEAR_TOLERANCE = 0.05
 
 CSV_FIELDS = ["scheme", "weights", "train_len", "eval_len", "factor", "bits_per_byte", "bytes_scored"]
 
@@ -56,6 +61,16 @@ def check(name: str, bpb: Dict[str, Dict[int, float]], train_len: int) -> Verdic
         if lo >= BEAT_MARGIN:
             return Verdict(f"above {other} at every longer length ({spread})", False)
         return Verdict(f"not clearly below {other} ({spread} vs it)", False)
+    if exp.kind == "near":
+        other = exp.other
+        if other not in bpb:
+            return Verdict(f"{other} not run, cannot compare", None)
+        diffs = [curve[L] - bpb[other][L] for L in longer]
+        lo, hi = min(diffs), max(diffs)
+        spread = f"{lo:+.3f}" if abs(hi - lo) < 0.0005 else f"{lo:+.3f} to {hi:+.3f}"
+        if hi <= NEAR_TOLERANCE:
+            return Verdict(f"within {NEAR_TOLERANCE} of {other} or below it ({spread})", True)
+        return Verdict(f"more than {NEAR_TOLERANCE} above {other} ({spread})", False)
     raise AssertionError(f"unknown expectation kind {exp.kind!r}")
 
 
@@ -116,6 +131,8 @@ def notes(bpb: Dict[str, Dict[int, float]], train_len: int) -> List[str]:
         weights = SCHEMES[name].weights
         if weights != name and weights in bpb:
             continue  # same model as its weights' scheme at the training length: noted there
+        if SCHEMES[name].finetune:
+            continue  # evaluated with PI at every length, 1x included: its 1x value is not its training's
         if value - at_1x[best] > BEHIND_NOTE:
             sharing = [n for n in bpb if n != name and SCHEMES[n].weights == name]
             who = name + (f" (and {', '.join(sharing)}, same weights)" if sharing else "")
@@ -132,10 +149,17 @@ def claims(names: Sequence[str]) -> str:
     return "\n".join(f"- {n}: {SCHEMES[n].summary}. Paper: {SCHEMES[n].paper}." for n in names)
 
 
+def finetune_cost(results: Dict[str, "TrainResult"]) -> str:
+    """The fine-tunes' wall time and throughput, e.g. to show that S2-Attn's steps are cheaper."""
+    return ", ".join(f"{name} {r.seconds:.1f} s for {len(r.losses)} steps, {r.tokens_per_second:,.0f} bytes/s"
+                     for name, r in results.items())
+
+
 def write_markdown(path: Path, bpb: Dict[str, Dict[int, float]], train_len: int, *, command: str, corpus: str,
                    settings: str, bytes_scored: int, names: Sequence[str], timing: str,
-                   run_notes: Sequence[str] = ()) -> None:
-    """results.md: the command, data, settings, table, notes (e.g. from `notes`) and the papers' claims."""
+                   run_notes: Sequence[str] = (), finetuning: str = "") -> None:
+    """results.md: the command, data, settings, table, notes (e.g. from `notes`), the fine-tunes' cost
+    (``finetuning``, e.g. from `finetune_cost`; omitted when empty) and the papers' claims."""
     parts = [
         "# Train short, test long",
         f"Command: `{command}`",
@@ -147,6 +171,8 @@ def write_markdown(path: Path, bpb: Dict[str, Dict[int, float]], train_len: int,
         table(bpb, train_len, markdown=True),
     ]
     parts += [f"Note: {n}" for n in run_notes]
+    if finetuning:
+        parts.append(f"Fine-tuning cost (same steps, batches and data; wall time on this machine): {finetuning}.")
     parts += ["What the papers say:", claims(names), f"Run time: {timing}."]
     path.write_text("\n\n".join(parts) + "\n")
 
@@ -159,7 +185,8 @@ def plot(path: Path, bpb: Dict[str, Dict[int, float]], train_len: int, title: st
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    styles = {"rope-pi": "--", "rope-yarn": ":"}  # the rope family shares weights: tell them apart
+    # the rope family shares weights or starts from them: tell them apart
+    styles = {"rope-pi": "--", "rope-yarn": ":", "rope-pi-ft": "-.", "rope-pi-longlora": "-."}
     for name, curve in bpb.items():
         lengths = sorted(curve)
         ax.plot(lengths, [curve[L] for L in lengths], styles.get(name, "-"), marker="o", label=name)

@@ -7,7 +7,10 @@ RoPE-scaling schemes — in how the RoPE tables are rescaled when evaluating at
 lengths beyond the training length. Schemes that differ only in that last
 point share one set of trained weights (PI and YaRN reuse plain RoPE's model),
 which is how those methods are used in practice: on a model trained without
-them.
+them. The fine-tuning schemes (opt-in, not in DEFAULT_SCHEMES) start from
+plain RoPE's trained weights too, and fine-tune them briefly at a longer
+length with PI in force, with full causal attention or with LongLoRA's
+shifted chunks (finetune.py); they are evaluated with full causal attention.
 
 Each scheme carries what its paper claims and a check that can be computed
 from this study's numbers, so the report says plainly where the small-scale
@@ -29,7 +32,9 @@ class Expectation:
                     the extra context);
     kind "worse":   bpb at the longest length is more than FLAT_TOLERANCE above
                     bpb at the training length (extrapolation fails);
-    kind "beats":   at every longer length bpb is below that of scheme ``other``.
+    kind "beats":   at every longer length bpb is below that of scheme ``other``;
+    kind "near":    at every longer length bpb is at most NEAR_TOLERANCE above that of
+                    scheme ``other`` (as good as it, or better).
     """
 
     kind: str
@@ -52,6 +57,12 @@ class Scheme:
     eval_rope_scaling: Optional[str]
     paper: str  # what the paper reports, in a sentence
     expectation: Expectation
+    # Fine-tuning schemes only: the scheme whose trained weights the fine-tune starts from
+    # (trained first, see models_to_train) and the attention used while fine-tuning:
+    # "full" (full causal) or "chunked" (LongLoRA's S2-Attn: chunks, half the heads shifted
+    # by half a chunk). Evaluation always runs the scheme's own attention (full causal).
+    base: Optional[str] = None
+    finetune: Optional[str] = None
 
 
 SCHEMES: Dict[str, Scheme] = {
@@ -135,10 +146,44 @@ SCHEMES: Dict[str, Scheme] = {
             "far beyond the training length (Fu et al. 2025, SWAT)",
             expectation=Expectation("flat"),
         ),
+        Scheme(
+            name="rope-pi-ft",
+            summary="rope's weights fine-tuned briefly at --finetune-len with PI, full causal attention",
+            weights="rope-pi-ft",
+            sliding=False,
+            score="softmax",
+            rope=True,
+            alibi=None,
+            eval_rope_scaling="linear",
+            paper="after Position Interpolation, a short fine-tuning at the longer length "
+            "(1000 steps) gives low perplexity over the whole extended window (Chen et al. 2023, PI)",
+            expectation=Expectation("beats", "rope-pi"),
+            base="rope",
+            finetune="full",
+        ),
+        Scheme(
+            name="rope-pi-longlora",
+            summary="as rope-pi-ft, but fine-tuned with shifted chunks of --finetune-chunk (LongLoRA's "
+            "S2-Attn); evaluated with full causal attention",
+            weights="rope-pi-longlora",
+            sliding=False,
+            score="softmax",
+            rope=True,
+            alibi=None,
+            eval_rope_scaling="linear",
+            paper="fine-tuning with shifted sparse attention (chunks, half the heads shifted by half "
+            "a chunk) reaches close to full-attention fine-tuning's perplexity at a fraction of "
+            "its cost, and the model then runs full attention (Chen et al. 2024, LongLoRA)",
+            expectation=Expectation("near", "rope-pi-ft"),
+            base="rope",
+            finetune="chunked",
+        ),
     ]
 }
 
-DEFAULT_SCHEMES: List[str] = list(SCHEMES)
+# The fine-tuning schemes are opt-in (--schemes): they add a fine-tune at the longest length
+# to the run, and the default run keeps its time budget (`make demo`).
+DEFAULT_SCHEMES: List[str] = [n for n, s in SCHEMES.items() if s.finetune is None]
 
 
 def parse_scheme_list(text: str) -> List[str]:
@@ -157,26 +202,44 @@ def parse_scheme_list(text: str) -> List[str]:
 
 
 def models_to_train(names: Sequence[str]) -> List[str]:
-    """The distinct weight sets the selected schemes need, in first-use order."""
+    """The distinct weight sets the selected schemes need, in first-use order, each after the
+    weights it is fine-tuned from (a fine-tuning scheme brings in its base, e.g. rope)."""
     out: List[str] = []
-    for n in names:
-        w = SCHEMES[n].weights
+
+    def need(w: str) -> None:
+        base = SCHEMES[w].base
+        if base is not None:
+            need(SCHEMES[base].weights)
         if w not in out:
             out.append(w)
+
+    for n in names:
+        need(SCHEMES[n].weights)
     return out
 
 
-def rope_scaling(scheme: Scheme, train_len: int, eval_len: int) -> Optional[dict]:
+def rope_scaling(scheme: Scheme, train_len: int, eval_len: int,
+                 finetune_len: Optional[int] = None) -> Optional[dict]:
     """The Hugging Face-style rope scaling dict for evaluating ``scheme`` at ``eval_len``.
 
     None at or below the training length (the trained model is used as is),
     and for schemes without eval-time scaling. The factor is eval_len /
     train_len, chosen per evaluation length, as one would configure PI or YaRN
-    for a known target length.
+    for a known target length. A fine-tuned scheme was fine-tuned with the factor
+    finetune_len / train_len and keeps it at every length up to finetune_len,
+    the training length included (as PI's fine-tuned models are evaluated); only
+    beyond it does the factor grow with the length.
     """
-    if not scheme.rope or scheme.eval_rope_scaling is None or eval_len <= train_len:
+    if not scheme.rope or scheme.eval_rope_scaling is None:
         return None
-    factor = eval_len / train_len
+    if scheme.finetune is not None:
+        if finetune_len is None:
+            raise ValueError(f"rope_scaling: scheme {scheme.name!r} is fine-tuned; pass finetune_len")
+        factor = max(finetune_len, eval_len) / train_len
+    elif eval_len <= train_len:
+        return None
+    else:
+        factor = eval_len / train_len
     if scheme.eval_rope_scaling == "linear":
         return {"rope_type": "linear", "factor": factor}
     if scheme.eval_rope_scaling == "yarn":

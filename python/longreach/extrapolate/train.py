@@ -20,6 +20,11 @@ LN2 = math.log(2.0)
 class TrainResult:
     losses: List[float] = field(default_factory=list)  # bits per byte of each training batch
     seconds: float = 0.0
+    tokens: int = 0  # input bytes processed (for the fine-tunes' cost per step)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
     @property
     def final_bpb(self) -> float:
@@ -66,6 +71,7 @@ def train(
         opt.step()
         bpb = loss.item() / LN2
         result.losses.append(bpb)
+        result.tokens += inputs.numel()
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(bpb=f"{bpb:.3f}")
     result.seconds = time.perf_counter() - start
