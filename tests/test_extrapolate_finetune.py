@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longreach.extrapolate import cli, finetune as finetune_mod, report
+from longreach.extrapolate import cli, data, finetune as finetune_mod, report
 from longreach.extrapolate.schemes import DEFAULT_SCHEMES, SCHEMES, models_to_train, rope_scaling
 import longreach.nn.local_attention as local_attention_module
 
@@ -99,6 +99,20 @@ def test_near_check():
     bpb["rope-pi-longlora"][128] = 2.2
     assert report.check("rope-pi-longlora", bpb, 64).agrees is False
     assert report.check("rope-pi-longlora", {"rope-pi-longlora": bpb["rope-pi-longlora"]}, 64).agrees is None
+
+
+def test_no_behind_note_for_finetuned_schemes():
+    # A fine-tuned scheme runs PI at 1x too, so a worse 1x value is no sign of an undertrained model.
+    bpb = {"rope": {64: 2.0, 128: 2.5}, "rope-pi-ft": {64: 2.4, 128: 2.3}}
+    assert report.notes(bpb, 64) == []
+    assert report.notes({"rope": bpb["rope"], "alibi": {64: 2.4, 128: 2.3}}, 64) != []
+
+
+def test_short_training_text_names_both_lengths():
+    stream = torch.zeros(100, dtype=torch.uint8)
+    with pytest.raises(data.DataError, match=r"fewer than the sequence length \+ 2 = 130 \(--train-len, or "
+                                             r"--finetune-len"):
+        data.BatchSampler(stream, 128, 1, seed=0)
 
 
 # ----------------------------------------------------------------- end to end --

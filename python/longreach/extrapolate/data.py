@@ -170,7 +170,8 @@ class BatchSampler:
     def __init__(self, stream: torch.Tensor, length: int, batch_size: int, seed: int):
         if stream.numel() < length + 2:
             raise DataError(
-                f"training text has {stream.numel()} bytes, fewer than --train-len + 2 = {length + 2}"
+                f"training text has {stream.numel()} bytes, fewer than the sequence length + 2 = {length + 2} "
+                f"(--train-len, or --finetune-len for the fine-tunes)"
             )
         self.stream = stream
         self.length = length
