@@ -52,24 +52,35 @@ inline std::vector<ShiftGroup> shift_groups(const std::vector<int64_t>& phases, 
   return groups;
 }
 
-// Dropout's mask is keyed by the query head (common/philox.h); the calls per
-// chunk grid see a subset of the heads under new indices, so the two do not
-// combine yet.
-inline void check_dropout_with_one_chunk_grid(const std::vector<ShiftGroup>& groups, double dropout_p) {
-  TORCH_CHECK_NOT_IMPLEMENTED(groups.empty() || dropout_p == 0.0,
-                              "local_attention: dropout_p > 0 with chunk_shift values that differ between heads "
-                              "(modulo chunk) is not implemented; got dropout_p=", dropout_p, " and ", groups.size(),
-                              " chunk grids");
+// Dropout's mask is keyed by the query head (common/philox.h): a chunk grid's
+// call sees a subset of the heads under new indices, so it passes their
+// indices in the whole call (the group's `heads`, on q's device) and the number
+// of heads there; the mask is then the one the call would have drawn whole.
+struct DropoutHeads {
+  const at::Tensor* ids = nullptr;  // nullptr: the call holds every head
+  int64_t all_heads = 0;
+};
+
+inline DropoutHeads dropout_heads_of(const ShiftGroup& g, const AttentionParams& whole) {
+  return DropoutHeads{&g.heads, whole.q_heads};
+}
+
+// After set_dropout: key a group's call by its heads' indices in the whole call.
+inline void set_dropout_heads(AttentionParams& P, const DropoutHeads& heads) {
+  if (heads.ids == nullptr || !P.dropout.enabled) return;
+  TORCH_INTERNAL_ASSERT(heads.ids->scalar_type() == at::kLong && heads.ids->is_contiguous() &&
+                        heads.ids->numel() == P.q_heads);
+  P.dropout.head_ids = heads.ids->data_ptr<int64_t>();
+  P.dropout.all_heads = heads.all_heads;
 }
 
 // The chunk grids of a call: several, which the caller runs one by one (one
 // call per ShiftGroup, each with a single chunk_shift value), or one (or none),
 // which this sets in P.window.
 inline std::vector<ShiftGroup> chunk_grids(AttentionParams& P, const at::Tensor& q, int64_t chunk,
-                                           const c10::optional<at::Tensor>& chunk_shift, double dropout_p) {
+                                           const c10::optional<at::Tensor>& chunk_shift) {
   const std::vector<int64_t> phases = chunk_phases(q, P.q_heads, chunk, chunk_shift);
   std::vector<ShiftGroup> groups = shift_groups(phases, P.group_size(), q.device());
-  check_dropout_with_one_chunk_grid(groups, dropout_p);
   P.window.chunk = chunk;
   P.window.chunk_phase = phases.empty() ? 0 : phases[0];
   return groups;

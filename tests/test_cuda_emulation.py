@@ -408,8 +408,9 @@ def _dense_op_tail(dropout_p, seed, chunk=0, shift=None):
 @pytest.mark.parametrize(
     "case",
     [dict(window=(6, 2)), dict(window=(5, 0), dilation=2, global_every=7, score="sigmoid"),
-     dict(window=(None, None), chunk=8, chunk_shift=[3, 3, 3, 3], alibi=True, softcap=4.0)],
-    ids=["band", "dilated_globals_sigmoid", "chunked_alibi_softcap"],
+     dict(window=(None, None), chunk=8, chunk_shift=[3, 3, 3, 3], alibi=True, softcap=4.0),
+     dict(window=(7, 0), chunk=8, chunk_shift=[0, 4, 0, 5])],
+    ids=["band", "dilated_globals_sigmoid", "chunked_alibi_softcap", "three_chunk_grids_gqa"],
 )
 def test_emulated_cuda_dropout_matches_the_cpu_kernels(emulation, case, dropout_p):
     """Attention dropout in the CUDA blocks: the same dropout_seed gives the CPU op's keep
@@ -473,11 +474,3 @@ def test_emulated_cuda_varlen_dropout_matches_the_cpu_kernels(emulation, dropout
     want = op.local_attention_varlen_bwd(go, None, q, k, v, want_out, want_lse, *args, False, *tail)
     for label, a, b in zip(("dq", "dk", "dv"), got[:3], want[:3]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{label}: {m}")
-
-
-def test_emulated_cuda_dropout_with_several_chunk_grids_is_refused_as_on_cpu(emulation):
-    q = k = v = torch.randn(1, 2, 16, 8)
-    args = _op_args(q, dict(window=(3, 0)))
-    seed = torch.tensor([1, 2], dtype=torch.int64)
-    with pytest.raises(NotImplementedError, match="chunk grids"):
-        emulation.fwd(q, k, v, *args, chunk=4, chunk_shift=torch.tensor([0, 2]), dropout_p=0.2, dropout_seed=seed)

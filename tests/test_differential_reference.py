@@ -471,13 +471,6 @@ def run_case(case: Case, device: str = "cpu") -> None:
     # op's own gradient before autograd sums it over the stride-0 dims).
     ours_views = [f(t) for f, t in zip(views, ours_in)]
     exact_views = [f(t) for f, t in zip(views, exact_in)]
-    shifts, chunk = case.extra["chunk_shift"], case.extra["chunk"]
-    if op_dropout and shifts is not None and len({x % chunk for x in shifts}) > 1:
-        # several chunk grids run as one call per grid, which would renumber the heads of the mask
-        # (csrc/chunk_heads.h): refused for now (docs/semantics.md "Dropout")
-        with pytest.raises(NotImplementedError, match="dropout_p > 0 with chunk_shift values that differ"):
-            longreach.local_attention(*ours_views[:3], sinks=_sinks(ours_views), **dev_kwargs, **op_dropout)
-        return
     with torch.random.fork_rng(devices=[]):  # the op draws its dropout (seed, offset) from this state
         if op_dropout:
             torch.manual_seed(case.extra["dropout_seed"])

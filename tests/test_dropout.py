@@ -42,7 +42,12 @@ CASES = [
     dict(score="sigmoid", window=(6, 6)),
     dict(window=(3, 3), global_mask=torch.rand(2, 41) < 0.2, softcap=5.0),
     dict(sinks=torch.randn(4, dtype=torch.float64), sink_tokens=2, window=(4, 0), causal=True),
+    # three chunk grids (one call per grid, a GQA kv head split across two): the mask stays the
+    # whole call's, keyed by each head's index in it
+    dict(window=(8, 0), causal=True, chunk=6, chunk_shift=torch.tensor([0, 3, 0, 4])),
 ]
+
+SEVERAL_GRIDS = dict(chunk=7, chunk_shift=torch.tensor([0, 3, 3, 5]))
 
 
 @pytest.mark.parametrize("options", CASES, ids=range(len(CASES)))
@@ -57,15 +62,16 @@ def test_equals_reference_with_the_same_mask(options):
     assert not torch.allclose(out, reference.local_attention(q, k, v, **options))
 
 
-def test_gradients_equal_reference_with_the_same_mask():
+@pytest.mark.parametrize("chunks", [{}, SEVERAL_GRIDS], ids=["one_grid", "several_chunk_grids"])
+def test_gradients_equal_reference_with_the_same_mask(chunks):
     q, k, v = (t.requires_grad_() for t in _qkv(Lq=70, Lk=70))
     p = 0.25
     torch.manual_seed(5)
-    out, lse = longreach.local_attention(q, k, v, window=(9, 2), dropout_p=p, return_lse=True)
+    out, lse = longreach.local_attention(q, k, v, window=(9, 2), dropout_p=p, return_lse=True, **chunks)
     torch.manual_seed(5)
     mask = keep_mask(draw_seed(), p, 2, 4, 70, 70)
     ref_out, ref_lse = reference.local_attention(q, k, v, window=(9, 2), dropout_mask=mask, dropout_p=p,
-                                                 return_lse=True)
+                                                 return_lse=True, **chunks)
     torch.testing.assert_close(lse, ref_lse)  # lse is not affected by dropout
     go, gl = torch.randn_like(out), torch.randn_like(lse)
     grads = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v))
@@ -87,7 +93,8 @@ def test_gradcheck_fixed_seed(score):
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
-def test_varlen_equals_reference_per_sequence():
+@pytest.mark.parametrize("chunks", [{}, SEVERAL_GRIDS], ids=["one_grid", "several_chunk_grids"])
+def test_varlen_equals_reference_per_sequence(chunks):
     g = torch.Generator().manual_seed(3)
     lens_q, lens_k = [5, 0, 33, 20], [9, 4, 33, 20]
     cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
@@ -96,13 +103,13 @@ def test_varlen_equals_reference_per_sequence():
     k, v = (torch.randn(sum(lens_k), 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     p = 0.5
     out, seed = _op_and_seed(longreach.local_attention_varlen, q, k, v, cu_q, cu_k, 33, 33, window=(6, 1),
-                             dropout_p=p)
+                             dropout_p=p, **chunks)
     pieces = []
     for i in range(4):
         rows, keys = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
         one = [t.transpose(0, 1)[None] for t in (q[rows], k[keys], v[keys])]
         mask = keep_mask(seed, p, 4, 4, lens_q[i], lens_k[i])[i:i + 1]  # batch index = the sequence
-        pieces.append(reference.local_attention(*one, window=(6, 1), dropout_mask=mask, dropout_p=p)[0]
+        pieces.append(reference.local_attention(*one, window=(6, 1), dropout_mask=mask, dropout_p=p, **chunks)[0]
                       .transpose(0, 1))
     expected = torch.cat(pieces)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)

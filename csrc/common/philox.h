@@ -63,7 +63,20 @@ struct DropoutSpec {
       default: return r.w;
     }
   }
-  // head_row = batch (or sequence) * Hq + query head.
+  // A call on a subset of the heads (one chunk grid's call, csrc/chunk_heads.h)
+  // keys the mask by each head's index in the whole call, head_ids[h] of
+  // all_heads (int64, on the kernels' device), so splitting a call by chunk
+  // grid leaves the mask as it is; nullptr: the call holds every head.
+  const int64_t* head_ids = nullptr;
+  int64_t all_heads = 0;
+
+  // The mask's key of (batch or sequence b, query head h of the call's q_heads):
+  // b * Hq + head, in the whole call's numbering.
+  LR_HOST_DEVICE int64_t head_row(int64_t b, int64_t h, int64_t q_heads) const {
+    return head_ids == nullptr ? b * q_heads + h : b * all_heads + head_ids[h];
+  }
+
+  // head_row: from head_row() above.
   LR_HOST_DEVICE bool keep(int64_t head_row, int64_t row, int64_t key) const {
     return static_cast<uint64_t>(draw(head_row, row, key)) >= threshold;
   }

@@ -400,7 +400,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           // Dropout Z (keep / (1 - p)): out = (P o Z) V, so the weights' gradient is dP = Z o (dO V^T),
           // and dV takes P o Z (below); dS = P o (dP - dO . O) keeps the undropped P.
           const bool dropout = P.dropout.enabled;
-          const int64_t head_row = b * P.q_heads + h;
+          const int64_t head_row = P.dropout.head_row(b, h, P.q_heads);
           if (dropout) apply_dropout(P.dropout, head_row, ws.rows.data(), nq, keys, runs, G, ws.ld_s);
           // With learnable slopes the soft-cap factor is applied after the
           // slope gradient has read dS with respect to the final score.

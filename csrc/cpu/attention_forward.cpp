@@ -124,7 +124,7 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
             }
           }
           // Dropout after the softmax (the row sums l above saw every weight, so lse is unaffected).
-          if (P.dropout.enabled) apply_dropout(P.dropout, b * P.q_heads + h, ws.rows.data(), nq, keys, runs, S, ws.ld_s);
+          if (P.dropout.enabled) apply_dropout(P.dropout, P.dropout.head_row(b, h, P.q_heads), ws.rows.data(), nq, keys, runs, S, ws.ld_s);
           if constexpr (std::is_same_v<acc_t, float>) {
             if (bf) {
               bf->gemm_band_k(nq, D, keys.n, S, ws.ld_s, 1, ko.v_pairs_from(col0), ko.ld_pairs, ws.acc.data(), D, first,

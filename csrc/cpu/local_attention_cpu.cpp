@@ -118,8 +118,8 @@ Gradients run_backward(
   return {dq, dk, dv, dslopes, sinks_grad()};
 }
 
-std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
+std::tuple<at::Tensor, at::Tensor> local_attention_fwd_impl(
+    const DropoutHeads& heads, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale,
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, int64_t sink_tokens,
@@ -129,22 +129,23 @@ std::tuple<at::Tensor, at::Tensor> local_attention_fwd_cpu(
       make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
                             sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
   set_dropout(P, dropout_p, dropout_seed);
-  const std::vector<ShiftGroup> groups = chunk_grids(P, q, chunk, chunk_shift, dropout_p);
+  set_dropout_heads(P, heads);
+  const std::vector<ShiftGroup> groups = chunk_grids(P, q, chunk, chunk_shift);
   if (!groups.empty()) {  // heads with different chunk grids: one call per grid (chunk_heads.h)
     return forward_by_shift(groups, q, k, v, alibi_slopes, sinks, 1,
                             [&](const ShiftGroup& g, const at::Tensor& qg, const at::Tensor& kg, const at::Tensor& vg,
                                 const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
-                              return local_attention_fwd_cpu(qg, kg, vg, global_mask, sg, window_left, window_right,
+                              return local_attention_fwd_impl(dropout_heads_of(g, P), qg, kg, vg, global_mask, sg, window_left, window_right,
                                                              dilation, score, sigmoid_bias, softcap, scale,
                                                              key_padding_mask, causal, sink_tokens, sinks_g, chunk,
-                                                             group_shift(g, qg), 0.0, c10::nullopt);
+                                                             group_shift(g, qg), dropout_p, dropout_seed);
                             });
   }
   return run_forward(P, dense_views(P), q, k, v, global_mask, alibi_slopes, key_padding_mask, sinks);
 }
 
-Gradients local_attention_bwd_cpu(
-    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+Gradients local_attention_bwd_impl(
+    const DropoutHeads& heads, const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& global_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, int64_t dilation,
     c10::string_view score, c10::optional<double> sigmoid_bias, double softcap, double scale, bool alibi_grad,
@@ -155,7 +156,8 @@ Gradients local_attention_bwd_cpu(
       make_attention_params(q, k, v, global_mask, alibi_slopes, window_left, window_right, dilation, score,
                             sigmoid_bias, softcap, scale, key_padding_mask, SinkOptions{causal, sink_tokens, &sinks});
   set_dropout(P, dropout_p, dropout_seed);
-  const std::vector<ShiftGroup> groups = chunk_grids(P, q, chunk, chunk_shift, dropout_p);
+  set_dropout_heads(P, heads);
+  const std::vector<ShiftGroup> groups = chunk_grids(P, q, chunk, chunk_shift);
   if (!groups.empty()) {
     check_backward_inputs(P, q, grad_out, out, lse, grad_lse, alibi_grad);
     return backward_by_shift(
@@ -163,18 +165,18 @@ Gradients local_attention_bwd_cpu(
         [&](const ShiftGroup& g, const at::Tensor& go, const c10::optional<at::Tensor>& gl, const at::Tensor& qg,
             const at::Tensor& kg, const at::Tensor& vg, const at::Tensor& og, const at::Tensor& lg,
             const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
-          return local_attention_bwd_cpu(go, gl, qg, kg, vg, og, lg, global_mask, sg, window_left, window_right,
+          return local_attention_bwd_impl(dropout_heads_of(g, P), go, gl, qg, kg, vg, og, lg, global_mask, sg, window_left, window_right,
                                          dilation, score, sigmoid_bias, softcap, scale, alibi_grad, key_padding_mask,
                                          causal, sink_tokens, sinks_g, chunk,
-                                         group_shift(g, qg), 0.0, c10::nullopt);
+                                         group_shift(g, qg), dropout_p, dropout_seed);
         });
   }
   return run_backward(P, dense_views(P), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
                       alibi_grad, key_padding_mask, sinks);
 }
 
-std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_impl(
+    const DropoutHeads& heads, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, int64_t dilation, c10::string_view score, c10::optional<double> sigmoid_bias, double softcap,
@@ -185,22 +187,23 @@ std::tuple<at::Tensor, at::Tensor> local_attention_varlen_fwd_cpu(
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
                                        scale, SinkOptions{causal, sink_tokens, &sinks});
   set_dropout(V.params, dropout_p, dropout_seed);
-  const std::vector<ShiftGroup> groups = chunk_grids(V.params, q, chunk, chunk_shift, dropout_p);
+  set_dropout_heads(V.params, heads);
+  const std::vector<ShiftGroup> groups = chunk_grids(V.params, q, chunk, chunk_shift);
   if (!groups.empty()) {  // one call per chunk grid (chunk_heads.h); lse is (Hq, total_q)
     return forward_by_shift(groups, q, k, v, alibi_slopes, sinks, 0,
                             [&](const ShiftGroup& g, const at::Tensor& qg, const at::Tensor& kg, const at::Tensor& vg,
                                 const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
-                              return local_attention_varlen_fwd_cpu(
+                              return local_attention_varlen_fwd_impl(dropout_heads_of(g, V.params), 
                                   qg, kg, vg, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, global_mask, sg,
                                   window_left, window_right, dilation, score, sigmoid_bias, softcap, scale, causal,
-                                  sink_tokens, sinks_g, chunk, group_shift(g, qg), 0.0, c10::nullopt);
+                                  sink_tokens, sinks_g, chunk, group_shift(g, qg), dropout_p, dropout_seed);
                             });
   }
   return run_forward(V.params, std::move(V.seqs), q, k, v, global_mask, alibi_slopes, c10::nullopt, sinks);
 }
 
-Gradients local_attention_varlen_bwd_cpu(
-    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+Gradients local_attention_varlen_bwd_impl(
+    const DropoutHeads& heads, const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left,
@@ -212,7 +215,8 @@ Gradients local_attention_varlen_bwd_cpu(
                                        alibi_slopes, window_left, window_right, dilation, score, sigmoid_bias, softcap,
                                        scale, SinkOptions{causal, sink_tokens, &sinks});
   set_dropout(V.params, dropout_p, dropout_seed);
-  const std::vector<ShiftGroup> groups = chunk_grids(V.params, q, chunk, chunk_shift, dropout_p);
+  set_dropout_heads(V.params, heads);
+  const std::vector<ShiftGroup> groups = chunk_grids(V.params, q, chunk, chunk_shift);
   if (!groups.empty()) {
     check_backward_inputs(V.params, q, grad_out, out, lse, grad_lse, alibi_grad);
     return backward_by_shift(
@@ -220,24 +224,34 @@ Gradients local_attention_varlen_bwd_cpu(
         [&](const ShiftGroup& g, const at::Tensor& go, const c10::optional<at::Tensor>& gl, const at::Tensor& qg,
             const at::Tensor& kg, const at::Tensor& vg, const at::Tensor& og, const at::Tensor& lg,
             const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
-          return local_attention_varlen_bwd_cpu(go, gl, qg, kg, vg, og, lg, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+          return local_attention_varlen_bwd_impl(dropout_heads_of(g, V.params), go, gl, qg, kg, vg, og, lg, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                 max_seqlen_k, global_mask, sg, window_left, window_right, dilation,
                                                 score, sigmoid_bias, softcap, scale, alibi_grad, causal, sink_tokens,
                                                 sinks_g, chunk,
-                                                group_shift(g, qg), 0.0, c10::nullopt);
+                                                group_shift(g, qg), dropout_p, dropout_seed);
         });
   }
   return run_backward(V.params, std::move(V.seqs), grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
                       alibi_grad, c10::nullopt, sinks);
 }
 
+// The registered kernel of an entry above: the whole call (every head), i.e.
+// Impl(DropoutHeads{}, args...), Impl's other parameters being the schema's,
+// so the four long signatures are written once.
+template <auto Impl>
+struct WholeCall;
+template <typename R, typename... Args, R (*Impl)(const DropoutHeads&, Args...)>
+struct WholeCall<Impl> {
+  static R run(Args... args) { return Impl(DropoutHeads{}, args...); }
+};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(longreach, CPU, m) {
-  m.impl("local_attention_fwd", &local_attention_fwd_cpu);
-  m.impl("local_attention_bwd", &local_attention_bwd_cpu);
-  m.impl("local_attention_varlen_fwd", &local_attention_varlen_fwd_cpu);
-  m.impl("local_attention_varlen_bwd", &local_attention_varlen_bwd_cpu);
+  m.impl("local_attention_fwd", &WholeCall<&local_attention_fwd_impl>::run);
+  m.impl("local_attention_bwd", &WholeCall<&local_attention_bwd_impl>::run);
+  m.impl("local_attention_varlen_fwd", &WholeCall<&local_attention_varlen_fwd_impl>::run);
+  m.impl("local_attention_varlen_bwd", &WholeCall<&local_attention_varlen_bwd_impl>::run);
 }
 
 }  // namespace longreach::cpu

@@ -478,7 +478,7 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
   const acc_t bias = static_cast<acc_t>(sigmoid_bias_of(P, s));
   const acc_t slope = alibi_slope_of(a, b, h);
-  const int64_t head_row = b * P.q_heads + h;  // dropout's key (common/philox.h)
+  const int64_t head_row = P.dropout.head_row(b, h, P.q_heads);  // dropout's key (common/philox.h)
 
   SmemCarver sm{smem};
   T* sQ = sm.take<T>(BM * DMAX);
@@ -708,7 +708,7 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
     mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
     block_sync();
     slope_part += tile_backward<T, acc_t, BM, BN, /*kStoreP=*/false>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot,
-                                                                     slope, b * P.q_heads + h, slope_grad);
+                                                                     slope, P.dropout.head_row(b, h, P.q_heads), slope_grad);
     block_sync();
     mm_ab_acc<T, acc_t>(sdQ, DMAX, sdS, BN, sK, DMAX, BM, Dp, BN);
     block_sync();
@@ -800,7 +800,8 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
       mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
       mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
       block_sync();
-      tile_backward<T, acc_t, BM, BN>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope, b * P.q_heads + h);
+      tile_backward<T, acc_t, BM, BN>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope,
+                                      P.dropout.head_row(b, h, P.q_heads));
       block_sync();
       mm_atb_acc<T, acc_t>(sdV, DMAX, sP, BN, sdO, DMAX, BN, Dp, BM);
       mm_atb_acc<T, acc_t>(sdK, DMAX, sdS, BN, sQ, DMAX, BN, Dp, BM);

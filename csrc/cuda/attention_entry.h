@@ -168,6 +168,7 @@ struct ChunkDropoutOptions {
   c10::optional<at::Tensor> chunk_shift;
   double dropout_p = 0.0;
   c10::optional<at::Tensor> dropout_seed;
+  DropoutHeads heads;  // a chunk grid's call: its heads' indices in the whole call
 };
 
 // Checks the chunk and dropout options into P (the same checks and the same
@@ -177,12 +178,14 @@ struct ChunkDropoutOptions {
 inline std::vector<ShiftGroup> set_chunk_dropout(AttentionParams& P, const at::Tensor& q,
                                                  const ChunkDropoutOptions& cd) {
   set_dropout(P, cd.dropout_p, cd.dropout_seed);
-  return chunk_grids(P, q, cd.chunk, cd.chunk_shift, cd.dropout_p);
+  set_dropout_heads(P, cd.heads);
+  return chunk_grids(P, q, cd.chunk, cd.chunk_shift);
 }
 
-// A shift group's call: one chunk grid, no dropout (chunk_grids refuses dropout with several grids).
-inline ChunkDropoutOptions group_options(const ChunkDropoutOptions& cd, const ShiftGroup& g, const at::Tensor& qg) {
-  return ChunkDropoutOptions{cd.chunk, group_shift(g, qg), 0.0, c10::nullopt};
+// A shift group's call: one chunk grid; dropout keyed by the heads' indices in the whole call.
+inline ChunkDropoutOptions group_options(const ChunkDropoutOptions& cd, const ShiftGroup& g, const at::Tensor& qg,
+                                         const AttentionParams& whole) {
+  return ChunkDropoutOptions{cd.chunk, group_shift(g, qg), cd.dropout_p, cd.dropout_seed, dropout_heads_of(g, whole)};
 }
 
 template <typename Backend>
@@ -204,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(Backend& backend, const at:
                               return attention_forward(backend, qg, kg, vg, global_mask, sg, window_left, window_right,
                                                        dilation, score, sigmoid_bias, softcap, scale, key_padding_mask,
                                                        SinkOptions{so.causal, so.sink_tokens, &sinks_g},
-                                                       group_options(cd, g, qg));
+                                                       group_options(cd, g, qg, P));
                             });
   }
   return run_forward(backend, P, nullptr, q, k, v, global_mask, alibi_slopes, key_padding_mask, sinks_of(so));
@@ -230,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
             const c10::optional<at::Tensor>& sg, const c10::optional<at::Tensor>& sinks_g) {
           return attention_backward(backend, go, gl, qg, kg, vg, og, lg, global_mask, sg, window_left, window_right,
                                     dilation, score, sigmoid_bias, softcap, scale, alibi_grad, key_padding_mask,
-                                    SinkOptions{so.causal, so.sink_tokens, &sinks_g}, group_options(cd, g, qg));
+                                    SinkOptions{so.causal, so.sink_tokens, &sinks_g}, group_options(cd, g, qg, P));
         });
   }
   return run_backward(backend, P, nullptr, grad_out, grad_lse, q, k, v, out, lse, global_mask, alibi_slopes,
@@ -255,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward(
                               return attention_varlen_forward(
                                   backend, qg, kg, vg, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   global_mask, sg, window_left, window_right, dilation, score, sigmoid_bias, softcap,
-                                  scale, SinkOptions{so.causal, so.sink_tokens, &sinks_g}, group_options(cd, g, qg));
+                                  scale, SinkOptions{so.causal, so.sink_tokens, &sinks_g}, group_options(cd, g, qg, V.params));
                             });
   }
   const PackedSeqs packed(cu_seqlens_q, cu_seqlens_k, q.size(0));
@@ -285,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
           return attention_varlen_backward(backend, go, gl, qg, kg, vg, og, lg, cu_seqlens_q, cu_seqlens_k,
                                            max_seqlen_q, max_seqlen_k, global_mask, sg, window_left, window_right,
                                            dilation, score, sigmoid_bias, softcap, scale, alibi_grad,
-                                           SinkOptions{so.causal, so.sink_tokens, &sinks_g}, group_options(cd, g, qg));
+                                           SinkOptions{so.causal, so.sink_tokens, &sinks_g}, group_options(cd, g, qg, V.params));
         });
   }
   const PackedSeqs packed(cu_seqlens_q, cu_seqlens_k, q.size(0));
