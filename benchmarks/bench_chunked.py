@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cpu_kernels import time_once  # noqa: E402  (the same thread-time clock as bench_cpu_kernels.py)
+from bench_varlen import wall_clock  # noqa: E402  (the same all-threads wall-clock run as bench_varlen.py)
 
 import longreach  # noqa: E402
 from longreach._checks import chunk_shifts  # noqa: E402  (the one "half" expansion)
@@ -114,22 +115,6 @@ def best_both_clocks(calls: dict, rounds: int) -> dict:
             wall = time.perf_counter() - wall
             best[key] = (min(best[key][0], thread), min(best[key][1], wall))
     return best
-
-
-def wall_clock(calls: dict, rounds: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    try:
-        for fn in calls.values():
-            fn()
-        best = {key: float("inf") for key in calls}
-        for _ in range(rounds):
-            for key, fn in calls.items():
-                t = time.perf_counter()
-                fn()
-                best[key] = min(best[key], time.perf_counter() - t)
-        return best
-    finally:
-        torch.set_num_threads(1)
 
 
 def positive(text: str) -> int:
