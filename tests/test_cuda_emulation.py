@@ -367,16 +367,23 @@ def test_emulated_cuda_chunks_match_the_reference(emulation, name, case):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{label}: {m}")
 
 
-@pytest.mark.parametrize("shift", [None, [0, 5, 5, 0]], ids=["one_grid", "two_grids"])
-def test_emulated_cuda_varlen_chunks_match_the_cpu_kernels(emulation, shift):
-    """Packed batches with chunks (per-sequence positions, empty sequences, a grid split
-    across a GQA group) against the CPU varlen op, forward and backward."""
+def _packed_batch(Hq=4, Hk=2, D=16):
+    """A packed batch with empty and one-token sequences (queries and keys of unequal lengths):
+    per-sequence lengths, cu_seqlens and q (total_q, Hq, D), k and v (total_k, Hk, D)."""
     lq, lk = [5, 0, 30, 1, 37], [7, 4, 26, 0, 40]
-    Hq, Hk, D = 4, 2, 16
     cq = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
     ck = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
     q = torch.randn(sum(lq), Hq, D)
     k, v = (torch.randn(sum(lk), Hk, D) for _ in range(2))
+    return lq, lk, cq, ck, q, k, v
+
+
+@pytest.mark.parametrize("shift", [None, [0, 5, 5, 0]], ids=["one_grid", "two_grids"])
+def test_emulated_cuda_varlen_chunks_match_the_cpu_kernels(emulation, shift):
+    """Packed batches with chunks (per-sequence positions, empty sequences, a grid split
+    across a GQA group) against the CPU varlen op, forward and backward."""
+    lq, lk, cq, ck, q, k, v = _packed_batch()
+    D = q.shape[-1]
     gm = torch.zeros(sum(lk), dtype=torch.bool)
     gm[::11] = True
     shift_t = None if shift is None else torch.tensor(shift)
@@ -452,12 +459,8 @@ def test_emulated_cuda_dropout_matches_the_cpu_kernels(emulation, case, dropout_
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5, 1.0])
 def test_emulated_cuda_varlen_dropout_matches_the_cpu_kernels(emulation, dropout_p):
     """Packed batches: the mask's batch index is the sequence (as on CPU), rows and keys per sequence."""
-    lq, lk = [5, 0, 30, 1, 37], [7, 4, 26, 0, 40]
-    Hq, Hk, D = 4, 2, 16
-    cq = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
-    ck = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(sum(lq), Hq, D)
-    k, v = (torch.randn(sum(lk), Hk, D) for _ in range(2))
+    lq, lk, cq, ck, q, k, v = _packed_batch()
+    D = q.shape[-1]
     seed = torch.tensor([-7, 2**40 + 3], dtype=torch.int64)
     args = (cq, ck, max(lq), max(lk), None, None, 8, 3, 1, "softmax", None, 0.0, D ** -0.5)
     cd = dict(dropout_p=dropout_p, dropout_seed=seed)
