@@ -225,10 +225,10 @@ def chunk_shifts(owner: str, chunk, chunk_shift, q_heads: int, device=None):
     0 .. Hq // 2 - 1, chunk // 2 in heads Hq // 2 .. Hq - 1), a sequence of Hq ints, or an
     int32/int64 tensor (Hq,). Returns (chunk, an int64 tensor (Hq,) on `device` or None),
     checked by check_chunk as the ops check it."""
+    expected = f"'half', a sequence of {q_heads} ints, an int tensor of shape (Hq,) = ({q_heads},) or None"
     if isinstance(chunk_shift, str):
         if chunk_shift != "half":
-            raise ValueError(f"{owner}: chunk_shift must be 'half', a sequence of {q_heads} ints, an int tensor "
-                             f"of shape (Hq,) = ({q_heads},) or None, got {chunk_shift!r}")
+            raise ValueError(f"{owner}: chunk_shift must be {expected}, got {chunk_shift!r}")
         chunk = check_int(owner, "chunk", chunk, 0)
         if chunk == 0:
             raise ValueError(f"{owner}: chunk_shift='half' needs chunk > 0 (chunks of that many positions), "
@@ -244,8 +244,7 @@ def chunk_shifts(owner: str, chunk, chunk_shift, q_heads: int, device=None):
             raise ValueError(f"{owner}: chunk_shift values must fit in int64, got {describe(chunk_shift)}")
         chunk_shift = torch.tensor(chunk_shift, dtype=torch.long, device=device)
     elif chunk_shift is not None and not isinstance(chunk_shift, torch.Tensor):
-        raise TypeError(f"{owner}: chunk_shift must be 'half', a sequence of {q_heads} ints, an int tensor of "
-                        f"shape (Hq,) = ({q_heads},) or None, got {describe(chunk_shift, typed=True)}")
+        raise TypeError(f"{owner}: chunk_shift must be {expected}, got {describe(chunk_shift, typed=True)}")
     chunk, chunk_shift = check_chunk(owner, chunk, chunk_shift, q_heads)
     if chunk_shift is not None:
         chunk_shift = chunk_shift.to(device=device if device is not None else chunk_shift.device, dtype=torch.long)
