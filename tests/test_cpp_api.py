@@ -111,11 +111,25 @@ def test_api_checks_match_python():
         out, lse = longreach.local_attention_with_kvcache(qd, k_cache, v_cache, kn, vn, cache_seqlens=torch.tensor(
             [4], dtype=torch.int32), window=(2, None), return_lse=True)
     want.update(kvcache_out=out, kvcache_lse=lse, kvcache_k_cache=k_cache)
+    q = torch.randn(1, 4, 12, 8).requires_grad_()
+    k, v = (torch.randn(1, 2, 12, 8).requires_grad_() for _ in range(2))
+    out = longreach.local_attention(q, k, v, window=(5, 0), causal=True, chunk=4,
+                                    chunk_shift=torch.tensor([0, 2, 0, 2]), dropout_p=0.3)
+    (out * out).sum().backward()
+    want.update(chunk_drop_out=out, chunk_drop_gq=q.grad, chunk_drop_gk=k.grad, chunk_drop_gv=v.grad)
+    with torch.no_grad():
+        qd, k_cache, v_cache = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+        out, lse = longreach.local_attention_with_kvcache(qd, k_cache, v_cache, cache_seqlens=torch.tensor(
+            [5], dtype=torch.int32), causal=True, chunk=3, return_lse=True)
+    want.update(kvcache_chunk_out=out, kvcache_chunk_lse=lse)
     for name, tensor in want.items():
         total, weighted = (float(x) for x in got[name].split())
         assert (total, weighted) == pytest.approx(_show(tensor), rel=1e-4, abs=1e-4), name
     # The ops' checks reach C++ with Python's exception types, naming the argument.
     assert got["error bad_dilation"].startswith("ValueError") and "dilation" in got["error bad_dilation"]
     assert got["error bad_dtype"].startswith("TypeError"), got["error bad_dtype"]
+    assert got["error bad_dropout_p"].startswith("ValueError") and "dropout_p" in got["error bad_dropout_p"]
+    assert got["error chunk_shift_without_chunk"].startswith("ValueError")
+    assert "chunk" in got["error chunk_shift_without_chunk"]
     assert got["error lse_of_sigmoid"].startswith("ValueError")
     assert got["error double_backward"].startswith("NotImplementedError")

@@ -5,6 +5,7 @@
 #include "longreach/longreach.h"
 
 #include <cmath>
+#include <limits>
 
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -31,6 +32,8 @@ struct OpScalars {
   double softcap, scale;
   bool causal;
   int64_t sink_tokens;
+  int64_t chunk;
+  double dropout_p;
 };
 
 OpScalars op_scalars(const char* owner, int64_t head_dim, const AttentionOptions& o, bool return_lse) {
@@ -38,28 +41,38 @@ OpScalars op_scalars(const char* owner, int64_t head_dim, const AttentionOptions
                     "got score='", o.score, "'");
   return OpScalars{o.window_left, o.causal ? 0 : o.window_right, o.dilation, o.score, o.sigmoid_bias,
                    o.softcap.value_or(0.0), o.scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim))),
-                   o.causal, o.sink_tokens};
+                   o.causal, o.sink_tokens, o.chunk, o.dropout_p};
 }
 
 void save_scalars(AutogradContext* ctx, const OpScalars& p) {
   auto& d = ctx->saved_data;
   d["window_left"] = p.window_left, d["window_right"] = p.window_right, d["dilation"] = p.dilation;
   d["score"] = p.score, d["sigmoid_bias"] = p.sigmoid_bias, d["softcap"] = p.softcap, d["scale"] = p.scale;
-  d["causal"] = p.causal, d["sink_tokens"] = p.sink_tokens;
+  d["causal"] = p.causal, d["sink_tokens"] = p.sink_tokens, d["chunk"] = p.chunk, d["dropout_p"] = p.dropout_p;
 }
 
 OpScalars load_scalars(AutogradContext* ctx) {
   auto& d = ctx->saved_data;
   return OpScalars{d["window_left"].toInt(), d["window_right"].toInt(), d["dilation"].toInt(),
                    d["score"].toStringRef(), d["sigmoid_bias"].toOptional<double>(), d["softcap"].toDouble(),
-                   d["scale"].toDouble(), d["causal"].toBool(), d["sink_tokens"].toInt()};
+                   d["scale"].toDouble(), d["causal"].toBool(), d["sink_tokens"].toInt(), d["chunk"].toInt(),
+                   d["dropout_p"].toDouble()};
 }
 
 // The scalar arguments shared by the forward and backward ops, by name.
 std::vector<std::pair<const char*, c10::IValue>> scalar_args(const OpScalars& p) {
   return {{"window_left", p.window_left}, {"window_right", p.window_right}, {"dilation", p.dilation},
           {"score", p.score}, {"sigmoid_bias", p.sigmoid_bias}, {"softcap", p.softcap}, {"scale", p.scale},
-          {"causal", p.causal}, {"sink_tokens", p.sink_tokens}};
+          {"causal", p.causal}, {"sink_tokens", p.sink_tokens}, {"chunk", p.chunk}, {"dropout_p", p.dropout_p}};
+}
+
+// Python's dropout_options (python/longreach/ops/attention.py, dropout.draw_seed): with
+// 0 < p <= 1 and no seed given, (seed, offset) from the default CPU generator, the same draw
+// as torch.randint(-2**63, 2**63 - 1, (2,)), so one torch::manual_seed gives Python's mask.
+// Any other p passes through unchanged for the op's own check (no draw for a rejected call).
+std::optional<at::Tensor> dropout_seed(const AttentionOptions& o) {
+  if (o.dropout_seed.has_value() || !(o.dropout_p > 0.0 && o.dropout_p <= 1.0)) return o.dropout_seed;
+  return at::randint(std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max(), {2}, at::kLong);
 }
 
 // The gradients of q, k, v, the slopes and the sinks from the backward op's outputs; the slope
@@ -87,14 +100,18 @@ struct VarlenArgs {
 };
 
 struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
-  // Forward inputs: q, k, v, global_mask, alibi_slopes, key_padding_mask, sinks, scalars, varlen (9).
+  // Forward inputs: q, k, v, global_mask, alibi_slopes, key_padding_mask, sinks, chunk_shift,
+  // dropout_seed, scalars, varlen (11).
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& global_mask,
                                const std::optional<at::Tensor>& alibi_slopes,
                                const std::optional<at::Tensor>& key_padding_mask,
-                               const std::optional<at::Tensor>& sinks, const OpScalars& p, const VarlenArgs& vl) {
+                               const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& chunk_shift,
+                               const std::optional<at::Tensor>& dropout_seed, const OpScalars& p,
+                               const VarlenArgs& vl) {
     api::NamedArgs args = with({{"q", q}, {"k", k}, {"v", v}, {"global_mask", opt(global_mask)},
-                                {"alibi_slopes", opt(alibi_slopes)}, {"sinks", opt(sinks)}},
+                                {"alibi_slopes", opt(alibi_slopes)}, {"sinks", opt(sinks)},
+                                {"chunk_shift", opt(chunk_shift)}, {"dropout_seed", opt(dropout_seed)}},
                                scalar_args(p));
     if (vl.varlen()) {
       args = with(args, {{"cu_seqlens_q", vl.cu_q}, {"cu_seqlens_k", vl.cu_k}, {"max_seqlen_q", vl.max_q},
@@ -105,7 +122,8 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     torch::jit::Stack out = api::call_op(vl.varlen() ? "local_attention_varlen_fwd" : "local_attention_fwd", args);
     const at::Tensor o = out[0].toTensor(), lse = out[1].toTensor();
     ctx->save_for_backward({q, k, v, o, lse, global_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor()),
-                            key_padding_mask.value_or(at::Tensor()), sinks.value_or(at::Tensor()), vl.cu_q, vl.cu_k});
+                            key_padding_mask.value_or(at::Tensor()), sinks.value_or(at::Tensor()), vl.cu_q, vl.cu_k,
+                            chunk_shift.value_or(at::Tensor()), dropout_seed.value_or(at::Tensor())});
     save_scalars(ctx, p);
     ctx->saved_data["max_seqlen_q"] = vl.max_q;
     ctx->saved_data["max_seqlen_k"] = vl.max_k;
@@ -121,7 +139,8 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const at::Tensor grad_lse = p.score == "softmax" ? grads[1] : at::Tensor();
     api::NamedArgs args = with({{"grad_out", grads[0]}, {"grad_lse", maybe(grad_lse)}, {"q", s[0]}, {"k", s[1]},
                                 {"v", s[2]}, {"out", s[3]}, {"lse", s[4]}, {"global_mask", maybe(s[5])},
-                                {"alibi_slopes", maybe(s[6])}, {"alibi_grad", slopes_grad}, {"sinks", maybe(s[8])}},
+                                {"alibi_slopes", maybe(s[6])}, {"alibi_grad", slopes_grad}, {"sinks", maybe(s[8])},
+                                {"chunk_shift", maybe(s[11])}, {"dropout_seed", maybe(s[12])}},
                                scalar_args(p));
     const bool varlen = s[9].defined();
     if (varlen) {
@@ -133,7 +152,8 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     }
     torch::jit::Stack g = api::call_op(varlen ? "local_attention_varlen_bwd" : "local_attention_bwd", args);
     variable_list r = attention_grads(g, s[6], slopes_grad, s[8].defined());
-    return {r[0], r[1], r[2], at::Tensor(), r[3], at::Tensor(), r[4], at::Tensor(), at::Tensor()};
+    return {r[0], r[1], r[2], at::Tensor(), r[3], at::Tensor(), r[4], at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -170,7 +190,8 @@ std::tuple<at::Tensor, at::Tensor> run_attention(const char* owner, const at::Te
   TORCH_CHECK_VALUE(q.defined() && q.dim() >= 1 && q.size(-1) >= 1, owner,
                     ": q must be a tensor with head dim D >= 1 in its last dimension");
   const OpScalars p = op_scalars(owner, q.size(-1), o, return_lse);
-  variable_list r = AttentionFunction::apply(q, k, v, o.global_mask, o.alibi_slopes, o.key_padding_mask, o.sinks, p, vl);
+  variable_list r = AttentionFunction::apply(q, k, v, o.global_mask, o.alibi_slopes, o.key_padding_mask, o.sinks,
+                                             o.chunk_shift, dropout_seed(o), p, vl);
   return {r[0], r[1]};
 }
 
@@ -234,7 +255,8 @@ std::tuple<at::Tensor, at::Tensor> local_attention_with_kvcache(const at::Tensor
        {"cache_seqlens", cache_seqlens}, {"block_table", opt(o.block_table)}, {"alibi_slopes", opt(o.alibi_slopes)},
        {"sinks", opt(o.sinks)}, {"window_left", p.window_left}, {"window_right", p.window_right},
        {"dilation", p.dilation}, {"score", p.score}, {"sigmoid_bias", p.sigmoid_bias}, {"softcap", p.softcap},
-       {"scale", p.scale}, {"sink_tokens", o.sink_tokens}, {"rolling", o.rolling}, {"num_splits", o.num_splits}});
+       {"scale", p.scale}, {"sink_tokens", o.sink_tokens}, {"rolling", o.rolling}, {"num_splits", o.num_splits},
+       {"chunk", o.chunk}, {"chunk_shift", opt(o.chunk_shift)}});
   return {out[0].toTensor(), out[1].toTensor()};
 }
 

@@ -94,11 +94,50 @@ int main() {
     auto [out, lse] = longreach::local_attention_with_kvcache(q, k_cache, v_cache, seqlens, o);
     show("kvcache_out", out), show("kvcache_lse", lse), show("kvcache_k_cache", k_cache);
   }
+  // Chunks with per-head shifts and attention dropout, its seed drawn from the default CPU
+  // generator as Python draws it (so the same torch::manual_seed state gives the same mask).
+  {
+    auto q = torch::randn({1, 4, 12, 8}).requires_grad_();
+    auto k = torch::randn({1, 2, 12, 8}).requires_grad_();
+    auto v = torch::randn({1, 2, 12, 8}).requires_grad_();
+    longreach::AttentionOptions o;
+    o.window(5, 0).causal = true;
+    o.chunk = 4;
+    o.chunk_shift = torch::tensor({0, 2, 0, 2}, torch::kInt64);
+    o.dropout_p = 0.3;
+    auto out = longreach::local_attention(q, k, v, o);
+    (out * out).sum().backward();
+    show("chunk_drop_out", out), show("chunk_drop_gq", q.grad()), show("chunk_drop_gk", k.grad());
+    show("chunk_drop_gv", v.grad());
+  }
+  // Decoding with chunks of 3: the row at position 4 sees keys 3 and 4 only.
+  {
+    torch::NoGradGuard no_grad;
+    auto q = torch::randn({1, 2, 1, 8});
+    auto k_cache = torch::randn({1, 2, 6, 8});
+    auto v_cache = torch::randn({1, 2, 6, 8});
+    longreach::KvCacheOptions o;
+    o.causal = true;
+    o.chunk = 3;
+    auto seqlens = torch::tensor({5}, torch::kInt32);
+    auto [out, lse] = longreach::local_attention_with_kvcache(q, k_cache, v_cache, seqlens, o);
+    show("kvcache_chunk_out", out), show("kvcache_chunk_lse", lse);
+  }
   // Errors: the ops' own checks reach C++ callers with Python's exception types.
   auto q = torch::randn({1, 2, 4, 8});
   expect_error("bad_dilation", [&] {
     longreach::AttentionOptions o;
     o.dilation = 0;
+    longreach::local_attention(q, q, q, o);
+  });
+  expect_error("bad_dropout_p", [&] {
+    longreach::AttentionOptions o;
+    o.dropout_p = 1.5;
+    longreach::local_attention(q, q, q, o);
+  });
+  expect_error("chunk_shift_without_chunk", [&] {
+    longreach::AttentionOptions o;
+    o.chunk_shift = torch::zeros({2}, torch::kInt64);
     longreach::local_attention(q, q, q, o);
   });
   expect_error("bad_dtype", [&] { longreach::local_attention(q.to(torch::kInt32), q, q); });

@@ -37,6 +37,11 @@ struct AttentionOptions {
   std::optional<at::Tensor> key_padding_mask;  // (B, Lk) bool, true = padding (dense op only)
   int64_t sink_tokens = 0;
   std::optional<at::Tensor> sinks;             // (Hq,) learnable sink logits; differentiable
+  int64_t chunk = 0;                           // > 0: a row sees window keys of its own chunk only
+  std::optional<at::Tensor> chunk_shift;       // (Hq,) int32/int64 per-head chunk offsets (chunk > 0)
+  double dropout_p = 0.0;                      // attention dropout of the weights (training)
+  std::optional<at::Tensor> dropout_seed;      // (2,) int64 CPU (seed, offset); nullopt: drawn from
+                                               // the default CPU generator per call, as Python does
 
   // Chainable setters, so `AttentionOptions().window(64, 0).causal(true)` reads like Python.
   AttentionOptions& window(int64_t left, int64_t right) { window_left = left; window_right = right; return *this; }
@@ -82,6 +87,8 @@ struct KvCacheOptions {
   int64_t sink_tokens = 0;
   std::optional<at::Tensor> sinks;
   int64_t num_splits = 0;                    // 0: the kernel chooses
+  int64_t chunk = 0;                         // chunks counted from position 0 of each sequence
+  std::optional<at::Tensor> chunk_shift;     // (Hq,) int32/int64, with chunk > 0
 };
 
 // Decoding against a KV cache: q (B, Hq, Lq, D); caches (B, Hk, capacity, D) or paged;
