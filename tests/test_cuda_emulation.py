@@ -316,6 +316,21 @@ def test_emulated_sinks_without_keys(emulation):
     torch.testing.assert_close(dsinks, glse.sum((0, 2)))
 
 
+def test_emulated_cuda_rejects_sequences_past_32_bit_indices(emulation):
+    """The masks compare indices within a sequence in 32 bits (attention_blocks.cuh
+    TileSide ranges): a sequence of 2^31 rows is refused with a clear error before
+    anything is allocated (expanded views cost no memory), forward and backward."""
+    n = 2**31
+    q = torch.zeros(1, 1, 1, 8).expand(1, 1, n, 8)
+    k = v = torch.zeros(1, 1, 4, 8)
+    args = _op_args(q, dict(window=(2, 0)))
+    with pytest.raises(ValueError, match=r"Lq = 2147483648, Lk = 4 exceed .*expected at most 2147483647"):
+        emulation.fwd(q, k, v, *args)
+    lse = torch.zeros(1, 1, 1).expand(1, 1, n)
+    with pytest.raises(ValueError, match=r"Lq = 2147483648, Lk = 4 exceed .*expected at most 2147483647"):
+        emulation.bwd(q, None, q, k, v, q, lse, *args)
+
+
 # ---------------------------------------------------------------- chunks --
 # (name, kwargs): chunk sizes 1, not dividing the lengths, past them; shifts half a chunk
 # (LongLoRA / SCCA: two chunk grids, so two calls) and arbitrary per head (negative, past the

@@ -147,17 +147,48 @@ LR_HOST_DEVICE acc_t dropped(const DropoutSpec& d, int64_t head_row, int64_t row
 // ------------------------------------------------------------ tile sides --
 
 // One side (rows or keys) of the current tile: indices (-1 = none) and modes.
+// The side whose entries stay fixed for the whole block (a row block's rows, a
+// key block's keys) also carries, per mode-2 entry, the inclusive range
+// [lo, hi] of the other side's indices inside its window (window.h
+// window_key_range / window_row_range, computed once per block): the
+// per-element mask is then two 32-bit compares instead of in_window's int64
+// `%` and `/`. Null lo / hi: fall back to in_window.
 struct TileSide {
   int64_t* idx;
   uint8_t* mode;
+  int32_t* lo = nullptr;
+  int32_t* hi = nullptr;
 };
 
-// Is (row a, key c) of the tile allowed? (see the modes at the top)
-LR_HOST_DEVICE bool pair_allowed(const AttentionParams& P, const SequenceView& s, int64_t row, uint8_t row_mode,
-                                 int64_t key, uint8_t key_mode) {
+// The bound the 32-bit ranges rely on: indices within a sequence below 2^31
+// (checked on the host: attention_entry.h check_cuda_lengths).
+constexpr int64_t kMaxCudaSeqLen = 2147483647;
+
+// Narrows a window range [lo, hi] of indices in [0, n) to 32 bits: clamped to
+// [0, n] and [-1, n - 1], which keeps which indices of [0, n) it holds (an
+// empty range stays empty). n <= kMaxCudaSeqLen.
+LR_HOST_DEVICE void store_range32(int64_t lo, int64_t hi, int64_t n, int32_t* lo32, int32_t* hi32) {
+  *lo32 = static_cast<int32_t>(lo < 0 ? 0 : (lo > n ? n : lo));
+  *hi32 = static_cast<int32_t>(hi < -1 ? -1 : (hi > n - 1 ? n - 1 : hi));
+}
+
+// Is (row a, key c) of the tile allowed? (see the modes at the top) For mode 2
+// on both sides the two indices share a residue class (the block's), so the
+// window test is whether one lies in the other's [lo, hi].
+LR_HOST_DEVICE bool pair_allowed(const AttentionParams& P, const SequenceView& s, const TileSide& rows, int a,
+                                 const TileSide& keys, int c) {
+  const uint8_t row_mode = rows.mode[a], key_mode = keys.mode[c];
   if (row_mode == 0 || key_mode == 0) return false;
   if (row_mode == 1 || key_mode == 1) return true;
-  return in_window(P.window, row + s.position_offset(), key);
+  if (rows.lo != nullptr) {
+    const int32_t j = static_cast<int32_t>(keys.idx[c]);
+    return j >= rows.lo[a] && j <= rows.hi[a];
+  }
+  if (keys.lo != nullptr) {
+    const int32_t i = static_cast<int32_t>(rows.idx[a]);
+    return i >= keys.lo[c] && i <= keys.hi[c];
+  }
+  return in_window(P.window, rows.idx[a] + s.position_offset(), keys.idx[c]);
 }
 
 // The sets a row block walks through: its band of keys (masked), then either
@@ -249,6 +280,11 @@ LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const SequenceView
     }
     rows.idx[a] = mode == 0 ? -1 : i;
     rows.mode[a] = mode;
+    if (rows.lo != nullptr) {  // the keys in row i's window, once per block
+      int64_t lo = 0, hi = -1;
+      if (mode == 2) window_key_range(P.window, s, i + s.position_offset(), &lo, &hi);
+      store_range32(lo, hi, s.k_len, &rows.lo[a], &rows.hi[a]);
+    }
   }
 }
 
@@ -369,6 +405,11 @@ LR_HOST_DEVICE void fill_block_keys(const AttentionParams& P, const SequenceView
     }
     keys.idx[c] = mode == 0 ? -1 : j;
     keys.mode[c] = mode;
+    if (keys.lo != nullptr) {  // the rows whose window holds key j, once per block
+      int64_t lo = 0, hi = -1;
+      if (mode == 2) window_row_range(P.window, s, j, &lo, &hi);
+      store_range32(lo, hi, s.q_len, &keys.lo[c], &keys.hi[c]);
+    }
   }
 }
 
@@ -412,7 +453,7 @@ LR_HOST_DEVICE void finalize_scores(const AttentionParams& P, const SequenceView
   const acc_t scale = static_cast<acc_t>(P.scale), cap = static_cast<acc_t>(P.softcap);
   for (int e = t.tid; e < BM * BN; e += t.nthreads) {
     const int a = e / BN, c = e % BN;
-    if (!pair_allowed(P, s, rows.idx[a], rows.mode[a], keys.idx[c], keys.mode[c])) {
+    if (!pair_allowed(P, s, rows, a, keys, c)) {
       S[e] = neg_infinity<acc_t>();
       continue;
     }
@@ -461,7 +502,7 @@ struct ForwardSmem {
     return smem_bytes<T>(BM * DMAX) + 2 * smem_bytes<T>(BN * DMAX) + smem_bytes<acc_t>(BM * BN) +
            (kAliasScores<T, acc_t> ? 0 : smem_bytes<T>(BM * BN)) + smem_bytes<acc_t>(BM * DMAX) +
            3 * smem_bytes<acc_t>(BM) + smem_bytes<int64_t>(BM) + smem_bytes<int64_t>(BN) + smem_bytes<uint8_t>(BM) +
-           smem_bytes<uint8_t>(BN);
+           smem_bytes<uint8_t>(BN) + 2 * smem_bytes<int32_t>(BM);
   }
 };
 
@@ -494,6 +535,8 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
   TileSide keys{sm.take<int64_t>(BN), nullptr};
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
+  rows.lo = sm.take<int32_t>(BM);
+  rows.hi = sm.take<int32_t>(BM);
 
   fill_block_rows<BM>(P, s, a.global, a.pad, b, plan, rows);
   fill(sO, BM * DMAX, acc_t(0));
@@ -646,7 +689,7 @@ struct DqSmem {
     return 2 * smem_bytes<T>(BM * DMAX) + 2 * smem_bytes<T>(BN * DMAX) + 2 * smem_bytes<acc_t>(BM * BN) +
            (kAliasScores<T, acc_t> ? 0 : 2 * smem_bytes<T>(BM * BN)) + smem_bytes<acc_t>(BM * DMAX) +
            2 * smem_bytes<acc_t>(BM) + smem_bytes<int64_t>(BM) + smem_bytes<int64_t>(BN) + smem_bytes<uint8_t>(BM) +
-           smem_bytes<uint8_t>(BN);
+           smem_bytes<uint8_t>(BN) + 2 * smem_bytes<int32_t>(BM);
   }
 };
 
@@ -679,6 +722,8 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
   TileSide keys{sm.take<int64_t>(BN), nullptr};
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
+  rows.lo = sm.take<int32_t>(BM);
+  rows.hi = sm.take<int32_t>(BM);
 
   fill_block_rows<BM>(P, s, a.global, a.pad, b, plan, rows);
   fill(sdQ, BM * DMAX, acc_t(0));
@@ -740,7 +785,7 @@ struct DkvSmem {
     return 2 * smem_bytes<T>(BN * DMAX) + 2 * smem_bytes<T>(BM * DMAX) + 2 * smem_bytes<acc_t>(BM * BN) +
            (kAliasScores<T, acc_t> ? 0 : 2 * smem_bytes<T>(BM * BN)) + 2 * smem_bytes<acc_t>(BN * DMAX) +
            2 * smem_bytes<acc_t>(BM) + smem_bytes<int64_t>(BM) + smem_bytes<int64_t>(BN) + smem_bytes<uint8_t>(BM) +
-           smem_bytes<uint8_t>(BN);
+           smem_bytes<uint8_t>(BN) + 2 * smem_bytes<int32_t>(BN);
   }
 };
 
@@ -773,6 +818,8 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
   TileSide keys{sm.take<int64_t>(BN), nullptr};
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
+  keys.lo = sm.take<int32_t>(BN);
+  keys.hi = sm.take<int32_t>(BN);
 
   fill_block_keys<BN>(P, s, a.global, a.pad, b, plan, keys);
   fill(sdK, BN * DMAX, acc_t(0));

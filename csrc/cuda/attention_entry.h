@@ -34,6 +34,16 @@ inline void check_cuda_inputs(const at::Tensor& q) {
               " is not supported; expected 1 .. 256");
 }
 
+// The kernels' masks compare indices within a sequence in 32 bits
+// (attention_blocks.cuh TileSide ranges), so sequences must be shorter than
+// 2^31 (the CPU kernels have no such bound). Checked before any allocation.
+inline void check_cuda_lengths(const AttentionParams& P) {
+  TORCH_CHECK_VALUE(P.q_len <= kMaxCudaSeqLen && P.k_len <= kMaxCudaSeqLen,
+                    "local_attention (CUDA): sequence lengths Lq = ", P.q_len, ", Lk = ", P.k_len,
+                    " exceed the CUDA kernels' 32-bit index range; expected at most ", kMaxCudaSeqLen,
+                    " (2^31 - 1) each (the CPU kernels take longer sequences)");
+}
+
 template <typename F>
 void dispatch_cuda_dtype(at::ScalarType dt, F&& f) {
   switch (dt) {
@@ -65,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Backend& backend, const Attention
                                                const c10::optional<at::Tensor>& alibi_slopes,
                                                const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt,
                                                const c10::optional<at::Tensor>& sinks = c10::nullopt) {
+  check_cuda_lengths(P);
   check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -104,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backw
     const c10::optional<at::Tensor>& alibi_slopes, bool alibi_grad,
     const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt,
     const c10::optional<at::Tensor>& sinks = c10::nullopt) {
+  check_cuda_lengths(P);
   check_backward_inputs(P, q_in, grad_out_in, out_in, lse_in, grad_lse, alibi_grad);
   // Per-row d loss / d sink (AttentionArgs::sink_grad), laid out like lse,
   // summed per head and cast to sinks' dtype (gpt-oss keeps them in the model dtype).
