@@ -9,6 +9,9 @@
 //   template <T> void forward(const AttentionArgs<T, float>&);
 //   template <T> void backward(const AttentionArgs<T, float>&);   // dQ pass, then dK/dV pass
 //   at::Tensor row_dot(P, grad_out, out, grad_lse);               // (B, Hq, Lq) float32, dense batches
+//   at::Tensor unfilled(sizes, options);   // an output the kernels write in full: at::empty on the
+//                                          // device; the host emulation fills it with NaN, so an
+//                                          // element no block writes fails its tests
 #pragma once
 
 #include <ATen/ATen.h>
@@ -78,12 +81,21 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Backend& backend, const Attention
   check_cuda_lengths(P);
   check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
-  at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::full(lse_shape(q), -std::numeric_limits<double>::infinity(), q.options().dtype(at::kFloat));
+  // Every row of a launch is in exactly one block, which writes its out and
+  // lse (zeros and -inf, or the sink, for a row without allowed keys), so no
+  // memset is needed, except for rows no block visits: query rows at padded
+  // positions (out 0, lse -inf), and every row when no kernel runs.
+  const bool launched = q.numel() > 0 && k.numel() > 0;
+  const bool every_row_written = launched && !key_padding_mask.has_value();
+  const auto out_options = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor out = every_row_written ? backend.unfilled(q.sizes(), out_options) : at::zeros(q.sizes(), out_options);
+  at::Tensor lse = every_row_written
+                       ? backend.unfilled(lse_shape(q), q.options().dtype(at::kFloat))
+                       : at::full(lse_shape(q), -std::numeric_limits<double>::infinity(), q.options().dtype(at::kFloat));
   const at::Tensor sink = sink_logits(P, q, sinks);  // float32 (Hq,) or undefined
   // A row without keys (no block visits it) has lse = its head's sink logit.
   // A query row at a padded position is in no block and keeps lse = -inf (as on CPU).
-  if (sink.defined()) {
+  if (sink.defined() && !every_row_written) {
     lse.copy_(q.dim() == 3 ? sink.view({-1, 1}) : sink.view({1, -1, 1}));
     if (key_padding_mask.has_value()) {
       const int64_t lq = P.q_len, lk = P.k_len;  // rows sit at positions lk - lq .. lk - 1
@@ -92,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Backend& backend, const Attention
       lse.masked_fill_(rows.unsqueeze(1), -std::numeric_limits<double>::infinity());
     }
   }
-  if (out.numel() == 0 || k.numel() == 0) return {out, lse};
+  if (!launched) return {out, lse};
   const KeyPaddingTensors padding = make_key_padding(key_padding_mask);
   const GlobalTokenTensors g = make_global_tokens(P, packed, global_mask, padding);
   dispatch_cuda_dtype(q.scalar_type(), [&](auto tag) {
@@ -135,11 +147,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backw
   check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const at::Tensor grad_out = with_contiguous_rows(grad_out_in);
+  // Each row's dQ and each key's dK / dV (summed over its GQA group inside the
+  // block) is written by exactly one block, zeros where nothing is allowed;
+  // only padded rows and keys are in no block and need the zero fill, as do
+  // all of them when no kernel runs. slope_rows / sink_rows above stay zeroed:
+  // only some of their rows are written.
+  const bool launched = q.numel() > 0 && k.numel() > 0;
+  const bool every_row_written = launched && !key_padding_mask.has_value();
   const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor dq = at::zeros(q.sizes(), q.options().memory_format(contiguous));
-  at::Tensor dk = at::zeros(k.sizes(), k.options().memory_format(contiguous));
-  at::Tensor dv = at::zeros(v.sizes(), v.options().memory_format(contiguous));
-  if (q.numel() == 0 || k.numel() == 0) {
+  auto grad_buffer = [&](const at::Tensor& like) {
+    const auto options = like.options().memory_format(contiguous);
+    return every_row_written ? backend.unfilled(like.sizes(), options) : at::zeros(like.sizes(), options);
+  };
+  at::Tensor dq = grad_buffer(q), dk = grad_buffer(k), dv = grad_buffer(v);
+  if (!launched) {
     // rows without keys: lse = sink, p_sink = 1 and out = 0, so d sink = sum of dlse
     if (P.has_sinks && grad_lse.has_value() && grad_lse->numel() > 0) sink_rows.copy_(*grad_lse);
     return {dq, dk, dv, slopes_grad(), sinks_grad()};

@@ -30,6 +30,9 @@ struct CudaBackend {
     launch_backward<T>(a, stream);
   }
 
+  // Outputs every element of which a kernel writes: no memset.
+  at::Tensor unfilled(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
+
   at::Tensor row_dot(const AttentionParams& P, const at::Tensor& grad_out, const at::Tensor& out,
                      const c10::optional<at::Tensor>& grad_lse) {
     at::Tensor result = at::empty({P.batch, P.q_heads, P.q_len}, out.options().dtype(at::kFloat));
