@@ -119,6 +119,14 @@ struct AttentionArgs {
   acc_t* sink_grad = nullptr;
   GlobalTokens global;
   bool vec_loads;                // 16-byte loads are safe for q, k, v, grad_out
+  // GQA dK/dV split by query head (attention_entry.h dkv_split_by_query_head):
+  // the dK/dV grid has one block per (key block, query head), each writing its
+  // head's float32 dK / dV part here (laid out like k, with Hq heads); the host
+  // sums each group's parts. Off: one block per kv head sums the group's query
+  // heads in shared memory and writes dk / dv.
+  bool dkv_per_query_head = false;
+  HeadTensor<acc_t> dk_part{}, dv_part{};
+  LR_HOST_DEVICE int64_t dkv_grid_heads() const { return dkv_per_query_head ? P.q_heads : P.kv_heads; }
 };
 
 template <typename acc_t>
@@ -821,8 +829,10 @@ struct DkvSmem {
 
 // dK and dV for one key block of one kv head, summing the query heads of its
 // GQA group: each key's gradient is written by exactly one block, no atomics.
+// With a.dkv_per_query_head, `head` is a query head instead: the block takes
+// that head's share only and writes it to dk_part / dv_part.
 template <typename T, typename acc_t, int DMAX, int BM, int BN>
-LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t block, int64_t hk, int64_t b,
+LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t block, int64_t head, int64_t b,
                                        char* smem) {
   const AttentionParams& P = a.P;
   const SequenceView s = a.view(b);
@@ -830,6 +840,10 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
   if (!plan.valid) return;
   const BlockCtx t = block_ctx();
   const int D = static_cast<int>(P.head_dim), Dp = padded_head_dim(P.head_dim);
+  const bool per_query_head = a.dkv_per_query_head;
+  const int64_t hk = per_query_head ? head / P.group_size() : head;
+  const int64_t h_first = per_query_head ? head : hk * P.group_size();
+  const int64_t h_end = per_query_head ? head + 1 : (hk + 1) * P.group_size();
 
   constexpr int ldT = smem_ld<T, T>(DMAX), ldA = smem_ld<T, acc_t>(DMAX);  // see smem_ld
   constexpr int ldS = smem_ld<T, acc_t>(BN), ldP = smem_ld<T, T>(BN);
@@ -861,7 +875,7 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
   load_rows(sV, ldT, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
 
   const int64_t n_band_tiles = ceil_div_i64(plan.n_band, BM), n_tail_tiles = ceil_div_i64(plan.n_tail, BM);
-  for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
+  for (int64_t h = h_first; h < h_end; ++h) {
     const acc_t slope = alibi_slope_of(a, b, h);
     const int64_t row_base = a.stat_base(b, h);
     for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
@@ -888,6 +902,18 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
     }
   }
 
+  if (per_query_head) {  // this head's float32 share; the host sums the group
+    acc_t* dk = a.dk_part.head(b, head);
+    acc_t* dv = a.dv_part.head(b, head);
+    for (int e = t.tid; e < BN * D; e += t.nthreads) {
+      const int c = e / D, col = e % D;
+      if (keys.idx[c] >= 0) {
+        dk[keys.idx[c] * a.dk_part.sl + col] = sdK[c * ldA + col];
+        dv[keys.idx[c] * a.dv_part.sl + col] = sdV[c * ldA + col];
+      }
+    }
+    return;
+  }
   T* dk = a.dk.head(b, hk);
   T* dv = a.dv.head(b, hk);
   for (int e = t.tid; e < BN * D; e += t.nthreads) {

@@ -9,6 +9,7 @@
 //   template <T> void forward(const AttentionArgs<T, float>&);
 //   template <T> void backward(const AttentionArgs<T, float>&);   // dQ pass, then dK/dV pass
 //   at::Tensor row_dot(P, grad_out, out, grad_lse);               // (B, Hq, Lq) float32, dense batches
+//   int64_t multiprocessors();             // SMs of the device (dkv_split_by_query_head)
 //   at::Tensor unfilled(sizes, options);   // an output the kernels write in full: at::empty on the
 //                                          // device; the host emulation fills it with NaN, so an
 //                                          // element no block writes fails its tests
@@ -16,6 +17,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -62,6 +65,32 @@ void dispatch_cuda_dtype(at::ScalarType dt, F&& f) {
     default:
       TORCH_CHECK_TYPE(false, "local_attention (CUDA): unsupported dtype ", dtype_name(dt));
   }
+}
+
+// FlashAttention-2's GQA / MQA backward. The dK/dV grid has one block per (key
+// block, kv head, batch element), each walking the G = Hq / Hk query heads of
+// its group in turn; with few kv heads that grid can be too small to fill the
+// GPU. When it holds fewer than two waves (blocks < 2 x SMs; at 58-99 KiB of
+// shared memory per block, about one block is resident per SM) and G > 1, the
+// grid gets one block per query head instead (G times the blocks, each 1/G of
+// the work), writing float32 parts that the host sums per group (at::sum: no
+// atomics, deterministic; it costs 2 x B x Hq x Lk x D float32 of memory and a
+// different float32 summation order than the shared-memory sum).
+// LONGREACH_CUDA_DKV_SPLIT=1 / 0 forces the split on / off (the tests run both).
+inline bool dkv_split_by_query_head(const AttentionParams& P, int64_t key_blocks_per_head, int64_t multiprocessors) {
+  if (P.group_size() <= 1) return false;
+  const char* force = std::getenv("LONGREACH_CUDA_DKV_SPLIT");
+  if (force != nullptr && std::strcmp(force, "1") == 0) return true;
+  if (force != nullptr && std::strcmp(force, "0") == 0) return false;
+  return key_blocks_per_head * P.kv_heads * P.batch < 2 * multiprocessors;
+}
+
+// Key blocks per (kv head, batch element) of the dK/dV grid for element type T.
+template <typename T>
+int64_t dkv_key_blocks(const AttentionParams& P) {
+  int64_t n = 0;
+  dispatch_head_dim(P.head_dim, [&](auto dmax) { n = key_blocks(P, TileShape<T, decltype(dmax)::value>::kDkvN); });
+  return n;
 }
 
 // The learnable sinks of a SinkOptions (none when it holds no pointer).
@@ -189,7 +218,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backw
     a.slope_grad = alibi_grad ? slope_rows.data_ptr<float>() : nullptr;
     a.sinks = sink.defined() ? sink.data_ptr<float>() : nullptr;
     a.sink_grad = sink.defined() ? sink_rows.data_ptr<float>() : nullptr;
+    at::Tensor dk_part, dv_part;  // (.., Hq, ..) float32 shares of dk / dv
+    if (dkv_split_by_query_head(P, dkv_key_blocks<T>(P), backend.multiprocessors())) {
+      std::vector<int64_t> sizes = k.sizes().vec();
+      sizes[1] = P.q_heads;  // heads are dim 1 of dense (B, H, L, D) and packed (total, H, D)
+      const auto options = k.options().dtype(at::kFloat).memory_format(contiguous);
+      dk_part = every_row_written ? backend.unfilled(sizes, options) : at::zeros(sizes, options);
+      dv_part = every_row_written ? backend.unfilled(sizes, options) : at::zeros(sizes, options);
+      a.dkv_per_query_head = true;
+      a.dk_part = head_tensor<float>(dk_part, ks);
+      a.dv_part = head_tensor<float>(dv_part, ks);
+    }
     backend.template backward<T>(a);
+    if (a.dkv_per_query_head) {  // sum each group's G query heads
+      dk.copy_(dk_part.unflatten(1, {P.kv_heads, P.group_size()}).sum(2));
+      dv.copy_(dv_part.unflatten(1, {P.kv_heads, P.group_size()}).sum(2));
+    }
   });
   return {dq, dk, dv, slopes_grad(), sinks_grad()};
 }

@@ -33,6 +33,14 @@ struct CudaBackend {
   // Outputs every element of which a kernel writes: no memset.
   at::Tensor unfilled(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
 
+  // SMs of the current device (the entry's CUDAGuard set it), for dkv_split_by_query_head.
+  int64_t multiprocessors() const {
+    int device = 0, count = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }
+
   at::Tensor row_dot(const AttentionParams& P, const at::Tensor& grad_out, const at::Tensor& out,
                      const c10::optional<at::Tensor>& grad_lse) {
     at::Tensor result = at::empty({P.batch, P.q_heads, P.q_len}, out.options().dtype(at::kFloat));

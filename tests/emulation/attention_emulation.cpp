@@ -65,7 +65,7 @@ struct HostBackend {
                  a.P.batch, [&](int64_t blk, int64_t h, int64_t b, char* smem) {
                    backward_dq_block<T, float, DMAX, S::kDqM, S::kDqN>(a, blk, h, b, smem);
                  });
-      run_blocks(DkvSmem<T, float, DMAX, S::kDkvM, S::kDkvN>::bytes(), key_blocks(a.P, S::kDkvN), a.P.kv_heads,
+      run_blocks(DkvSmem<T, float, DMAX, S::kDkvM, S::kDkvN>::bytes(), key_blocks(a.P, S::kDkvN), a.dkv_grid_heads(),
                  a.P.batch, [&](int64_t blk, int64_t hk, int64_t b, char* smem) {
                    backward_dkv_block<T, float, DMAX, S::kDkvM, S::kDkvN>(a, blk, hk, b, smem);
                  });
@@ -77,6 +77,9 @@ struct HostBackend {
   at::Tensor unfilled(at::IntArrayRef sizes, const at::TensorOptions& options) {
     return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
   }
+
+  // As if on an H100 SXM (132 SMs); LONGREACH_CUDA_DKV_SPLIT forces either dK/dV path in tests.
+  int64_t multiprocessors() const { return 132; }
 
   at::Tensor row_dot(const AttentionParams&, const at::Tensor& grad_out, const at::Tensor& out,
                      const c10::optional<at::Tensor>& grad_lse) {
