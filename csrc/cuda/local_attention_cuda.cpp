@@ -8,8 +8,10 @@
 // CUDA stream (c10::cuda::getCurrentCUDAStream, which at::cuda re-exports), so
 // the ops compose with torch.cuda streams and CUDA graphs.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include "attention_entry.h"
