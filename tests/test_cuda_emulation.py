@@ -73,6 +73,27 @@ def _emulated_run(emulation, q, k, v, kw, grad_seed=1):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("name,kwargs,shape", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_emulated_cuda_kernels_match_cpu(emulation, name, kwargs, shape, dtype):
+    _check_against_cpu(emulation, name, kwargs, shape, dtype)
+
+
+# GQA / MQA configurations: (B, Hq, Hk, Lq, Lk, D) with Hq > Hk.
+GQA_CONFIGS = [c for c in CONFIGS if c[2][1] > c[2][2]]
+
+
+@pytest.mark.parametrize("split", ["0", "1"], ids=["dkv_per_kv_head", "dkv_per_query_head"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name,kwargs,shape", GQA_CONFIGS, ids=[c[0] for c in GQA_CONFIGS])
+def test_emulated_cuda_gqa_dkv_schedules_match_cpu(emulation, monkeypatch, name, kwargs, shape, dtype, split):
+    """Both dK/dV schedules of GQA / MQA (attention_entry.h dkv_split_by_query_head): a block
+    per kv head summing its group in shared memory, and a block per query head whose float32
+    parts are summed afterwards, forced with LONGREACH_CUDA_DKV_SPLIT (left alone, these small
+    grids take the split: the emulation assumes 132 SMs)."""
+    assert len(GQA_CONFIGS) >= 3
+    monkeypatch.setenv("LONGREACH_CUDA_DKV_SPLIT", split)
+    _check_against_cpu(emulation, name, kwargs, shape, dtype)
+
+
+def _check_against_cpu(emulation, name, kwargs, shape, dtype):
     q, k, v, kw = _make_inputs(shape, kwargs, dtype, "cpu")
     got = _emulated_run(emulation, q, k, v, kw)
     want = _run(q.float(), k.float(), v.float(), kw)
@@ -314,6 +335,21 @@ def test_emulated_sinks_without_keys(emulation):
     glse = torch.randn(1, 2, 3)
     *_, dsinks = emulation.bwd(torch.randn_like(out), glse, q, k, v, out, lse, *args, sinks=sinks)
     torch.testing.assert_close(dsinks, glse.sum((0, 2)))
+
+
+def test_emulated_cuda_rejects_sequences_past_32_bit_indices(emulation):
+    """The masks compare indices within a sequence in 32 bits (attention_blocks.cuh
+    TileSide ranges): a sequence of 2^31 rows is refused with a clear error before
+    anything is allocated (expanded views cost no memory), forward and backward."""
+    n = 2**31
+    q = torch.zeros(1, 1, 1, 8).expand(1, 1, n, 8)
+    k = v = torch.zeros(1, 1, 4, 8)
+    args = _op_args(q, dict(window=(2, 0)))
+    with pytest.raises(ValueError, match=r"Lq = 2147483648, Lk = 4 exceed .*expected at most 2147483647"):
+        emulation.fwd(q, k, v, *args)
+    lse = torch.zeros(1, 1, 1).expand(1, 1, n)
+    with pytest.raises(ValueError, match=r"Lq = 2147483648, Lk = 4 exceed .*expected at most 2147483647"):
+        emulation.bwd(q, None, q, k, v, q, lse, *args)
 
 
 # ---------------------------------------------------------------- chunks --

@@ -54,6 +54,18 @@ def test_threaded_kernels_are_race_free_under_thread_sanitizer():
     assert runs == 27 and vector > 0
 
 
+@pytest.mark.parametrize("sanitizer,case", [("thread", "global_gqa_dil_d32"), ("address", "decode_mqa_d128")])
+def test_threaded_gqa_dkv_split_by_query_head_is_clean(sanitizer, case):
+    """The dK/dV pass with one block per query head (attention_entry.h dkv_split_by_query_head),
+    on the real block shape: race-free, in bounds, and bitwise equal to one thread."""
+    _needs(sanitizer)
+    r = threaded_emulation.run(sanitizer, "--only", case, "--dkv-split")
+    assert "Sanitizer" not in r.stdout and "runtime error" not in r.stdout, r.stdout[-6000:]
+    runs, failed, _ = (int(x) for x in _summary(r.stdout).groups())
+    assert r.returncode == 0 and failed == 0 and runs == 3, r.stdout[-6000:]
+    assert r.stdout.count("dK/dV per query head") == 3, r.stdout[-3000:]
+
+
 # Barriers 2 and 3 of every block: after the key/value loads (every product reads them) and
 # after the first product (races only where the products follow WMMA's tile ownership:
 # float16 / bfloat16; float32's loops give each thread the elements it reads next).

@@ -69,7 +69,7 @@ LR_HOST_DEVICE int64_t band_count(int64_t lo, int64_t hi, int64_t d) { return hi
 
 // Is x one of lo, lo + d, ..., <= hi?
 LR_HOST_DEVICE bool in_band(int64_t x, int64_t lo, int64_t hi, int64_t d) {
-  return x >= lo && x <= hi && floor_mod(x - lo, d) == 0;
+  return x >= lo && x <= hi && (d == 1 || floor_mod(x - lo, d) == 0);  // d == 1: no int64 `%`
 }
 
 }  // namespace longreach

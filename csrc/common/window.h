@@ -46,8 +46,11 @@ LR_HOST_DEVICE int64_t chunk_residue(const WindowSpec& w, int64_t x) {
 // handled by the caller; this is only the band (with chunks: the band within p's chunk).
 LR_HOST_DEVICE bool in_window(const WindowSpec& w, int64_t p, int64_t j) {
   const int64_t delta = j - p;
-  if (floor_mod(delta, w.dilation) != 0) return false;
-  const int64_t steps = delta / w.dilation;  // exact: delta is a multiple
+  int64_t steps = delta;  // dilation 1 (the common case): no int64 `%` or `/`
+  if (w.dilation != 1) {
+    if (floor_mod(delta, w.dilation) != 0) return false;
+    steps = delta / w.dilation;  // exact: delta is a multiple
+  }
   if (steps < -w.left || steps > w.right) return false;
   if (w.chunk <= 0) return true;
   const int64_t r = chunk_residue(w, p);  // same chunk: -r <= delta <= c - 1 - r

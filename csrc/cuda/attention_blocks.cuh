@@ -119,6 +119,14 @@ struct AttentionArgs {
   acc_t* sink_grad = nullptr;
   GlobalTokens global;
   bool vec_loads;                // 16-byte loads are safe for q, k, v, grad_out
+  // GQA dK/dV split by query head (attention_entry.h dkv_split_by_query_head):
+  // the dK/dV grid has one block per (key block, query head), each writing its
+  // head's float32 dK / dV part here (laid out like k, with Hq heads); the host
+  // sums each group's parts. Off: one block per kv head sums the group's query
+  // heads in shared memory and writes dk / dv.
+  bool dkv_per_query_head = false;
+  HeadTensor<acc_t> dk_part{}, dv_part{};
+  LR_HOST_DEVICE int64_t dkv_grid_heads() const { return dkv_per_query_head ? P.q_heads : P.kv_heads; }
 };
 
 template <typename acc_t>
@@ -147,17 +155,48 @@ LR_HOST_DEVICE acc_t dropped(const DropoutSpec& d, int64_t head_row, int64_t row
 // ------------------------------------------------------------ tile sides --
 
 // One side (rows or keys) of the current tile: indices (-1 = none) and modes.
+// The side whose entries stay fixed for the whole block (a row block's rows, a
+// key block's keys) also carries, per mode-2 entry, the inclusive range
+// [lo, hi] of the other side's indices inside its window (window.h
+// window_key_range / window_row_range, computed once per block): the
+// per-element mask is then two 32-bit compares instead of in_window's int64
+// `%` and `/`. Null lo / hi: fall back to in_window.
 struct TileSide {
   int64_t* idx;
   uint8_t* mode;
+  int32_t* lo = nullptr;
+  int32_t* hi = nullptr;
 };
 
-// Is (row a, key c) of the tile allowed? (see the modes at the top)
-LR_HOST_DEVICE bool pair_allowed(const AttentionParams& P, const SequenceView& s, int64_t row, uint8_t row_mode,
-                                 int64_t key, uint8_t key_mode) {
+// The bound the 32-bit ranges rely on: indices within a sequence below 2^31
+// (checked on the host: attention_entry.h check_cuda_lengths).
+constexpr int64_t kMaxCudaSeqLen = 2147483647;
+
+// Narrows a window range [lo, hi] of indices in [0, n) to 32 bits: clamped to
+// [0, n] and [-1, n - 1], which keeps which indices of [0, n) it holds (an
+// empty range stays empty). n <= kMaxCudaSeqLen.
+LR_HOST_DEVICE void store_range32(int64_t lo, int64_t hi, int64_t n, int32_t* lo32, int32_t* hi32) {
+  *lo32 = static_cast<int32_t>(lo < 0 ? 0 : (lo > n ? n : lo));
+  *hi32 = static_cast<int32_t>(hi < -1 ? -1 : (hi > n - 1 ? n - 1 : hi));
+}
+
+// Is (row a, key c) of the tile allowed? (see the modes at the top) For mode 2
+// on both sides the two indices share a residue class (the block's), so the
+// window test is whether one lies in the other's [lo, hi].
+LR_HOST_DEVICE bool pair_allowed(const AttentionParams& P, const SequenceView& s, const TileSide& rows, int a,
+                                 const TileSide& keys, int c) {
+  const uint8_t row_mode = rows.mode[a], key_mode = keys.mode[c];
   if (row_mode == 0 || key_mode == 0) return false;
   if (row_mode == 1 || key_mode == 1) return true;
-  return in_window(P.window, row + s.position_offset(), key);
+  if (rows.lo != nullptr) {
+    const int32_t j = static_cast<int32_t>(keys.idx[c]);
+    return j >= rows.lo[a] && j <= rows.hi[a];
+  }
+  if (keys.lo != nullptr) {
+    const int32_t i = static_cast<int32_t>(rows.idx[a]);
+    return i >= keys.lo[c] && i <= keys.hi[c];
+  }
+  return in_window(P.window, rows.idx[a] + s.position_offset(), keys.idx[c]);
 }
 
 // The sets a row block walks through: its band of keys (masked), then either
@@ -249,6 +288,11 @@ LR_HOST_DEVICE void fill_block_rows(const AttentionParams& P, const SequenceView
     }
     rows.idx[a] = mode == 0 ? -1 : i;
     rows.mode[a] = mode;
+    if (rows.lo != nullptr) {  // the keys in row i's window, once per block
+      int64_t lo = 0, hi = -1;
+      if (mode == 2) window_key_range(P.window, s, i + s.position_offset(), &lo, &hi);
+      store_range32(lo, hi, s.k_len, &rows.lo[a], &rows.hi[a]);
+    }
   }
 }
 
@@ -369,6 +413,11 @@ LR_HOST_DEVICE void fill_block_keys(const AttentionParams& P, const SequenceView
     }
     keys.idx[c] = mode == 0 ? -1 : j;
     keys.mode[c] = mode;
+    if (keys.lo != nullptr) {  // the rows whose window holds key j, once per block
+      int64_t lo = 0, hi = -1;
+      if (mode == 2) window_row_range(P.window, s, j, &lo, &hi);
+      store_range32(lo, hi, s.q_len, &keys.lo[c], &keys.hi[c]);
+    }
   }
 }
 
@@ -404,20 +453,21 @@ LR_HOST_DEVICE void fill_key_block_rows(const AttentionParams& P, const Sequence
   }
 }
 
-// Turns raw products S[a][c] = q_a . k_c into final scores (scale, softcap,
-// ALiBi), -inf where the pair is not allowed.
+// Turns raw products S[a][c] = q_a . k_c (row a at S + a * ld) into final
+// scores (scale, softcap, ALiBi), -inf where the pair is not allowed.
 template <typename acc_t, int BM, int BN>
-LR_HOST_DEVICE void finalize_scores(const AttentionParams& P, const SequenceView& s, acc_t* S, TileSide rows, TileSide keys, acc_t slope) {
+LR_HOST_DEVICE void finalize_scores(const AttentionParams& P, const SequenceView& s, acc_t* S, int ld, TileSide rows,
+                                    TileSide keys, acc_t slope) {
   const BlockCtx t = block_ctx();
   const acc_t scale = static_cast<acc_t>(P.scale), cap = static_cast<acc_t>(P.softcap);
   for (int e = t.tid; e < BM * BN; e += t.nthreads) {
     const int a = e / BN, c = e % BN;
-    if (!pair_allowed(P, s, rows.idx[a], rows.mode[a], keys.idx[c], keys.mode[c])) {
-      S[e] = neg_infinity<acc_t>();
+    acc_t& x = S[a * ld + c];
+    if (!pair_allowed(P, s, rows, a, keys, c)) {
+      x = neg_infinity<acc_t>();
       continue;
     }
-    S[e] = transform_score<acc_t>(scale * S[e], cap, slope,
-                                  abs_distance(rows.idx[a] + s.position_offset(), keys.idx[c]));
+    x = transform_score<acc_t>(scale * x, cap, slope, abs_distance(rows.idx[a] + s.position_offset(), keys.idx[c]));
   }
 }
 
@@ -453,15 +503,32 @@ constexpr int64_t kMaxSharedBytes = 99 * 1024;
 template <typename T, typename acc_t>
 constexpr bool kAliasScores = std::is_same<T, acc_t>::value;
 
+// Leading dimension (elements) of a shared-memory tile of n-element rows of U
+// in a kernel on T. For the tensor-core types each row is padded by 16 bytes:
+// n is a multiple of 16 elements, so unpadded rows are 32 or 64 bytes x 2^k
+// apart and the 8 rows an ldmatrix phase (or an accumulator store) touches
+// fall into the same 4 banks: an 8-way conflict. A 16-byte shift per row puts
+// them on all 32 banks. It keeps WMMA's preconditions (ldm a multiple of
+// 16 bytes; every 16-row / 16-column fragment start 32-byte aligned, as
+// 16 * ld * sizeof(U) is) and the 16-byte loads' (ld a multiple of 16 bytes).
+// float32 kernels run plain loops, whose access pattern this would not help:
+// no padding (and P may keep aliasing S).
+template <typename T, typename U>
+constexpr int smem_ld(int n) {
+  return n + (TensorCoreType<T>::value ? static_cast<int>(16 / sizeof(U)) : 0);
+}
+
 // --------------------------------------------------------------- forward --
 
 template <typename T, typename acc_t, int DMAX, int BM, int BN>
 struct ForwardSmem {
   static constexpr int64_t bytes() {
-    return smem_bytes<T>(BM * DMAX) + 2 * smem_bytes<T>(BN * DMAX) + smem_bytes<acc_t>(BM * BN) +
-           (kAliasScores<T, acc_t> ? 0 : smem_bytes<T>(BM * BN)) + smem_bytes<acc_t>(BM * DMAX) +
+    constexpr int ldT = smem_ld<T, T>(DMAX), ldA = smem_ld<T, acc_t>(DMAX);
+    constexpr int ldS = smem_ld<T, acc_t>(BN), ldP = smem_ld<T, T>(BN);
+    return smem_bytes<T>(BM * ldT) + 2 * smem_bytes<T>(BN * ldT) + smem_bytes<acc_t>(BM * ldS) +
+           (kAliasScores<T, acc_t> ? 0 : smem_bytes<T>(BM * ldP)) + smem_bytes<acc_t>(BM * ldA) +
            3 * smem_bytes<acc_t>(BM) + smem_bytes<int64_t>(BM) + smem_bytes<int64_t>(BN) + smem_bytes<uint8_t>(BM) +
-           smem_bytes<uint8_t>(BN);
+           smem_bytes<uint8_t>(BN) + 2 * smem_bytes<int32_t>(BM);
   }
 };
 
@@ -480,13 +547,15 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
   const acc_t slope = alibi_slope_of(a, b, h);
   const int64_t head_row = P.dropout.head_row(b, h, P.q_heads);  // dropout's key (common/philox.h)
 
+  constexpr int ldT = smem_ld<T, T>(DMAX), ldA = smem_ld<T, acc_t>(DMAX);  // see smem_ld
+  constexpr int ldS = smem_ld<T, acc_t>(BN), ldP = smem_ld<T, T>(BN);
   SmemCarver sm{smem};
-  T* sQ = sm.take<T>(BM * DMAX);
-  T* sK = sm.take<T>(BN * DMAX);
-  T* sV = sm.take<T>(BN * DMAX);
-  acc_t* sS = sm.take<acc_t>(BM * BN);
-  T* sP = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sS) : sm.take<T>(BM * BN);
-  acc_t* sO = sm.take<acc_t>(BM * DMAX);
+  T* sQ = sm.take<T>(BM * ldT);
+  T* sK = sm.take<T>(BN * ldT);
+  T* sV = sm.take<T>(BN * ldT);
+  acc_t* sS = sm.take<acc_t>(BM * ldS);
+  T* sP = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sS) : sm.take<T>(BM * ldP);
+  acc_t* sO = sm.take<acc_t>(BM * ldA);
   acc_t* row_max = sm.take<acc_t>(BM);
   acc_t* row_sum = sm.take<acc_t>(BM);
   acc_t* row_scale = sm.take<acc_t>(BM);
@@ -494,35 +563,38 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
   TileSide keys{sm.take<int64_t>(BN), nullptr};
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
+  rows.lo = sm.take<int32_t>(BM);
+  rows.hi = sm.take<int32_t>(BM);
 
   fill_block_rows<BM>(P, s, a.global, a.pad, b, plan, rows);
-  fill(sO, BM * DMAX, acc_t(0));
+  fill(sO, BM * ldA, acc_t(0));
   fill(row_max, BM, neg_infinity<acc_t>());
   fill(row_sum, BM, acc_t(0));
   block_sync();
-  load_rows(sQ, DMAX, a.q.head(b, h), a.q.sl, rows.idx, BM, D, Dp, a.vec_loads);
+  load_rows(sQ, ldT, a.q.head(b, h), a.q.sl, rows.idx, BM, D, Dp, a.vec_loads);
 
   const int64_t n_band_tiles = ceil_div_i64(plan.n_band, BN), n_tail_tiles = ceil_div_i64(plan.n_tail, BN);
   for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
     const bool band_part = tile < n_band_tiles;
     fill_row_block_keys<BN>(P, s, a.global, a.pad, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
     block_sync();
-    load_rows(sK, DMAX, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
-    load_rows(sV, DMAX, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
+    load_rows(sK, ldT, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
+    load_rows(sV, ldT, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
     block_sync();
-    mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
+    mm_abt<T, acc_t>(sS, ldS, sQ, ldT, sK, ldT, BM, BN, Dp);
     block_sync();
-    finalize_scores<acc_t, BM, BN>(P, s, sS, rows, keys, slope);
+    finalize_scores<acc_t, BM, BN>(P, s, sS, ldS, rows, keys, slope);
     block_sync();
     if (sigmoid_score) {  // no running max or sum: each weight is final
       for (int e = t.tid; e < BM * BN; e += t.nthreads) {
-        const acc_t s = sS[e];
+        const int r = e / BN, c = e % BN;
+        const acc_t s = sS[r * ldS + c];
         const acc_t w = s == neg_infinity<acc_t>() ? acc_t(0) : sigmoid<acc_t>(s + bias);
-        sP[e] = static_cast<T>(dropped<acc_t>(P.dropout, head_row, rows.idx[e / BN], keys.idx[e % BN], w));
+        sP[r * ldP + c] = static_cast<T>(dropped<acc_t>(P.dropout, head_row, rows.idx[r], keys.idx[c], w));
       }
     } else {  // online softmax: a warp per row, its lanes over the row's keys
       for (int r = t.warp; r < BM; r += t.nwarps) {
-        const acc_t* s = sS + r * BN;
+        const acc_t* s = sS + r * ldS;
         acc_t tile_max = neg_infinity<acc_t>();
         for (int c = t.lane; c < BN; c += t.warp_size) tile_max = nan_propagating_max(tile_max, s[c]);
         tile_max = warp_max(tile_max);
@@ -530,14 +602,14 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
         const acc_t m_new = nan_propagating_max(m_old, tile_max);  // NaN scores make a NaN row
         acc_t alpha = acc_t(1), sum = acc_t(0);
         if (m_new == neg_infinity<acc_t>()) {  // nothing allowed in this row so far
-          for (int c = t.lane; c < BN; c += t.warp_size) sP[r * BN + c] = static_cast<T>(acc_t(0));
+          for (int c = t.lane; c < BN; c += t.warp_size) sP[r * ldP + c] = static_cast<T>(acc_t(0));
         } else {
           alpha = exp(m_old - m_new);  // 0 when m_old = -inf
           for (int c = t.lane; c < BN; c += t.warp_size) {
             const acc_t p = exp(s[c] - m_new);
             sum += p;  // before dropout: the row's sum (so lse) sees every weight, as on CPU
             // may alias s[c] (float32): read above
-            sP[r * BN + c] = static_cast<T>(dropped<acc_t>(P.dropout, head_row, rows.idx[r], keys.idx[c], p));
+            sP[r * ldP + c] = static_cast<T>(dropped<acc_t>(P.dropout, head_row, rows.idx[r], keys.idx[c], p));
           }
         }
         sum = warp_sum(sum);  // also orders every lane's read of row_max[r] before lane 0's write
@@ -548,10 +620,10 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
         }
       }
       block_sync();
-      for (int e = t.tid; e < BM * Dp; e += t.nthreads) sO[(e / Dp) * DMAX + e % Dp] *= row_scale[e / Dp];
+      for (int e = t.tid; e < BM * Dp; e += t.nthreads) sO[(e / Dp) * ldA + e % Dp] *= row_scale[e / Dp];
     }
     block_sync();
-    mm_ab_acc<T, acc_t>(sO, DMAX, sP, BN, sV, DMAX, BM, Dp, BN);
+    mm_ab_acc<T, acc_t>(sO, ldA, sP, ldP, sV, ldT, BM, Dp, BN);
     block_sync();
   }
 
@@ -574,7 +646,7 @@ LR_HOST_DEVICE void forward_block(const AttentionArgs<T, acc_t>& a, int64_t bloc
   T* out = a.out.head(b, h);
   for (int e = t.tid; e < BM * D; e += t.nthreads) {
     const int r = e / D, c = e % D;
-    if (rows.idx[r] >= 0) out[rows.idx[r] * a.out.sl + c] = static_cast<T>(sO[r * DMAX + c] * row_scale[r]);
+    if (rows.idx[r] >= 0) out[rows.idx[r] * a.out.sl + c] = static_cast<T>(sO[r * ldA + c] * row_scale[r]);
   }
 }
 
@@ -606,7 +678,8 @@ LR_HOST_DEVICE acc_t score_backward(const AttentionParams& P, acc_t s, acc_t dp,
   return g_final;
 }
 
-// Per-element backward of one tile: S holds raw q.k, dP holds dO.v on entry;
+// Per-element backward of one tile: S holds raw q.k, dP holds dO.v on entry
+// (rows smem_ld<T, acc_t>(BN) apart; P and dS: smem_ld<T, T>(BN));
 // on exit P (probabilities, element type; only with kStoreP: the dQ pass has no
 // use for it) and dS (d loss / d q.k, element type). With dropout Z (keep /
 // (1 - p)), out = (P o Z) V, as the CPU backward: the weights' gradient is
@@ -618,24 +691,26 @@ template <typename T, typename acc_t, int BM, int BN, bool kStoreP = true>
 LR_HOST_DEVICE acc_t tile_backward(const AttentionParams& P, const SequenceView& s, acc_t* S, acc_t* dP, T* Pout, T* dS, TileSide rows,
                                    TileSide keys, const acc_t* row_lse, const acc_t* row_dot, acc_t slope,
                                    int64_t head_row, bool slope_grad = false) {
-  finalize_scores<acc_t, BM, BN>(P, s, S, rows, keys, slope);
+  constexpr int ldS = smem_ld<T, acc_t>(BN), ldP = smem_ld<T, T>(BN);
+  finalize_scores<acc_t, BM, BN>(P, s, S, ldS, rows, keys, slope);
   block_sync();
   const BlockCtx t = block_ctx();
   const acc_t bias = static_cast<acc_t>(sigmoid_bias_of(P, s));
   acc_t slope_part = acc_t(0);
   for (int e = t.tid; e < BM * BN; e += t.nthreads) {
     const int a = e / BN, c = e % BN;
+    const acc_t score = S[a * ldS + c];
     acc_t prob = acc_t(0), ds = acc_t(0);
-    if (S[e] != neg_infinity<acc_t>()) {
+    if (score != neg_infinity<acc_t>()) {
       const int64_t distance = abs_distance(rows.idx[a] + s.position_offset(), keys.idx[c]);
-      const acc_t dp = dropped<acc_t>(P.dropout, head_row, rows.idx[a], keys.idx[c], dP[e]);
-      const acc_t g = score_backward<acc_t>(P, S[e], dp, row_lse[a], row_dot[a], slope, bias, distance, &prob, &ds);
+      const acc_t dp = dropped<acc_t>(P.dropout, head_row, rows.idx[a], keys.idx[c], dP[a * ldS + c]);
+      const acc_t g = score_backward<acc_t>(P, score, dp, row_lse[a], row_dot[a], slope, bias, distance, &prob, &ds);
       if (slope_grad) slope_part += g * static_cast<acc_t>(distance);
       if constexpr (kStoreP) prob = dropped<acc_t>(P.dropout, head_row, rows.idx[a], keys.idx[c], prob);
     }
-    // Pout / dS may alias S / dP (float32): each element is read before it is written.
-    if constexpr (kStoreP) Pout[e] = static_cast<T>(prob);
-    dS[e] = static_cast<T>(ds);
+    // Pout / dS may alias S / dP (float32, same ld): each element is read before it is written.
+    if constexpr (kStoreP) Pout[a * ldP + c] = static_cast<T>(prob);
+    dS[a * ldP + c] = static_cast<T>(ds);
   }
   return slope_part;
 }
@@ -643,10 +718,13 @@ LR_HOST_DEVICE acc_t tile_backward(const AttentionParams& P, const SequenceView&
 template <typename T, typename acc_t, int DMAX, int BM, int BN>
 struct DqSmem {
   static constexpr int64_t bytes() {
-    return 2 * smem_bytes<T>(BM * DMAX) + 2 * smem_bytes<T>(BN * DMAX) + 2 * smem_bytes<acc_t>(BM * BN) +
-           (kAliasScores<T, acc_t> ? 0 : 2 * smem_bytes<T>(BM * BN)) + smem_bytes<acc_t>(BM * DMAX) +
+    constexpr int ldT = smem_ld<T, T>(DMAX), ldA = smem_ld<T, acc_t>(DMAX);
+    constexpr int ldS = smem_ld<T, acc_t>(BN), ldP = smem_ld<T, T>(BN);
+    // No P tile: the dQ pass never stores P (tile_backward kStoreP = false).
+    return 2 * smem_bytes<T>(BM * ldT) + 2 * smem_bytes<T>(BN * ldT) + 2 * smem_bytes<acc_t>(BM * ldS) +
+           (kAliasScores<T, acc_t> ? 0 : smem_bytes<T>(BM * ldP)) + smem_bytes<acc_t>(BM * ldA) +
            2 * smem_bytes<acc_t>(BM) + smem_bytes<int64_t>(BM) + smem_bytes<int64_t>(BN) + smem_bytes<uint8_t>(BM) +
-           smem_bytes<uint8_t>(BN);
+           smem_bytes<uint8_t>(BN) + 2 * smem_bytes<int32_t>(BM);
   }
 };
 
@@ -663,25 +741,28 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
   const int64_t hk = h / P.group_size();
   const acc_t slope = alibi_slope_of(a, b, h);
 
+  constexpr int ldT = smem_ld<T, T>(DMAX), ldA = smem_ld<T, acc_t>(DMAX);  // see smem_ld
+  constexpr int ldS = smem_ld<T, acc_t>(BN), ldP = smem_ld<T, T>(BN);
   SmemCarver sm{smem};
-  T* sQ = sm.take<T>(BM * DMAX);
-  T* sdO = sm.take<T>(BM * DMAX);
-  T* sK = sm.take<T>(BN * DMAX);
-  T* sV = sm.take<T>(BN * DMAX);
-  acc_t* sS = sm.take<acc_t>(BM * BN);
-  acc_t* sdP = sm.take<acc_t>(BM * BN);
-  T* sP = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sS) : sm.take<T>(BM * BN);
-  T* sdS = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sdP) : sm.take<T>(BM * BN);
-  acc_t* sdQ = sm.take<acc_t>(BM * DMAX);
+  T* sQ = sm.take<T>(BM * ldT);
+  T* sdO = sm.take<T>(BM * ldT);
+  T* sK = sm.take<T>(BN * ldT);
+  T* sV = sm.take<T>(BN * ldT);
+  acc_t* sS = sm.take<acc_t>(BM * ldS);
+  acc_t* sdP = sm.take<acc_t>(BM * ldS);
+  T* sdS = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sdP) : sm.take<T>(BM * ldP);
+  acc_t* sdQ = sm.take<acc_t>(BM * ldA);
   acc_t* row_lse = sm.take<acc_t>(BM);
   acc_t* row_dot = sm.take<acc_t>(BM);
   TileSide rows{sm.take<int64_t>(BM), nullptr};
   TileSide keys{sm.take<int64_t>(BN), nullptr};
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
+  rows.lo = sm.take<int32_t>(BM);
+  rows.hi = sm.take<int32_t>(BM);
 
   fill_block_rows<BM>(P, s, a.global, a.pad, b, plan, rows);
-  fill(sdQ, BM * DMAX, acc_t(0));
+  fill(sdQ, BM * ldA, acc_t(0));
   block_sync();
   const int64_t row_base = a.stat_base(b, h);
   for (int r = t.tid; r < BM; r += t.nthreads) {
@@ -691,8 +772,8 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
     // Each row is in exactly one row block, so its sink gradient is written once.
     if (i >= 0 && a.sink_grad != nullptr) a.sink_grad[row_base + i] = sink_grad_of_row<acc_t>(a.sinks[h], row_lse[r], row_dot[r]);
   }
-  load_rows(sQ, DMAX, a.q.head(b, h), a.q.sl, rows.idx, BM, D, Dp, a.vec_loads);
-  load_rows(sdO, DMAX, a.grad_out.head(b, h), a.grad_out.sl, rows.idx, BM, D, Dp, a.vec_loads);
+  load_rows(sQ, ldT, a.q.head(b, h), a.q.sl, rows.idx, BM, D, Dp, a.vec_loads);
+  load_rows(sdO, ldT, a.grad_out.head(b, h), a.grad_out.sl, rows.idx, BM, D, Dp, a.vec_loads);
 
   const int64_t n_band_tiles = ceil_div_i64(plan.n_band, BN), n_tail_tiles = ceil_div_i64(plan.n_tail, BN);
   const bool slope_grad = a.slope_grad != nullptr;
@@ -701,16 +782,16 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
     const bool band_part = tile < n_band_tiles;
     fill_row_block_keys<BN>(P, s, a.global, a.pad, b, plan, band_part, (band_part ? tile : tile - n_band_tiles) * BN, keys);
     block_sync();
-    load_rows(sK, DMAX, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
-    load_rows(sV, DMAX, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
+    load_rows(sK, ldT, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
+    load_rows(sV, ldT, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
     block_sync();
-    mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
-    mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
+    mm_abt<T, acc_t>(sS, ldS, sQ, ldT, sK, ldT, BM, BN, Dp);
+    mm_abt<T, acc_t>(sdP, ldS, sdO, ldT, sV, ldT, BM, BN, Dp);
     block_sync();
-    slope_part += tile_backward<T, acc_t, BM, BN, /*kStoreP=*/false>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot,
+    slope_part += tile_backward<T, acc_t, BM, BN, /*kStoreP=*/false>(P, s, sS, sdP, nullptr, sdS, rows, keys, row_lse, row_dot,
                                                                      slope, P.dropout.head_row(b, h, P.q_heads), slope_grad);
     block_sync();
-    mm_ab_acc<T, acc_t>(sdQ, DMAX, sdS, BN, sK, DMAX, BM, Dp, BN);
+    mm_ab_acc<T, acc_t>(sdQ, ldA, sdS, ldP, sK, ldT, BM, Dp, BN);
     block_sync();
   }
   if (slope_grad) {  // the block's sum, at its first row: warps, then lane 0 of each through row_dot
@@ -730,24 +811,28 @@ LR_HOST_DEVICE void backward_dq_block(const AttentionArgs<T, acc_t>& a, int64_t 
   T* dq = a.dq.head(b, h);
   for (int e = t.tid; e < BM * D; e += t.nthreads) {
     const int r = e / D, c = e % D;
-    if (rows.idx[r] >= 0) dq[rows.idx[r] * a.dq.sl + c] = static_cast<T>(sdQ[r * DMAX + c]);
+    if (rows.idx[r] >= 0) dq[rows.idx[r] * a.dq.sl + c] = static_cast<T>(sdQ[r * ldA + c]);
   }
 }
 
 template <typename T, typename acc_t, int DMAX, int BM, int BN>
 struct DkvSmem {
   static constexpr int64_t bytes() {
-    return 2 * smem_bytes<T>(BN * DMAX) + 2 * smem_bytes<T>(BM * DMAX) + 2 * smem_bytes<acc_t>(BM * BN) +
-           (kAliasScores<T, acc_t> ? 0 : 2 * smem_bytes<T>(BM * BN)) + 2 * smem_bytes<acc_t>(BN * DMAX) +
+    constexpr int ldT = smem_ld<T, T>(DMAX), ldA = smem_ld<T, acc_t>(DMAX);
+    constexpr int ldS = smem_ld<T, acc_t>(BN), ldP = smem_ld<T, T>(BN);
+    return 2 * smem_bytes<T>(BN * ldT) + 2 * smem_bytes<T>(BM * ldT) + 2 * smem_bytes<acc_t>(BM * ldS) +
+           (kAliasScores<T, acc_t> ? 0 : 2 * smem_bytes<T>(BM * ldP)) + 2 * smem_bytes<acc_t>(BN * ldA) +
            2 * smem_bytes<acc_t>(BM) + smem_bytes<int64_t>(BM) + smem_bytes<int64_t>(BN) + smem_bytes<uint8_t>(BM) +
-           smem_bytes<uint8_t>(BN);
+           smem_bytes<uint8_t>(BN) + 2 * smem_bytes<int32_t>(BN);
   }
 };
 
 // dK and dV for one key block of one kv head, summing the query heads of its
 // GQA group: each key's gradient is written by exactly one block, no atomics.
+// With a.dkv_per_query_head, `head` is a query head instead: the block takes
+// that head's share only and writes it to dk_part / dv_part.
 template <typename T, typename acc_t, int DMAX, int BM, int BN>
-LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t block, int64_t hk, int64_t b,
+LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t block, int64_t head, int64_t b,
                                        char* smem) {
   const AttentionParams& P = a.P;
   const SequenceView s = a.view(b);
@@ -755,34 +840,42 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
   if (!plan.valid) return;
   const BlockCtx t = block_ctx();
   const int D = static_cast<int>(P.head_dim), Dp = padded_head_dim(P.head_dim);
+  const bool per_query_head = a.dkv_per_query_head;
+  const int64_t hk = per_query_head ? head / P.group_size() : head;
+  const int64_t h_first = per_query_head ? head : hk * P.group_size();
+  const int64_t h_end = per_query_head ? head + 1 : (hk + 1) * P.group_size();
 
+  constexpr int ldT = smem_ld<T, T>(DMAX), ldA = smem_ld<T, acc_t>(DMAX);  // see smem_ld
+  constexpr int ldS = smem_ld<T, acc_t>(BN), ldP = smem_ld<T, T>(BN);
   SmemCarver sm{smem};
-  T* sK = sm.take<T>(BN * DMAX);
-  T* sV = sm.take<T>(BN * DMAX);
-  T* sQ = sm.take<T>(BM * DMAX);
-  T* sdO = sm.take<T>(BM * DMAX);
-  acc_t* sS = sm.take<acc_t>(BM * BN);
-  acc_t* sdP = sm.take<acc_t>(BM * BN);
-  T* sP = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sS) : sm.take<T>(BM * BN);
-  T* sdS = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sdP) : sm.take<T>(BM * BN);
-  acc_t* sdK = sm.take<acc_t>(BN * DMAX);
-  acc_t* sdV = sm.take<acc_t>(BN * DMAX);
+  T* sK = sm.take<T>(BN * ldT);
+  T* sV = sm.take<T>(BN * ldT);
+  T* sQ = sm.take<T>(BM * ldT);
+  T* sdO = sm.take<T>(BM * ldT);
+  acc_t* sS = sm.take<acc_t>(BM * ldS);
+  acc_t* sdP = sm.take<acc_t>(BM * ldS);
+  T* sP = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sS) : sm.take<T>(BM * ldP);
+  T* sdS = kAliasScores<T, acc_t> ? reinterpret_cast<T*>(sdP) : sm.take<T>(BM * ldP);
+  acc_t* sdK = sm.take<acc_t>(BN * ldA);
+  acc_t* sdV = sm.take<acc_t>(BN * ldA);
   acc_t* row_lse = sm.take<acc_t>(BM);
   acc_t* row_dot = sm.take<acc_t>(BM);
   TileSide rows{sm.take<int64_t>(BM), nullptr};
   TileSide keys{sm.take<int64_t>(BN), nullptr};
   rows.mode = sm.take<uint8_t>(BM);
   keys.mode = sm.take<uint8_t>(BN);
+  keys.lo = sm.take<int32_t>(BN);
+  keys.hi = sm.take<int32_t>(BN);
 
   fill_block_keys<BN>(P, s, a.global, a.pad, b, plan, keys);
-  fill(sdK, BN * DMAX, acc_t(0));
-  fill(sdV, BN * DMAX, acc_t(0));
+  fill(sdK, BN * ldA, acc_t(0));
+  fill(sdV, BN * ldA, acc_t(0));
   block_sync();
-  load_rows(sK, DMAX, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
-  load_rows(sV, DMAX, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
+  load_rows(sK, ldT, a.k.head(b, hk), a.k.sl, keys.idx, BN, D, Dp, a.vec_loads);
+  load_rows(sV, ldT, a.v.head(b, hk), a.v.sl, keys.idx, BN, D, Dp, a.vec_loads);
 
   const int64_t n_band_tiles = ceil_div_i64(plan.n_band, BM), n_tail_tiles = ceil_div_i64(plan.n_tail, BM);
-  for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
+  for (int64_t h = h_first; h < h_end; ++h) {
     const acc_t slope = alibi_slope_of(a, b, h);
     const int64_t row_base = a.stat_base(b, h);
     for (int64_t tile = 0; tile < n_band_tiles + n_tail_tiles; ++tile) {
@@ -794,28 +887,40 @@ LR_HOST_DEVICE void backward_dkv_block(const AttentionArgs<T, acc_t>& a, int64_t
         row_lse[r] = i >= 0 ? a.lse[row_base + i] : acc_t(0);
         row_dot[r] = i >= 0 && a.row_dot != nullptr ? a.row_dot[row_base + i] : acc_t(0);
       }
-      load_rows(sQ, DMAX, a.q.head(b, h), a.q.sl, rows.idx, BM, D, Dp, a.vec_loads);
-      load_rows(sdO, DMAX, a.grad_out.head(b, h), a.grad_out.sl, rows.idx, BM, D, Dp, a.vec_loads);
+      load_rows(sQ, ldT, a.q.head(b, h), a.q.sl, rows.idx, BM, D, Dp, a.vec_loads);
+      load_rows(sdO, ldT, a.grad_out.head(b, h), a.grad_out.sl, rows.idx, BM, D, Dp, a.vec_loads);
       block_sync();
-      mm_abt<T, acc_t>(sS, BN, sQ, DMAX, sK, DMAX, BM, BN, Dp);
-      mm_abt<T, acc_t>(sdP, BN, sdO, DMAX, sV, DMAX, BM, BN, Dp);
+      mm_abt<T, acc_t>(sS, ldS, sQ, ldT, sK, ldT, BM, BN, Dp);
+      mm_abt<T, acc_t>(sdP, ldS, sdO, ldT, sV, ldT, BM, BN, Dp);
       block_sync();
       tile_backward<T, acc_t, BM, BN>(P, s, sS, sdP, sP, sdS, rows, keys, row_lse, row_dot, slope,
                                       P.dropout.head_row(b, h, P.q_heads));
       block_sync();
-      mm_atb_acc<T, acc_t>(sdV, DMAX, sP, BN, sdO, DMAX, BN, Dp, BM);
-      mm_atb_acc<T, acc_t>(sdK, DMAX, sdS, BN, sQ, DMAX, BN, Dp, BM);
+      mm_atb_acc<T, acc_t>(sdV, ldA, sP, ldP, sdO, ldT, BN, Dp, BM);
+      mm_atb_acc<T, acc_t>(sdK, ldA, sdS, ldP, sQ, ldT, BN, Dp, BM);
       block_sync();
     }
   }
 
+  if (per_query_head) {  // this head's float32 share; the host sums the group
+    acc_t* dk = a.dk_part.head(b, head);
+    acc_t* dv = a.dv_part.head(b, head);
+    for (int e = t.tid; e < BN * D; e += t.nthreads) {
+      const int c = e / D, col = e % D;
+      if (keys.idx[c] >= 0) {
+        dk[keys.idx[c] * a.dk_part.sl + col] = sdK[c * ldA + col];
+        dv[keys.idx[c] * a.dv_part.sl + col] = sdV[c * ldA + col];
+      }
+    }
+    return;
+  }
   T* dk = a.dk.head(b, hk);
   T* dv = a.dv.head(b, hk);
   for (int e = t.tid; e < BN * D; e += t.nthreads) {
     const int c = e / D, col = e % D;
     if (keys.idx[c] >= 0) {
-      dk[keys.idx[c] * a.dk.sl + col] = static_cast<T>(sdK[c * DMAX + col]);
-      dv[keys.idx[c] * a.dv.sl + col] = static_cast<T>(sdV[c * DMAX + col]);
+      dk[keys.idx[c] * a.dk.sl + col] = static_cast<T>(sdK[c * ldA + col]);
+      dv[keys.idx[c] * a.dv.sl + col] = static_cast<T>(sdV[c * ldA + col]);
     }
   }
 }

@@ -9,10 +9,16 @@
 //   template <T> void forward(const AttentionArgs<T, float>&);
 //   template <T> void backward(const AttentionArgs<T, float>&);   // dQ pass, then dK/dV pass
 //   at::Tensor row_dot(P, grad_out, out, grad_lse);               // (B, Hq, Lq) float32, dense batches
+//   int64_t multiprocessors();             // SMs of the device (dkv_split_by_query_head)
+//   at::Tensor unfilled(sizes, options);   // an output the kernels write in full: at::empty on the
+//                                          // device; the host emulation fills it with NaN, so an
+//                                          // element no block writes fails its tests
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -34,6 +40,16 @@ inline void check_cuda_inputs(const at::Tensor& q) {
               " is not supported; expected 1 .. 256");
 }
 
+// The kernels' masks compare indices within a sequence in 32 bits
+// (attention_blocks.cuh TileSide ranges), so sequences must be shorter than
+// 2^31 (the CPU kernels have no such bound). Checked before any allocation.
+inline void check_cuda_lengths(const AttentionParams& P) {
+  TORCH_CHECK_VALUE(P.q_len <= kMaxCudaSeqLen && P.k_len <= kMaxCudaSeqLen,
+                    "local_attention (CUDA): sequence lengths Lq = ", P.q_len, ", Lk = ", P.k_len,
+                    " exceed the CUDA kernels' 32-bit index range; expected at most ", kMaxCudaSeqLen,
+                    " (2^31 - 1) each (the CPU kernels take longer sequences)");
+}
+
 template <typename F>
 void dispatch_cuda_dtype(at::ScalarType dt, F&& f) {
   switch (dt) {
@@ -51,6 +67,32 @@ void dispatch_cuda_dtype(at::ScalarType dt, F&& f) {
   }
 }
 
+// FlashAttention-2's GQA / MQA backward. The dK/dV grid has one block per (key
+// block, kv head, batch element), each walking the G = Hq / Hk query heads of
+// its group in turn; with few kv heads that grid can be too small to fill the
+// GPU. When it holds fewer than two waves (blocks < 2 x SMs; at 58-99 KiB of
+// shared memory per block, about one block is resident per SM) and G > 1, the
+// grid gets one block per query head instead (G times the blocks, each 1/G of
+// the work), writing float32 parts that the host sums per group (at::sum: no
+// atomics, deterministic; it costs 2 x B x Hq x Lk x D float32 of memory and a
+// different float32 summation order than the shared-memory sum).
+// LONGREACH_CUDA_DKV_SPLIT=1 / 0 forces the split on / off (the tests run both).
+inline bool dkv_split_by_query_head(const AttentionParams& P, int64_t key_blocks_per_head, int64_t multiprocessors) {
+  if (P.group_size() <= 1) return false;
+  const char* force = std::getenv("LONGREACH_CUDA_DKV_SPLIT");
+  if (force != nullptr && std::strcmp(force, "1") == 0) return true;
+  if (force != nullptr && std::strcmp(force, "0") == 0) return false;
+  return key_blocks_per_head * P.kv_heads * P.batch < 2 * multiprocessors;
+}
+
+// Key blocks per (kv head, batch element) of the dK/dV grid for element type T.
+template <typename T>
+int64_t dkv_key_blocks(const AttentionParams& P) {
+  int64_t n = 0;
+  dispatch_head_dim(P.head_dim, [&](auto dmax) { n = key_blocks(P, TileShape<T, decltype(dmax)::value>::kDkvN); });
+  return n;
+}
+
 // The learnable sinks of a SinkOptions (none when it holds no pointer).
 inline c10::optional<at::Tensor> sinks_of(const SinkOptions& so) {
   return so.sinks != nullptr ? *so.sinks : c10::nullopt;
@@ -65,14 +107,24 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Backend& backend, const Attention
                                                const c10::optional<at::Tensor>& alibi_slopes,
                                                const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt,
                                                const c10::optional<at::Tensor>& sinks = c10::nullopt) {
+  check_cuda_lengths(P);
   check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
-  at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::full(lse_shape(q), -std::numeric_limits<double>::infinity(), q.options().dtype(at::kFloat));
+  // Every row of a launch is in exactly one block, which writes its out and
+  // lse (zeros and -inf, or the sink, for a row without allowed keys), so no
+  // memset is needed, except for rows no block visits: query rows at padded
+  // positions (out 0, lse -inf), and every row when no kernel runs.
+  const bool launched = q.numel() > 0 && k.numel() > 0;
+  const bool every_row_written = launched && !key_padding_mask.has_value();
+  const auto out_options = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor out = every_row_written ? backend.unfilled(q.sizes(), out_options) : at::zeros(q.sizes(), out_options);
+  at::Tensor lse = every_row_written
+                       ? backend.unfilled(lse_shape(q), q.options().dtype(at::kFloat))
+                       : at::full(lse_shape(q), -std::numeric_limits<double>::infinity(), q.options().dtype(at::kFloat));
   const at::Tensor sink = sink_logits(P, q, sinks);  // float32 (Hq,) or undefined
   // A row without keys (no block visits it) has lse = its head's sink logit.
   // A query row at a padded position is in no block and keeps lse = -inf (as on CPU).
-  if (sink.defined()) {
+  if (sink.defined() && !every_row_written) {
     lse.copy_(q.dim() == 3 ? sink.view({-1, 1}) : sink.view({1, -1, 1}));
     if (key_padding_mask.has_value()) {
       const int64_t lq = P.q_len, lk = P.k_len;  // rows sit at positions lk - lq .. lk - 1
@@ -81,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Backend& backend, const Attention
       lse.masked_fill_(rows.unsqueeze(1), -std::numeric_limits<double>::infinity());
     }
   }
-  if (out.numel() == 0 || k.numel() == 0) return {out, lse};
+  if (!launched) return {out, lse};
   const KeyPaddingTensors padding = make_key_padding(key_padding_mask);
   const GlobalTokenTensors g = make_global_tokens(P, packed, global_mask, padding);
   dispatch_cuda_dtype(q.scalar_type(), [&](auto tag) {
@@ -104,6 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backw
     const c10::optional<at::Tensor>& alibi_slopes, bool alibi_grad,
     const c10::optional<at::Tensor>& key_padding_mask = c10::nullopt,
     const c10::optional<at::Tensor>& sinks = c10::nullopt) {
+  check_cuda_lengths(P);
   check_backward_inputs(P, q_in, grad_out_in, out_in, lse_in, grad_lse, alibi_grad);
   // Per-row d loss / d sink (AttentionArgs::sink_grad), laid out like lse,
   // summed per head and cast to sinks' dtype (gpt-oss keeps them in the model dtype).
@@ -123,11 +176,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backw
   check_cuda_inputs(q_in);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const at::Tensor grad_out = with_contiguous_rows(grad_out_in);
+  // Each row's dQ and each key's dK / dV (summed over its GQA group inside the
+  // block) is written by exactly one block, zeros where nothing is allowed;
+  // only padded rows and keys are in no block and need the zero fill, as do
+  // all of them when no kernel runs. slope_rows / sink_rows above stay zeroed:
+  // only some of their rows are written.
+  const bool launched = q.numel() > 0 && k.numel() > 0;
+  const bool every_row_written = launched && !key_padding_mask.has_value();
   const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor dq = at::zeros(q.sizes(), q.options().memory_format(contiguous));
-  at::Tensor dk = at::zeros(k.sizes(), k.options().memory_format(contiguous));
-  at::Tensor dv = at::zeros(v.sizes(), v.options().memory_format(contiguous));
-  if (q.numel() == 0 || k.numel() == 0) {
+  auto grad_buffer = [&](const at::Tensor& like) {
+    const auto options = like.options().memory_format(contiguous);
+    return every_row_written ? backend.unfilled(like.sizes(), options) : at::zeros(like.sizes(), options);
+  };
+  at::Tensor dq = grad_buffer(q), dk = grad_buffer(k), dv = grad_buffer(v);
+  if (!launched) {
     // rows without keys: lse = sink, p_sink = 1 and out = 0, so d sink = sum of dlse
     if (P.has_sinks && grad_lse.has_value() && grad_lse->numel() > 0) sink_rows.copy_(*grad_lse);
     return {dq, dk, dv, slopes_grad(), sinks_grad()};
@@ -156,7 +218,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backw
     a.slope_grad = alibi_grad ? slope_rows.data_ptr<float>() : nullptr;
     a.sinks = sink.defined() ? sink.data_ptr<float>() : nullptr;
     a.sink_grad = sink.defined() ? sink_rows.data_ptr<float>() : nullptr;
+    at::Tensor dk_part, dv_part;  // (.., Hq, ..) float32 shares of dk / dv
+    if (dkv_split_by_query_head(P, dkv_key_blocks<T>(P), backend.multiprocessors())) {
+      std::vector<int64_t> sizes = k.sizes().vec();
+      sizes[1] = P.q_heads;  // heads are dim 1 of dense (B, H, L, D) and packed (total, H, D)
+      const auto options = k.options().dtype(at::kFloat).memory_format(contiguous);
+      dk_part = every_row_written ? backend.unfilled(sizes, options) : at::zeros(sizes, options);
+      dv_part = every_row_written ? backend.unfilled(sizes, options) : at::zeros(sizes, options);
+      a.dkv_per_query_head = true;
+      a.dk_part = head_tensor<float>(dk_part, ks);
+      a.dv_part = head_tensor<float>(dv_part, ks);
+    }
     backend.template backward<T>(a);
+    if (a.dkv_per_query_head) {  // sum each group's G query heads
+      dk.copy_(dk_part.unflatten(1, {P.kv_heads, P.group_size()}).sum(2));
+      dv.copy_(dv_part.unflatten(1, {P.kv_heads, P.group_size()}).sum(2));
+    }
   });
   return {dq, dk, dv, slopes_grad(), sinks_grad()};
 }

@@ -37,7 +37,7 @@ template <typename T, int DMAX, int BM, int BN>
 __global__ void __launch_bounds__(kThreads) backward_dkv_kernel(const AttentionArgs<T, float> a) {
   extern __shared__ __align__(128) char smem[];
   int64_t h, b;
-  if (!unfold_head_batch(a.P.kv_heads, a.P.batch, blockIdx.y, blockIdx.z, gridDim.y, &h, &b)) return;
+  if (!unfold_head_batch(a.dkv_grid_heads(), a.P.batch, blockIdx.y, blockIdx.z, gridDim.y, &h, &b)) return;
   backward_dkv_block<T, float, DMAX, BM, BN>(a, blockIdx.x, h, b, smem);
 }
 
@@ -87,7 +87,7 @@ void launch_backward(const AttentionArgs<T, float>& a, cudaStream_t stream) {
     launch_blocks<T>(backward_dq_kernel<T, DMAX, S::kDqM, S::kDqN>, dq_smem, row_blocks(a.P, S::kDqM), a.P.q_heads,
                      a.P.batch, stream, a);
     launch_blocks<T>(backward_dkv_kernel<T, DMAX, S::kDkvM, S::kDkvN>, dkv_smem, key_blocks(a.P, S::kDkvN),
-                     a.P.kv_heads, a.P.batch, stream, a);
+                     a.dkv_grid_heads(), a.P.batch, stream, a);
   });
 }
 

@@ -8,8 +8,10 @@
 // CUDA stream (c10::cuda::getCurrentCUDAStream, which at::cuda re-exports), so
 // the ops compose with torch.cuda streams and CUDA graphs.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include "attention_entry.h"
@@ -28,6 +30,17 @@ struct CudaBackend {
   template <typename T>
   void backward(const AttentionArgs<T, float>& a) {
     launch_backward<T>(a, stream);
+  }
+
+  // Outputs every element of which a kernel writes: no memset.
+  at::Tensor unfilled(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
+
+  // SMs of the current device (the entry's CUDAGuard set it), for dkv_split_by_query_head.
+  int64_t multiprocessors() const {
+    int device = 0, count = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
   }
 
   at::Tensor row_dot(const AttentionParams& P, const at::Tensor& grad_out, const at::Tensor& out,

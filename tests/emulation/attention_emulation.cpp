@@ -7,6 +7,7 @@
 // Built on the fly by tests/cuda_emulation.py.
 #include <torch/extension.h>
 
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -64,12 +65,21 @@ struct HostBackend {
                  a.P.batch, [&](int64_t blk, int64_t h, int64_t b, char* smem) {
                    backward_dq_block<T, float, DMAX, S::kDqM, S::kDqN>(a, blk, h, b, smem);
                  });
-      run_blocks(DkvSmem<T, float, DMAX, S::kDkvM, S::kDkvN>::bytes(), key_blocks(a.P, S::kDkvN), a.P.kv_heads,
+      run_blocks(DkvSmem<T, float, DMAX, S::kDkvM, S::kDkvN>::bytes(), key_blocks(a.P, S::kDkvN), a.dkv_grid_heads(),
                  a.P.batch, [&](int64_t blk, int64_t hk, int64_t b, char* smem) {
                    backward_dkv_block<T, float, DMAX, S::kDkvM, S::kDkvN>(a, blk, hk, b, smem);
                  });
     });
   }
+
+  // The device leaves these outputs uninitialised (every element is written by
+  // a block); NaN here makes an element no block writes fail the tests.
+  at::Tensor unfilled(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  }
+
+  // As if on an H100 SXM (132 SMs); LONGREACH_CUDA_DKV_SPLIT forces either dK/dV path in tests.
+  int64_t multiprocessors() const { return 132; }
 
   at::Tensor row_dot(const AttentionParams&, const at::Tensor& grad_out, const at::Tensor& out,
                      const c10::optional<at::Tensor>& grad_lse) {

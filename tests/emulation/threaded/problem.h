@@ -176,6 +176,7 @@ template <typename T>
 struct RunBuffers {
   Array<T> q, k, v, grad_out, out, dq, dk, dv;
   Array<float> lse, row_dot, slope_grad;
+  Array<float> dk_part, dv_part;  // the GQA dK/dV split by query head (AttentionArgs::dk_part)
   std::vector<float> slopes;
   AttentionArgs<T, float> args{};
 };
@@ -195,7 +196,7 @@ HeadTensor<U> head_tensor(const Problem& p, U* data, int64_t heads, int64_t len,
 }
 
 template <typename T>
-void make_args(const Problem& p, RunBuffers<T>& r, bool vec_loads) {
+void make_args(const Problem& p, RunBuffers<T>& r, bool vec_loads, bool dkv_split = false) {
   const AttentionParams& P = p.P;
   r.q = rounded<T>(p.q);
   r.k = rounded<T>(p.k);
@@ -227,6 +228,14 @@ void make_args(const Problem& p, RunBuffers<T>& r, bool vec_loads) {
   a.dq = head_tensor<T>(p, r.dq.data(), P.q_heads, P.q_len, qs);
   a.dk = head_tensor<T>(p, r.dk.data(), P.kv_heads, P.k_len, ks);
   a.dv = head_tensor<T>(p, r.dv.data(), P.kv_heads, P.k_len, ks);
+  if (dkv_split) {  // one dK/dV block per query head, writing float32 parts with Hq heads
+    const size_t n = r.k.size() / static_cast<size_t>(P.kv_heads) * static_cast<size_t>(P.q_heads);
+    r.dk_part.assign(n, 0.0f);
+    r.dv_part.assign(n, 0.0f);
+    a.dkv_per_query_head = true;
+    a.dk_part = head_tensor<float>(p, r.dk_part.data(), P.q_heads, P.k_len, ks);
+    a.dv_part = head_tensor<float>(p, r.dv_part.data(), P.q_heads, P.k_len, ks);
+  }
   a.lse = r.lse.data();
   a.slopes = nullptr;
   if (P.has_alibi) {

@@ -6,6 +6,7 @@
 // ThreadSanitizer and AddressSanitizer + UBSan by tests/threaded_emulation.py.
 //
 // Usage: threaded_emulation [--cases quick|all] [--only NAME] [--skip-sync N] [--short-smem] [--misalign-smem]
+//                           [--dkv-split]
 //   --skip-sync N  skips the N-th block_sync() of every block (harness self-test:
 //                  ThreadSanitizer must then report races)
 //   --short-smem   gives every block 128 bytes less shared memory than it needs
@@ -33,6 +34,7 @@ struct Options {
   int skip_sync = -1;
   bool short_smem = false;
   bool misalign_smem = false;
+  bool dkv_split = false;  // GQA cases: the dK/dV pass split by query head (AttentionArgs::dkv_per_query_head)
   int threads = kThreads;
   int warp_size = 32;
 };
@@ -111,7 +113,7 @@ struct Kernels {
                  backward_dq_block<T, float, DMAX, S::kDqM, S::kDqN>(a, blk, h, b, sm);
                });
       run_grid(threads, warp_size, skip(), offset(), smem(DkvSmem<T, float, DMAX, S::kDkvM, S::kDkvN>::bytes()),
-               key_blocks(a.P, S::kDkvN), a.P.kv_heads, a.P.batch, [&](int64_t blk, int64_t hk, int64_t b, char* sm) {
+               key_blocks(a.P, S::kDkvN), a.dkv_grid_heads(), a.P.batch, [&](int64_t blk, int64_t hk, int64_t b, char* sm) {
                  backward_dkv_block<T, float, DMAX, S::kDkvM, S::kDkvN>(a, blk, hk, b, sm);
                });
     });
@@ -140,8 +142,9 @@ double scaled_diff(const std::vector<U, A>& a, const std::vector<U, A>& b) {
 template <typename T>
 bool check(const Options& o, const Problem& p, int* vector_runs) {
   RunBuffers<T> one, many;
-  make_args(p, one, /*vec_loads=*/false);
-  make_args(p, many, /*vec_loads=*/true);
+  const bool split = o.dkv_split && p.P.group_size() > 1;  // both runs take the same dK/dV path
+  make_args(p, one, /*vec_loads=*/false, split);
+  make_args(p, many, /*vec_loads=*/true, split);
   *vector_runs += many.args.vec_loads;
   const Kernels<T> serial{o, 1, 1}, threaded{o, o.threads, o.warp_size};
   serial.forward(one.args);
@@ -155,8 +158,9 @@ bool check(const Options& o, const Problem& p, int* vector_runs) {
   else one.args.slope_grad = one.slope_grad.data(), many.args.slope_grad = many.slope_grad.data();
   serial.backward(one.args);
   threaded.backward(many.args);
-  const double d_dq = scaled_diff(many.dq, one.dq), d_dk = scaled_diff(many.dk, one.dk),
-               d_dv = scaled_diff(many.dv, one.dv), d_slope = scaled_diff(many.slope_grad, one.slope_grad);
+  const double d_dq = scaled_diff(many.dq, one.dq), d_slope = scaled_diff(many.slope_grad, one.slope_grad);
+  const double d_dk = split ? scaled_diff(many.dk_part, one.dk_part) : scaled_diff(many.dk, one.dk);
+  const double d_dv = split ? scaled_diff(many.dv_part, one.dv_part) : scaled_diff(many.dv, one.dv);
 
   // The thread count changes only the order of the softmax row sums and of the
   // slope gradient's block sum (warp butterflies): float32 rounding, plus one
@@ -164,8 +168,9 @@ bool check(const Options& o, const Problem& p, int* vector_runs) {
   // element is computed by one thread in a fixed order: dQ, dK, dV agree exactly.
   const double out_tol = std::is_same<T, float>::value ? 1e-5 : std::is_same<T, c10::Half>::value ? 2e-3 : 1.6e-2;
   const bool ok = d_out <= out_tol && d_lse <= 1e-5 && d_dq == 0.0 && d_dk == 0.0 && d_dv == 0.0 && d_slope <= 1e-5;
-  std::printf("%s %-24s %-8s %s loads: out %.1e lse %.1e dq %.1e dk %.1e dv %.1e slope %.1e\n", ok ? "ok " : "BAD",
-              p.c.name.c_str(), dtype_name<T>(), many.args.vec_loads ? "16-byte" : "scalar ", d_out, d_lse, d_dq, d_dk,
+  std::printf("%s %-24s %-8s %s%s loads: out %.1e lse %.1e dq %.1e dk %.1e dv %.1e slope %.1e\n", ok ? "ok " : "BAD",
+              p.c.name.c_str(), dtype_name<T>(), split ? "dK/dV per query head, " : "",
+              many.args.vec_loads ? "16-byte" : "scalar ", d_out, d_lse, d_dq, d_dk,
               d_dv, d_slope);
   std::fflush(stdout);
   return ok;
@@ -206,8 +211,10 @@ int main(int argc, char** argv) {
       o.short_smem = true;
     } else if (arg == "--misalign-smem") {
       o.misalign_smem = true;
+    } else if (arg == "--dkv-split") {
+      o.dkv_split = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--cases quick|all] [--only NAME] [--skip-sync N] [--short-smem] [--misalign-smem]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--cases quick|all] [--only NAME] [--skip-sync N] [--short-smem] [--misalign-smem] [--dkv-split]\n", argv[0]);
       return 2;
     }
   }
