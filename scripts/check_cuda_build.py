@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 
-OPS = ["local_attention_fwd", "local_attention_bwd", "apply_rotary", "apply_rotary_qk"]
+OPS = ["local_attention_fwd", "local_attention_bwd", "local_attention_kvcache_fwd", "apply_rotary", "apply_rotary_qk"]
 
 
 def fail(message: str) -> None:

@@ -32,3 +32,25 @@ def load():
         build_directory=str(build_dir),
         verbose=bool(os.environ.get("LONGREACH_VERBOSE_BUILD")),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def load_decode():
+    """The host emulation of the CUDA decode kernels (tests/emulation/decode_emulation.cpp):
+    `kvcache_fwd` with the signature of torch.ops.longreach.local_attention_kvcache_fwd, run on
+    CPU tensors through the CUDA entry's host logic and block functions. A separate extension, so
+    that building it does not rebuild the attention emulation (and the other way round)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    build_dir = ROOT / "build" / "cuda_decode_emulation" / torch.__version__.replace("+", "_")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name="longreach_cuda_decode_emulation",
+        sources=[str(ROOT / "tests" / "emulation" / "decode_emulation.cpp"),
+                 str(ROOT / "csrc" / "attention_params.cpp"), str(ROOT / "csrc" / "kvcache_params.cpp")],
+        extra_include_paths=[str(ROOT / "csrc")],
+        extra_cflags=["-O2"],
+        build_directory=str(build_dir),
+        verbose=bool(os.environ.get("LONGREACH_VERBOSE_BUILD")),
+    )

@@ -271,6 +271,88 @@ def test_inputs_on_another_gpu_run_there():
     torch.testing.assert_close(out, longreach.local_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), **kw).to(out), **TOL[torch.float16])
 
 
+# ------------------------------------------------ decoding (KV caches) --
+# The decode op's CUDA kernel (csrc/cuda/decode_blocks.cuh) against the CPU decode op on the same
+# problems as the host emulation (tests/test_cuda_decode_emulation.py: every cache layout, GQA/MQA,
+# ALiBi, softcap, sigmoid, dilation, sinks, sink tokens, chunks, head dims 20 to 256).
+
+
+def _decode_on_both(problem, num_splits=0):
+    """(cuda out, lse, k_cache, v_cache), (cpu ...) of one decode call; the caches are copies."""
+    cpu = problem.cpu(num_splits)
+    gpu = problem.to("cuda")
+    k_cache, v_cache = gpu.k_cache.clone(), gpu.v_cache.clone()
+    out, lse = torch.ops.longreach.local_attention_kvcache_fwd(*gpu.args(k_cache, v_cache, num_splits))
+    return (out.cpu(), lse.cpu(), k_cache.cpu(), v_cache.cpu()), cpu
+
+
+def _decode_cases():
+    from test_cuda_decode_emulation import CASES
+
+    return sorted(CASES)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", _decode_cases())
+def test_cuda_decode_matches_the_cpu_decode_op(name, dtype):
+    from test_cuda_decode_emulation import CASES, Problem
+
+    problem = Problem(dtype=dtype, **CASES[name])
+    (out, lse, kc, vc), (cpu_out, cpu_lse, cpu_kc, cpu_vc) = _decode_on_both(problem)
+    torch.testing.assert_close(out, cpu_out, **TOL[dtype])
+    if problem.opts.get("score") != "sigmoid":
+        torch.testing.assert_close(lse, cpu_lse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kc, cpu_kc, atol=0, rtol=0, equal_nan=True)  # the same append
+    torch.testing.assert_close(vc, cpu_vc, atol=0, rtol=0, equal_nan=True)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_decode_splits_agree_and_empty_rows(dtype):
+    from test_cuda_decode_emulation import CASES, Problem
+
+    problem = Problem(dtype=dtype, **CASES["paged256-long-history"])
+    (one, one_lse, _, _), _ = _decode_on_both(problem, 1)
+    for splits in (0, 2, 7, 128):  # 0: the heuristic, which splits this small batch on any GPU
+        (out, lse, _, _), _ = _decode_on_both(problem, splits)
+        torch.testing.assert_close(out, one, **TOL[dtype])
+        torch.testing.assert_close(lse, one_lse, atol=1e-4, rtol=1e-4)
+    for splits in (1, 3):  # rows without keys: zeros and lse -inf (the sink logit with sinks)
+        empty = Problem(dtype=dtype, Lq=3, lens=(0, 2), append=False, window=(2, 0), dilation=4,
+                        sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]))
+        (out, lse, _, _), (cpu_out, cpu_lse, _, _) = _decode_on_both(empty, splits)
+        assert (out[0] == 0).all()
+        torch.testing.assert_close(lse, cpu_lse, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, cpu_out, **TOL[dtype])
+
+
+@needs_gpu
+def test_cuda_decode_public_api_runs_on_the_current_stream_and_rejects_clearly():
+    from test_cuda_decode_emulation import CASES, Problem
+
+    gpu = Problem(**CASES["rolling-wraps-sinks"]).to("cuda")
+    kw = dict(cache_seqlens=gpu.seqlens, rolling=True, sink_tokens=gpu.sink_tokens, window=(12, 0), return_lse=True)
+    expected = longreach.local_attention_with_kvcache(gpu.q, gpu.k_cache.clone(), gpu.v_cache.clone(), gpu.k_new,
+                                                      gpu.v_new, **kw)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.no_grad():
+        got = longreach.local_attention_with_kvcache(gpu.q, gpu.k_cache.clone(), gpu.v_cache.clone(), gpu.k_new,
+                                                     gpu.v_new, **kw)
+    stream.synchronize()
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    q = torch.randn(1, 2, 1, 8, device="cuda", dtype=torch.float64)
+    cache = torch.zeros(1, 2, 4, 8, device="cuda", dtype=torch.float64)
+    with pytest.raises(TypeError, match="local_attention_with_kvcache \\(CUDA\\): q has dtype torch.float64"):
+        longreach.local_attention_with_kvcache(q, cache, cache.clone(), q, q, cache_seqlens=0)
+    assert (cache == 0).all()  # rejected before the append
+    q = torch.randn(1, 2, 1, 264, device="cuda", dtype=torch.float16)
+    cache = torch.zeros(1, 2, 4, 264, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="head dim 264 is not supported"):
+        longreach.local_attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=1)
+
+
 # ----------------------------------------------------- without a GPU too --
 
 
@@ -295,7 +377,8 @@ def test_cuda_kernel_registration_matches_the_build():
     """A build with CUDA kernels registers them for the CUDA dispatch key; the
     rebuild hint must then not fire (and must fire when they are missing)."""
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("longreach::local_attention_fwd", "CUDA")
-    assert has_kernel == torch._C._dispatch_has_kernel_for_dispatch_key("longreach::local_attention_bwd", "CUDA")
+    for op in ("local_attention_bwd", "local_attention_kvcache_fwd"):
+        assert has_kernel == torch._C._dispatch_has_kernel_for_dispatch_key(f"longreach::{op}", "CUDA"), op
     if has_kernel:
         check_device_supported("local_attention_fwd", _FakeCudaTensor())  # no error
     else:

@@ -153,3 +153,40 @@ def test_longreach_cache_arguments_and_unpatch():
     assert "_prepare_cache_for_generation" not in patched.__dict__
     with pytest.raises(NotImplementedError, match="beam search"):
         LongreachLayer().reorder_cache(torch.zeros(1, dtype=torch.long))
+
+
+def test_the_default_cache_follows_where_the_decode_op_runs(monkeypatch):
+    """LongreachCache is generate()'s default wherever the decode op has a kernel: CPU always, CUDA in a
+    CUDA build (the decode op's CUDA kernel), nowhere else; without one, transformers' DynamicCache."""
+    from longreach.hf.cache import decode_op_available
+
+    assert decode_op_available(torch.device("cpu"))
+    assert decode_op_available(torch.device("cuda")) == torch._C._dispatch_has_kernel_for_dispatch_key(
+        "longreach::local_attention_kvcache_fwd", "CUDA")
+    assert not decode_op_available(torch.device("meta"))
+    # A build without a decode kernel for the model's device: the default stays transformers' cache.
+    torch.manual_seed(0)
+    _, patched = build("mistral")
+    monkeypatch.setattr(longreach.hf.cache, "decode_op_available", lambda device: False)
+    calls = count_decode_calls(monkeypatch)
+    got = patched.generate(torch.randint(3, VOCAB, (1, 6)), **GENERATE)
+    assert not isinstance(got.past_key_values, LongreachCache) and calls == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_cuda_generation_uses_the_decode_op_by_default_and_matches_eager(family, monkeypatch):
+    """On a GPU (float32): the default cache is a LongreachCache, every step after the prompt runs the
+    CUDA decode kernel, and tokens and logits equal eager transformers' on the same GPU."""
+    torch.manual_seed(0)
+    reference_model, patched = build(family)
+    reference_model, patched = reference_model.cuda(), patched.cuda()
+    ids = torch.randint(3, VOCAB, (3, 9)).cuda()
+    mask = left_padded((0, 3, 7), 9).cuda()
+    expected = reference_model.generate(ids, attention_mask=mask, **GENERATE)
+    calls = count_decode_calls(monkeypatch)
+    got = patched.generate(ids, attention_mask=mask, **GENERATE)
+    assert isinstance(got.past_key_values, LongreachCache)
+    assert calls == [1] * patched.config.num_hidden_layers * (GENERATE["max_new_tokens"] - 1)
+    assert got.past_key_values.layers[0].keys.device.type == "cuda"
+    assert_same_generation(got, expected, atol=1e-4)

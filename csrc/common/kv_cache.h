@@ -63,4 +63,27 @@ LR_HOST_DEVICE int64_t cache_run_length(const CacheGeometry& g, int64_t j, int64
   return room < n ? room : n;
 }
 
+// Where a cache tensor keeps the key (or value) of position j of batch row b,
+// kv head hk, in elements from its data pointer: the layout's slot through the
+// tensor's first three strides (s0, s1, s2) and, paged, the block table
+// (B, max_blocks) row-major int64 (host memory for the CPU kernel, device
+// memory for the CUDA one). Plain data: the CUDA decode kernel takes it by value.
+struct CacheAddress {
+  CacheGeometry g;
+  int64_t s0 = 0, s1 = 0, s2 = 0;
+  const int64_t* table = nullptr;  // paged only
+  int64_t max_blocks = 0;
+  // Elements between the slots of consecutive positions of one run (cache_run_length).
+  LR_HOST_DEVICE int64_t token_stride() const { return g.layout == CacheLayout::kPaged ? s1 : s2; }
+  // Elements between the same position's kv heads.
+  LR_HOST_DEVICE int64_t head_stride() const { return g.layout == CacheLayout::kPaged ? s2 : s1; }
+  LR_HOST_DEVICE int64_t offset(int64_t b, int64_t hk, int64_t j) const {
+    const int64_t slot = cache_slot(g, j);
+    if (g.layout == CacheLayout::kPaged) {
+      return table[b * max_blocks + slot / g.block_size] * s0 + (slot % g.block_size) * s1 + hk * s2;
+    }
+    return b * s0 + hk * s1 + slot * s2;
+  }
+};
+
 }  // namespace longreach

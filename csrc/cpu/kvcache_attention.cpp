@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../common/scores.h"
+#include "../common/split_merge.h"
 #include "../common/window.h"
 #include "attention_rows.h"
 #include "tile_ops.h"
@@ -48,24 +49,6 @@ struct RowBlock {
   int64_t b;
   std::vector<int64_t> heads, rows;  // row a: query head heads[a], row index rows[a] (position k_len - Lq + rows[a])
   int64_t lo = 0, n = 0;
-};
-
-// The storage of one cache tensor: the offset of position j of batch row b,
-// kv head hk (common/kv_cache.h's slots), in elements.
-struct CacheAddress {
-  const CacheGeometry* g;
-  int64_t s0, s1, s2;    // the tensor's first three strides
-  const int64_t* table;  // paged: (B, max_blocks) host block table
-  int64_t max_blocks;
-  int64_t token_stride() const { return g->layout == CacheLayout::kPaged ? s1 : s2; }
-  int64_t head_stride() const { return g->layout == CacheLayout::kPaged ? s2 : s1; }
-  int64_t offset(int64_t b, int64_t hk, int64_t j) const {
-    const int64_t slot = cache_slot(*g, j);
-    if (g->layout == CacheLayout::kPaged) {
-      return table[b * max_blocks + slot / g->block_size] * s0 + (slot % g->block_size) * s1 + hk * s2;
-    }
-    return b * s0 + hk * s1 + slot * s2;
-  }
 };
 
 std::vector<RowBlock> make_blocks(const KvCacheProblem& pr) {
@@ -153,9 +136,9 @@ void decode_kernel(const KvCacheProblem& pr, const at::Tensor& q, const at::Tens
   const bool sigmoid_score = P.score == ScoreKind::kSigmoid;
   const acc_t scale = static_cast<acc_t>(P.scale), softcap = static_cast<acc_t>(P.softcap);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const CacheAddress ka{&pr.cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pr.block_table.data(),
+  const CacheAddress ka{pr.cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pr.block_table.data(),
                         pr.max_blocks};
-  const CacheAddress va{&pr.cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), pr.block_table.data(),
+  const CacheAddress va{pr.cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), pr.block_table.data(),
                         pr.max_blocks};
   // One head's consecutive keys are not consecutive rows (paged, or a (B, L, Hk, D)
   // cache seen through a transpose).
@@ -373,22 +356,23 @@ void decode_kernel(const KvCacheProblem& pr, const at::Tensor& q, const at::Tens
             for (int64_t e = 0; e < D; ++e) row[e] += r[e];
           }
         } else {
-          acc_t mx = sink_logits ? sink_logits[h] : neg_inf;
-          for (int64_t s = 0; s < n_splits; ++s) mx = nan_propagating_max(split_row(s)[D], mx);
-          const acc_t shift = std::isfinite(mx) ? mx : acc_t(0);
-          acc_t total = sink_logits ? std::exp(sink_logits[h] - shift) : acc_t(0);
+          // common/split_merge.h: the merge the CUDA decode kernel does too.
+          const bool has_sink = sink_logits != nullptr;
+          const acc_t sink = has_sink ? sink_logits[h] : acc_t(0);
+          acc_t mx = SplitMerge<acc_t>::start_max(has_sink, sink);
+          for (int64_t s = 0; s < n_splits; ++s) mx = SplitMerge<acc_t>::fold_max(mx, split_row(s)[D]);
+          SplitMerge<acc_t> merge(mx, has_sink, sink);
           for (int64_t s = 0; s < n_splits; ++s) {
             const acc_t* r = split_row(s);
             if (r[D] == neg_inf) continue;  // a part without keys
-            const acc_t w = std::exp(r[D] - shift);
-            total += w * r[D + 1];
+            merge.add(r[D], r[D + 1]);
+            const acc_t w = merge.weight(r[D]);
             for (int64_t e = 0; e < D; ++e) row[e] += w * r[e];
           }
           // A row without keys (and without a sink) returns zeros; NaN stays NaN.
-          const bool empty = total == acc_t(0);
-          const acc_t inv = empty ? acc_t(0) : acc_t(1) / total;
-          for (int64_t e = 0; e < D; ++e) row[e] = empty ? acc_t(0) : row[e] * inv;
-          lse_value = empty ? neg_inf : shift + std::log(total);
+          const acc_t inv = merge.inv_total();
+          for (int64_t e = 0; e < D; ++e) row[e] = merge.empty() ? acc_t(0) : row[e] * inv;
+          lse_value = merge.lse();
         }
         const int64_t i = blk.rows[a];
         convert_out(ops, row.data(), D, acc_t(1), O + ((blk.b * Hq + h) * Lq + i) * D);

@@ -32,12 +32,11 @@ namespace longreach::cuda_kernels {
 
 // What the CUDA kernels support beyond the shared checks: float16, bfloat16
 // and float32 (docs/semantics.md: no float64 on CUDA), head dims up to 256.
-inline void check_cuda_inputs(const at::Tensor& q) {
+inline void check_cuda_inputs(const at::Tensor& q, const char* owner = "local_attention (CUDA)") {
   const auto dt = q.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "local_attention (CUDA): q has dtype ",
+  TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, owner, ": q has dtype ",
               dtype_name(q.scalar_type()), "; the CUDA kernels support float16, bfloat16 and float32 (use float32, or run float64 on CPU)");
-  TORCH_CHECK_VALUE(q.size(-1) <= 256, "local_attention (CUDA): head dim ", q.size(-1),
-              " is not supported; expected 1 .. 256");
+  TORCH_CHECK_VALUE(q.size(-1) <= 256, owner, ": head dim ", q.size(-1), " is not supported; expected 1 .. 256");
 }
 
 // The kernels' masks compare indices within a sequence in 32 bits

@@ -2,8 +2,9 @@
 (racecheck, synccheck, memcheck) in scripts/gpu_check.sh: the WMMA products (float16 / bfloat16,
 each head-dim bucket: 64, 128, 256), the float32 loops, 16-byte loads (D % 8 == 0) and scalar
 loads (D = 20), warp shuffles, global-row and global-key blocks with GQA, Lq > Lk (rows that see
-nothing), decoding, sigmoid, ALiBi with its slope gradient, a packed batch, and a grid whose
-heads x batch pairs exceed 65535 (folded into grid.y x grid.z).
+nothing), decoding, sigmoid, ALiBi with its slope gradient, a packed batch, a grid whose
+heads x batch pairs exceed 65535 (folded into grid.y x grid.z), and the decode op's kernels
+(local_attention_with_kvcache: paged with splits and the merge kernel, rolling with sinks).
 
 Each case is also compared with the CPU kernels in float32 at tests/test_cuda.py's tolerances, so
 a run without a sanitizer is a correctness check too. Exits non-zero on the first failure.
@@ -86,6 +87,38 @@ def varlen_case(dtype):
         _close(f"varlen {dtype} {name}", a, b, dtype)
 
 
+def decode_case(label, dtype, layout, B, Hq, Hk, Lq, D, lens, splits=0, **kw):
+    """The decode op's CUDA kernel (csrc/cuda/decode_blocks.cuh) on a paged or rolling cache
+    against the CPU decode op in float32: out, lse and the appended cache."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k_new, v_new = torch.randn(B, Hk, Lq, D, generator=g), torch.randn(B, Hk, Lq, D, generator=g)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    if layout == "paged":
+        block_size, max_blocks = 16, -(-(max(lens) + Lq) // 16)
+        cache_shape = (B * max_blocks + 1, block_size, Hk, D)
+        table = torch.randperm(B * max_blocks + 1, generator=g)[:B * max_blocks].view(B, max_blocks).int()
+        extra = dict(block_table=table)
+    else:
+        cache_shape, table, extra = (B, Hk, 40, D), None, dict(rolling=True)
+    k_cache, v_cache = torch.randn(cache_shape, generator=g), torch.randn(cache_shape, generator=g)
+
+    def run(device, dt):
+        kc, vc = k_cache.to(device=device, dtype=dt), v_cache.to(device=device, dtype=dt)
+        ex = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in {**extra, **kw}.items()}
+        out, lse = longreach.local_attention_with_kvcache(
+            q.to(device=device, dtype=dt), kc, vc, k_new.to(device=device, dtype=dt), v_new.to(device=device, dtype=dt),
+            cache_seqlens=seqlens.to(device), num_splits=splits, return_lse=True, **ex)
+        return out, lse, kc
+
+    with torch.no_grad():
+        got = run("cuda", dtype)
+        torch.cuda.synchronize()
+        want = run("cpu", torch.float32)
+    for name, a, b in zip(("out", "lse", "k_cache"), got, want):
+        _close(f"{label} {dtype} {name}", a, b, dtype)
+
+
 def main() -> int:
     quick = "--quick" in sys.argv
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
@@ -98,6 +131,11 @@ def main() -> int:
         case("d20_scalar_softcap_alibi", dt, 1, 2, 1, 50, 60, 20, alibi=True, window=(10, 3), softcap=20.0)
         case("lq_gt_lk_global", dt, 1, 2, 2, 90, 40, 32, glob=7, window=(5, 0), causal=True)
         case("decode_mqa", dt, 1, 8, 1, 1, 300, 128, window=(20, 0), causal=True)
+        # The decode op's own kernel: paged GQA with 3 splits (the merge kernel), a rolling ring with sinks.
+        decode_case("kvcache_paged_gqa_splits", dt, 2, 8, 2, 2, 64, (70, 33), splits=3, window=(48, 0),
+                    alibi_slopes=torch.linspace(0.1, 0.4, 8))
+        decode_case("kvcache_rolling_sinks_d20", dt, 2, 4, 4, 1, 20, (90, 7), window=(30, 0), sink_tokens=4,
+                    sinks=torch.zeros(4))
         if full:
             varlen_case(dt)
         print(f"small cases: {dt} ok", flush=True)

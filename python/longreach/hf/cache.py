@@ -20,9 +20,10 @@ layer never materialises more than its ring buffer, and a full layer its contigu
 
 The layer reads the window, sink_tokens and sinks (and chunk / chunk_shift, when the attention
 call passes them) from the attention call (they are the attention function's business), so one
-cache class serves every layer type; prefill and decode steps take them alike. CPU only: the
-decode op has no CUDA kernel yet; patched models pick this cache by default only on CPU
-(hf/decoder.py) and keep transformers' DynamicCache elsewhere.
+cache class serves every layer type; prefill and decode steps take them alike. CPU, and CUDA in
+a build with CUDA kernels (the decode op's CUDA kernel, docs/cuda.md "Decoding"): patched models
+pick this cache by default wherever `decode_op_available` says the decode op runs (hf/decoder.py),
+and keep transformers' DynamicCache elsewhere.
 """
 
 from __future__ import annotations
@@ -41,7 +42,16 @@ _TAG = "_longreach_layer"  # attribute set on the key tensor update() returns
 # and hf/decoder.py import it lazily)
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-__all__ = ["LongreachCache", "LongreachLayer", "layer_of"]
+__all__ = ["LongreachCache", "LongreachLayer", "decode_op_available", "layer_of"]
+
+
+def decode_op_available(device: torch.device) -> bool:
+    """Whether this build of longreach has a decode-op kernel for `device`'s type: always on CPU; on
+    CUDA when the build has CUDA kernels (a CPU-only build has none)."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "longreach::local_attention_kvcache_fwd", "CUDA")
 
 
 def layer_of(key: torch.Tensor) -> Optional["LongreachLayer"]:
@@ -102,10 +112,11 @@ class LongreachLayer(CacheLayerMixin):
     def attend(self, query, key, value, valid, *, window_left, sink_tokens, **options) -> torch.Tensor:
         """(B, Hq, Lq, D) attention of the new rows; appends the new keys. valid: (B, K) bool real keys of
         the positions so far (K = all positions, this call's included) or None."""
-        if query.device.type != "cpu":
+        if not decode_op_available(query.device):
             raise NotImplementedError(
-                f"{_OWNER}: the decode op is CPU only for now; on {query.device.type} tensors generate with "
-                "transformers' DynamicCache (the default of a patched model off the CPU)")
+                f"{_OWNER}: this build of longreach has no decode kernel for {query.device.type} tensors (CPU, "
+                "and CUDA in a CUDA build); generate with transformers' DynamicCache (the default of a patched "
+                "model there)")
         if self.lengths is None:
             return self._prefill(query, key, value, valid, window_left, sink_tokens, options)
         new = key.shape[2]
@@ -177,7 +188,7 @@ class LongreachCache(Cache):
     """A transformers Cache for longreach-patched models: rolling caches for sliding-window layers
     (O(sink_tokens + window + chunk) slots), contiguous ones for full layers; decode steps run through
     `longreach.local_attention_with_kvcache`. Pass it as `past_key_values` to generate() (patched models
-    on CPU use it by default). chunk: the most new tokens a call after the prompt may bring (1 for plain
+    use it by default on CPU, and on CUDA in a CUDA build). chunk: the most new tokens a call after the prompt may bring (1 for plain
     decoding; more for chunked prefill or speculative decoding)."""
 
     def __init__(self, config=None, chunk: int = 16, **kwargs):

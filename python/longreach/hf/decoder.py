@@ -523,20 +523,21 @@ def patch_decoder(model, window=None, score=None, alibi=None, rope_scaling=None,
     base.set_attn_implementation(ATTENTION_NAME)
     if config._attn_implementation != ATTENTION_NAME:
         raise TypeError(f"longreach.hf.patch: transformers refused to switch {type(base).__name__} to longreach")
-    # generate() builds its default cache here: a LongreachCache on CPU (decode steps through the decode op).
+    # generate() builds its default cache here: a LongreachCache where the decode op runs (CPU; CUDA builds).
     # A bound method in the instance dict: deepcopy rebinds it to the copy, unpatch deletes it.
     base._prepare_cache_for_generation = types.MethodType(_prepare_longreach_cache, base)
     return model
 
 
 def _prepare_longreach_cache(self, generation_config, model_kwargs, *args, **kwargs):
-    """generate()'s cache preparation, with a LongreachCache as the default on CPU: when the user passed
-    no cache and no cache_implementation (static, offloaded, ... keep transformers' caches), and the model
-    still runs longreach attention. Elsewhere (CUDA: no decode kernel yet) transformers' DynamicCache."""
-    if (model_kwargs.get("past_key_values") is None and generation_config.cache_implementation is None
-            and generation_config.use_cache is not False and self.device.type == "cpu"
-            and self.config.get_text_config(decoder=True)._attn_implementation == ATTENTION_NAME):
-        from .cache import LongreachCache
+    """generate()'s cache preparation, with a LongreachCache as the default where the decode op runs
+    (CPU, and CUDA in a build with CUDA kernels: cache.decode_op_available): when the user passed no cache
+    and no cache_implementation (static, offloaded, ... keep transformers' caches), and the model still
+    runs longreach attention. Elsewhere transformers' DynamicCache."""
+    from .cache import LongreachCache, decode_op_available
 
+    if (model_kwargs.get("past_key_values") is None and generation_config.cache_implementation is None
+            and generation_config.use_cache is not False and decode_op_available(self.device)
+            and self.config.get_text_config(decoder=True)._attn_implementation == ATTENTION_NAME):
         model_kwargs["past_key_values"] = LongreachCache(self.config.get_text_config(decoder=True))
     return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)

@@ -77,7 +77,8 @@ def local_attention_with_kvcache(
     row log-sum-exp (B, Hq, Lq) float32 (float64 for float64).
 
     Every argument is checked (cache_seqlens and block_table read on the host: one device sync
-    on CUDA) before the cache is written, so a rejected call leaves it unchanged. Forward only:
+    on CUDA) before the cache is written, so a rejected call leaves it unchanged. On CUDA:
+    float16, bfloat16 and float32, head dims up to 256 (docs/cuda.md, "Decoding"). Forward only:
     inputs that require gradients with grad mode on raise NotImplementedError.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -110,10 +111,7 @@ def local_attention_with_kvcache(
         raise NotImplementedError(
             f"{OWNER} is forward only (decoding); call it under torch.no_grad() or torch.inference_mode(), or train "
             f"with local_attention / local_attention_varlen, got inputs that require gradients")
-    if q.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "longreach::local_attention_kvcache_fwd", "CUDA"):
-        raise NotImplementedError(f"{OWNER}: there is no CUDA decode kernel yet (CPU only); on CUDA, attend over "
-                                  f"the cache's keys with local_attention")
+    # CPU, and CUDA in a CUDA build (csrc/cuda/kvcache_cuda.cpp); elsewhere the rebuild hint.
     check_device_supported("local_attention_kvcache_fwd", q)
     left, right, dilation, score, sigmoid_bias, softcap, scale = options
     out, lse = torch.ops.longreach.local_attention_kvcache_fwd(
