@@ -76,7 +76,7 @@ CASES = [  # (B, Hq, Hk, Lq, Lk, D), kwargs: K tails (D = 40, 72), a 16-row tail
 out = {}
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    for i, ((B, Hq, Hk, Lq, Lk, D), kw) in enumerate(CASES):
+    for i, ((B, Hq, Hk, Lq, Lk, D), kw) in enumerate(CASES[:int(sys.argv[2])]):
         kw = dict(kw)
         if kw.pop("globals", False):
             kw["global_mask"] = torch.rand(B, Lk, generator=gen) < 0.05
@@ -94,11 +94,11 @@ print(json.dumps({"kernels": torch.ops.longreach._debug_cpu_kernels(), "results"
 """
 
 
-def _run(amx: str) -> dict:
+def _run(amx: str, cases: int = 4) -> dict:
     env = dict(os.environ, LONGREACH_CPU_BF16="1", LONGREACH_CPU_AMX=amx, OMP_NUM_THREADS="2")
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    run = subprocess.run([sys.executable, "-c", SCRIPT, tests_dir], env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run([sys.executable, "-c", SCRIPT, tests_dir, str(cases)], env=env, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -126,10 +126,11 @@ def test_emulated_amx_matches_avx512_bf16_and_the_reference(avx512_bf16_run):
 
 @needs_avx512_bf16
 def test_broken_tile_op_falls_back_to_avx512_bf16_with_a_warning(avx512_bf16_run):
-    res = _run("emulate_broken")
+    res = _run("emulate_broken", cases=2)
     assert res["kernels"].endswith("+avx512_bf16"), res["kernels"]
     assert any("first-use self-check" in w for w in res["warnings"]), res["warnings"]
-    assert res["results"] == avx512_bf16_run["results"]  # the fallback is the AVX512_BF16 kernel itself
+    # The fallback is the AVX512_BF16 kernel itself: its results bit for bit.
+    assert res["results"] == {c: avx512_bf16_run["results"][c] for c in res["results"]}
 
 
 def test_amx_required_without_amx_raises():

@@ -42,7 +42,7 @@ bool cpu_has_avx512_bf16() {
 
 // cpuid leaf 7, sub-leaf 0, EDX bits 24 (AMX-TILE) and 22 (AMX-BF16).
 bool cpu_has_amx_bf16() {
-#if defined(LONGREACH_HAVE_X86_ISA)
+#if defined(LONGREACH_HAVE_X86_ISA) && !defined(LONGREACH_NO_AMX_INTRINSICS)  // (built without them: as if absent)
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
   return ((d >> 24) & 1u) && ((d >> 22) & 1u);
@@ -217,7 +217,11 @@ const Bf16Ops* bf16_ops() {
     if (amx == "off") return avx;
     // A kernel that cannot be run where it was written must not give a silent
     // wrong answer: compare it with AVX512_BF16 once before using it.
+#if defined(LONGREACH_NO_AMX_INTRINSICS)
+    const Bf16Ops* table = &AMX_EMULATED::bf16_table();  // "amx_bf16" needs cpu_has_amx_bf16(), false here
+#else
     const Bf16Ops* table = amx == "amx_bf16" ? &AMX_BF16::bf16_table() : &AMX_EMULATED::bf16_table();
+#endif
     const bool broken = amx_env == "emulate_broken";
     if (broken) AMX_EMULATED::set_emulated_tile_fault(true);
     double diff = std::numeric_limits<double>::infinity();
