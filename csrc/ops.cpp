@@ -108,4 +108,7 @@ TORCH_LIBRARY_FRAGMENT(longreach, m) {
   // The CPU tile kernels in use ("avx512+avx512_bf16"), and the bf16 dispatch rule (csrc/cpu/bf16_ops.h).
   m.def("_debug_cpu_kernels() -> str");
   m.def("_debug_bf16_choice(str env, str capability, bool cpu_has_bf16) -> str");
+  // The AMX rule, and the emulated AMX table's self-check difference (broken: with a wrong tile op).
+  m.def("_debug_amx_choice(str env, str bf16_choice, bool cpu_has_amx, bool os_grants_amx) -> str");
+  m.def("_debug_amx_self_check(bool broken) -> float");
 }

@@ -1,11 +1,18 @@
 // bfloat16 products on the CPU's bf16 dot-product instruction (AVX512_BF16
 // vdpbf16ps: per float lane, acc += a0 * b0 + a1 * b1 for two bf16 pairs, the
-// sum kept in float32). One table, compiled in csrc/cpu/isa/tile_ops_avx512_bf16.cpp
-// with its own -m flags; bf16_ops() returns it where the CPU has the
-// instruction and ATen runs its AVX512 capability, else nullptr, and the
-// kernels then convert bf16 rows to float and use TileOps<float> as before.
-// LONGREACH_CPU_BF16=0 turns it off (the float path), =1 requires it (an error
-// on a CPU without it): the tests run both.
+// sum kept in float32) or on AMX-BF16 tiles. The AVX512_BF16 table is compiled
+// in csrc/cpu/isa/tile_ops_avx512_bf16.cpp with its own -m flags; the AMX one
+// (amx_bf16_impl.h) twice, on the AMX intrinsics (isa/tile_ops_amx_bf16.cpp)
+// and on a software model of the tiles for tests (isa/tile_ops_amx_emulated.cpp).
+// bf16_ops() (bf16_dispatch.cpp) returns the AVX512_BF16 table where the CPU
+// has the instruction and ATen runs its AVX512 capability, the AMX table
+// instead where cpuid also reports AMX-TILE and AMX-BF16, the OS grants the tile
+// state and a first-use self-check agrees with AVX512_BF16, else nullptr, and
+// the kernels then convert bf16 rows to float and use TileOps<float> as before.
+// LONGREACH_CPU_BF16=0 turns both off (the float path), =1 requires the bf16
+// products (an error on a CPU without them): the tests run both.
+// LONGREACH_CPU_AMX=0 keeps AVX512_BF16 where AMX exists, =1 requires AMX,
+// =emulate runs the AMX kernel on the software tiles (slow; tests only).
 //
 // The operands are "pair words": two bf16 values in one 32-bit word, the first
 // in the low half, which is the layout the instruction reads. Two layouts:
@@ -49,11 +56,34 @@ const Bf16Ops* bf16_ops();
 // variable's value, ATen's capability and cpuid's answer; raises for a bad value
 // (ValueError) or for =1 where the kernels cannot run.
 std::string choose_bf16_kernels(const std::string& env, const std::string& capability, bool cpu_has_bf16);
-// "avx512", "avx512+avx512_bf16", ...: the float table and the bf16 one in use.
+// The AMX rule, testable on any machine: "amx_bf16", "amx_bf16_emulated" or
+// "off" for LONGREACH_CPU_AMX's value, the bf16 rule's answer above, cpuid's
+// AMX-TILE + AMX-BF16 and whether the OS granted the tile state. Raises for a
+// bad value (ValueError) or for =1 / =emulate where the kernels cannot run.
+// ("emulate_broken" is "emulate" with a broken tile op, for the self-check's test.)
+std::string choose_amx_kernels(const std::string& env, const std::string& bf16_choice, bool cpu_has_amx,
+                               bool os_grants_amx);
+// The first-use self-check: the largest difference between `test`'s and
+// `ref`'s products on a small banded problem of each kind (both layouts of
+// gemm_band_k, K and N tails), relative to the largest result. The AMX table
+// is used only when this is below kAmxSelfCheckTolerance.
+double bf16_table_difference(const Bf16Ops& test, const Bf16Ops& ref);
+constexpr double kAmxSelfCheckTolerance = 1e-4;
+// The self-check of the emulated AMX table against AVX512_BF16, with the
+// emulated tile op broken or not (a test hook; needs AVX512_BF16).
+double amx_emulated_self_check(bool broken);
+// "avx512", "avx512+avx512_bf16", "avx512+amx_bf16", ...: the float table and the bf16 one in use.
 std::string cpu_kernels_in_use();
 
 namespace AVX512_BF16 {
 const Bf16Ops& bf16_table();
 }  // namespace AVX512_BF16
+namespace AMX_BF16 {
+const Bf16Ops& bf16_table();
+}  // namespace AMX_BF16
+namespace AMX_EMULATED {
+const Bf16Ops& bf16_table();
+void set_emulated_tile_fault(bool on);  // on the calling thread
+}  // namespace AMX_EMULATED
 
 }  // namespace longreach::cpu

@@ -99,6 +99,10 @@ TORCH_LIBRARY_IMPL(longreach, CompositeExplicitAutograd, m) {
   m.impl("_debug_bf16_choice", [](std::string env, std::string capability, bool cpu_has_bf16) {
     return choose_bf16_kernels(env, capability, cpu_has_bf16);
   });
+  m.impl("_debug_amx_choice", [](std::string env, std::string bf16_choice, bool cpu_has_amx, bool os_grants_amx) {
+    return choose_amx_kernels(env, bf16_choice, cpu_has_amx, os_grants_amx);
+  });
+  m.impl("_debug_amx_self_check", [](bool broken) { return amx_emulated_self_check(broken); });
 }
 
 }  // namespace longreach::cpu

@@ -141,8 +141,10 @@ struct PairWords {
   std::vector<int64_t> offset, lo2, hi2;
 };
 
-void row_pairs(int64_t m, int64_t k, const float* A, int64_t a_row, const int64_t* first, const int64_t* end,
-               PairWords* out) {
+// Out of line (as transposed_pairs), so that a profile shows the packing apart
+// from the products; one call per gemm_band_k call costs nothing measurable.
+__attribute__((noinline)) void row_pairs(int64_t m, int64_t k, const float* A, int64_t a_row, const int64_t* first,
+                                         const int64_t* end, PairWords* out) {
   const int64_t blocks = (m + kMR - 1) / kMR;
   out->offset.assign(blocks, 0);
   out->lo2.assign(blocks, 0);
@@ -168,13 +170,16 @@ void row_pairs(int64_t m, int64_t k, const float* A, int64_t a_row, const int64_
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t lo2 = lo2s[blk], hi2 = hi2s[blk], np = hi2 - lo2, offset = offsets[blk];
     if (np <= 0) continue;
+    const int64_t lo_e = lo[blk], hi_e = hi[blk];
     for (int64_t i = blk * kMR; i < std::min(m, (blk + 1) * kMR); ++i) {
       const float* src = A + i * a_row;
       uint32_t* dst = words + offset + (i - blk * kMR) * np;
       // Elements [2 lo2, 2 hi2), 32 at a time; lanes outside [lo, hi) read as 0.
-      for (int64_t e = 2 * lo2; e < 2 * hi2; e += 2 * kW) {
+      // Only the steps at the union's edges need masks: computing them for
+      // every step was most of this loop's work.
+      auto masked_step = [&](int64_t e) {
         auto lanes = [&](int64_t e0) {
-          const int64_t a = std::clamp<int64_t>(lo[blk] - e0, 0, kW), b = std::clamp<int64_t>(hi[blk] - e0, 0, kW);
+          const int64_t a = std::clamp<int64_t>(lo_e - e0, 0, kW), b = std::clamp<int64_t>(hi_e - e0, 0, kW);
           return __mmask16(((1u << b) - 1) & ~((1u << a) - 1));
         };
         const __m512 x0 = _mm512_maskz_loadu_ps(lanes(e), src + e);
@@ -182,12 +187,24 @@ void row_pairs(int64_t m, int64_t k, const float* A, int64_t a_row, const int64_
         const __m512i w = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));
         const int64_t left = std::min<int64_t>(kW, (2 * hi2 - e) / 2);  // words left in this row
         _mm512_mask_storeu_epi32(dst + (e / 2 - lo2), __mmask16((1u << left) - 1), w);
+      };
+      int64_t e = 2 * lo2;
+      if (e < lo_e) {  // lo odd: the first pair's low half is outside
+        masked_step(e);
+        e += 2 * kW;
       }
+      for (; e + 2 * kW <= hi_e; e += 2 * kW) {
+        const __m512i w =
+            reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + e + kW), _mm512_loadu_ps(src + e)));
+        _mm512_storeu_si512(dst + (e / 2 - lo2), w);
+      }
+      for (; e < 2 * hi2; e += 2 * kW) masked_step(e);
     }
   }
 }
 
-void transposed_pairs(int64_t m, int64_t k, const float* A, int64_t a_col, int64_t ldt, std::vector<uint32_t>* At) {
+__attribute__((noinline)) void transposed_pairs(int64_t m, int64_t k, const float* A, int64_t a_col, int64_t ldt,
+                                                std::vector<uint32_t>* At) {
   const int64_t k2 = (k + 1) / 2;
   At->resize(std::max<int64_t>(k2 * ldt, 1));
   // Interleave: word j = (bf16 of row 2p, lane j; bf16 of row 2p + 1, lane j).
@@ -198,7 +215,15 @@ void transposed_pairs(int64_t m, int64_t k, const float* A, int64_t a_col, int64
   for (int64_t p = 0; p < k2; ++p) {
     const float* r0 = A + 2 * p * a_col;
     const float* r1 = 2 * p + 1 < k ? A + (2 * p + 1) * a_col : nullptr;
-    for (int64_t i = 0; i < m; i += kW) {
+    int64_t i = 0;
+    if (r1) {  // whole vectors of rows without masks, as row_pairs
+      for (; i + kW <= m; i += kW) {
+        const __m512i w =
+            reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r1 + i), _mm512_loadu_ps(r0 + i)));
+        _mm512_storeu_si512(dst + p * ldt + i, _mm512_permutexvar_epi16(idx, w));
+      }
+    }
+    for (; i < m; i += kW) {
       const int64_t cnt = std::min<int64_t>(kW, m - i);
       const __mmask16 lanes = __mmask16((1u << cnt) - 1);
       const __m512 x0 = _mm512_maskz_loadu_ps(lanes, r0 + i);

@@ -1,0 +1,303 @@
+// Bf16Ops (bf16_ops.h) on AMX-BF16 tiles, written once against a thin tile
+// layer and compiled twice: csrc/cpu/isa/tile_ops_amx_bf16.cpp maps the layer
+// to the AMX intrinsics (its own -mamx-tile -mamx-bf16 flags), and
+// csrc/cpu/isa/tile_ops_amx_emulated.cpp to a software model of exactly those
+// instructions, so the packing and tiling below run (and are tested) on CPUs
+// without AMX; only the intrinsic mapping is unrun there. bf16_dispatch.cpp
+// hands the real table out only where cpuid reports AMX and the OS grants the
+// tile state, after a self-check against the AVX512_BF16 table.
+//
+// The including file defines, in namespace LR_AMX_NS::tiles:
+//   void configure();                 // palette 1, tiles 0..7 all 16 rows x 64 bytes
+//   void release();
+//   template <int T> void zero();
+//   template <int T> void load(const void* base, int64_t stride);   // 16 rows of 64 bytes, `stride` bytes apart
+//   template <int T> void store(void* base, int64_t stride);
+//   template <int C, int A, int B> void dot();   // tdpbf16ps: C[m][n] += sum_k A pair (m, k) . B pair (k, n)
+// and then includes this file.
+//
+// One fixed tile shape (16 x 16 float32 for C, 16 rows x 16 pair words for A
+// and B), so one ldtilecfg per call. Everything a tile would read past an
+// operand's edge (the last rows of a block, a K tail that is not 16 pairs, B
+// columns past ldb) goes through a zero-padded copy: a tile never reads memory
+// the AVX512_BF16 kernel would not read (a NaN or infinity there would
+// otherwise reach other rows through 0 * inf), and C is written only where that
+// kernel writes it. No c10 or std template code is instantiated here: an inline
+// function compiled with the AMX file's flags must not be the copy the linker
+// keeps for the rest of the library.
+//
+// Tiles: C in 0..3 (up to four groups of 16 columns of one 16-row block), A in
+// 4, B in 5..7 in turn.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include "bf16_ops.h"
+
+namespace longreach::cpu::LR_AMX_NS {
+namespace {
+
+constexpr int64_t kT = 16;           // tile rows, pair words per A/B row, floats per C row
+constexpr int64_t kTileWords = kT * kT;
+constexpr int64_t kStride = kT * 4;  // bytes between the rows of a packed tile
+constexpr int64_t kMaxRows = 4096;   // as the AVX512_BF16 table
+
+inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t lmax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// float -> bf16 bits as vcvtne2ps2bf16 (the AVX512_BF16 kernel's rounding of P
+// and dS): round to nearest even, denormals to signed zero, NaN quieted.
+inline uint32_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t exp = u & 0x7F800000u;
+  if (exp == 0) return (u >> 16) & 0x8000u;                          // zero or denormal
+  if (exp == 0x7F800000u) return (u >> 16) | ((u & 0x007FFFFFu) ? 0x0040u : 0u);  // inf, NaN (quiet)
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+// A per-thread, 64-byte aligned, zero-initialised-on-request word buffer that
+// grows (plain new[], no std::vector: see above).
+struct Words {
+  uint32_t* p = nullptr;
+  int64_t cap = 0;
+  ~Words() { ::operator delete[](p, std::align_val_t(64)); }
+  uint32_t* get(int64_t n) {
+    if (n > cap) {
+      ::operator delete[](p, std::align_val_t(64));
+      p = static_cast<uint32_t*>(::operator new[](n * 4, std::align_val_t(64)));
+      cap = n;
+    }
+    return p;
+  }
+};
+
+struct Scratch {
+  Words a;        // a block's A tiles, one per step of 16 pairs
+  Words b_tail;   // gemm_band_n: each column group's last, partial K tile
+  Words b_edge;   // gemm_band_k: one zero-padded B tile
+  Words c_edge;   // up to four zero-padded C tiles
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// Union of the runs of rows a0 .. a0 + mr - 1; empty as lo >= hi.
+void block_union(const int64_t* first, const int64_t* end, int64_t a0, int64_t mr, int64_t* lo, int64_t* hi) {
+  *lo = INT64_MAX;
+  *hi = 0;
+  for (int64_t a = a0; a < a0 + mr; ++a) {
+    if (first[a] >= end[a]) continue;
+    *lo = lmin(*lo, first[a]);
+    *hi = lmax(*hi, end[a]);
+  }
+}
+
+void check_rows(int64_t m, const char* what) {
+  if (m > kMaxRows) throw std::runtime_error(std::string(what) + ": too many rows");
+}
+
+// C tile j of the current batch += A tile (4) . B tile: the B tile from `b`
+// with row stride `stride` bytes. Tile numbers are immediates of the instructions.
+template <int J>
+inline void step(const void* b, int64_t stride) {
+  constexpr int kB = 5 + J % 3;
+  tiles::load<kB>(b, stride);
+  tiles::dot<J, 4, kB>();
+}
+
+inline void step_all(int64_t nc, const uint32_t* const* b, const int64_t* stride) {
+  step<0>(b[0], stride[0]);
+  if (nc > 1) step<1>(b[1], stride[1]);
+  if (nc > 2) step<2>(b[2], stride[2]);
+  if (nc > 3) step<3>(b[3], stride[3]);
+}
+
+template <int J>
+inline void c_load(int64_t nc, float* const* c, const int64_t* stride) {
+  if (nc > J) tiles::load<J>(c[J], stride[J]);
+}
+template <int J>
+inline void c_store(int64_t nc, float* const* c, const int64_t* stride) {
+  if (nc > J) tiles::store<J>(c[J], stride[J]);
+}
+inline void c_load_all(int64_t nc, float* const* c, const int64_t* stride) {
+  c_load<0>(nc, c, stride);
+  c_load<1>(nc, c, stride);
+  c_load<2>(nc, c, stride);
+  c_load<3>(nc, c, stride);
+}
+inline void c_store_all(int64_t nc, float* const* c, const int64_t* stride) {
+  c_store<0>(nc, c, stride);
+  c_store<1>(nc, c, stride);
+  c_store<2>(nc, c, stride);
+  c_store<3>(nc, c, stride);
+}
+
+// C = mul * A @ B over the runs' 16-row block unions (whole groups of 16 columns).
+void gemm_band_n(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t lda, const uint32_t* B, float mul,
+                 float* C, int64_t ldc, const int64_t* first, const int64_t* end) {
+  if (m <= 0 || n <= 0 || k <= 0) return;
+  check_rows(m, "amx gemm_band_n");
+  const int64_t k2 = k / 2, steps = (k2 + kT - 1) / kT, group = (k2 + 1) * kT;
+  const int64_t n_vec = round_up(n, kT), n_groups = n_vec / kT, tail = k2 - (steps - 1) * kT;
+  const uint32_t* Aw = reinterpret_cast<const uint32_t*>(A);  // k and lda even: whole pairs
+  const int64_t a_row = lda / 2;
+  Scratch& s = scratch();
+  uint32_t* const a_tiles = s.a.get(steps * kTileWords);
+  float* const c_edge = reinterpret_cast<float*>(s.c_edge.get(4 * kTileWords));
+  // Each group's last K tile, zero rows past k2 (a panel's next rows are the
+  // next group's keys), when k2 is not whole tiles.
+  uint32_t* b_tail = nullptr;
+  if (tail < kT) {
+    b_tail = s.b_tail.get(n_groups * kTileWords);
+    std::memset(b_tail, 0, n_groups * kTileWords * 4);
+    for (int64_t g = 0; g < n_groups; ++g) {
+      std::memcpy(b_tail + g * kTileWords, B + g * group + (steps - 1) * kT * kT, tail * kT * 4);
+    }
+  }
+  tiles::configure();
+  for (int64_t m0 = 0; m0 < m; m0 += kT) {
+    const int64_t mr = lmin(kT, m - m0);
+    int64_t lo, hi;
+    block_union(first, end, m0, mr, &lo, &hi);
+    lo = lo / kT * kT;
+    hi = lmin(n_vec, round_up(hi, kT));
+    if (lo >= hi) continue;
+    // A tiles of this block: rows past m and pairs past k2 zero.
+    std::memset(a_tiles, 0, steps * kTileWords * 4);
+    for (int64_t r = 0; r < mr; ++r) {
+      const uint32_t* src = Aw + (m0 + r) * a_row;
+      for (int64_t st = 0; st < steps; ++st) {
+        std::memcpy(a_tiles + st * kTileWords + r * kT, src + st * kT, lmin(kT, k2 - st * kT) * 4);
+      }
+    }
+    for (int64_t c0 = lo; c0 < hi; c0 += 4 * kT) {
+      const int64_t nc = lmin(4, (hi - c0) / kT);
+      const bool direct = mr == kT;
+      float* c_ptr[4];
+      int64_t c_stride[4];
+      for (int64_t j = 0; j < nc; ++j) {
+        c_ptr[j] = direct ? C + m0 * ldc + c0 + j * kT : c_edge + j * kTileWords;
+        c_stride[j] = direct ? ldc * 4 : kStride;
+      }
+      tiles::zero<0>();
+      if (nc > 1) tiles::zero<1>();
+      if (nc > 2) tiles::zero<2>();
+      if (nc > 3) tiles::zero<3>();
+      for (int64_t st = 0; st < steps; ++st) {
+        tiles::load<4>(a_tiles + st * kTileWords, kStride);
+        const uint32_t* b_ptr[4];
+        int64_t b_stride[4] = {kStride, kStride, kStride, kStride};
+        for (int64_t j = 0; j < nc; ++j) {
+          const int64_t g = c0 / kT + j;
+          b_ptr[j] = st == steps - 1 && b_tail ? b_tail + g * kTileWords : B + g * group + st * kT * kT;
+        }
+        step_all(nc, b_ptr, b_stride);
+      }
+      c_store_all(nc, c_ptr, c_stride);
+      for (int64_t j = 0; j < nc; ++j) {
+        for (int64_t r = 0; r < mr; ++r) {
+          float* dst = C + (m0 + r) * ldc + c0 + j * kT;
+          const float* src = direct ? dst : c_edge + j * kTileWords + r * kT;
+          if (direct && mul == 1.f) break;
+          for (int64_t x = 0; x < kT; ++x) dst[x] = mul * src[x];
+        }
+      }
+    }
+  }
+  tiles::release();
+}
+
+// C += round_bf16(A) @ B, A read through (a_row, a_col), zero outside each
+// row's own run; B pair rows (ldb words), read only in the pairs of a block's
+// union; C's n columns exactly.
+void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row, int64_t a_col, const uint32_t* B,
+                 int64_t ldb, float* C, int64_t ldc, const int64_t* first, const int64_t* end) {
+  if (m <= 0 || n <= 0 || k <= 0) return;
+  check_rows(m, "amx gemm_band_k");
+  Scratch& s = scratch();
+  float* const c_edge = reinterpret_cast<float*>(s.c_edge.get(4 * kTileWords));
+  uint32_t* const b_edge = s.b_edge.get(4 * kTileWords);
+  tiles::configure();
+  for (int64_t m0 = 0; m0 < m; m0 += kT) {
+    const int64_t mr = lmin(kT, m - m0);
+    int64_t lo, hi;
+    block_union(first, end, m0, mr, &lo, &hi);
+    hi = lmin(hi, k);
+    if (lo >= hi) continue;
+    const int64_t q0 = lo / 2, q1 = (hi + 1) / 2, steps = (q1 - q0 + kT - 1) / kT;
+    uint32_t* const a_tiles = s.a.get(steps * kTileWords);
+    std::memset(a_tiles, 0, steps * kTileWords * 4);
+    for (int64_t r = 0; r < mr; ++r) {
+      const int64_t i = m0 + r, f = lmax(first[i], 2 * q0), e = lmin(end[i], k);
+      for (int64_t x = f; x < e; ++x) {  // element x is pair x / 2, half x % 2
+        const int64_t p = x / 2 - q0;
+        a_tiles[(p / kT) * kTileWords + r * kT + p % kT] |= bf16_bits(A[i * a_row + x * a_col]) << (16 * (x % 2));
+      }
+    }
+    for (int64_t n0 = 0; n0 < n; n0 += 4 * kT) {
+      const int64_t nc = lmin(4, (n - n0 + kT - 1) / kT);
+      float* c_ptr[4];
+      int64_t c_stride[4];
+      bool c_direct[4];
+      for (int64_t j = 0; j < nc; ++j) {
+        const int64_t cols = lmin(kT, n - n0 - j * kT);
+        c_direct[j] = mr == kT && cols == kT;
+        if (c_direct[j]) {
+          c_ptr[j] = C + m0 * ldc + n0 + j * kT;
+          c_stride[j] = ldc * 4;
+          continue;
+        }
+        c_ptr[j] = c_edge + j * kTileWords;
+        c_stride[j] = kStride;
+        std::memset(c_ptr[j], 0, kTileWords * 4);
+        for (int64_t r = 0; r < mr; ++r) std::memcpy(c_ptr[j] + r * kT, C + (m0 + r) * ldc + n0 + j * kT, cols * 4);
+      }
+      c_load_all(nc, c_ptr, c_stride);
+      for (int64_t st = 0; st < steps; ++st) {
+        tiles::load<4>(a_tiles + st * kTileWords, kStride);
+        const int64_t p = q0 + st * kT, rows = lmin(kT, q1 - p);
+        const uint32_t* b_ptr[4];
+        int64_t b_stride[4];
+        for (int64_t j = 0; j < nc; ++j) {
+          const int64_t col = n0 + j * kT, cols = lmin(kT, n - col);
+          if (rows == kT && col + kT <= ldb) {
+            b_ptr[j] = B + p * ldb + col;
+            b_stride[j] = ldb * 4;
+            continue;
+          }
+          uint32_t* t = b_edge + j * kTileWords;
+          std::memset(t, 0, kTileWords * 4);
+          for (int64_t r = 0; r < rows; ++r) std::memcpy(t + r * kT, B + (p + r) * ldb + col, cols * 4);
+          b_ptr[j] = t;
+          b_stride[j] = kStride;
+        }
+        step_all(nc, b_ptr, b_stride);
+      }
+      c_store_all(nc, c_ptr, c_stride);
+      for (int64_t j = 0; j < nc; ++j) {
+        if (c_direct[j]) continue;
+        const int64_t cols = lmin(kT, n - n0 - j * kT);
+        for (int64_t r = 0; r < mr; ++r) std::memcpy(C + (m0 + r) * ldc + n0 + j * kT, c_ptr[j] + r * kT, cols * 4);
+      }
+    }
+  }
+  tiles::release();
+}
+
+}  // namespace
+
+const Bf16Ops& bf16_table() {
+  static const Bf16Ops ops{LR_AMX_NAME, &gemm_band_n, &gemm_band_k};
+  return ops;
+}
+
+}  // namespace longreach::cpu::LR_AMX_NS
