@@ -57,15 +57,18 @@ class Profile:
 
 FULL_SCHEMES = tuple(DEFAULT_SCHEMES) + ("sliding-rope", "rope-pose", "rope-pi-longlora")
 
-# Budgets (docs/extrapolation.md has the measured times): default fits about 10 minutes on 2 CPU
-# cores (`make demo`), full about an hour, quick is a smoke test of about 15 s.
+# Budgets, from per-step CPU times measured on one thread (docs/extrapolation.md, "Run time and the
+# profiles"): default fits about 10 minutes on 2 idle CPU cores (`make demo`: 4 trained models and 2
+# fine-tunes per seed, 3 seeds), full about an hour (6 trained models, 3 fine-tunes per seed), quick
+# is a smoke test of about 15 s. The fine-tunes get 4 % of the training steps (PI's paper fine-tunes
+# 1000 steps, YaRN's 400).
 PROFILES = {
-    "default": Profile(steps=500, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=8, lr=3e-3,
-                       finetune_steps=20, seeds=3, schemes=tuple(DEFAULT_SCHEMES)),
-    "full": Profile(steps=3000, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=16, lr=3e-3,
-                    finetune_steps=120, seeds=3, schemes=FULL_SCHEMES),
+    "default": Profile(steps=250, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=4, lr=3e-3,
+                       finetune_steps=10, seeds=3, schemes=tuple(DEFAULT_SCHEMES)),
+    "full": Profile(steps=1000, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=8, lr=3e-3,
+                    finetune_steps=40, seeds=3, schemes=FULL_SCHEMES),
     "quick": Profile(steps=40, batch_size=8, d_model=64, layers=2, heads=4, eval_chunks=2, lr=6e-3,
-                     finetune_steps=4, seeds=1, schemes=tuple(DEFAULT_SCHEMES)),
+                     finetune_steps=2, seeds=1, schemes=tuple(DEFAULT_SCHEMES)),
 }
 PROFILE_FIELDS = ("steps", "batch_size", "d_model", "layers", "heads", "eval_chunks", "lr", "finetune_steps",
                   "seeds")
@@ -393,7 +396,8 @@ def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> List[D
     report.write_training_csv(out / "training.csv", curves, seeds)
     report.plot_training(out / "training_curves.png", curves,
                          f"training bits per byte, {args.train_len}-byte batches (fine-tunes at {ft.length}), "
-                         f"{seeds_text}")
+                         f"{seeds_text}",
+                         offsets={w: args.steps for w in curves if SCHEMES[w].finetune})
     command = "python -m longreach extrapolate" + "".join(" " + shlex.quote(a) for a in argv_for_record)
     text_table = report.table(runs, args.train_len)
     run_notes = report.notes(runs, args.train_len)

@@ -354,9 +354,12 @@ def write_training_csv(path: Path, curves: Dict[str, Sequence[Sequence[float]]],
                 w.writerows([name, seed, i + 1, f"{v:.6f}"] for i, v in enumerate(losses))
 
 
-def plot_training(path: Path, curves: Dict[str, Sequence[Sequence[float]]], title: str) -> None:
+def plot_training(path: Path, curves: Dict[str, Sequence[Sequence[float]]], title: str,
+                  offsets: Optional[Dict[str, int]] = None) -> None:
     """Training bits per byte against step, one line per trained model (or fine-tune), the mean
-    over seeds smoothed over 2 % of the steps; ``curves``: name -> per seed, per step bpb."""
+    over seeds smoothed over 2 % of the steps; ``curves``: name -> per seed, per step bpb;
+    ``offsets``: steps to shift a curve by (a fine-tune continues its base's training)."""
+    offsets = offsets or {}
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     for name, per_seed in curves.items():
@@ -364,7 +367,8 @@ def plot_training(path: Path, curves: Dict[str, Sequence[Sequence[float]]], titl
         if steps == 0:
             continue
         mean = [sum(c[i] for c in per_seed) / len(per_seed) for i in range(steps)]
-        ax.plot(range(1, steps + 1), smooth(mean, max(1, steps // 50)), _STYLES.get(name, "-"), label=name)
+        start = offsets.get(name, 0) + 1
+        ax.plot(range(start, start + steps), smooth(mean, max(1, steps // 50)), _STYLES.get(name, "-"), label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("training bits per byte (smoothed)")
     ax.set_title(title, fontsize=10)
