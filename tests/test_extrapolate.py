@@ -22,7 +22,7 @@ from longreach.extrapolate.train import evaluate
 # A run small enough for a test: 64-byte windows, tiny model, a few steps.
 TINY = ["--train-len", "32", "--eval-lengths", "32,64,128", "--window", "8", "--steps", "4",
         "--batch-size", "4", "--d-model", "16", "--heads", "2", "--layers", "1", "--eval-chunks", "2",
-        "--no-progress"]
+        "--no-progress", "--seeds", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,9 @@ def tiny_text(tmp_path_factory) -> Path:
 
 def test_defaults():
     args = cli.parse_args([])
-    assert args.scheme_names == ["rope", "rope-pi", "rope-yarn", "alibi", "sliding-rope", "swat"]
+    assert args.scheme_names == DEFAULT_SCHEMES == ["rope", "rope-pi", "rope-yarn", "rope-ntk", "rope-pi-ft",
+                                                    "rope-yarn-ft", "alibi", "alibi-pi", "swat", "swat-code"]
+    assert args.seeds == 3 and args.profile == "default"
     assert args.train_len == 256
     assert args.lengths == [256, 512, 1024, 2048, 4096]
     assert args.window == 128
@@ -324,14 +326,22 @@ def test_quick_run_writes_table_csv_and_plot(tiny_text, tmp_path, capsys):
     assert {int(r["bytes_scored"]) for r in rows} == {2 * 128}
     # PI and YaRN evaluate rope's weights and leave them untouched at the training length.
     at_1x = {r["scheme"]: r["bits_per_byte"] for r in rows if r["eval_len"] == "32"}
-    assert at_1x["rope"] == at_1x["rope-pi"] == at_1x["rope-yarn"]
+    assert at_1x["rope"] == at_1x["rope-pi"] == at_1x["rope-yarn"] == at_1x["rope-ntk"]
+    assert at_1x["alibi"] == at_1x["alibi-pi"]
     at_4x = {r["scheme"]: r["bits_per_byte"] for r in rows if r["eval_len"] == "128"}
-    assert len({at_4x["rope"], at_4x["rope-pi"], at_4x["rope-yarn"]}) == 3
-    assert (out / "bpb_vs_length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len({at_4x["rope"], at_4x["rope-pi"], at_4x["rope-yarn"], at_4x["rope-ntk"]}) == 4
+    assert at_4x["alibi"] != at_4x["alibi-pi"]
+    for png in ("bpb_vs_length.png", "training_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    steps = _read_csv(out / "training.csv")
+    assert {r["model"] for r in steps} == {"rope", "rope-pi-ft", "rope-yarn-ft", "alibi", "swat", "swat-code"}
+    assert len([r for r in steps if r["model"] == "rope"]) == 4  # TINY's 4 steps
+    assert all(r["second_half_given_first_bpb"] and r["second_half_alone_bpb"] for r in rows)
     md = (out / "results.md").read_text()
     assert "| scheme |" in md and "--data" in md
     stdout = capsys.readouterr().out
-    assert "as paper says?" in stdout and "swat" in stdout
+    assert "as paper says?" in stdout and "swat" in stdout and "Long-context use" in stdout
+    assert "torch threads" in md and "torch " + torch.__version__ in md
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(tiny_text, tmp_path):

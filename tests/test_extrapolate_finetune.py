@@ -28,8 +28,10 @@ def _read_csv(path: Path):
 # ----------------------------------------------------------------- arguments --
 
 
-def test_opt_in_and_defaults():
-    assert "rope-pi-ft" not in DEFAULT_SCHEMES and "rope-pi-longlora" not in DEFAULT_SCHEMES
+def test_defaults():
+    # PI and YaRN as their papers apply them run by default; LongLoRA's fine-tune in the full profile.
+    assert "rope-pi-ft" in DEFAULT_SCHEMES and "rope-yarn-ft" in DEFAULT_SCHEMES
+    assert "rope-pi-longlora" not in DEFAULT_SCHEMES and "rope-pi-longlora" in cli.FULL_SCHEMES
     args = cli.parse_args(["--schemes", "rope-pi-ft,rope-pi-longlora"])
     assert args.finetune_len == 4096  # the longest evaluation length
     assert args.finetune_chunk == 256  # the training length
@@ -46,7 +48,7 @@ def test_opt_in_and_defaults():
     [
         (["--finetune-len", "256"], r"--finetune-len: expected a multiple of --train-len 256 above it, got 256"),
         (["--finetune-len", "600"], r"--finetune-len: expected a multiple of --train-len 256 above it, got 600"),
-        (["--finetune-steps", "0"], r"--finetune-steps: expected a positive integer, got 0"),
+        (["--finetune-steps", "-1"], r"--finetune-steps: expected an integer >= 0, got -1"),
         (["--finetune-batch-size", "0"], r"--finetune-batch-size: expected a positive integer, got 0"),
         (["--finetune-lr", "-1"], r"--finetune-lr: expected a positive number, got -1"),
         (["--finetune-chunk", "1"], r"--finetune-chunk: expected 2 <= chunk < --finetune-len 4096 .*got 1"),
@@ -76,6 +78,7 @@ def test_command_line_error_exits_2(capsys):
 
 def test_finetunes_bring_in_rope_first():
     assert models_to_train(["rope-pi-longlora"]) == ["rope", "rope-pi-longlora"]
+    assert models_to_train(["rope-yarn-ft"]) == ["rope", "rope-yarn-ft"]
     assert models_to_train(["rope-pi-ft", "alibi", "rope-pi", "rope-pi-longlora"]) == [
         "rope", "rope-pi-ft", "alibi", "rope-pi-longlora"]
     assert all(SCHEMES[n].base == "rope" for n in ("rope-pi-ft", "rope-pi-longlora"))
@@ -90,6 +93,9 @@ def test_finetuned_schemes_keep_their_pi_factor():
     with pytest.raises(ValueError, match="fine-tuned; pass finetune_len"):
         rope_scaling(ft, 256, 512)
     assert rope_scaling(SCHEMES["rope-pi"], 256, 256, 1024) is None  # unchanged for the others
+    # rope-yarn-ft: YaRN (Peng et al.) at the fine-tuning factor, original length = training length.
+    assert rope_scaling(SCHEMES["rope-yarn-ft"], 256, 512, 1024) == {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
 
 
 def test_near_check():
@@ -143,7 +149,8 @@ def test_longlora_finetunes_chunked_and_evaluates_full(tiny_text, tmp_path, monk
     # S2-Attn: chunks of the training length, the second of the 2 heads shifted by half a chunk.
     assert all(c[2] == 32 and c[3] == [0, 16] for c in tuning)
     assert all(c[2] == 0 and c[3] is None for c in evaluation)
-    assert {c[1] for c in evaluation} == {32, 64, 128}
+    # Every length, and its second halves alone for the long-context-use measure.
+    assert {c[1] for c in evaluation} == {16, 32, 64, 128}
 
 
 def test_both_finetunes_start_from_rope_with_one_budget(tiny_text, tmp_path, monkeypatch, capsys):  # noqa: F811
@@ -188,4 +195,4 @@ def test_both_finetunes_start_from_rope_with_one_budget(tiny_text, tmp_path, mon
     assert "Fine-tuning cost" in md and "rope-pi-longlora" in md and "bytes/s" in md
     assert "S2-Attn chunk 32" in md
     stdout = capsys.readouterr().out
-    assert "fine-tuning cost: rope-pi-ft" in stdout
+    assert "fine-tuning cost (seed 0): rope-pi-ft" in stdout

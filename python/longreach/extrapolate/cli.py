@@ -2,10 +2,12 @@
 
 Trains small byte-level language models that differ only in their attention
 and position scheme, on the same data, batches and initial seed, at a short
-training length, then reports held-out bits per byte at 1x..16x that length.
-The opt-in schemes rope-pi-ft and rope-pi-longlora fine-tune the rope model
-briefly at --finetune-len with Position Interpolation, with full or with
-LongLoRA's shifted-chunk attention.
+training length, then reports held-out bits per byte at 1x..16x that length,
+mean and spread over several seeds, and how much each model uses long inputs.
+The fine-tuning schemes (rope-pi-ft, rope-yarn-ft, rope-pi-longlora) fine-tune
+the rope model briefly at --finetune-len with PI or YaRN, with full or with
+LongLoRA's shifted-chunk attention. --list-schemes describes every scheme and
+its paper.
 """
 
 from __future__ import annotations
@@ -13,21 +15,25 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import platform
 import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from longreach import __version__ as LONGREACH_VERSION
+from longreach.position_ids import pose_position_ids
 
 from . import data as data_mod
 from . import report
 from .finetune import FinetuneSettings, finetune
 from .model import ModelDims, build_model, configure_for_length
 from .schemes import DEFAULT_SCHEMES, SCHEMES, models_to_train, parse_scheme_list
-from .train import evaluate, train
+from .train import TrainResult, evaluate, train
 
 DEFAULT_OUT = "results/extrapolate"
 DEFAULT_FACTORS = (1, 2, 4, 8, 16)
@@ -44,17 +50,30 @@ class Profile:
     heads: int
     eval_chunks: int
     lr: float
-    finetune_steps: int  # of the opt-in fine-tuning schemes
+    finetune_steps: int  # of the fine-tuning schemes: a few percent of the training steps
+    seeds: int
+    schemes: Tuple[str, ...]
 
 
-# Budgets: the default run fits 10 minutes on a 2-core CPU (it takes 4-5), --quick a smoke test of
-# about 15 s (docs/extrapolation.md has the measured times).
+FULL_SCHEMES = tuple(DEFAULT_SCHEMES) + ("sliding-rope", "rope-pose", "rope-pi-longlora")
+
+# Budgets, from per-step CPU times measured on one thread (docs/extrapolation.md, "Run time and the
+# profiles"): default fits about 10 minutes on 2 idle CPU cores (`make demo`: 4 trained models and 2
+# fine-tunes per seed, 3 seeds), full about an hour (6 trained models, 3 fine-tunes per seed), quick
+# is a smoke test of about 15 s. The fine-tunes get 4 % of the training steps (PI's paper fine-tunes
+# 1000 steps, YaRN's 400).
 PROFILES = {
-    "default": Profile(steps=500, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=8, lr=3e-3,
-                       finetune_steps=100),
+    # 500 steps of 8 sequences at peak lr 6e-3 reached 2.87 training bits per byte where 250 steps
+    # of 16 at 3e-3 reached 3.1 (1e-2: 3.35), for the same CPU time (rope, one thread).
+    "default": Profile(steps=500, batch_size=8, d_model=128, layers=2, heads=4, eval_chunks=4, lr=6e-3,
+                       finetune_steps=20, seeds=3, schemes=tuple(DEFAULT_SCHEMES)),
+    "full": Profile(steps=1000, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=8, lr=3e-3,
+                    finetune_steps=40, seeds=3, schemes=FULL_SCHEMES),
     "quick": Profile(steps=40, batch_size=8, d_model=64, layers=2, heads=4, eval_chunks=2, lr=6e-3,
-                     finetune_steps=10),
+                     finetune_steps=2, seeds=1, schemes=tuple(DEFAULT_SCHEMES)),
 }
+PROFILE_FIELDS = ("steps", "batch_size", "d_model", "layers", "heads", "eval_chunks", "lr", "finetune_steps",
+                  "seeds")
 
 
 class UsageError(ValueError):
@@ -72,7 +91,7 @@ def _positive_int_list(flag: str, text: str) -> List[int]:
 
 
 def _profile_defaults(field: str) -> str:
-    return f"(default: {getattr(PROFILES['default'], field)}, with --quick: {getattr(PROFILES['quick'], field)})"
+    return "(" + ", ".join(f"{name}: {getattr(prof, field)}" for name, prof in PROFILES.items()) + ")"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,9 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES),
-                   help=f"comma-separated schemes to compare (default: all but the fine-tuning schemes: "
-                        f"%(default)s; also: {', '.join(n for n in SCHEMES if n not in DEFAULT_SCHEMES)})")
+    p.add_argument("--schemes", default=None,
+                   help=f"comma-separated schemes to compare (default profile and --quick: "
+                        f"{','.join(DEFAULT_SCHEMES)}; full profile adds "
+                        f"{', '.join(n for n in FULL_SCHEMES if n not in DEFAULT_SCHEMES)})")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="run size: default (about 10 minutes on 2 cores, 3 seeds), full (about an hour) "
+                        "or quick (= --quick)")
     p.add_argument("--list-schemes", action="store_true", help="describe the schemes and exit")
     p.add_argument("--data", metavar="PATH", default=None,
                    help="a text file or a folder of text files (default: the Python standard "
@@ -98,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keys a query sees in the sliding-window schemes, itself included "
                         "(default: half the training length)")
     p.add_argument("--quick", action="store_true",
-                   help="a small, fast run for smoke tests (about 15 s on 2 cores)")
+                   help="a small, fast run for smoke tests (about 15 s on 2 cores; one seed)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps per model {_profile_defaults('steps')}")
     p.add_argument("--batch-size", type=int, default=None, help=f"training sequences per step {_profile_defaults('batch_size')}")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (AdamW) {_profile_defaults('lr')}")
@@ -108,12 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-chunks", type=int, default=None,
                    help=f"held-out chunks of the longest length scored at every length "
                         f"{_profile_defaults('eval_chunks')}")
-    g = p.add_argument_group("fine-tuning schemes (rope-pi-ft, rope-pi-longlora)")
+    p.add_argument("--swat-slope-scale", type=float, default=1.0,
+                   help="magnitude S of swat's balanced ALiBi slopes +-S/2^k, k = 1..heads/2 (default: "
+                        "%(default)s, longreach.alibi_slopes('balanced'))")
+    g = p.add_argument_group("fine-tuning schemes (rope-pi-ft, rope-yarn-ft, rope-pi-longlora)")
     g.add_argument("--finetune-len", type=int, default=None,
                    help="fine-tuning length in bytes, a multiple of --train-len above it; PI's factor is "
                         "finetune-len / train-len (default: the longest evaluation length)")
     g.add_argument("--finetune-steps", type=int, default=None,
-                   help=f"fine-tuning steps {_profile_defaults('finetune_steps')}")
+                   help=f"fine-tuning steps, 0 or more {_profile_defaults('finetune_steps')}")
     g.add_argument("--finetune-batch-size", type=int, default=None,
                    help="fine-tuning sequences per step (default: as many bytes per step as training, "
                         "batch-size x train-len / finetune-len, at least 1)")
@@ -123,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune-chunk", type=int, default=None,
                    help="chunk of rope-pi-longlora's S2-Attn fine-tune, 2 <= chunk < finetune-len; half "
                         "the heads shift it by chunk // 2 (default: --train-len)")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and batches (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="first seed for initialisation and batches; seed i of --seeds is --seed + i "
+                        "(default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"seeds to run, each trains every model afresh {_profile_defaults('seeds')}")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -131,23 +161,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill profile defaults and check every value; raises UsageError naming the flag."""
-    prof = PROFILES["quick" if args.quick else "default"]
-    for field in ("steps", "batch_size", "d_model", "layers", "heads", "eval_chunks", "lr", "finetune_steps"):
+    if args.profile is None:
+        args.profile = "quick" if args.quick else "default"
+    elif args.profile not in PROFILES:
+        raise UsageError(f"--profile: unknown profile {args.profile!r}; expected one of {', '.join(PROFILES)}")
+    elif args.quick and args.profile != "quick":
+        raise UsageError(f"--quick is the quick profile; it contradicts --profile {args.profile}")
+    prof = PROFILES[args.profile]
+    for field in PROFILE_FIELDS:
         if getattr(args, field) is None:
             setattr(args, field, getattr(prof, field))
 
     try:
-        args.scheme_names = parse_scheme_list(args.schemes)
+        args.scheme_names = parse_scheme_list(",".join(prof.schemes) if args.schemes is None else args.schemes)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
     for flag, value in [("--steps", args.steps), ("--batch-size", args.batch_size), ("--d-model", args.d_model),
                         ("--layers", args.layers), ("--heads", args.heads), ("--eval-chunks", args.eval_chunks),
-                        ("--finetune-steps", args.finetune_steps)]:
+                        ("--seeds", args.seeds)]:
         if value < 1:
             raise UsageError(f"{flag}: expected a positive integer, got {value}")
+    if args.finetune_steps < 0:
+        raise UsageError(f"--finetune-steps: expected an integer >= 0, got {args.finetune_steps}")
     if not args.lr > 0:
         raise UsageError(f"--lr: expected a positive number, got {args.lr}")
+    if not args.swat_slope_scale > 0:
+        raise UsageError(f"--swat-slope-scale: expected a positive number, got {args.swat_slope_scale}")
     if args.train_len < 2:
         raise UsageError(f"--train-len: expected at least 2 bytes, got {args.train_len}")
 
@@ -155,6 +195,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.lengths = [args.train_len * f for f in DEFAULT_FACTORS]
     else:
         args.lengths = sorted(set(_positive_int_list("--eval-lengths", args.eval_lengths)))
+        if args.train_len > args.lengths[-1]:
+            raise UsageError(f"--train-len {args.train_len} is longer than the longest --eval-lengths "
+                             f"{args.lengths[-1]}: the study evaluates at the training length and beyond")
         bad = [L for L in args.lengths if L % args.train_len]
         if bad:
             raise UsageError(f"--eval-lengths: {bad[0]} is not a multiple of --train-len {args.train_len}")
@@ -239,94 +282,163 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return _resolve(build_parser().parse_args(argv))
 
 
-def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> Dict[str, Dict[int, float]]:
-    """The study; writes the output folder and returns bits per byte per scheme and length."""
-    progress = not args.no_progress
-    t0 = time.perf_counter()
-    corpus = data_mod.load_corpus(args.data)
-    chunks = data_mod.evaluation_chunks(corpus, args.lengths[-1], args.eval_chunks)
-    stream = data_mod.training_stream(corpus)
-    dims = ModelDims(d_model=args.d_model, layers=args.layers, heads=args.heads)
-    bytes_scored = chunks.shape[0] * args.lengths[-1]
+def environment() -> str:
+    """Versions and threads, for results.md: the same seed gives the same numbers only on the same
+    versions and thread count."""
+    return (f"longreach {LONGREACH_VERSION}, torch {torch.__version__}, Python {platform.python_version()}, "
+            f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), {os.cpu_count()} CPUs, "
+            f"{platform.machine()}")
 
-    print(f"corpus: {corpus.describe()}")
-    settings = (f"{dims.layers} layers, width {dims.d_model}, {dims.heads} heads; {args.steps} training steps of "
-                f"{args.batch_size} x {args.train_len} bytes, peak lr {args.lr}; window {args.window}; seed {args.seed}")
-    ft = FinetuneSettings(length=args.finetune_len, steps=args.finetune_steps, batch_size=args.finetune_batch_size,
-                          lr=args.finetune_lr, chunk=args.finetune_chunk)
-    finetuned = [n for n in args.scheme_names if SCHEMES[n].finetune]
-    if finetuned:
-        settings += (f"; fine-tuning ({', '.join(finetuned)}): {ft.steps} steps of {ft.batch_size} x {ft.length} "
-                     f"bytes with PI factor {ft.length // args.train_len}, peak lr {ft.lr:g}; "
-                     f"S2-Attn chunk {ft.chunk}, half the heads shifted by {ft.chunk // 2}")
-    print(f"model: {settings}")
-    print(f"eval: {bytes_scored:,} held-out bytes at lengths {', '.join(map(str, args.lengths))}")
 
+def pose_ids(train_len: int, target_len: int, seed: int):
+    """Each step's PoSE position ids (2 chunks, covering [0, target_len)), from a generator of
+    their own so the batches stay those of every other scheme."""
+    generator = torch.Generator().manual_seed(seed + 1_000_003)
+    return lambda batch: pose_position_ids(train_len, target_len, num_chunks=2, batch_size=batch,
+                                           generator=generator)
+
+
+@dataclass
+class SeedRun:
+    """What one seed's run produced."""
+
+    bpb: Dict[str, Dict[int, float]]
+    context: Dict[str, Dict[int, Tuple[float, float]]]
+    training: Dict[str, TrainResult]  # trained models and fine-tunes, by weights name
+    timings: Dict[str, float]
+
+
+def run_seed(args: argparse.Namespace, seed: int, stream: torch.Tensor, chunks: torch.Tensor, dims: ModelDims,
+             ft: FinetuneSettings, progress: bool) -> SeedRun:
+    """Train every model the schemes need with ``seed``, fine-tune, and evaluate each scheme."""
     results: Dict[str, Dict[int, float]] = {}
+    context: Dict[str, Dict[int, Tuple[float, float]]] = {}
+    training: Dict[str, TrainResult] = {}
     timings: Dict[str, float] = {}
-    train_bpb: Dict[str, float] = {}
-    finetunes: Dict[str, object] = {}  # scheme -> TrainResult of its fine-tune
-    bases = {SCHEMES[n].base for n in finetuned}
+    bases = {SCHEMES[n].base for n in args.scheme_names if SCHEMES[n].finetune}
     base_states: Dict[str, Dict[str, torch.Tensor]] = {}  # trained weights the fine-tunes start from
+    tag = f" seed {seed}" if args.seeds > 1 else ""
     for weights in models_to_train(args.scheme_names):  # a base comes before its fine-tunes
         w = SCHEMES[weights]
         if w.finetune:
-            model, tr = finetune(w, base_states[w.base], dims, args.train_len, ft, stream, args.seed,
-                                 args.device, progress)
+            model, tr = finetune(w, base_states[w.base], dims, args.train_len, ft, stream, seed,
+                                 args.device, progress, desc_suffix=tag)
             timings[f"fine-tune {weights}"] = tr.seconds
-            finetunes[weights] = tr
         else:
-            model = build_model(w, dims, args.window, args.train_len, args.seed)
-            sampler = data_mod.BatchSampler(stream, args.train_len, args.batch_size, args.seed)
-            tr = train(model, sampler, args.steps, args.lr, args.device, progress, desc=f"train {weights}")
+            model = build_model(w, dims, args.window, args.train_len, seed)
+            sampler = data_mod.BatchSampler(stream, args.train_len, args.batch_size, seed)
+            ids = pose_ids(args.train_len, args.lengths[-1], seed) if w.pose else None
+            tr = train(model, sampler, args.steps, args.lr, args.device, progress, desc=f"train {weights}{tag}",
+                       position_ids=ids)
             timings[f"train {weights}"] = tr.seconds
             if weights in bases:
                 base_states[weights] = copy.deepcopy(model.state_dict())
-        train_bpb[weights] = tr.final_bpb
+        training[weights] = tr
         for name in args.scheme_names:
             scheme = SCHEMES[name]
             if scheme.weights != weights:
                 continue
             t = time.perf_counter()
+            context[name] = {}
             results[name] = evaluate(
                 model, chunks, args.lengths,
-                configure=lambda L, s=scheme: configure_for_length(model, s, args.train_len, L, args.finetune_len),
-                device=args.device, progress=progress, desc=f"eval {name}",
+                configure=lambda L, s=scheme: configure_for_length(model, s, args.train_len, L, args.finetune_len,
+                                                                   dims),
+                device=args.device, progress=progress, desc=f"eval {name}{tag}", context=context[name],
             )
             timings[f"eval {name}"] = time.perf_counter() - t
-    results = {n: results[n] for n in args.scheme_names}
+    order = args.scheme_names
+    return SeedRun({n: results[n] for n in order}, {n: context[n] for n in order}, training, timings)
+
+
+def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> List[Dict[str, Dict[int, float]]]:
+    """The study; writes the output folder and returns, per seed, bits per byte per scheme and length."""
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    corpus = data_mod.load_corpus(args.data)
+    chunks = data_mod.evaluation_chunks(corpus, args.lengths[-1], args.eval_chunks)
+    stream = data_mod.training_stream(corpus)
+    dims = ModelDims(d_model=args.d_model, layers=args.layers, heads=args.heads,
+                     balanced_slope_scale=args.swat_slope_scale)
+    bytes_scored = chunks.shape[0] * args.lengths[-1]
+    seeds = [args.seed + i for i in range(args.seeds)]
+
+    print(f"corpus: {corpus.describe()}")
+    settings = (f"profile {args.profile}; {dims.layers} layers, width {dims.d_model}, {dims.heads} heads; "
+                f"{args.steps} training steps of {args.batch_size} x {args.train_len} bytes, peak lr {args.lr}; "
+                f"window {args.window}; swat slopes +-{args.swat_slope_scale:g}/2^k; "
+                f"seeds {', '.join(map(str, seeds))}")
+    ft = FinetuneSettings(length=args.finetune_len, steps=args.finetune_steps, batch_size=args.finetune_batch_size,
+                          lr=args.finetune_lr, chunk=args.finetune_chunk)
+    finetuned = [n for n in args.scheme_names if SCHEMES[n].finetune]
+    if finetuned:
+        settings += (f"; fine-tuning ({', '.join(finetuned)}): {ft.steps} steps of {ft.batch_size} x {ft.length} "
+                     f"bytes with factor {ft.length // args.train_len}, peak lr {ft.lr:g}")
+        if any(SCHEMES[n].finetune == "chunked" for n in finetuned):
+            settings += f"; S2-Attn chunk {ft.chunk}, half the heads shifted by {ft.chunk // 2}"
+    if any(SCHEMES[n].pose for n in args.scheme_names):
+        settings += f"; PoSE ids: 2 chunks covering {args.lengths[-1]} positions"
+    print(f"model: {settings}")
+    print(f"eval: {bytes_scored:,} held-out bytes at lengths {', '.join(map(str, args.lengths))}")
+
+    seed_runs = [run_seed(args, seed, stream, chunks, dims, ft, progress) for seed in seeds]
+    runs = [r.bpb for r in seed_runs]
+    contexts = [r.context for r in seed_runs]
     total = time.perf_counter() - t0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report.write_csv(out / "results.csv", results, args.train_len, bytes_scored)
-    title = f"trained at {args.train_len} bytes, {args.steps} steps; held-out {corpus.source.split(' (')[0]}"
-    report.plot(out / "bpb_vs_length.png", results, args.train_len, title)
+    report.write_csv(out / "results.csv", runs, args.train_len, bytes_scored, seeds, contexts)
+    held = corpus.source.split(" (")[0]
+    seeds_text = f"{len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    report.plot(out / "bpb_vs_length.png", runs, args.train_len,
+                f"trained at {args.train_len} bytes, {args.steps} steps, {seeds_text}; held-out {held}")
+    curves = {w: [r.training[w].losses for r in seed_runs] for w in seed_runs[0].training}
+    report.write_training_csv(out / "training.csv", curves, seeds)
+    report.plot_training(out / "training_curves.png", curves,
+                         f"training bits per byte, {args.train_len}-byte batches (fine-tunes at {ft.length}), "
+                         f"{seeds_text}",
+                         offsets={w: args.steps for w in curves if SCHEMES[w].finetune})
     command = "python -m longreach extrapolate" + "".join(" " + shlex.quote(a) for a in argv_for_record)
-    text_table = report.table(results, args.train_len)
-    run_notes = report.notes(results, args.train_len)
-    if args.quick:
+    text_table = report.table(runs, args.train_len)
+    run_notes = report.notes(runs, args.train_len)
+    if args.profile == "quick":
         run_notes.insert(0, "--quick trains for a smoke test only: its models are barely trained and its "
                             "numbers do not test the papers' claims.")
-    training = ", ".join(f"{k} {v:.3f}" for k, v in train_bpb.items())
+    training = ", ".join(
+        f"{w} {report._cell([r.training[w].final_bpb for r in seed_runs])}" for w in seed_runs[0].training)
+    finetunes = {w: seed_runs[0].training[w] for w in seed_runs[0].training if SCHEMES[w].finetune}
+    timings: Dict[str, float] = {}
+    for r in seed_runs:
+        for k, v in r.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    env = environment()
     report.write_markdown(
-        out / "results.md", results, args.train_len, command=command, corpus=corpus.describe(),
+        out / "results.md", runs, args.train_len, command=command, corpus=corpus.describe(),
         settings=f"{settings}; final training bits per byte: {training}",
         bytes_scored=bytes_scored, names=args.scheme_names, run_notes=run_notes,
-        timing=f"{total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})",
-        finetuning=report.finetune_cost(finetunes),
+        timing=f"{total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}, all seeds)",
+        finetuning=report.finetune_cost(finetunes), environment=env, context=contexts,
     )
+    spread = "" if len(seeds) == 1 else (f"; mean of {len(seeds)} seeds ± half their range; 'yes' = holds for "
+                                         f"every seed")
     print()
-    print("held-out bits per byte (lower is better); 'flat' = within "
-          f"{report.FLAT_TOLERANCE} of the {args.train_len}-byte value")
+    print(f"held-out bits per byte (lower is better); 'flat' = within {report.FLAT_TOLERANCE} of the "
+          f"{args.train_len}-byte value{spread}")
     print(text_table)
+    print()
+    print(report.CONTEXT_TITLE)
+    print(report.context_table(contexts, args.train_len))
     for note in run_notes:
         print(f"note: {note}")
     if finetunes:
-        print(f"fine-tuning cost: {report.finetune_cost(finetunes)}")
+        print(f"fine-tuning cost (seed {seeds[0]}): {report.finetune_cost(finetunes)}")
     print()
-    print(f"total {total:.0f} s; wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'bpb_vs_length.png'}")
-    return results
+    print(f"{env}")
+    print(f"total {total:.0f} s; wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'training.csv'}, "
+          f"{out / 'bpb_vs_length.png'}, {out / 'training_curves.png'}")
+    return runs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -335,7 +447,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.list_schemes:
         for name in SCHEMES:
-            print(f"{name:13s} {SCHEMES[name].summary}\n{'':13s} paper: {SCHEMES[name].paper}")
+            s = SCHEMES[name]
+            print(f"{name:16s} {s.summary}\n{'':16s} claim: {s.paper}\n{'':16s} paper: {s.reference}")
         return 0
     try:
         args = _resolve(args)

@@ -1,8 +1,10 @@
-"""The fine-tuning schemes: a trained model fine-tuned briefly at a longer length, PI in force.
+"""The fine-tuning schemes: a trained model fine-tuned briefly at a longer length, PI or YaRN in force.
 
-Position Interpolation (Chen et al. 2023) and LongLoRA (Chen et al. 2024) extend a
-trained RoPE model's context by rescaling its RoPE positions by
-s = finetune_len / train_len and fine-tuning it for a short while at the new length.
+Position Interpolation (Chen et al. 2023), YaRN (Peng et al. 2023) and LongLoRA
+(Chen et al. 2024) extend a trained RoPE model's context by rescaling its RoPE
+positions for s = finetune_len / train_len (PI and LongLoRA linearly, YaRN by
+frequency band with its attention temperature) and fine-tuning it for a short
+while at the new length (the papers: PI 1000 steps, YaRN 400).
 LongLoRA's point is that the fine-tune need not run full attention: its S2-Attn
 restricts attention to chunks of the original length and shifts the chunk grid by
 half a chunk in half of the heads, so information crosses chunk borders; the
@@ -57,14 +59,15 @@ def finetune_model(scheme: Scheme, dims: ModelDims, train_len: int, settings: Fi
 
 def finetune(scheme: Scheme, base_state: Dict[str, torch.Tensor], dims: ModelDims, train_len: int,
              settings: FinetuneSettings, stream: torch.Tensor, seed: int, device: str = "cpu",
-             progress: bool = True) -> Tuple[LocalTransformerLM, TrainResult]:
+             progress: bool = True, desc_suffix: str = "") -> Tuple[LocalTransformerLM, TrainResult]:
     """Fine-tune ``base_state`` as ``scheme`` says; returns the model to evaluate (full causal
     attention, the fine-tuned weights) and the fine-tune's TrainResult."""
     model = finetune_model(scheme, dims, train_len, settings, seed)
     model.load_state_dict(base_state)
-    configure_for_length(model, scheme, train_len, settings.length, settings.length)  # PI at factor s
+    configure_for_length(model, scheme, train_len, settings.length, settings.length)  # PI / YaRN at factor s
     sampler = data_mod.BatchSampler(stream, settings.length, settings.batch_size, seed)
-    result = train(model, sampler, settings.steps, settings.lr, device, progress, desc=f"fine-tune {scheme.name}")
+    result = train(model, sampler, settings.steps, settings.lr, device, progress,
+                   desc=f"fine-tune {scheme.name}{desc_suffix}")
     evaluated = build_model(scheme, dims, None, train_len, seed)
     evaluated.load_state_dict(model.state_dict())
     return evaluated.to(device), result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,10 @@ class TrainResult:
 
     @property
     def final_bpb(self) -> float:
-        """Mean training bpb over the last 10 % of steps (a less noisy end-of-training figure)."""
+        """Mean training bpb over the last 10 % of steps (a less noisy end-of-training figure);
+        NaN for a run of 0 steps."""
         tail = self.losses[-max(1, len(self.losses) // 10):]
-        return sum(tail) / len(tail)
+        return sum(tail) / len(tail) if tail else float("nan")
 
 
 def learning_rate(step: int, steps: int, peak: float) -> float:
@@ -50,8 +51,13 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     desc: str = "train",
+    position_ids: Optional[Callable[[int], torch.Tensor]] = None,
 ) -> TrainResult:
-    """AdamW on next-byte cross-entropy; returns per-step training bits per byte."""
+    """AdamW on next-byte cross-entropy; returns per-step training bits per byte.
+
+    ``position_ids(batch_size)``, when given, supplies each step's RoPE position ids (PoSE);
+    it must draw from its own generator so the batches stay those of every other scheme.
+    """
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     result = TrainResult()
@@ -61,7 +67,8 @@ def train(
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps, lr)
         inputs, targets = sampler.next()
-        logits = model(inputs.to(device))
+        ids = None if position_ids is None else position_ids(inputs.shape[0]).to(device)
+        logits = model(inputs.to(device), position_ids=ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: training loss became {loss.item()} at step {step}")
@@ -78,6 +85,12 @@ def train(
     return result
 
 
+def _nats(model, inputs, targets, device) -> float:
+    logits = model(inputs.to(device))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), targets.to(device).reshape(-1),
+                           reduction="sum").item()
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -88,11 +101,17 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
     desc: str = "eval",
+    context: Optional[Dict[int, Tuple[float, float]]] = None,
 ) -> Dict[int, float]:
     """Bits per byte on the held-out chunks at each length (same bytes scored at every length).
 
-    ``configure(length)`` is called before each length (eval-time RoPE scaling).
+    ``configure(length)`` is called before each length (eval-time RoPE scaling, ALiBi slopes).
     Segments are batched so a batch holds about ``tokens_per_batch`` bytes.
+
+    ``context``, when given a dict, receives the long-context-use measure at each length L:
+    (bpb of every segment's second half given its first half, bpb of the same bytes given
+    nothing: the second half fed alone). The first is read off the full segments' losses; the
+    second costs one more forward at L / 2. A model that uses its context has the first lower.
     """
     model.to(device).eval()
     plans = []
@@ -100,21 +119,34 @@ def evaluate(
         inputs, targets = segments(chunks, length)
         per_batch = max(1, tokens_per_batch // length)
         plans.append((length, inputs, targets, per_batch))
-    total = sum(math.ceil(inp.shape[0] / pb) for _, inp, _, pb in plans)
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
+    batches = sum(math.ceil(inp.shape[0] / pb) for _, inp, _, pb in plans)
+    halves = context is not None
+    bar = tqdm(total=batches * (2 if halves else 1), desc=desc, disable=not progress, leave=True,
+               dynamic_ncols=True)
     out: Dict[int, float] = {}
     for length, inputs, targets, per_batch in plans:
-        configure(length)
+        half = length // 2
+        alone = 0.0
+        if halves:
+            configure(length)  # the scheme as configured for L, given only the second halves
+            for i in range(0, inputs.shape[0], per_batch):
+                alone += _nats(model, inputs[i:i + per_batch, half:], targets[i:i + per_batch, half:], device)
+                bar.update(1)
+        configure(length)  # afresh: dynamic NTK's tables follow the lengths seen
         nats = 0.0
+        second = 0.0
         for i in range(0, inputs.shape[0], per_batch):
             logits = model(inputs[i:i + per_batch].to(device))
-            nats += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).double(),
-                targets[i:i + per_batch].to(device).reshape(-1),
-                reduction="sum",
-            ).item()
+            per_byte = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
+                                       targets[i:i + per_batch].to(device).reshape(-1),
+                                       reduction="none").view(logits.shape[0], length)
+            nats += per_byte.sum().item()
+            second += per_byte[:, half:].sum().item()
             bar.update(1)
         out[length] = nats / (targets.numel() * LN2)
+        if halves:
+            scored = targets[:, half:].numel() * LN2
+            context[length] = (second / scored, alone / scored)
         bar.set_postfix({f"bpb@{length}": f"{out[length]:.3f}"})
     bar.close()
     return out
