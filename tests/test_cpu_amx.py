@@ -1,11 +1,12 @@
 """The AMX-BF16 path of the CPU bf16 products (csrc/cpu/amx_bf16_impl.h).
 
-No machine these tests run on has AMX, so the AMX kernel runs on its software
+The AMX kernel runs on its software
 tile layer (csrc/cpu/isa/tile_ops_amx_emulated.cpp, LONGREACH_CPU_AMX=emulate):
 its packing and tiling are checked against the AVX512_BF16 kernel (the
 products' first-use self-check, and forward + every gradient of whole calls)
-and against the float64 reference; the mapping of the tile layer to the AMX
-intrinsics (isa/tile_ops_amx_bf16.cpp) is compiled but not run. The dispatch
+and against the float64 reference; where the CPU has AMX the mapping of the tile
+layer to the AMX intrinsics (isa/tile_ops_amx_bf16.cpp) runs too, against the
+AVX512_BF16 kernel and the reference. The dispatch
 rule is checked with faked capability flags (AMX present but the OS's tile
 permission denied falls back to AVX512_BF16), and the self-check with a
 deliberately broken tile op (the warning and the fallback, end to end).
@@ -119,6 +120,28 @@ def test_emulated_amx_matches_avx512_bf16_and_the_reference(avx512_bf16_run):
     for case, quantities in amx["results"].items():
         for what, got, ref in zip(["out", "dq", "dk", "dv"], quantities, avx512_bf16_run["results"][case]):
             # The same bf16 operands, float32 sums in another order: results differ by bf16 rounding flips.
+            assert got["err"] < 2 * ref["err"] + 2.0**-9, (case, what, got["err"], ref["err"])
+            a, b = torch.tensor(got["value"]), torch.tensor(ref["value"])
+            assert (a - b).abs().max() <= 2.0**-7 * b.abs().max(), (case, what)
+
+
+def _runs_amx() -> bool:
+    run = subprocess.run([sys.executable, "-c", "import torch, longreach; print(torch.ops.longreach._debug_cpu_kernels())"],
+                         env=dict(os.environ, LONGREACH_CPU_BF16="1", LONGREACH_CPU_AMX=""), capture_output=True,
+                         text=True, timeout=300)
+    return run.returncode == 0 and run.stdout.strip().endswith("+amx_bf16")
+
+
+@needs_avx512_bf16
+def test_real_amx_matches_avx512_bf16_and_the_reference(avx512_bf16_run):
+    """Where the CPU has AMX: the intrinsic mapping itself, as the emulated test checks the model."""
+    if not _runs_amx():
+        pytest.skip("this CPU (or OS) does not run AMX")
+    amx = _run("1")
+    assert amx["kernels"].endswith("+amx_bf16"), amx["kernels"]
+    assert not amx["warnings"], amx["warnings"]
+    for case, quantities in amx["results"].items():
+        for what, got, ref in zip(["out", "dq", "dk", "dv"], quantities, avx512_bf16_run["results"][case]):
             assert got["err"] < 2 * ref["err"] + 2.0**-9, (case, what, got["err"], ref["err"])
             a, b = torch.tensor(got["value"]), torch.tensor(ref["value"])
             assert (a - b).abs().max() <= 2.0**-7 * b.abs().max(), (case, what)

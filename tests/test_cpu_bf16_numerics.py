@@ -99,19 +99,24 @@ print(json.dumps({"kernels": torch.ops.longreach._debug_cpu_kernels(), "results"
 """
 
 
-@pytest.mark.parametrize("switch", ["0", "1"])
-def test_bf16_forward_and_gradients_within_twice_torch(switch):
+# The float path, the AVX512_BF16 products and (where the CPU has it) AMX-BF16.
+KERNELS = {"float": dict(LONGREACH_CPU_BF16="0"), "avx512_bf16": dict(LONGREACH_CPU_BF16="1", LONGREACH_CPU_AMX="0"),
+           "amx_bf16": dict(LONGREACH_CPU_BF16="1", LONGREACH_CPU_AMX="1")}
+
+
+@pytest.mark.parametrize("kernels", list(KERNELS))
+def test_bf16_forward_and_gradients_within_twice_torch(kernels):
     if "avx512" not in torch.ops.longreach._debug_cpu_kernels():
         pytest.skip("no AVX512 capability here")
-    env = dict(os.environ, LONGREACH_CPU_BF16=switch, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **KERNELS[kernels])
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     run = subprocess.run([sys.executable, "-c", SCRIPT, tests_dir], env=env, capture_output=True, text=True,
                          timeout=600)
-    if switch == "1" and run.returncode != 0 and "cannot run" in run.stderr:
-        pytest.skip("this CPU has no AVX512_BF16")
+    if kernels != "float" and run.returncode != 0 and "cannot run" in run.stderr:
+        pytest.skip(f"this CPU cannot run the {kernels} kernels")
     assert run.returncode == 0, run.stdout + run.stderr
     res = json.loads(run.stdout.strip().splitlines()[-1])
-    assert res["kernels"].endswith("+avx512_bf16") == (switch == "1"), res["kernels"]
+    assert res["kernels"] == ("avx512" if kernels == "float" else f"avx512+{kernels}"), res["kernels"]
     eps = 2.0**-8
     bad = [r for r in res["results"] if not r["ours"] <= 2 * r["torch"] + 0.1 * eps]
     assert not bad, "longreach > 2 x torch's error + 0.1 eps:\n" + "\n".join(
