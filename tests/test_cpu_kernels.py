@@ -220,7 +220,8 @@ print(json.dumps({"kernels": torch.ops.longreach._debug_cpu_kernels(), "worst": 
 def test_bf16_kernels_forced_on_and_off(switch):
     if "avx512" not in torch.ops.longreach._debug_cpu_kernels():
         pytest.skip("no AVX512 capability here")
-    env = dict(os.environ, LONGREACH_CPU_BF16=switch)
+    # AMX off: this is the AVX512_BF16 switch (tests/test_cpu_amx.py covers AMX).
+    env = dict(os.environ, LONGREACH_CPU_BF16=switch, LONGREACH_CPU_AMX="0")
     run = subprocess.run([sys.executable, "-c", BF16_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     if switch == "1" and run.returncode != 0 and "cannot run" in run.stderr:
         pytest.skip("this CPU has no AVX512_BF16")

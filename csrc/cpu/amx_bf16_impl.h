@@ -28,7 +28,19 @@
 //
 // Tiles: C in 0..3 (up to four groups of 16 columns of one 16-row block), A in
 // 4, B in 5..7 in turn.
+//
+// The operands are packed with AVX512_BF16 instructions (vcvtne2ps2bf16, the
+// AVX512_BF16 kernel's rounding), so both including files are compiled with its
+// flags; that is safe because the dispatch offers AMX, emulated or not, only
+// where the AVX512_BF16 kernels run. Scalar packing was most of the time of a
+// forward on real AMX tiles (gemm_band_k at 5x gemm_band_n in a profile).
 #pragma once
+
+#if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
+#error "amx_bf16_impl.h packs its operands with AVX512_BF16 + AVX512BW instructions: compile it with their flags"
+#endif
+
+#include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
@@ -50,15 +62,101 @@ inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t lmax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// float -> bf16 bits as vcvtne2ps2bf16 (the AVX512_BF16 kernel's rounding of P
-// and dS): round to nearest even, denormals to signed zero, NaN quieted.
-inline uint32_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  const uint32_t exp = u & 0x7F800000u;
-  if (exp == 0) return (u >> 16) & 0x8000u;                          // zero or denormal
-  if (exp == 0x7F800000u) return (u >> 16) | ((u & 0x007FFFFFu) ? 0x0040u : 0u);  // inf, NaN (quiet)
-  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+// Bits [a, b) of a 32-lane mask, a and b clamped to [0, 32].
+inline uint32_t lane_bits(int64_t a, int64_t b) {
+  a = lmax(0, lmin(32, a));
+  b = lmax(0, lmin(32, b));
+  if (a >= b) return 0;
+  const uint32_t below_b = b == 32 ? 0xFFFFFFFFu : (1u << b) - 1;
+  return below_b & ~((1u << a) - 1);
+}
+
+// 32 floats from src as 16 pair words (element 2j low half of word j), rounded
+// to bf16 as vcvtne2ps2bf16 (round to nearest even, denormals to signed zero);
+// lanes outside `keep` are zero and never read.
+inline __m512i pair_words(const float* src, uint32_t keep) {
+  if (keep == 0) return _mm512_setzero_si512();
+  const __m512 lo = _mm512_maskz_loadu_ps(__mmask16(keep), src);
+  const __m512 hi = _mm512_maskz_loadu_ps(__mmask16(keep >> 16), src + 16);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// Rows become columns: word j of r[i] moves to word i of r[j] (unpack 32 and 64
+// bits, then two rounds of 128-bit lane shuffles).
+inline void transpose_words(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// gemm_band_k's A tiles of the 16-row block at m0 (mr rows), pairs
+// [q0, q0 + 16 * steps): element x of row i is pair x / 2 - q0, half x % 2,
+// zero outside [first[i], min(end[i], k)) and in rows past mr.
+void pack_k_tiles(const float* A, int64_t a_row, int64_t a_col, int64_t m0, int64_t mr, int64_t k,
+                  const int64_t* first, const int64_t* end, int64_t q0, int64_t steps, uint32_t* tiles_out) {
+  if (a_col == 1) {  // rows: each tile row is 32 consecutive elements of one row
+    for (int64_t r = 0; r < kT; ++r) {
+      const int64_t i = m0 + r;
+      const int64_t f = r < mr ? lmax(first[i], 2 * q0) : 0, e = r < mr ? lmin(end[i], k) : 0;
+      for (int64_t st = 0; st < steps; ++st) {
+        const int64_t e0 = 2 * (q0 + st * kT);
+        const uint32_t keep = lane_bits(f - e0, e - e0);
+        const __m512i w = keep ? pair_words(A + i * a_row + e0, keep) : _mm512_setzero_si512();
+        _mm512_store_si512(tiles_out + st * kTileWords + r * kT, w);
+      }
+    }
+    return;
+  }
+  // Transposed (a_row == 1): element x of the block's 16 rows is 16 consecutive
+  // floats; two of them make one tile column, and a transpose makes the rows.
+  alignas(64) int64_t f[kT], e[kT];
+  for (int64_t r = 0; r < kT; ++r) {
+    f[r] = r < mr ? first[m0 + r] : 1;
+    e[r] = r < mr ? lmin(end[m0 + r], k) : 0;
+  }
+  const __m512i f_lo = _mm512_load_si512(f), f_hi = _mm512_load_si512(f + 8);
+  const __m512i e_lo = _mm512_load_si512(e), e_hi = _mm512_load_si512(e + 8);
+  auto rows_at = [&](int64_t x) {  // the block's rows whose run holds element x
+    const __m512i X = _mm512_set1_epi64(x);
+    const uint32_t lo = _mm512_cmple_epi64_mask(f_lo, X) & _mm512_cmplt_epi64_mask(X, e_lo);
+    const uint32_t hi = _mm512_cmple_epi64_mask(f_hi, X) & _mm512_cmplt_epi64_mask(X, e_hi);
+    return __mmask16(lo | (hi << 8));
+  };
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  for (int64_t st = 0; st < steps; ++st) {
+    __m512i col[kT];
+    for (int64_t pp = 0; pp < kT; ++pp) {
+      const int64_t x = 2 * (q0 + st * kT + pp);
+      const __mmask16 even = rows_at(x), odd = rows_at(x + 1);
+      const __m512 lo = even ? _mm512_maskz_loadu_ps(even, A + m0 + x * a_col) : _mm512_setzero_ps();
+      const __m512 hi = odd ? _mm512_maskz_loadu_ps(odd, A + m0 + (x + 1) * a_col) : _mm512_setzero_ps();
+      col[pp] = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+    transpose_words(col);
+    for (int64_t r = 0; r < kT; ++r) _mm512_store_si512(tiles_out + st * kTileWords + r * kT, col[r]);
+  }
 }
 
 // A per-thread, 64-byte aligned, zero-initialised-on-request word buffer that
@@ -171,12 +269,16 @@ void gemm_band_n(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_
     lo = lo / kT * kT;
     hi = lmin(n_vec, round_up(hi, kT));
     if (lo >= hi) continue;
-    // A tiles of this block: rows past m and pairs past k2 zero.
-    std::memset(a_tiles, 0, steps * kTileWords * 4);
-    for (int64_t r = 0; r < mr; ++r) {
-      const uint32_t* src = Aw + (m0 + r) * a_row;
-      for (int64_t st = 0; st < steps; ++st) {
-        std::memcpy(a_tiles + st * kTileWords + r * kT, src + st * kT, lmin(kT, k2 - st * kT) * 4);
+    // A whole block of whole tiles is read in place (A is pair words already);
+    // else the block's A tiles are copied, rows past m and pairs past k2 zero.
+    const bool a_direct = mr == kT && tail == kT;
+    if (!a_direct) {
+      std::memset(a_tiles, 0, steps * kTileWords * 4);
+      for (int64_t r = 0; r < mr; ++r) {
+        const uint32_t* src = Aw + (m0 + r) * a_row;
+        for (int64_t st = 0; st < steps; ++st) {
+          std::memcpy(a_tiles + st * kTileWords + r * kT, src + st * kT, lmin(kT, k2 - st * kT) * 4);
+        }
       }
     }
     for (int64_t c0 = lo; c0 < hi; c0 += 4 * kT) {
@@ -193,7 +295,11 @@ void gemm_band_n(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_
       if (nc > 2) tiles::zero<2>();
       if (nc > 3) tiles::zero<3>();
       for (int64_t st = 0; st < steps; ++st) {
-        tiles::load<4>(a_tiles + st * kTileWords, kStride);
+        if (a_direct) {
+          tiles::load<4>(Aw + m0 * a_row + st * kT, a_row * 4);
+        } else {
+          tiles::load<4>(a_tiles + st * kTileWords, kStride);
+        }
         const uint32_t* b_ptr[4];
         int64_t b_stride[4] = {kStride, kStride, kStride, kStride};
         for (int64_t j = 0; j < nc; ++j) {
@@ -235,14 +341,7 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
     if (lo >= hi) continue;
     const int64_t q0 = lo / 2, q1 = (hi + 1) / 2, steps = (q1 - q0 + kT - 1) / kT;
     uint32_t* const a_tiles = s.a.get(steps * kTileWords);
-    std::memset(a_tiles, 0, steps * kTileWords * 4);
-    for (int64_t r = 0; r < mr; ++r) {
-      const int64_t i = m0 + r, f = lmax(first[i], 2 * q0), e = lmin(end[i], k);
-      for (int64_t x = f; x < e; ++x) {  // element x is pair x / 2, half x % 2
-        const int64_t p = x / 2 - q0;
-        a_tiles[(p / kT) * kTileWords + r * kT + p % kT] |= bf16_bits(A[i * a_row + x * a_col]) << (16 * (x % 2));
-      }
-    }
+    pack_k_tiles(A, a_row, a_col, m0, mr, k, first, end, q0, steps, a_tiles);
     for (int64_t n0 = 0; n0 < n; n0 += 4 * kT) {
       const int64_t nc = lmin(4, (n - n0 + kT - 1) / kT);
       float* c_ptr[4];

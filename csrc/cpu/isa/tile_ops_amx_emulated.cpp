@@ -1,7 +1,8 @@
 // Bf16Ops on a software model of the AMX tiles (csrc/cpu/amx_bf16_impl.h): the
-// AMX kernel's packing and tiling, run on any CPU, for tests
+// AMX kernel's packing and tiling, run on any CPU with AVX512_BF16, for tests
 // (LONGREACH_CPU_AMX=emulate; tests/test_cpu_amx.py) and never chosen
-// otherwise. Plain C++, no -m flags. The model follows the instructions'
+// otherwise. Plain C++ (compiled with the AVX512_BF16 flags for the packing in
+// amx_bf16_impl.h; the model itself uses no intrinsics). The model follows the instructions'
 // definitions in the Intel SDM:
 //  - a tile is `rows` rows of `colsb` bytes (16 x 64 here), set by configure();
 //    a load reads rows x colsb bytes, `stride` bytes apart, and zeroes the rest
