@@ -46,7 +46,6 @@
 #include <cstring>
 #include <new>
 #include <stdexcept>
-#include <string>
 
 #include "bf16_ops.h"
 
@@ -198,8 +197,10 @@ void block_union(const int64_t* first, const int64_t* end, int64_t a0, int64_t m
   }
 }
 
-void check_rows(int64_t m, const char* what) {
-  if (m > kMaxRows) throw std::runtime_error(std::string(what) + ": too many rows");
+// `message` a literal: building a std::string here would instantiate its
+// constructor with this file's -m flags (the header comment's rule).
+void check_rows(int64_t m, const char* message) {
+  if (m > kMaxRows) throw std::runtime_error(message);
 }
 
 // C tile j of the current batch += A tile (4) . B tile: the B tile from `b`
@@ -243,7 +244,7 @@ inline void c_store_all(int64_t nc, float* const* c, const int64_t* stride) {
 void gemm_band_n(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t lda, const uint32_t* B, float mul,
                  float* C, int64_t ldc, const int64_t* first, const int64_t* end) {
   if (m <= 0 || n <= 0 || k <= 0) return;
-  check_rows(m, "amx gemm_band_n");
+  check_rows(m, "amx gemm_band_n: too many rows");
   const int64_t k2 = k / 2, steps = (k2 + kT - 1) / kT, group = (k2 + 1) * kT;
   const int64_t n_vec = round_up(n, kT), n_groups = n_vec / kT, tail = k2 - (steps - 1) * kT;
   const uint32_t* Aw = reinterpret_cast<const uint32_t*>(A);  // k and lda even: whole pairs
@@ -328,7 +329,7 @@ void gemm_band_n(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_
 void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row, int64_t a_col, const uint32_t* B,
                  int64_t ldb, float* C, int64_t ldc, const int64_t* first, const int64_t* end) {
   if (m <= 0 || n <= 0 || k <= 0) return;
-  check_rows(m, "amx gemm_band_k");
+  check_rows(m, "amx gemm_band_k: too many rows");
   Scratch& s = scratch();
   float* const c_edge = reinterpret_cast<float*>(s.c_edge.get(4 * kTileWords));
   uint32_t* const b_edge = s.b_edge.get(4 * kTileWords);
