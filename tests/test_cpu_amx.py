@@ -104,6 +104,16 @@ def _run(amx: str, cases: int = 4) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def _assert_matches(amx: dict, avx512_bf16_run: dict) -> None:
+    """An AMX run against the AVX512_BF16 run of the same cases (and both against float64)."""
+    for case, quantities in amx["results"].items():
+        for what, got, ref in zip(["out", "dq", "dk", "dv"], quantities, avx512_bf16_run["results"][case]):
+            # The same bf16 operands, float32 sums in another order: results differ by bf16 rounding flips.
+            assert got["err"] < 2 * ref["err"] + 2.0**-9, (case, what, got["err"], ref["err"])
+            a, b = torch.tensor(got["value"]), torch.tensor(ref["value"])
+            assert (a - b).abs().max() <= 2.0**-7 * b.abs().max(), (case, what)
+
+
 @pytest.fixture(scope="module")
 def avx512_bf16_run():
     if not _has_avx512_bf16():
@@ -117,12 +127,7 @@ def test_emulated_amx_matches_avx512_bf16_and_the_reference(avx512_bf16_run):
     assert amx["kernels"].endswith("+amx_bf16_emulated"), amx["kernels"]
     assert avx512_bf16_run["kernels"].endswith("+avx512_bf16"), avx512_bf16_run["kernels"]
     assert not amx["warnings"], amx["warnings"]
-    for case, quantities in amx["results"].items():
-        for what, got, ref in zip(["out", "dq", "dk", "dv"], quantities, avx512_bf16_run["results"][case]):
-            # The same bf16 operands, float32 sums in another order: results differ by bf16 rounding flips.
-            assert got["err"] < 2 * ref["err"] + 2.0**-9, (case, what, got["err"], ref["err"])
-            a, b = torch.tensor(got["value"]), torch.tensor(ref["value"])
-            assert (a - b).abs().max() <= 2.0**-7 * b.abs().max(), (case, what)
+    _assert_matches(amx, avx512_bf16_run)
 
 
 def _runs_amx() -> bool:
@@ -140,11 +145,7 @@ def test_real_amx_matches_avx512_bf16_and_the_reference(avx512_bf16_run):
     amx = _run("1")
     assert amx["kernels"].endswith("+amx_bf16"), amx["kernels"]
     assert not amx["warnings"], amx["warnings"]
-    for case, quantities in amx["results"].items():
-        for what, got, ref in zip(["out", "dq", "dk", "dv"], quantities, avx512_bf16_run["results"][case]):
-            assert got["err"] < 2 * ref["err"] + 2.0**-9, (case, what, got["err"], ref["err"])
-            a, b = torch.tensor(got["value"]), torch.tensor(ref["value"])
-            assert (a - b).abs().max() <= 2.0**-7 * b.abs().max(), (case, what)
+    _assert_matches(amx, avx512_bf16_run)
 
 
 @needs_avx512_bf16
