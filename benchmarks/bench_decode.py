@@ -11,7 +11,9 @@ a causal window of 4096 keys), at cache lengths 1K to 64K:
   rolling     a ring buffer of 4096 + 1 slots (the memory a sliding layer needs)
 
 plus split-KV at B = 1 with one kv head (MQA: a single work item without splits): num_splits=1
-vs the default. Prints a CSV (median ms per step of `--reps` steps, tokens/s) and ratios.
+vs the default. Prints a CSV (median ms per step of `--reps` steps, tokens/s) and ratios. The
+implementations of one shape run interleaved, one step each in turn, so that the ratios compare
+steps taken under the same conditions.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_decode.py [--lengths 1024,4096,...] [--batches 1,8]
 """
@@ -30,14 +32,19 @@ import longreach
 WINDOW = 4096
 
 
-def timed(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def timed_together(fns, reps):
+    """Median ms per call of each function, the calls interleaved round-robin so that a change
+    in the machine's speed during the run (a shared host's cores, frequency) reaches every
+    function alike and the ratios stay comparable."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def bench_shape(B, L, dtype, reps, hq=32, hk=8, D=128):
@@ -48,34 +55,32 @@ def bench_shape(B, L, dtype, reps, hq=32, hk=8, D=128):
     seqlens = torch.full((B,), L - 1, dtype=torch.int32)  # the new key goes in the last slot
     knew, vnew = kc[:, :, -1:].clone(), vc[:, :, -1:].clone()
     window = dict(window=(WINDOW - 1, 0), causal=True)
-    res = {}
+    fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=hq != hk)}
+    keep = min(L, WINDOW)
+    fns["sliding"] = lambda: longreach.local_attention(q, kc[:, :, L - keep:], vc[:, :, L - keep:], **window)
+    fns["contiguous"] = lambda: longreach.local_attention_with_kvcache(
+        q, kc, vc, knew, vnew, cache_seqlens=seqlens, **window)
+    bs = 256
+    nb = -(-L // bs)
+    table = torch.randperm(B * nb, generator=g).view(B, nb).to(torch.int32)
+    kp = torch.zeros(B * nb, bs, hk, D, dtype=dtype)
+    vp = torch.zeros_like(kp)
+    for b in range(B):  # the same keys, page by page
+        for i in range(nb):
+            n = min(bs, L - i * bs)
+            kp[table[b, i], :n] = kc[b, :, i * bs:i * bs + n].transpose(0, 1)
+            vp[table[b, i], :n] = vc[b, :, i * bs:i * bs + n].transpose(0, 1)
+    fns["paged"] = lambda: longreach.local_attention_with_kvcache(
+        q, kp, vp, knew, vnew, cache_seqlens=seqlens, block_table=table, **window)
+    ring = longreach.ops.rolling_cache_capacity(WINDOW - 1, 1)
+    kr = torch.zeros(B, hk, ring, D, dtype=dtype)
+    vr = torch.zeros_like(kr)
+    kept = torch.arange(max(0, L - ring), L)  # the positions a ring still holds, at slot j % ring
+    kr[:, :, kept % ring], vr[:, :, kept % ring] = kc[:, :, kept], vc[:, :, kept]
+    fns["rolling"] = lambda: longreach.local_attention_with_kvcache(
+        q, kr, vr, knew, vnew, cache_seqlens=seqlens, rolling=True, **window)
     with torch.inference_mode():
-        res["sdpa"] = timed(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=hq != hk), reps)
-        keep = min(L, WINDOW)
-        res["sliding"] = timed(lambda: longreach.local_attention(q, kc[:, :, L - keep:], vc[:, :, L - keep:],
-                                                                 **window), reps)
-        res["contiguous"] = timed(lambda: longreach.local_attention_with_kvcache(
-            q, kc, vc, knew, vnew, cache_seqlens=seqlens, **window), reps)
-        bs = 256
-        nb = -(-L // bs)
-        table = torch.randperm(B * nb, generator=g).view(B, nb).to(torch.int32)
-        kp = torch.zeros(B * nb, bs, hk, D, dtype=dtype)
-        vp = torch.zeros_like(kp)
-        for b in range(B):  # the same keys, page by page
-            for i in range(nb):
-                n = min(bs, L - i * bs)
-                kp[table[b, i], :n] = kc[b, :, i * bs:i * bs + n].transpose(0, 1)
-                vp[table[b, i], :n] = vc[b, :, i * bs:i * bs + n].transpose(0, 1)
-        res["paged"] = timed(lambda: longreach.local_attention_with_kvcache(
-            q, kp, vp, knew, vnew, cache_seqlens=seqlens, block_table=table, **window), reps)
-        ring = longreach.ops.rolling_cache_capacity(WINDOW - 1, 1)
-        kr = torch.zeros(B, hk, ring, D, dtype=dtype)
-        vr = torch.zeros_like(kr)
-        kept = torch.arange(max(0, L - ring), L)  # the positions a ring still holds, at slot j % ring
-        kr[:, :, kept % ring], vr[:, :, kept % ring] = kc[:, :, kept], vc[:, :, kept]
-        res["rolling"] = timed(lambda: longreach.local_attention_with_kvcache(
-            q, kr, vr, knew, vnew, cache_seqlens=seqlens, rolling=True, **window), reps)
-    return res
+        return timed_together(fns, reps)
 
 
 def main():
@@ -107,8 +112,10 @@ def main():
             kc, vc = torch.randn(1, 1, L, 128), torch.randn(1, 1, L, 128)
             seqlens = torch.tensor([L], dtype=torch.int32)
             kw = dict(cache_seqlens=seqlens, window=(WINDOW - 1, 0), causal=True)
-            one = timed(lambda: longreach.local_attention_with_kvcache(q, kc, vc, num_splits=1, **kw), args.reps)
-            auto = timed(lambda: longreach.local_attention_with_kvcache(q, kc, vc, **kw), args.reps)
+            res = timed_together({"one": lambda: longreach.local_attention_with_kvcache(q, kc, vc, num_splits=1, **kw),
+                                  "auto": lambda: longreach.local_attention_with_kvcache(q, kc, vc, **kw)},
+                                 10 * args.reps)  # steps of ~2 ms: more of them for a stable median
+            one, auto = res["one"], res["auto"]
             print(f"# split-KV (B=1, Hk=1, L={L}, {torch.get_num_threads()} threads): one split {one:.3f} ms, "
                   f"default {auto:.3f} ms, {one / auto:.2f}x")
 
