@@ -22,9 +22,8 @@
 // columns past ldb) goes through a zero-padded copy: a tile never reads memory
 // the AVX512_BF16 kernel would not read (a NaN or infinity there would
 // otherwise reach other rows through 0 * inf), and C is written only where that
-// kernel writes it. No c10 or std template code is instantiated here: an inline
-// function compiled with the AMX file's flags must not be the copy the linker
-// keeps for the rest of the library.
+// kernel writes it. No c10 or std template code is instantiated here
+// (flagged_helpers.h says why).
 //
 // Tiles: C in 0..3 (up to four groups of 16 columns of one 16-row block), A in
 // 4, B in 5..7 in turn.
@@ -44,10 +43,10 @@
 
 #include <cstdint>
 #include <cstring>
-#include <new>
 #include <stdexcept>
 
 #include "bf16_ops.h"
+#include "flagged_helpers.h"
 
 namespace longreach::cpu::LR_AMX_NS {
 namespace {
@@ -57,9 +56,9 @@ constexpr int64_t kTileWords = kT * kT;
 constexpr int64_t kStride = kT * 4;  // bytes between the rows of a packed tile
 constexpr int64_t kMaxRows = 4096;   // as the AVX512_BF16 table
 
-inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t lmax(int64_t a, int64_t b) { return a > b ? a : b; }
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+using flagged::lmax;
+using flagged::lmin;
+using flagged::round_up;
 
 // Bits [a, b) of a 32-lane mask, a and b clamped to [0, 32].
 inline uint32_t lane_bits(int64_t a, int64_t b) {
@@ -158,21 +157,8 @@ void pack_k_tiles(const float* A, int64_t a_row, int64_t a_col, int64_t m0, int6
   }
 }
 
-// A per-thread, 64-byte aligned, zero-initialised-on-request word buffer that
-// grows (plain new[], no std::vector: see above).
-struct Words {
-  uint32_t* p = nullptr;
-  int64_t cap = 0;
-  ~Words() { ::operator delete[](p, std::align_val_t(64)); }
-  uint32_t* get(int64_t n) {
-    if (n > cap) {
-      ::operator delete[](p, std::align_val_t(64));
-      p = static_cast<uint32_t*>(::operator new[](n * 4, std::align_val_t(64)));
-      cap = n;
-    }
-    return p;
-  }
-};
+// A per-thread word buffer (flagged_helpers.h: no std::vector here).
+using Words = flagged::AlignedBuffer<uint32_t>;
 
 struct Scratch {
   Words a;        // a block's A tiles, one per step of 16 pairs

@@ -1,9 +1,8 @@
 // Bf16Ops (bf16_ops.h) on AVX512_BF16: the products of the CPU attention
 // kernels with bfloat16 operands and float32 accumulation. CMakeLists.txt
 // compiles this file alone with -mavx512bf16; tile_ops.cpp only hands its table
-// out where cpuid reports the instruction. Raw intrinsics, no ATen vector or
-// c10 inline code: an inline function compiled with these flags must not be
-// the copy the linker keeps for the rest of the library.
+// out where cpuid reports the instruction. Raw intrinsics, no ATen vector, c10
+// or std template code (../flagged_helpers.h says why).
 //
 // The micro-kernel is the float one's shape (tile_ops_impl.h): an MR x NV-vector
 // block of C in registers while k runs, now two k at a time: each step loads
@@ -11,17 +10,19 @@
 // vdpbf16ps adds two products per lane, twice the float FMA's work.
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <stdexcept>
-#include <vector>
 
 #include "../bf16_ops.h"
+#include "../flagged_helpers.h"
 
 namespace longreach::cpu::AVX512_BF16 {
 namespace {
+
+using flagged::lclamp;
+using flagged::lmax;
+using flagged::lmin;
 
 constexpr int kMR = 6;  // 6 x 4 accumulators + 4 B vectors + a broadcast of 32 zmm registers
 constexpr int kNV = 4;
@@ -87,41 +88,42 @@ void micro_dispatch(int64_t mr, int64_t nv, int64_t kp, const uint32_t* A, int64
 
 // Union of the runs [first, end) of rows a0 .. a0 + mr - 1; empty as lo >= hi.
 void block_union(const int64_t* first, const int64_t* end, int64_t a0, int64_t mr, int64_t* lo, int64_t* hi) {
-  *lo = std::numeric_limits<int64_t>::max();
+  *lo = INT64_MAX;
   *hi = 0;
   for (int64_t a = a0; a < a0 + mr; ++a) {
     if (first[a] >= end[a]) continue;
-    *lo = std::min(*lo, first[a]);
-    *hi = std::max(*hi, end[a]);
+    *lo = lmin(*lo, first[a]);
+    *hi = lmax(*hi, end[a]);
   }
 }
 
-void check_rows(int64_t m, const char* what) {
-  if (m > kMaxRows) throw std::runtime_error(std::string(what) + ": too many rows");
+// `message` a literal: no std::string built here (flagged_helpers.h).
+void check_rows(int64_t m, const char* message) {
+  if (m > kMaxRows) throw std::runtime_error(message);
 }
 
 void gemm_band_n(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t lda, const uint32_t* B, float mul,
                  float* C, int64_t ldc, const int64_t* first, const int64_t* end) {
   if (m <= 0 || n <= 0 || k <= 0) return;
-  check_rows(m, "bf16 gemm_band_n");
+  check_rows(m, "bf16 gemm_band_n: too many rows");
   const int64_t k2 = k / 2, n_vec = (n + kW - 1) / kW * kW, group = (k2 + 1) * kW;
   const uint32_t* Aw = reinterpret_cast<const uint32_t*>(A);  // k and lda even: whole pairs
   const int64_t a_row = lda / 2;
   int64_t lo[kMaxBlocks], hi[kMaxBlocks];
   for (int64_t blk = 0; blk * kMR < m; ++blk) {
-    block_union(first, end, blk * kMR, std::min<int64_t>(kMR, m - blk * kMR), &lo[blk], &hi[blk]);
+    block_union(first, end, blk * kMR, lmin(kMR, m - blk * kMR), &lo[blk], &hi[blk]);
     lo[blk] = lo[blk] / kW * kW;  // whole vectors
-    hi[blk] = std::min(n_vec, (hi[blk] + kW - 1) / kW * kW);
+    hi[blk] = lmin(n_vec, (hi[blk] + kW - 1) / kW * kW);
   }
   constexpr int64_t NB = kNV * kW;
   for (int64_t p0 = 0; p0 < k2; p0 += kKC) {
-    const int64_t kp = std::min(kKC, k2 - p0);
+    const int64_t kp = lmin(kKC, k2 - p0);
     const bool last_pass = p0 + kp == k2;
     for (int64_t n0 = 0; n0 < n_vec; n0 += NB) {
       for (int64_t m0 = 0, blk = 0; m0 < m; m0 += kMR, ++blk) {
-        const int64_t c0 = std::max(n0, lo[blk]), c1 = std::min(n0 + NB, hi[blk]);
+        const int64_t c0 = lmax(n0, lo[blk]), c1 = lmin(n0 + NB, hi[blk]);
         if (c0 >= c1) continue;
-        micro_dispatch<kMR, kNV>(std::min<int64_t>(kMR, m - m0), (c1 - c0) / kW, kp, Aw + m0 * a_row + p0, a_row, 1,
+        micro_dispatch<kMR, kNV>(lmin(kMR, m - m0), (c1 - c0) / kW, kp, Aw + m0 * a_row + p0, a_row, 1,
                                  B + (c0 / kW) * group + p0 * kW, kW, group, C + m0 * ldc + c0, ldc, p0 > 0,
                                  last_pass ? mul : 1.f, __mmask16(0xFFFF));
       }
@@ -137,8 +139,11 @@ inline __m256i to_bf16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtne
 // outside the block's union [lo, hi) zero (the caller's A is only defined there).
 // Transposed layout (a_row == 1): every pair p of k, word (i, p) at At[p * ldt + i].
 struct PairWords {
-  std::vector<uint32_t> words;
-  std::vector<int64_t> offset, lo2, hi2;
+  flagged::AlignedBuffer<uint32_t> words;
+  flagged::AlignedBuffer<int64_t> meta;  // per row block: offset, then lo2, then hi2
+  const int64_t* offset = nullptr;
+  const int64_t* lo2 = nullptr;
+  const int64_t* hi2 = nullptr;
 };
 
 // Out of line (as transposed_pairs), so that a profile shows the packing apart
@@ -146,32 +151,31 @@ struct PairWords {
 __attribute__((noinline)) void row_pairs(int64_t m, int64_t k, const float* A, int64_t a_row, const int64_t* first,
                                          const int64_t* end, PairWords* out) {
   const int64_t blocks = (m + kMR - 1) / kMR;
-  out->offset.assign(blocks, 0);
-  out->lo2.assign(blocks, 0);
-  out->hi2.assign(blocks, 0);
+  int64_t* const offsets = out->meta.get(3 * blocks);
+  int64_t *const lo2s = offsets + blocks, *const hi2s = lo2s + blocks;
+  std::memset(offsets, 0, 3 * blocks * sizeof(int64_t));
+  out->offset = offsets, out->lo2 = lo2s, out->hi2 = hi2s;
   int64_t total = 0;
   int64_t lo[kMaxBlocks], hi[kMaxBlocks];
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    block_union(first, end, blk * kMR, std::min<int64_t>(kMR, m - blk * kMR), &lo[blk], &hi[blk]);
-    hi[blk] = std::min(hi[blk], k);
+    block_union(first, end, blk * kMR, lmin(kMR, m - blk * kMR), &lo[blk], &hi[blk]);
+    hi[blk] = lmin(hi[blk], k);
     if (lo[blk] >= hi[blk]) continue;
-    out->lo2[blk] = lo[blk] / 2;
-    out->hi2[blk] = (hi[blk] + 1) / 2;
-    out->offset[blk] = total;
-    total += kMR * (out->hi2[blk] - out->lo2[blk]);
+    lo2s[blk] = lo[blk] / 2;
+    hi2s[blk] = (hi[blk] + 1) / 2;
+    offsets[blk] = total;
+    total += kMR * (hi2s[blk] - lo2s[blk]);
   }
-  out->words.resize(std::max<int64_t>(total, 1));
   // Plain pointers and values from here on: `out` is a thread_local, and read
-  // through it the loop reloaded the vectors' fields after every store and
+  // through it the loop reloaded the buffers' fields after every store and
   // looked the variable up again (a __tls_get_addr call, spilling the zmm
   // registers around it) every 32 elements.
-  uint32_t* const words = out->words.data();
-  const int64_t *const lo2s = out->lo2.data(), *const hi2s = out->hi2.data(), *const offsets = out->offset.data();
+  uint32_t* const words = out->words.get(lmax(total, 1));
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t lo2 = lo2s[blk], hi2 = hi2s[blk], np = hi2 - lo2, offset = offsets[blk];
     if (np <= 0) continue;
     const int64_t lo_e = lo[blk], hi_e = hi[blk];
-    for (int64_t i = blk * kMR; i < std::min(m, (blk + 1) * kMR); ++i) {
+    for (int64_t i = blk * kMR; i < lmin(m, (blk + 1) * kMR); ++i) {
       const float* src = A + i * a_row;
       uint32_t* dst = words + offset + (i - blk * kMR) * np;
       // Elements [2 lo2, 2 hi2), 32 at a time; lanes outside [lo, hi) read as 0.
@@ -179,13 +183,13 @@ __attribute__((noinline)) void row_pairs(int64_t m, int64_t k, const float* A, i
       // every step was most of this loop's work.
       auto masked_step = [&](int64_t e) {
         auto lanes = [&](int64_t e0) {
-          const int64_t a = std::clamp<int64_t>(lo_e - e0, 0, kW), b = std::clamp<int64_t>(hi_e - e0, 0, kW);
+          const int64_t a = lclamp(lo_e - e0, 0, kW), b = lclamp(hi_e - e0, 0, kW);
           return __mmask16(((1u << b) - 1) & ~((1u << a) - 1));
         };
         const __m512 x0 = _mm512_maskz_loadu_ps(lanes(e), src + e);
         const __m512 x1 = _mm512_maskz_loadu_ps(lanes(e + kW), src + e + kW);
         const __m512i w = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));
-        const int64_t left = std::min<int64_t>(kW, (2 * hi2 - e) / 2);  // words left in this row
+        const int64_t left = lmin(kW, (2 * hi2 - e) / 2);  // words left in this row
         _mm512_mask_storeu_epi32(dst + (e / 2 - lo2), __mmask16((1u << left) - 1), w);
       };
       int64_t e = 2 * lo2;
@@ -204,14 +208,14 @@ __attribute__((noinline)) void row_pairs(int64_t m, int64_t k, const float* A, i
 }
 
 __attribute__((noinline)) void transposed_pairs(int64_t m, int64_t k, const float* A, int64_t a_col, int64_t ldt,
-                                                std::vector<uint32_t>* At) {
+                                                flagged::AlignedBuffer<uint32_t>* At) {
   const int64_t k2 = (k + 1) / 2;
-  At->resize(std::max<int64_t>(k2 * ldt, 1));
   // Interleave: word j = (bf16 of row 2p, lane j; bf16 of row 2p + 1, lane j).
   alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i idx = _mm512_load_si512(kIdx);
-  uint32_t* const dst = At->data();  // not through At in the loop: see row_pairs
+  // Words [m, ldt) of each pair row are never written nor read.
+  uint32_t* const dst = At->get(lmax(k2 * ldt, 1));  // not through At in the loop: see row_pairs
   for (int64_t p = 0; p < k2; ++p) {
     const float* r0 = A + 2 * p * a_col;
     const float* r1 = 2 * p + 1 < k ? A + (2 * p + 1) * a_col : nullptr;
@@ -224,7 +228,7 @@ __attribute__((noinline)) void transposed_pairs(int64_t m, int64_t k, const floa
       }
     }
     for (; i < m; i += kW) {
-      const int64_t cnt = std::min<int64_t>(kW, m - i);
+      const int64_t cnt = lmin(kW, m - i);
       const __mmask16 lanes = __mmask16((1u << cnt) - 1);
       const __m512 x0 = _mm512_maskz_loadu_ps(lanes, r0 + i);
       const __m512 x1 = r1 ? _mm512_maskz_loadu_ps(lanes, r1 + i) : _mm512_setzero_ps();
@@ -237,9 +241,9 @@ __attribute__((noinline)) void transposed_pairs(int64_t m, int64_t k, const floa
 void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row, int64_t a_col, const uint32_t* B,
                  int64_t ldb, float* C, int64_t ldc, const int64_t* first, const int64_t* end) {
   if (m <= 0 || n <= 0 || k <= 0) return;
-  check_rows(m, "bf16 gemm_band_k");
+  check_rows(m, "bf16 gemm_band_k: too many rows");
   thread_local PairWords rows;
-  thread_local std::vector<uint32_t> cols;
+  thread_local flagged::AlignedBuffer<uint32_t> cols;
   const bool transposed = a_col != 1;
   const int64_t blocks = (m + kMR - 1) / kMR;
   const int64_t ldt = (m + kW - 1) / kW * kW;
@@ -248,31 +252,31 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
     transposed_pairs(m, k, A, a_col, ldt, &cols);
     for (int64_t blk = 0; blk < blocks; ++blk) {
       int64_t lo, hi;
-      block_union(first, end, blk * kMR, std::min<int64_t>(kMR, m - blk * kMR), &lo, &hi);
-      hi = std::min(hi, k);
+      block_union(first, end, blk * kMR, lmin(kMR, m - blk * kMR), &lo, &hi);
+      hi = lmin(hi, k);
       lo2[blk] = lo < hi ? lo / 2 : 0;
       hi2[blk] = lo < hi ? (hi + 1) / 2 : 0;
     }
   } else {
     row_pairs(m, k, A, a_row, first, end, &rows);
-    std::copy(rows.lo2.begin(), rows.lo2.end(), lo2);
-    std::copy(rows.hi2.begin(), rows.hi2.end(), hi2);
+    std::memcpy(lo2, rows.lo2, blocks * sizeof(int64_t));
+    std::memcpy(hi2, rows.hi2, blocks * sizeof(int64_t));
   }
   const int64_t k2 = (k + 1) / 2;
   constexpr int64_t NB = kNV * kW;
   // Plain pointers into the thread_local buffers (see row_pairs).
-  const uint32_t* const col_words = cols.data();
-  const uint32_t* const row_words = rows.words.data();
-  const int64_t* const row_offset = rows.offset.data();
+  const uint32_t* const col_words = cols.p;
+  const uint32_t* const row_words = rows.words.p;
+  const int64_t* const row_offset = rows.offset;
   for (int64_t p0 = 0; p0 < k2; p0 += kKC) {
-    const int64_t p1 = std::min(k2, p0 + kKC);
+    const int64_t p1 = lmin(k2, p0 + kKC);
     for (int64_t n0 = 0; n0 < n; n0 += NB) {
-      const int64_t cols_here = std::min(NB, n - n0);
+      const int64_t cols_here = lmin(NB, n - n0);
       const int64_t nv = (cols_here + kW - 1) / kW;
       const int64_t tail = cols_here - (nv - 1) * kW;
       const __mmask16 last = __mmask16(tail == kW ? 0xFFFF : (1u << tail) - 1);
       for (int64_t m0 = 0, blk = 0; m0 < m; m0 += kMR, ++blk) {
-        const int64_t q0 = std::max(p0, lo2[blk]), q1 = std::min(p1, hi2[blk]);
+        const int64_t q0 = lmax(p0, lo2[blk]), q1 = lmin(p1, hi2[blk]);
         if (q0 >= q1) continue;
         const uint32_t* a;
         int64_t w_row, w_col;
@@ -286,7 +290,7 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
           w_row = np;
           w_col = 1;
         }
-        micro_dispatch<kMR, kNV>(std::min<int64_t>(kMR, m - m0), nv, q1 - q0, a, w_row, w_col, B + q0 * ldb + n0, ldb,
+        micro_dispatch<kMR, kNV>(lmin(kMR, m - m0), nv, q1 - q0, a, w_row, w_col, B + q0 * ldb + n0, ldb,
                                  kW, C + m0 * ldc + n0, ldc, true, 1.f, last);
       }
     }
