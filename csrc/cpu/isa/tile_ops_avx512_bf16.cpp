@@ -23,6 +23,7 @@ namespace {
 using flagged::lclamp;
 using flagged::lmax;
 using flagged::lmin;
+using flagged::round_up;
 
 constexpr int kMR = 6;  // 6 x 4 accumulators + 4 B vectors + a broadcast of 32 zmm registers
 constexpr int kNV = 4;
@@ -106,14 +107,14 @@ void gemm_band_n(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_
                  float* C, int64_t ldc, const int64_t* first, const int64_t* end) {
   if (m <= 0 || n <= 0 || k <= 0) return;
   check_rows(m, "bf16 gemm_band_n: too many rows");
-  const int64_t k2 = k / 2, n_vec = (n + kW - 1) / kW * kW, group = (k2 + 1) * kW;
+  const int64_t k2 = k / 2, n_vec = round_up(n, kW), group = (k2 + 1) * kW;
   const uint32_t* Aw = reinterpret_cast<const uint32_t*>(A);  // k and lda even: whole pairs
   const int64_t a_row = lda / 2;
   int64_t lo[kMaxBlocks], hi[kMaxBlocks];
   for (int64_t blk = 0; blk * kMR < m; ++blk) {
     block_union(first, end, blk * kMR, lmin(kMR, m - blk * kMR), &lo[blk], &hi[blk]);
     lo[blk] = lo[blk] / kW * kW;  // whole vectors
-    hi[blk] = lmin(n_vec, (hi[blk] + kW - 1) / kW * kW);
+    hi[blk] = lmin(n_vec, round_up(hi[blk], kW));
   }
   constexpr int64_t NB = kNV * kW;
   for (int64_t p0 = 0; p0 < k2; p0 += kKC) {
@@ -138,28 +139,22 @@ inline __m256i to_bf16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtne
 // Row layout (a_col == 1): per row block, rows of its pairs [lo2, hi2), elements
 // outside the block's union [lo, hi) zero (the caller's A is only defined there).
 // Transposed layout (a_row == 1): every pair p of k, word (i, p) at At[p * ldt + i].
-struct PairWords {
-  flagged::AlignedBuffer<uint32_t> words;
-  flagged::AlignedBuffer<int64_t> meta;  // per row block: offset, then lo2, then hi2
-  const int64_t* offset = nullptr;
-  const int64_t* lo2 = nullptr;
-  const int64_t* hi2 = nullptr;
-};
 
 // Out of line (as transposed_pairs), so that a profile shows the packing apart
 // from the products; one call per gemm_band_k call costs nothing measurable.
-__attribute__((noinline)) void row_pairs(int64_t m, int64_t k, const float* A, int64_t a_row, const int64_t* first,
-                                         const int64_t* end, PairWords* out) {
+// Row block blk's rows start at word offsets[blk] of the returned words, its
+// pairs are [lo2s[blk], hi2s[blk]) (all three 0 for a block without keys).
+__attribute__((noinline)) const uint32_t* row_pairs(int64_t m, int64_t k, const float* A, int64_t a_row,
+                                                    const int64_t* first, const int64_t* end,
+                                                    flagged::AlignedBuffer<uint32_t>* out, int64_t* offsets,
+                                                    int64_t* lo2s, int64_t* hi2s) {
   const int64_t blocks = (m + kMR - 1) / kMR;
-  int64_t* const offsets = out->meta.get(3 * blocks);
-  int64_t *const lo2s = offsets + blocks, *const hi2s = lo2s + blocks;
-  std::memset(offsets, 0, 3 * blocks * sizeof(int64_t));
-  out->offset = offsets, out->lo2 = lo2s, out->hi2 = hi2s;
   int64_t total = 0;
   int64_t lo[kMaxBlocks], hi[kMaxBlocks];
   for (int64_t blk = 0; blk < blocks; ++blk) {
     block_union(first, end, blk * kMR, lmin(kMR, m - blk * kMR), &lo[blk], &hi[blk]);
     hi[blk] = lmin(hi[blk], k);
+    offsets[blk] = lo2s[blk] = hi2s[blk] = 0;
     if (lo[blk] >= hi[blk]) continue;
     lo2s[blk] = lo[blk] / 2;
     hi2s[blk] = (hi[blk] + 1) / 2;
@@ -170,7 +165,7 @@ __attribute__((noinline)) void row_pairs(int64_t m, int64_t k, const float* A, i
   // through it the loop reloaded the buffers' fields after every store and
   // looked the variable up again (a __tls_get_addr call, spilling the zmm
   // registers around it) every 32 elements.
-  uint32_t* const words = out->words.get(lmax(total, 1));
+  uint32_t* const words = out->get(lmax(total, 1));
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t lo2 = lo2s[blk], hi2 = hi2s[blk], np = hi2 - lo2, offset = offsets[blk];
     if (np <= 0) continue;
@@ -205,10 +200,11 @@ __attribute__((noinline)) void row_pairs(int64_t m, int64_t k, const float* A, i
       for (; e < 2 * hi2; e += 2 * kW) masked_step(e);
     }
   }
+  return words;
 }
 
-__attribute__((noinline)) void transposed_pairs(int64_t m, int64_t k, const float* A, int64_t a_col, int64_t ldt,
-                                                flagged::AlignedBuffer<uint32_t>* At) {
+__attribute__((noinline)) const uint32_t* transposed_pairs(int64_t m, int64_t k, const float* A, int64_t a_col,
+                                                           int64_t ldt, flagged::AlignedBuffer<uint32_t>* At) {
   const int64_t k2 = (k + 1) / 2;
   // Interleave: word j = (bf16 of row 2p, lane j; bf16 of row 2p + 1, lane j).
   alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
@@ -236,20 +232,23 @@ __attribute__((noinline)) void transposed_pairs(int64_t m, int64_t k, const floa
       _mm512_mask_storeu_epi32(dst + p * ldt + i, lanes, _mm512_permutexvar_epi16(idx, w));
     }
   }
+  return dst;
 }
 
 void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row, int64_t a_col, const uint32_t* B,
                  int64_t ldb, float* C, int64_t ldc, const int64_t* first, const int64_t* end) {
   if (m <= 0 || n <= 0 || k <= 0) return;
   check_rows(m, "bf16 gemm_band_k: too many rows");
-  thread_local PairWords rows;
-  thread_local flagged::AlignedBuffer<uint32_t> cols;
+  thread_local flagged::AlignedBuffer<uint32_t> row_buffer, col_buffer;
   const bool transposed = a_col != 1;
   const int64_t blocks = (m + kMR - 1) / kMR;
-  const int64_t ldt = (m + kW - 1) / kW * kW;
-  int64_t lo2[kMaxBlocks], hi2[kMaxBlocks];
+  const int64_t ldt = round_up(m, kW);
+  int64_t lo2[kMaxBlocks], hi2[kMaxBlocks], row_offset[kMaxBlocks];
+  // Plain pointers into the thread_local buffers (see row_pairs).
+  const uint32_t* col_words = nullptr;
+  const uint32_t* row_words = nullptr;
   if (transposed) {
-    transposed_pairs(m, k, A, a_col, ldt, &cols);
+    col_words = transposed_pairs(m, k, A, a_col, ldt, &col_buffer);
     for (int64_t blk = 0; blk < blocks; ++blk) {
       int64_t lo, hi;
       block_union(first, end, blk * kMR, lmin(kMR, m - blk * kMR), &lo, &hi);
@@ -258,16 +257,10 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
       hi2[blk] = lo < hi ? (hi + 1) / 2 : 0;
     }
   } else {
-    row_pairs(m, k, A, a_row, first, end, &rows);
-    std::memcpy(lo2, rows.lo2, blocks * sizeof(int64_t));
-    std::memcpy(hi2, rows.hi2, blocks * sizeof(int64_t));
+    row_words = row_pairs(m, k, A, a_row, first, end, &row_buffer, row_offset, lo2, hi2);
   }
   const int64_t k2 = (k + 1) / 2;
   constexpr int64_t NB = kNV * kW;
-  // Plain pointers into the thread_local buffers (see row_pairs).
-  const uint32_t* const col_words = cols.p;
-  const uint32_t* const row_words = rows.words.p;
-  const int64_t* const row_offset = rows.offset;
   for (int64_t p0 = 0; p0 < k2; p0 += kKC) {
     const int64_t p1 = lmin(k2, p0 + kKC);
     for (int64_t n0 = 0; n0 < n; n0 += NB) {
