@@ -19,10 +19,11 @@ from longreach.nn import LocalTransformerConfig
 from longreach.extrapolate.schemes import DEFAULT_SCHEMES, SCHEMES, models_to_train, parse_scheme_list, rope_scaling
 from longreach.extrapolate.train import evaluate
 
-# A run small enough for a test: 64-byte windows, tiny model, a few steps.
+# A run small enough for a test: 64-byte windows, tiny model, a few steps, in this process (the
+# tests that spy on the model need that; test_extrapolate_workers.py runs worker processes).
 TINY = ["--train-len", "32", "--eval-lengths", "32,64,128", "--window", "8", "--steps", "4",
         "--batch-size", "4", "--d-model", "16", "--heads", "2", "--layers", "1", "--eval-chunks", "2",
-        "--no-progress", "--seeds", "1"]
+        "--no-progress", "--seeds", "1", "--workers", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +249,7 @@ def test_configured_rotary_tables():
 
 def test_scheme_configurations():
     dims = ModelDims(d_model=64, layers=2, heads=4)
-    common = dict(d_model=64, n_layers=2, n_heads=4, max_position_embeddings=256)
+    common = dict(d_model=64, n_layers=2, n_heads=4, max_position_embeddings=256, init_std=dims.init_std)
     # SWAT is exactly the module's own SWAT preset.
     assert model_config(SCHEMES["swat"], dims, 128, 256) == LocalTransformerConfig.swat(128, **common)
     assert model_config(SCHEMES["sliding-rope"], dims, 128, 256) == LocalTransformerConfig(window=128, **common)

@@ -34,6 +34,7 @@ from .finetune import FinetuneSettings, finetune
 from .model import ModelDims, build_model, configure_for_length
 from .schemes import DEFAULT_SCHEMES, SCHEMES, models_to_train, parse_scheme_list
 from .train import TrainResult, evaluate, train
+from .workers import run_jobs
 
 DEFAULT_OUT = "results/extrapolate"
 DEFAULT_FACTORS = (1, 2, 4, 8, 16)
@@ -63,17 +64,47 @@ FULL_SCHEMES = tuple(DEFAULT_SCHEMES) + ("sliding-rope", "rope-pose", "rope-pi-l
 # is a smoke test of about 15 s. The fine-tunes get 4 % of the training steps (PI's paper fine-tunes
 # 1000 steps, YaRN's 400).
 PROFILES = {
-    # 500 steps of 8 sequences at peak lr 6e-3 reached 2.87 training bits per byte where 250 steps
-    # of 16 at 3e-3 reached 3.1 (1e-2: 3.35), for the same CPU time (rope, one thread).
-    "default": Profile(steps=500, batch_size=8, d_model=128, layers=2, heads=4, eval_chunks=4, lr=6e-3,
-                       finetune_steps=20, seeds=3, schemes=tuple(DEFAULT_SCHEMES)),
-    "full": Profile(steps=1000, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=8, lr=3e-3,
-                    finetune_steps=40, seeds=3, schemes=FULL_SCHEMES),
+    # 1000 steps of 8 sequences at peak lr 3e-3: rope reached 1.91-1.97 held-out bits per byte where
+    # 6e-3 gave 2.27, and 500 steps of 16 (the same bytes, more time per byte) 2.16 (one seed).
+    "default": Profile(steps=1000, batch_size=8, d_model=128, layers=2, heads=4, eval_chunks=4, lr=3e-3,
+                       finetune_steps=40, seeds=3, schemes=tuple(DEFAULT_SCHEMES)),
+    "full": Profile(steps=2500, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=8, lr=3e-3,
+                    finetune_steps=100, seeds=3, schemes=FULL_SCHEMES),
     "quick": Profile(steps=40, batch_size=8, d_model=64, layers=2, heads=4, eval_chunks=2, lr=6e-3,
                      finetune_steps=2, seeds=1, schemes=tuple(DEFAULT_SCHEMES)),
 }
 PROFILE_FIELDS = ("steps", "batch_size", "d_model", "layers", "heads", "eval_chunks", "lr", "finetune_steps",
                   "seeds")
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU advertises AMX bf16 tiles (Linux's /proc/cpuinfo; False elsewhere), where
+    PyTorch's bfloat16 matmuls run on AMX and beat float32 (elsewhere, e.g. AVX512_BF16 without
+    AMX, oneDNN's bf16 GEMM measured slower than float32: issue 19)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``--precision auto`` made concrete for ``device``: "bfloat16" or "float32"."""
+    if precision != "auto":
+        return precision
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return "bfloat16" if cpu_has_amx() else "float32"
+    if kind == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "float32"
+
+
+def autocast_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    return torch.bfloat16 if args.precision == "bfloat16" else None
 
 
 class UsageError(ValueError):
@@ -155,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None,
                    help=f"seeds to run, each trains every model afresh {_profile_defaults('seeds')}")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="training arithmetic: float32, or bfloat16 autocast (mixed precision, float32 "
+                        "weights); auto: bfloat16 on CPUs with AMX and on CUDA devices that support it, "
+                        "where it is faster, else float32. Evaluation is float32 always (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes training the (seed, model) jobs side by side, each on torch threads / "
+                        "workers threads (default on CPU: one per torch thread, at most one per job; "
+                        "other devices: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -245,6 +284,14 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
             torch.empty(0, device=args.device)
         except (RuntimeError, AssertionError) as exc:
             raise UsageError(f"--device: {args.device!r} is not usable here: {exc}") from None
+    args.precision = resolve_precision(args.precision, args.device)
+    jobs = len(plan_jobs(args.scheme_names, [args.seed + i for i in range(args.seeds)]))
+    if args.workers is None:
+        args.workers = min(torch.get_num_threads(), jobs) if torch.device(args.device).type == "cpu" else 1
+    elif args.workers < 1:
+        raise UsageError(f"--workers: expected a positive integer, got {args.workers}")
+    args.workers = min(args.workers, jobs)
+    args.threads_per_worker = max(1, torch.get_num_threads() // args.workers)
     return args
 
 
@@ -282,11 +329,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return _resolve(build_parser().parse_args(argv))
 
 
-def environment() -> str:
-    """Versions and threads, for results.md: the same seed gives the same numbers only on the same
-    versions and thread count."""
+def environment(args: argparse.Namespace) -> str:
+    """Versions, precision and threads, for results.md: the same seed gives the same numbers only on
+    the same versions, precision and threads per job."""
+    layout = (f"{args.workers} worker processes x {args.threads_per_worker} torch thread(s)" if args.workers > 1
+              else f"{torch.get_num_threads()} torch threads")
     return (f"longreach {LONGREACH_VERSION}, torch {torch.__version__}, Python {platform.python_version()}, "
-            f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+            f"{args.precision} training, {layout} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), {os.cpu_count()} CPUs, "
             f"{platform.machine()}")
 
@@ -299,40 +348,75 @@ def pose_ids(train_len: int, target_len: int, seed: int):
                                            generator=generator)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One unit of the study's work: with ``seed``, train ``weights[0]``, fine-tune the others from
+    it, and evaluate every selected scheme that uses one of them. Jobs share nothing, so they can
+    run in separate processes (workers.py)."""
+
+    seed: int
+    weights: Tuple[str, ...]
+
+
+def plan_jobs(scheme_names: Sequence[str], seeds: Sequence[int]) -> List[Job]:
+    """The jobs of a run, longest first (those with fine-tunes), then by seed and first use."""
+    groups: Dict[str, List[str]] = {}
+    for weights in models_to_train(scheme_names):  # a base comes before its fine-tunes
+        root = weights
+        while SCHEMES[root].finetune:
+            root = SCHEMES[SCHEMES[root].base].weights
+        groups.setdefault(root, []).append(weights)
+    jobs = [Job(seed, tuple(group)) for seed in seeds for group in groups.values()]
+    return sorted(jobs, key=lambda job: -len(job.weights))  # stable: seed, then first-use order
+
+
 @dataclass
-class SeedRun:
-    """What one seed's run produced."""
+class JobRun:
+    """What one job produced, by scheme (bpb, context) and by weights name (training)."""
 
     bpb: Dict[str, Dict[int, float]]
     context: Dict[str, Dict[int, Tuple[float, float]]]
-    training: Dict[str, TrainResult]  # trained models and fine-tunes, by weights name
+    training: Dict[str, TrainResult]
     timings: Dict[str, float]
 
 
-def run_seed(args: argparse.Namespace, seed: int, stream: torch.Tensor, chunks: torch.Tensor, dims: ModelDims,
-             ft: FinetuneSettings, progress: bool) -> SeedRun:
-    """Train every model the schemes need with ``seed``, fine-tune, and evaluate each scheme."""
+@dataclass(frozen=True)
+class StudyData:
+    """What every job reads: the checked arguments, the data and the fixed settings (sent once to
+    each worker process)."""
+
+    args: argparse.Namespace
+    stream: torch.Tensor
+    chunks: torch.Tensor
+    dims: ModelDims
+    ft: FinetuneSettings
+
+
+def run_job(job: Job, study: StudyData, progress) -> JobRun:
+    """Train, fine-tune and evaluate ``job``; ``progress`` as train() takes it."""
+    args, dims, ft = study.args, study.dims, study.ft
+    autocast = autocast_dtype(args)
     results: Dict[str, Dict[int, float]] = {}
     context: Dict[str, Dict[int, Tuple[float, float]]] = {}
     training: Dict[str, TrainResult] = {}
     timings: Dict[str, float] = {}
-    bases = {SCHEMES[n].base for n in args.scheme_names if SCHEMES[n].finetune}
     base_states: Dict[str, Dict[str, torch.Tensor]] = {}  # trained weights the fine-tunes start from
+    seed = job.seed
     tag = f" seed {seed}" if args.seeds > 1 else ""
-    for weights in models_to_train(args.scheme_names):  # a base comes before its fine-tunes
+    for weights in job.weights:
         w = SCHEMES[weights]
         if w.finetune:
-            model, tr = finetune(w, base_states[w.base], dims, args.train_len, ft, stream, seed,
-                                 args.device, progress, desc_suffix=tag)
+            model, tr = finetune(w, base_states[w.base], dims, args.train_len, ft, study.stream, seed,
+                                 args.device, progress, desc_suffix=tag, autocast=autocast)
             timings[f"fine-tune {weights}"] = tr.seconds
         else:
             model = build_model(w, dims, args.window, args.train_len, seed)
-            sampler = data_mod.BatchSampler(stream, args.train_len, args.batch_size, seed)
+            sampler = data_mod.BatchSampler(study.stream, args.train_len, args.batch_size, seed)
             ids = pose_ids(args.train_len, args.lengths[-1], seed) if w.pose else None
             tr = train(model, sampler, args.steps, args.lr, args.device, progress, desc=f"train {weights}{tag}",
-                       position_ids=ids)
+                       position_ids=ids, autocast=autocast)
             timings[f"train {weights}"] = tr.seconds
-            if weights in bases:
+            if len(job.weights) > 1:
                 base_states[weights] = copy.deepcopy(model.state_dict())
         training[weights] = tr
         for name in args.scheme_names:
@@ -342,14 +426,41 @@ def run_seed(args: argparse.Namespace, seed: int, stream: torch.Tensor, chunks: 
             t = time.perf_counter()
             context[name] = {}
             results[name] = evaluate(
-                model, chunks, args.lengths,
+                model, study.chunks, args.lengths,
                 configure=lambda L, s=scheme: configure_for_length(model, s, args.train_len, L, args.finetune_len,
                                                                    dims),
                 device=args.device, progress=progress, desc=f"eval {name}{tag}", context=context[name],
             )
             timings[f"eval {name}"] = time.perf_counter() - t
-    order = args.scheme_names
-    return SeedRun({n: results[n] for n in order}, {n: context[n] for n in order}, training, timings)
+    return JobRun(results, context, training, timings)
+
+
+@dataclass
+class SeedRun:
+    """What one seed's jobs produced, the schemes in the run's order."""
+
+    bpb: Dict[str, Dict[int, float]]
+    context: Dict[str, Dict[int, Tuple[float, float]]]
+    training: Dict[str, TrainResult]  # trained models and fine-tunes, by weights name, in training order
+    timings: Dict[str, float]
+
+
+def seed_runs(args: argparse.Namespace, jobs: Sequence[Job], done: Sequence[JobRun]) -> List[SeedRun]:
+    """The jobs' results gathered per seed, in --seed order."""
+    order = models_to_train(args.scheme_names)
+    out = []
+    for seed in [args.seed + i for i in range(args.seeds)]:
+        mine = [r for j, r in zip(jobs, done) if j.seed == seed]
+        merged = JobRun({}, {}, {}, {})
+        for r in mine:
+            merged.bpb.update(r.bpb)
+            merged.context.update(r.context)
+            merged.training.update(r.training)
+            merged.timings.update(r.timings)
+        out.append(SeedRun({n: merged.bpb[n] for n in args.scheme_names},
+                           {n: merged.context[n] for n in args.scheme_names},
+                           {w: merged.training[w] for w in order}, merged.timings))
+    return out
 
 
 def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> List[Dict[str, Dict[int, float]]]:
@@ -367,7 +478,7 @@ def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> List[D
     print(f"corpus: {corpus.describe()}")
     settings = (f"profile {args.profile}; {dims.layers} layers, width {dims.d_model}, {dims.heads} heads; "
                 f"{args.steps} training steps of {args.batch_size} x {args.train_len} bytes, peak lr {args.lr}; "
-                f"window {args.window}; swat slopes +-{args.swat_slope_scale:g}/2^k; "
+                f"window {args.window}; swat slopes +-{args.swat_slope_scale:g}/2^k; {args.precision} training; "
                 f"seeds {', '.join(map(str, seeds))}")
     ft = FinetuneSettings(length=args.finetune_len, steps=args.finetune_steps, batch_size=args.finetune_batch_size,
                           lr=args.finetune_lr, chunk=args.finetune_chunk)
@@ -382,9 +493,12 @@ def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> List[D
     print(f"model: {settings}")
     print(f"eval: {bytes_scored:,} held-out bytes at lengths {', '.join(map(str, args.lengths))}")
 
-    seed_runs = [run_seed(args, seed, stream, chunks, dims, ft, progress) for seed in seeds]
-    runs = [r.bpb for r in seed_runs]
-    contexts = [r.context for r in seed_runs]
+    jobs = plan_jobs(args.scheme_names, seeds)
+    done = run_jobs(run_job, jobs, StudyData(args, stream, chunks, dims, ft), args.workers, args.threads_per_worker,
+                    progress)
+    by_seed = seed_runs(args, jobs, done)
+    runs = [r.bpb for r in by_seed]
+    contexts = [r.context for r in by_seed]
     total = time.perf_counter() - t0
 
     out = Path(args.out)
@@ -394,7 +508,7 @@ def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> List[D
     seeds_text = f"{len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
     report.plot(out / "bpb_vs_length.png", runs, args.train_len,
                 f"trained at {args.train_len} bytes, {args.steps} steps, {seeds_text}; held-out {held}")
-    curves = {w: [r.training[w].losses for r in seed_runs] for w in seed_runs[0].training}
+    curves = {w: [r.training[w].losses for r in by_seed] for w in by_seed[0].training}
     report.write_training_csv(out / "training.csv", curves, seeds)
     report.plot_training(out / "training_curves.png", curves,
                          f"training bits per byte, {args.train_len}-byte batches (fine-tunes at {ft.length}), "
@@ -407,13 +521,13 @@ def run(args: argparse.Namespace, argv_for_record: Sequence[str] = ()) -> List[D
         run_notes.insert(0, "--quick trains for a smoke test only: its models are barely trained and its "
                             "numbers do not test the papers' claims.")
     training = ", ".join(
-        f"{w} {report._cell([r.training[w].final_bpb for r in seed_runs])}" for w in seed_runs[0].training)
-    finetunes = {w: seed_runs[0].training[w] for w in seed_runs[0].training if SCHEMES[w].finetune}
+        f"{w} {report._cell([r.training[w].final_bpb for r in by_seed])}" for w in by_seed[0].training)
+    finetunes = {w: by_seed[0].training[w] for w in by_seed[0].training if SCHEMES[w].finetune}
     timings: Dict[str, float] = {}
-    for r in seed_runs:
+    for r in by_seed:
         for k, v in r.timings.items():
             timings[k] = timings.get(k, 0.0) + v
-    env = environment()
+    env = environment(args)
     report.write_markdown(
         out / "results.md", runs, args.train_len, command=command, corpus=corpus.describe(),
         settings=f"{settings}; final training bits per byte: {training}",

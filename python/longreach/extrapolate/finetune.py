@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -59,15 +59,17 @@ def finetune_model(scheme: Scheme, dims: ModelDims, train_len: int, settings: Fi
 
 def finetune(scheme: Scheme, base_state: Dict[str, torch.Tensor], dims: ModelDims, train_len: int,
              settings: FinetuneSettings, stream: torch.Tensor, seed: int, device: str = "cpu",
-             progress: bool = True, desc_suffix: str = "") -> Tuple[LocalTransformerLM, TrainResult]:
+             progress=True, desc_suffix: str = "", autocast: Optional[torch.dtype] = None,
+             ) -> Tuple[LocalTransformerLM, TrainResult]:
     """Fine-tune ``base_state`` as ``scheme`` says; returns the model to evaluate (full causal
-    attention, the fine-tuned weights) and the fine-tune's TrainResult."""
+    attention, the fine-tuned weights) and the fine-tune's TrainResult. ``progress`` and
+    ``autocast`` as in train()."""
     model = finetune_model(scheme, dims, train_len, settings, seed)
     model.load_state_dict(base_state)
     configure_for_length(model, scheme, train_len, settings.length, settings.length)  # PI / YaRN at factor s
     sampler = data_mod.BatchSampler(stream, settings.length, settings.batch_size, seed)
     result = train(model, sampler, settings.steps, settings.lr, device, progress,
-                   desc=f"fine-tune {scheme.name}{desc_suffix}")
+                   desc=f"fine-tune {scheme.name}{desc_suffix}", autocast=autocast)
     evaluated = build_model(scheme, dims, None, train_len, seed)
     evaluated.load_state_dict(model.state_dict())
     return evaluated.to(device), result

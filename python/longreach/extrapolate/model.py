@@ -32,6 +32,10 @@ class ModelDims:
     # longreach.alibi_slopes("balanced")). --swat-slope-scale; the paper's value is not pinned
     # down by its text, so the study states the one it uses.
     balanced_slope_scale: float = 1.0
+    # Standard deviation of the initial weights (LocalTransformerConfig.init_std, GPT-2's 0.02 by
+    # default there). At this width 0.05 learns faster: rope after 500 steps of 8 x 256 bytes,
+    # 2.26 held-out bits per byte against 2.40 with 0.02 (docs/extrapolation.md).
+    init_std: float = 0.05
 
 
 def model_config(scheme: Scheme, dims: ModelDims, window: Optional[int], train_len: int) -> LocalTransformerConfig:
@@ -55,6 +59,7 @@ def model_config(scheme: Scheme, dims: ModelDims, window: Optional[int], train_l
         alibi=scheme.alibi or "standard",
         # RoPE tables start at the training length; "original length" of length-dependent scalings.
         max_position_embeddings=train_len,
+        init_std=dims.init_std,
     )
 
 
