@@ -58,18 +58,19 @@ class Profile:
 
 FULL_SCHEMES = tuple(DEFAULT_SCHEMES) + ("sliding-rope", "rope-pose", "rope-pi-longlora")
 
-# Budgets, from per-step CPU times measured on one thread (docs/extrapolation.md, "Run time and the
-# profiles"): default fits about 10 minutes on 2 idle CPU cores (`make demo`: 4 trained models and 2
-# fine-tunes per seed, 3 seeds), full about an hour (6 trained models, 3 fine-tunes per seed), quick
-# is a smoke test of about 15 s. The fine-tunes get 4 % of the training steps (PI's paper fine-tunes
-# 1000 steps, YaRN's 400).
+# Budgets (docs/extrapolation.md, "Run time and the profiles"): default took 745 s on 2 CPU cores with
+# AMX (`make demo`: 4 trained models and 2 fine-tunes per seed, 3 seeds, bfloat16, 2 one-thread
+# workers), full is about an hour by the per-step times (6 trained models, 3 fine-tunes per seed),
+# quick is a smoke test of 15-40 s. The fine-tunes get 4 % of the training steps (PI's paper
+# fine-tunes 1000 steps, YaRN's 400).
 PROFILES = {
-    # 1000 steps of 8 sequences at peak lr 3e-3: rope reached 1.91-1.97 held-out bits per byte where
-    # 6e-3 gave 2.27, and 500 steps of 16 (the same bytes, more time per byte) 2.16 (one seed).
+    # 1000 steps of 8 sequences at peak lr 3e-3 (with train.py's beta1 and warm-up, model.py's init):
+    # rope reached 1.91-1.92 held-out bits per byte over 3 seeds; lr 6e-3 gave 2.27, and 500 steps
+    # of 16 (the same bytes, more time per byte) 2.16 (one seed, the previous beta1 and init).
     "default": Profile(steps=1000, batch_size=8, d_model=128, layers=2, heads=4, eval_chunks=4, lr=3e-3,
                        finetune_steps=40, seeds=3, schemes=tuple(DEFAULT_SCHEMES)),
-    "full": Profile(steps=2500, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=8, lr=3e-3,
-                    finetune_steps=100, seeds=3, schemes=FULL_SCHEMES),
+    "full": Profile(steps=2000, batch_size=16, d_model=128, layers=2, heads=4, eval_chunks=8, lr=3e-3,
+                    finetune_steps=80, seeds=3, schemes=FULL_SCHEMES),
     "quick": Profile(steps=40, batch_size=8, d_model=64, layers=2, heads=4, eval_chunks=2, lr=6e-3,
                      finetune_steps=2, seeds=1, schemes=tuple(DEFAULT_SCHEMES)),
 }
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(DEFAULT_SCHEMES)}; full profile adds "
                         f"{', '.join(n for n in FULL_SCHEMES if n not in DEFAULT_SCHEMES)})")
     p.add_argument("--profile", default=None, metavar="NAME",
-                   help="run size: default (about 10 minutes on 2 cores, 3 seeds), full (about an hour) "
+                   help="run size: default (about 12 minutes on 2 cores, 3 seeds), full (about an hour) "
                         "or quick (= --quick)")
     p.add_argument("--list-schemes", action="store_true", help="describe the schemes and exit")
     p.add_argument("--data", metavar="PATH", default=None,
