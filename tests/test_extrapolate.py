@@ -26,6 +26,19 @@ TINY = ["--train-len", "32", "--eval-lengths", "32,64,128", "--window", "8", "--
         "--no-progress", "--seeds", "1", "--workers", "1"]
 
 
+def tiny_without(*flags: str) -> list:
+    """TINY without the given flags and their values (for a test that sets them itself)."""
+    out, skip = [], False
+    for i, arg in enumerate(TINY):
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = i + 1 < len(TINY) and not TINY[i + 1].startswith("--")
+        else:
+            out.append(arg)
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny_text(tmp_path_factory) -> Path:
     """About 40 kB of real text: a few standard-library modules in one file."""

@@ -12,7 +12,7 @@ import torch
 from longreach.extrapolate import cli, workers
 from longreach.extrapolate.train import train
 
-from test_extrapolate import TINY, tiny_text  # noqa: F401  (the module-scoped corpus fixture)
+from test_extrapolate import tiny_text, tiny_without  # noqa: F401  (the module-scoped corpus fixture)
 
 
 def test_jobs_group_each_trained_model_with_its_fine_tunes_longest_first():
@@ -36,8 +36,8 @@ def test_worker_processes_give_the_numbers_of_one_process(tiny_text, tmp_path): 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        argv = ["--data", str(tiny_text), "--schemes", "rope-yarn,rope-pi-ft,alibi-pi"] + TINY[:-4] + [
-            "--seeds", "2", "--finetune-steps", "2"]
+        argv = ["--data", str(tiny_text), "--schemes", "rope-yarn,rope-pi-ft,alibi-pi"] + tiny_without(
+            "--seeds", "--workers") + ["--seeds", "2", "--finetune-steps", "2"]
         cli.main(argv + ["--workers", "1", "--out", str(tmp_path / "one")])
         cli.main(argv + ["--workers", "2", "--out", str(tmp_path / "two")])
     finally:
