@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -184,11 +185,12 @@ bool run_allows(const BlockContext<acc_t>& bc, const TileKeys& keys, const TileR
          extra_key_visible(bc.P->window, bc.pos[a], j, bc.global_rows, bc.plan->key_is_global(bc.batch, j));
 }
 
-// Whether finalize_tile's vectorized ALiBi loop applies to rows [a0, a1): evenly spaced keys (no
+// Whether finalize_tile's vectorized ALiBi loop applies to rows [a0, a1): a finite slope (an
+// infinite one makes slope * 0 NaN, which must not reach a masked score), evenly spaced keys (no
 // list of extra keys) and every row's distances, and its column indices, exact in int32.
 template <typename acc_t>
 bool alibi_fits_int32(const BlockContext<acc_t>& bc, const TileKeys& keys, int64_t a0, int64_t a1) {
-  if (keys.list || a1 <= a0) return false;
+  if (!std::isfinite(bc.slope) || keys.list || a1 <= a0) return false;
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max() / 2;
   const int64_t span = keys.n * (keys.stride < 0 ? -keys.stride : keys.stride);
   if (keys.n > kMax || span > kMax) return false;
