@@ -31,7 +31,7 @@ from longreach.nn import LocalTransformerLM
 from . import data as data_mod
 from .model import ModelDims, build_model, configure_for_length, model_config
 from .schemes import Scheme
-from .train import TrainResult, train
+from .train import Progress, TrainResult, train
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def finetune_model(scheme: Scheme, dims: ModelDims, train_len: int, settings: Fi
 
 def finetune(scheme: Scheme, base_state: Dict[str, torch.Tensor], dims: ModelDims, train_len: int,
              settings: FinetuneSettings, stream: torch.Tensor, seed: int, device: str = "cpu",
-             progress=True, desc_suffix: str = "", autocast: Optional[torch.dtype] = None,
+             progress: Progress = True, desc_suffix: str = "", autocast: Optional[torch.dtype] = None,
              ) -> Tuple[LocalTransformerLM, TrainResult]:
     """Fine-tune ``base_state`` as ``scheme`` says; returns the model to evaluate (full causal
     attention, the fine-tuned weights) and the fine-tune's TrainResult. ``progress`` and
