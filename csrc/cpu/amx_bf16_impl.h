@@ -46,6 +46,7 @@
 #include <stdexcept>
 
 #include "bf16_ops.h"
+#include "exp_avx512.h"
 #include "flagged_helpers.h"
 
 namespace longreach::cpu::LR_AMX_NS {
@@ -191,6 +192,8 @@ void check_rows(int64_t m, const char* message) {
 
 // C tile j of the current batch += A tile (4) . B tile: the B tile from `b`
 // with row stride `stride` bytes. Tile numbers are immediates of the instructions.
+// (Alternating A between tiles 4 and 5 by step, so that a step's A load need not
+// wait for the previous step's dots, measured no faster: forward, L = 8192.)
 template <int J>
 inline void step(const void* b, int64_t stride) {
   constexpr int kB = 5 + J % 3;
@@ -313,6 +316,61 @@ void gemm_band_n(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_
   tiles::release();
 }
 
+// C (mr <= 16 rows, row 0 at C, n columns exactly) += the block's A tiles
+// (`steps` tiles from pair q0, pairs at or past q1 zero) @ B, pair rows of ldb
+// words read in [q0, q1) only. Tiles configured by the caller.
+void tiles_times_b(int64_t mr, int64_t n, const uint32_t* a_tiles, int64_t q0, int64_t q1, int64_t steps,
+                   const uint32_t* B, int64_t ldb, float* C, int64_t ldc, Scratch& s) {
+  float* const c_edge = reinterpret_cast<float*>(s.c_edge.get(4 * kTileWords));
+  uint32_t* const b_edge = s.b_edge.get(4 * kTileWords);
+  for (int64_t n0 = 0; n0 < n; n0 += 4 * kT) {
+    const int64_t nc = lmin(4, (n - n0 + kT - 1) / kT);
+    float* c_ptr[4];
+    int64_t c_stride[4];
+    bool c_direct[4];
+    for (int64_t j = 0; j < nc; ++j) {
+      const int64_t cols = lmin(kT, n - n0 - j * kT);
+      c_direct[j] = mr == kT && cols == kT;
+      if (c_direct[j]) {
+        c_ptr[j] = C + n0 + j * kT;
+        c_stride[j] = ldc * 4;
+        continue;
+      }
+      c_ptr[j] = c_edge + j * kTileWords;
+      c_stride[j] = kStride;
+      std::memset(c_ptr[j], 0, kTileWords * 4);
+      for (int64_t r = 0; r < mr; ++r) std::memcpy(c_ptr[j] + r * kT, C + r * ldc + n0 + j * kT, cols * 4);
+    }
+    c_load_all(nc, c_ptr, c_stride);
+    for (int64_t st = 0; st < steps; ++st) {
+      tiles::load<4>(a_tiles + st * kTileWords, kStride);
+      const int64_t p = q0 + st * kT, rows = lmin(kT, q1 - p);
+      const uint32_t* b_ptr[4];
+      int64_t b_stride[4];
+      for (int64_t j = 0; j < nc; ++j) {
+        const int64_t col = n0 + j * kT, cols = lmin(kT, n - col);
+        if (rows == kT && col + kT <= ldb) {
+          b_ptr[j] = B + p * ldb + col;
+          b_stride[j] = ldb * 4;
+          continue;
+        }
+        uint32_t* t = b_edge + j * kTileWords;
+        std::memset(t, 0, kTileWords * 4);
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(t + r * kT, B + (p + r) * ldb + col, cols * 4);
+        b_ptr[j] = t;
+        b_stride[j] = kStride;
+      }
+      step_all(nc, b_ptr, b_stride);
+    }
+    c_store_all(nc, c_ptr, c_stride);
+    for (int64_t j = 0; j < nc; ++j) {
+      if (c_direct[j]) continue;
+      const int64_t cols = lmin(kT, n - n0 - j * kT);
+      for (int64_t r = 0; r < mr; ++r) std::memcpy(C + r * ldc + n0 + j * kT, c_ptr[j] + r * kT, cols * 4);
+    }
+  }
+}
+
 // C += round_bf16(A) @ B, A read through (a_row, a_col), zero outside each
 // row's own run; B pair rows (ldb words), read only in the pairs of a block's
 // union; C's n columns exactly.
@@ -321,8 +379,6 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
   if (m <= 0 || n <= 0 || k <= 0) return;
   check_rows(m, "amx gemm_band_k: too many rows");
   Scratch& s = scratch();
-  float* const c_edge = reinterpret_cast<float*>(s.c_edge.get(4 * kTileWords));
-  uint32_t* const b_edge = s.b_edge.get(4 * kTileWords);
   tiles::configure();
   for (int64_t m0 = 0; m0 < m; m0 += kT) {
     const int64_t mr = lmin(kT, m - m0);
@@ -333,60 +389,133 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
     const int64_t q0 = lo / 2, q1 = (hi + 1) / 2, steps = (q1 - q0 + kT - 1) / kT;
     uint32_t* const a_tiles = s.a.get(steps * kTileWords);
     pack_k_tiles(A, a_row, a_col, m0, mr, k, first, end, q0, steps, a_tiles);
-    for (int64_t n0 = 0; n0 < n; n0 += 4 * kT) {
-      const int64_t nc = lmin(4, (n - n0 + kT - 1) / kT);
-      float* c_ptr[4];
-      int64_t c_stride[4];
-      bool c_direct[4];
-      for (int64_t j = 0; j < nc; ++j) {
-        const int64_t cols = lmin(kT, n - n0 - j * kT);
-        c_direct[j] = mr == kT && cols == kT;
-        if (c_direct[j]) {
-          c_ptr[j] = C + m0 * ldc + n0 + j * kT;
-          c_stride[j] = ldc * 4;
-          continue;
-        }
-        c_ptr[j] = c_edge + j * kTileWords;
-        c_stride[j] = kStride;
-        std::memset(c_ptr[j], 0, kTileWords * 4);
-        for (int64_t r = 0; r < mr; ++r) std::memcpy(c_ptr[j] + r * kT, C + (m0 + r) * ldc + n0 + j * kT, cols * 4);
-      }
-      c_load_all(nc, c_ptr, c_stride);
-      for (int64_t st = 0; st < steps; ++st) {
-        tiles::load<4>(a_tiles + st * kTileWords, kStride);
-        const int64_t p = q0 + st * kT, rows = lmin(kT, q1 - p);
-        const uint32_t* b_ptr[4];
-        int64_t b_stride[4];
-        for (int64_t j = 0; j < nc; ++j) {
-          const int64_t col = n0 + j * kT, cols = lmin(kT, n - col);
-          if (rows == kT && col + kT <= ldb) {
-            b_ptr[j] = B + p * ldb + col;
-            b_stride[j] = ldb * 4;
-            continue;
-          }
-          uint32_t* t = b_edge + j * kTileWords;
-          std::memset(t, 0, kTileWords * 4);
-          for (int64_t r = 0; r < rows; ++r) std::memcpy(t + r * kT, B + (p + r) * ldb + col, cols * 4);
-          b_ptr[j] = t;
-          b_stride[j] = kStride;
-        }
-        step_all(nc, b_ptr, b_stride);
-      }
-      c_store_all(nc, c_ptr, c_stride);
-      for (int64_t j = 0; j < nc; ++j) {
-        if (c_direct[j]) continue;
-        const int64_t cols = lmin(kT, n - n0 - j * kT);
-        for (int64_t r = 0; r < mr; ++r) std::memcpy(C + (m0 + r) * ldc + n0 + j * kT, c_ptr[j] + r * kT, cols * 4);
-      }
-    }
+    tiles_times_b(mr, n, a_tiles, q0, q1, steps, B, ldb, C + m0 * ldc, ldc, s);
   }
+  tiles::release();
+}
+
+// The largest of 16 lanes.
+inline float lanes_max(__m512 x) { return _mm512_reduce_max_ps(x); }
+
+// Bf16Ops::softmax_tiles (bf16_ops.h): TileOps<float>::softmax_rows on mul * S,
+// row by row in two passes instead of four (scale, max, exp, pack): the raw
+// row max (max of fl(mul * s) is fl(mul * max s) for mul > 0, rounding being
+// monotone), then exp(fl(mul * s) - max) summed in float32, rounded to bf16
+// pairs and stored as the rows of P's A tiles, zero outside the row's run.
+// The exp is softmax_rows' own (exp_avx512.h), so the weights are the same
+// bits; only the order of the row sum's additions differs.
+void softmax_tiles(int64_t m, int64_t k, const float* S, int64_t ld_s, float mul, const int64_t* first,
+                   const int64_t* end, float* row_max, float* row_sum, float* alpha, uint32_t* tiles,
+                   PairSpan* span) {
+  if (m > kT) throw std::runtime_error("amx softmax_tiles: more than 16 rows");
+  const float neg_inf = -__builtin_inff();
+  const __m512 v_neg_inf = _mm512_set1_ps(neg_inf), v_mul = _mm512_set1_ps(mul);
+  int64_t lo, hi;
+  block_union(first, end, 0, m, &lo, &hi);
+  hi = lmin(hi, k);
+  *span = PairSpan{};
+  const int64_t q0 = lo < hi ? lo / 2 : 0, q1 = lo < hi ? (hi + 1) / 2 : 0, steps = (q1 - q0 + kT - 1) / kT;
+  if (lo < hi) *span = PairSpan{q0, q1};
+  alignas(64) float shift[kT], tile_sum[kT];  // shift: max_new - max_old until the exp below
+  for (int64_t r = 0; r < kT; ++r) {
+    shift[r] = 0.f;
+    tile_sum[r] = 0.f;
+    uint32_t* out = tiles + r * kT;  // row r of every step's tile
+    const int64_t f = r < m ? first[r] : 0, e = r < m ? lmin(end[r], k) : 0;
+    auto zero_row = [&] {
+      for (int64_t st = 0; st < steps; ++st) _mm512_storeu_si512(out + st * kTileWords, _mm512_setzero_si512());
+    };
+    if (f >= e) {
+      zero_row();
+      continue;
+    }
+    const float* s = S + r * ld_s;
+    // Raw row max: two chains, the last partial vector padded with -inf; NaN
+    // lanes recorded apart (vmaxps drops them).
+    __m512 mx0 = v_neg_inf, mx1 = v_neg_inf;
+    __mmask16 nan = 0;
+    int64_t c = f;
+    for (; c + 32 <= e; c += 32) {
+      const __m512 x0 = _mm512_loadu_ps(s + c), x1 = _mm512_loadu_ps(s + c + 16);
+      nan |= _mm512_cmp_ps_mask(x0, x1, _CMP_UNORD_Q);
+      mx0 = _mm512_max_ps(mx0, x0);
+      mx1 = _mm512_max_ps(mx1, x1);
+    }
+    for (; c < e; c += 16) {
+      const __mmask16 keep = __mmask16(lane_bits(0, e - c));
+      const __m512 x = _mm512_mask_loadu_ps(v_neg_inf, keep, s + c);
+      nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+      mx0 = _mm512_max_ps(mx0, x);
+    }
+    const float m_old = row_max[r];
+    const float qnan = __builtin_nanf("");
+    const float tile_max = nan ? qnan : mul * lanes_max(_mm512_max_ps(mx0, mx1));
+    // softmax_rows' std::max(m_old, tile_max): a NaN row max (an earlier NaN tile) stays NaN.
+    const float m_new = tile_max != tile_max ? tile_max : (m_old < tile_max ? tile_max : m_old);
+    if (m_new != m_new) {
+      // A NaN score makes the row NaN (softmax_rows' rule): NaN weights in
+      // the run, NaN in row_max, alpha and the sum.
+      const __m512 v_nan = _mm512_set1_ps(qnan);
+      for (int64_t st = 0; st < steps; ++st) {
+        const int64_t e0 = 2 * (q0 + st * kT);
+        const uint32_t keep = lane_bits(f - e0, e - e0);
+        const __m512 lo_v = _mm512_maskz_mov_ps(__mmask16(keep), v_nan);
+        const __m512 hi_v = _mm512_maskz_mov_ps(__mmask16(keep >> 16), v_nan);
+        _mm512_storeu_si512(out + st * kTileWords, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi_v, lo_v)));
+      }
+      shift[r] = qnan;
+      tile_sum[r] = qnan;
+      row_max[r] = qnan;
+      continue;
+    }
+    if (m_new == neg_inf) {  // nothing allowed yet (all scores -inf)
+      zero_row();
+      continue;
+    }
+    const __m512 v_max = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t st = 0; st < steps; ++st) {
+      const int64_t e0 = 2 * (q0 + st * kT);
+      const uint32_t keep = lane_bits(f - e0, e - e0);
+      if (keep == 0) {
+        _mm512_storeu_si512(out + st * kTileWords, _mm512_setzero_si512());
+        continue;
+      }
+      const __mmask16 k_lo = __mmask16(keep), k_hi = __mmask16(keep >> 16);
+      const __m512 x0 = _mm512_mul_ps(v_mul, _mm512_maskz_loadu_ps(k_lo, s + e0));
+      const __m512 x1 = _mm512_mul_ps(v_mul, _mm512_maskz_loadu_ps(k_hi, s + e0 + 16));
+      const __m512 p0 = _mm512_maskz_mov_ps(k_lo, avx512_math::exp_shifted(x0, v_max));
+      const __m512 p1 = _mm512_maskz_mov_ps(k_hi, avx512_math::exp_shifted(x1, v_max));
+      sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+      _mm512_storeu_si512(out + st * kTileWords, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0)));
+    }
+    shift[r] = m_old - m_new;  // -inf for the first keys of a row: alpha = 0
+    row_max[r] = m_new;
+    tile_sum[r] = _mm512_reduce_add_ps(sum);
+  }
+  // alpha = exp(max_old - max_new) and the running sums, as softmax_rows.
+  const __mmask16 rows = __mmask16(lane_bits(0, m));
+  const __m512 al = avx512_math::exp_shifted(_mm512_load_ps(shift), _mm512_setzero_ps());
+  _mm512_mask_storeu_ps(alpha, rows, al);
+  const __m512 sums = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, row_sum), al, _mm512_load_ps(tile_sum));
+  _mm512_mask_storeu_ps(row_sum, rows, sums);
+}
+
+// Bf16Ops::gemm_tiles_k: C += the P tiles of softmax_tiles @ B.
+void gemm_tiles_k(int64_t m, int64_t n, const uint32_t* p_tiles, PairSpan span, const uint32_t* B, int64_t ldb,
+                  float* C, int64_t ldc) {
+  if (m <= 0 || n <= 0 || span.q0 >= span.q1) return;
+  if (m > kT) throw std::runtime_error("amx gemm_tiles_k: more than 16 rows");
+  tiles::configure();
+  tiles_times_b(m, n, p_tiles, span.q0, span.q1, (span.q1 - span.q0 + kT - 1) / kT, B, ldb, C, ldc, scratch());
   tiles::release();
 }
 
 }  // namespace
 
 const Bf16Ops& bf16_table() {
-  static const Bf16Ops ops{LR_AMX_NAME, &gemm_band_n, &gemm_band_k};
+  static const Bf16Ops ops{LR_AMX_NAME,   &gemm_band_n,   &gemm_band_k, /*forward_rows=*/kT,
+                           &softmax_tiles, &gemm_tiles_k};
   return ops;
 }
 

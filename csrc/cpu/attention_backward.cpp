@@ -401,7 +401,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
           // and dV takes P o Z (below); dS = P o (dP - dO . O) keeps the undropped P.
           const bool dropout = P.dropout.enabled;
           const int64_t head_row = P.dropout.head_row(b, h, P.q_heads);
-          if (dropout) apply_dropout(P.dropout, head_row, ws.rows.data(), nq, keys, runs, G, ws.ld_s);
+          if (dropout) apply_dropout(P.dropout, head_row, ws.rows.data(), 0, nq, keys, runs, G, ws.ld_s);
           // With learnable slopes the soft-cap factor is applied after the
           // slope gradient has read dS with respect to the final score.
           const acc_t* grad_factor = dslopes ? nullptr : F;
@@ -414,7 +414,7 @@ void backward_kernel(const AttentionParams& P, const TilePlan& plan, const at::T
             alibi_slope_grad_tile(bc, keys, runs, S, G, F, ws.ld_s, ws.slope_e.data(), ws.slope_f.data(),
                                   ws.slope_c.data());
           }
-          if (dropout) apply_dropout(P.dropout, head_row, ws.rows.data(), nq, keys, runs, S, ws.ld_s);
+          if (dropout) apply_dropout(P.dropout, head_row, ws.rows.data(), 0, nq, keys, runs, S, ws.ld_s);
           // dQ += dS K
           if constexpr (std::is_same_v<acc_t, float>) {
             if (bf) {

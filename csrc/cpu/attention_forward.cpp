@@ -75,6 +75,11 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
       for (int64_t h = hk * P.group_size(); h < (hk + 1) * P.group_size(); ++h) {
         const BlockContext<acc_t> bc{&P, &plan, b, ws.pos.data(), nq, alibi_slope<acc_t>(P, slopes, b, h),
                                      chunk.global_rows};
+        // The table's softmax fused with P's packing (Bf16Ops::softmax_tiles) where the scores are
+        // scale * q.k as they are: no ALiBi, soft-cap, sigmoid or dropout, and a scale > 0.
+        const bool fused_softmax = bf && bf->softmax_tiles && !sigmoid_score && !P.dropout.enabled &&
+                                   bc.slope == acc_t(0) && !(P.softcap > 0) && scale > acc_t(0) &&
+                                   std::isfinite(scale);
         if (bf) {
           const auto Q = q_rows<const scalar_t>(q, plan, b, h);
           ws.q16.resize(nq * D);
@@ -99,43 +104,73 @@ void forward_kernel(const AttentionParams& P, const TilePlan& plan, const at::Te
           const KeyOperands<acc_t>& ko = keys.list != nullptr ? ws.extra : ws.span;
           TileRuns& runs = ws.runs;
           plan_runs(bc, keys, masked, valid_from, &runs);
-          const int64_t* first = runs.first.data();
-          const int64_t* last = runs.end.data();
-          acc_t* S = ws.S.data();
-          if constexpr (std::is_same_v<acc_t, float>) {
-            if (bf) bf->gemm_band_n(nq, keys.n, D, ws.q16.data(), D, ko.kT_pairs_from(col0), scale, S, ws.ld_s, first, last);
+          if (fused_softmax && static_cast<int64_t>(ws.p_tiles.size()) < p_tile_words(keys.n)) {
+            ws.p_tiles.resize(p_tile_words(keys.n));
           }
-          if (bf) {
-          } else if (few_rows) {
-            ops.rows_dot(nq, D, ws.q.ptr, ws.q.ld, ko.k.row(col0), ko.k.ld, scale, S, ws.ld_s, first, last);
-          } else {
-            ops.gemm_band_n(nq, keys.n, D, ws.q.ptr, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first, last);
-          }
-          finalize_tile(bc, keys, runs, S, ws.ld_s, static_cast<acc_t*>(nullptr));
-          if (sigmoid_score) {
-            ops.sigmoid_rows(S, ws.ld_s, nq, first, last, bias);
-          } else {
-            ops.softmax_rows(S, ws.ld_s, nq, first, last, ws.m.data(), ws.l.data(), ws.alpha.data());
-            for (int64_t a = 0; a < nq && !first_tile; ++a) {  // nothing to rescale before the first tile
-              const acc_t al = ws.alpha[a];
-              if (al == acc_t(1)) continue;
-              acc_t* o = ws.acc.data() + a * D;
-              for (int64_t d = 0; d < D; ++d) o[d] *= al;
+          // Rows [r0, r1) at a time (Bf16Ops::forward_rows; else the whole block):
+          // their scores start at the buffer's first row whichever rows they are.
+          const int64_t step = bf && bf->forward_rows > 0 ? bf->forward_rows : nq;
+          for (int64_t r0 = 0; r0 < nq; r0 += step) {
+            const int64_t r1 = std::min(nq, r0 + step), mr = r1 - r0;
+            const int64_t* first = runs.first.data() + r0;
+            const int64_t* last = runs.end.data() + r0;
+            acc_t* S = ws.S.data();
+            acc_t* acc = ws.acc.data() + r0 * D;
+            if constexpr (std::is_same_v<acc_t, float>) {
+              if (bf) {
+                bf->gemm_band_n(mr, keys.n, D, ws.q16.data() + r0 * D, D, ko.kT_pairs_from(col0),
+                                fused_softmax ? 1.f : scale, S, ws.ld_s, first, last);
+              }
             }
-          }
-          // Dropout after the softmax (the row sums l above saw every weight, so lse is unaffected).
-          if (P.dropout.enabled) apply_dropout(P.dropout, P.dropout.head_row(b, h, P.q_heads), ws.rows.data(), nq, keys, runs, S, ws.ld_s);
-          if constexpr (std::is_same_v<acc_t, float>) {
             if (bf) {
-              bf->gemm_band_k(nq, D, keys.n, S, ws.ld_s, 1, ko.v_pairs_from(col0), ko.ld_pairs, ws.acc.data(), D, first,
+            } else if (few_rows) {
+              ops.rows_dot(mr, D, ws.q.ptr + r0 * ws.q.ld, ws.q.ld, ko.k.row(col0), ko.k.ld, scale, S, ws.ld_s, first,
+                           last);
+            } else {
+              ops.gemm_band_n(mr, keys.n, D, ws.q.ptr + r0 * ws.q.ld, ws.q.ld, 1, ko.kT_from(col0), S, ws.ld_s, first,
                               last);
             }
-          }
-          if (bf) {
-          } else if (few_rows) {
-            ops.rows_axpy(nq, D, S, ws.ld_s, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);
-          } else {
-            ops.gemm_band_k(nq, D, keys.n, S, ws.ld_s, 1, ko.v.row(col0), ko.v.ld, ws.acc.data(), D, first, last);
+            // Masks only when fused (no ALiBi or soft-cap): -inf is -inf at any scale > 0.
+            finalize_tile(bc, keys, runs, S, ws.ld_s, static_cast<acc_t*>(nullptr), r0, r1);
+            PairSpan p_span;
+            if constexpr (std::is_same_v<acc_t, float>) {
+              if (fused_softmax) {
+                bf->softmax_tiles(mr, keys.n, S, ws.ld_s, scale, first, last, ws.m.data() + r0, ws.l.data() + r0,
+                                  ws.alpha.data() + r0, ws.p_tiles.data(), &p_span);
+              }
+            }
+            if (sigmoid_score) {
+              ops.sigmoid_rows(S, ws.ld_s, mr, first, last, bias);
+            } else {
+              if (!fused_softmax) {
+                ops.softmax_rows(S, ws.ld_s, mr, first, last, ws.m.data() + r0, ws.l.data() + r0,
+                                 ws.alpha.data() + r0);
+              }
+              for (int64_t a = r0; a < r1 && !first_tile; ++a) {  // nothing to rescale before the first tile
+                const acc_t al = ws.alpha[a];
+                if (al == acc_t(1)) continue;
+                acc_t* o = ws.acc.data() + a * D;
+                for (int64_t d = 0; d < D; ++d) o[d] *= al;
+              }
+            }
+            // Dropout after the softmax (the row sums l above saw every weight, so lse is unaffected).
+            if (P.dropout.enabled) {
+              apply_dropout(P.dropout, P.dropout.head_row(b, h, P.q_heads), ws.rows.data(), r0, r1, keys, runs, S,
+                            ws.ld_s);
+            }
+            if constexpr (std::is_same_v<acc_t, float>) {
+              if (fused_softmax) {
+                bf->gemm_tiles_k(mr, D, ws.p_tiles.data(), p_span, ko.v_pairs_from(col0), ko.ld_pairs, acc, D);
+              } else if (bf) {
+                bf->gemm_band_k(mr, D, keys.n, S, ws.ld_s, 1, ko.v_pairs_from(col0), ko.ld_pairs, acc, D, first, last);
+              }
+            }
+            if (bf) {
+            } else if (few_rows) {
+              ops.rows_axpy(mr, D, S, ws.ld_s, ko.v.row(col0), ko.v.ld, acc, D, first, last);
+            } else {
+              ops.gemm_band_k(mr, D, keys.n, S, ws.ld_s, 1, ko.v.row(col0), ko.v.ld, acc, D, first, last);
+            }
           }
           first_tile = false;
         });

@@ -35,6 +35,11 @@
 
 namespace longreach::cpu {
 
+// Key pairs [q0, q1) that a block's P tiles (softmax_tiles) cover; empty when q0 >= q1.
+struct PairSpan {
+  int64_t q0 = 0, q1 = 0;
+};
+
 struct Bf16Ops {
   const char* isa;
   // C = mul * A @ B over the rows' runs, exactly as TileOps<float>::gemm_band_n
@@ -48,7 +53,34 @@ struct Bf16Ops {
   void (*gemm_band_k)(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row, int64_t a_col,
                       const uint32_t* B, int64_t ldb, float* C, int64_t ldc, const int64_t* first,
                       const int64_t* end);
+  // Query rows the forward takes through S = Q K^T, softmax and O += P V at a
+  // time (0: the whole block of kRowBlock rows). AMX: one 16-row tile block, so
+  // that its scores (16 rows of a key tile, <= 64 KiB) stay in L1 from the
+  // product's tile stores through the softmax to P's packing.
+  int64_t forward_rows;
+  // The forward's plain softmax fused with P's packing, where the table has it
+  // (AMX; else both nullptr). softmax_tiles takes m <= forward_rows rows of raw
+  // products S (gemm_band_n with mul = 1) and the scale mul > 0, and does what
+  // TileOps<float>::softmax_rows does on mul * S over the runs [first, end)
+  // (row_max, row_sum and alpha updated alike, NaN and empty rows included),
+  // except that the weights, rounded to bf16, go into `tiles` (p_tile_words(k)
+  // words) instead of back into S; *span says which key pairs they cover.
+  // gemm_tiles_k then adds those weights times B (pair rows, ldb words) to C's
+  // m rows of n columns, as gemm_band_k would with the float weights. Between
+  // the two calls the caller rescales C by alpha (online softmax).
+  void (*softmax_tiles)(int64_t m, int64_t k, const float* S, int64_t ld_s, float mul, const int64_t* first,
+                        const int64_t* end, float* row_max, float* row_sum, float* alpha, uint32_t* tiles,
+                        PairSpan* span);
+  void (*gemm_tiles_k)(int64_t m, int64_t n, const uint32_t* tiles, PairSpan span, const uint32_t* B, int64_t ldb,
+                       float* C, int64_t ldc);
 };
+
+// Words softmax_tiles may write for a tile of k keys: 16 x 16-word tiles
+// covering at most (k + 1) / 2 pairs from any even start. (Internal linkage:
+// the -m flagged files include this header too, flagged_helpers.h says why.)
+namespace {
+inline int64_t p_tile_words(int64_t k) { return ((k + 1) / 2 / 16 + 2) * 256; }
+}  // namespace
 
 // The table this process uses, or nullptr (see above). Decided once.
 const Bf16Ops* bf16_ops();

@@ -27,6 +27,7 @@ struct Scratch {
   Rows<acc_t> q, go;
   Buffer<c10::BFloat16> q16, go16;    // bf16 products (Bf16Ops): a block's Q (and dO) rows as they are
   Buffer<uint32_t> q_pairs, go_pairs;  // and, for the backward, as pair rows
+  Buffer<uint32_t> p_tiles;            // the forward's bf16 weights as AMX tiles (Bf16Ops::softmax_tiles)
   KeyOperands<acc_t> span, extra;
   std::vector<int64_t> rows, pos;
   TileRuns runs;

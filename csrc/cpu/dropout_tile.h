@@ -11,14 +11,14 @@
 
 namespace longreach::cpu::detail {
 
-// rows[a]: row a's index in its sequence; X (nq rows of ld) is scaled in place
-// over each row's run [first[a], end[a]) of the tile's keys.
+// rows[a]: row a's index in its sequence; X (rows [a0, a1) of the tile, row a0
+// first, ld apart) is scaled in place over each row's run [first[a], end[a]).
 template <typename acc_t>
-void apply_dropout(const DropoutSpec& dropout, int64_t head_row, const int64_t* rows, int64_t nq,
+void apply_dropout(const DropoutSpec& dropout, int64_t head_row, const int64_t* rows, int64_t a0, int64_t a1,
                    const TileKeys& keys, const TileRuns& runs, acc_t* X, int64_t ld) {
   const acc_t kept = static_cast<acc_t>(dropout.keep_scale);
-  for (int64_t a = 0; a < nq; ++a) {
-    acc_t* x = X + a * ld;
+  for (int64_t a = a0; a < a1; ++a) {
+    acc_t* x = X + (a - a0) * ld;
     for (int64_t c = runs.first[a]; c < runs.end[a]; ++c) {
       x[c] = dropout.keep(head_row, rows[a], keys.key(c)) ? x[c] * kept : acc_t(0);
     }

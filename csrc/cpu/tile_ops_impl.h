@@ -28,6 +28,9 @@
 
 #include "../common/scores.h"
 #include "tile_ops.h"
+#if defined(CPU_CAPABILITY_AVX512)
+#include "exp_avx512.h"
+#endif
 
 namespace longreach::cpu::CPU_CAPABILITY {
 namespace {
@@ -51,30 +54,13 @@ constexpr int64_t kMaxRows = 4096;
 constexpr int64_t kMaxBlocks = (kMaxRows + kMR - 1) / kMR;
 
 // exp(x - shift) for the softmax, sigmoid and their gradients. float on
-// AVX-512: 2^t with t = (x - shift) log2(e) = n + f, |f| <= 1/2, 2^f by its
-// degree-6 Taylor polynomial (relative error < 2e-7, about 2 ulp) and 2^n by
-// vscalefps: 13 instructions, about half of ATen's exp_u20 and more accurate.
-// Inputs below -120 give exactly 0 (so does -inf). Elsewhere ATen's fast float
+// AVX-512: exp_avx512.h (a degree-6 polynomial of 2^f and vscalefps, about 2
+// ulp; inputs below -120 give exactly 0, so does -inf). Elsewhere ATen's fast float
 // exp (the one PyTorch's CPU flash attention uses) and the 1-ulp SLEEF exp for
 // double, so float64 results stay ~1e-15 exact.
 #if defined(CPU_CAPABILITY_AVX512)
 inline Vectorized<float> vexp_shifted(const Vectorized<float>& x, float shift) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 lo = _mm512_set1_ps(-120.f * 1.44269504088896341f);
-  // (x - shift) first: exact when x is near the shift, so large scores keep full precision.
-  __m512 t = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_set1_ps(shift)), log2e);
-  t = _mm512_max_ps(t, lo);  // also turns -inf (and NaN from -inf - -inf) into a finite input
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  // 2^f = sum (f ln2)^i / i!
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+  return avx512_math::exp_shifted(x, _mm512_set1_ps(shift));
 }
 #else
 inline Vectorized<float> vexp_shifted(const Vectorized<float>& x, float shift) {

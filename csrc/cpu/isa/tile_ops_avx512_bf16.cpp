@@ -293,7 +293,7 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
 }  // namespace
 
 const Bf16Ops& bf16_table() {
-  static const Bf16Ops ops{"avx512_bf16", &gemm_band_n, &gemm_band_k};
+  static const Bf16Ops ops{"avx512_bf16", &gemm_band_n, &gemm_band_k, /*forward_rows=*/0, nullptr, nullptr};
   return ops;
 }
 
