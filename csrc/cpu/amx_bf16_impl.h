@@ -394,16 +394,14 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
   tiles::release();
 }
 
-// The largest of 16 lanes.
-inline float lanes_max(__m512 x) { return _mm512_reduce_max_ps(x); }
-
 // Bf16Ops::softmax_tiles (bf16_ops.h): TileOps<float>::softmax_rows on mul * S,
 // row by row in two passes instead of four (scale, max, exp, pack): the raw
 // row max (max of fl(mul * s) is fl(mul * max s) for mul > 0, rounding being
-// monotone), then exp(fl(mul * s) - max) summed in float32, rounded to bf16
-// pairs and stored as the rows of P's A tiles, zero outside the row's run.
-// The exp is softmax_rows' own (exp_avx512.h), so the weights are the same
-// bits; only the order of the row sum's additions differs.
+// monotone), then exp(mul * s - max) summed in float32, rounded to bf16 pairs
+// and stored as the rows of P's A tiles, zero outside the row's run. The exp
+// is softmax_rows' own (exp_avx512.h); the compiler may contract mul * s - max
+// into one FMA, so a weight can differ from softmax_rows' in its last float
+// bit before the bf16 rounding, and the row sum adds in another order.
 void softmax_tiles(int64_t m, int64_t k, const float* S, int64_t ld_s, float mul, const int64_t* first,
                    const int64_t* end, float* row_max, float* row_sum, float* alpha, uint32_t* tiles,
                    PairSpan* span) {
@@ -449,7 +447,7 @@ void softmax_tiles(int64_t m, int64_t k, const float* S, int64_t ld_s, float mul
     }
     const float m_old = row_max[r];
     const float qnan = __builtin_nanf("");
-    const float tile_max = nan ? qnan : mul * lanes_max(_mm512_max_ps(mx0, mx1));
+    const float tile_max = nan ? qnan : mul * _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
     // softmax_rows' std::max(m_old, tile_max): a NaN row max (an earlier NaN tile) stays NaN.
     const float m_new = tile_max != tile_max ? tile_max : (m_old < tile_max ? tile_max : m_old);
     if (m_new != m_new) {

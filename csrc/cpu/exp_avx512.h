@@ -1,7 +1,7 @@
 // exp(x - shift) on 16 float lanes of AVX-512, the one copy of the CPU
 // kernels' fast exp: TileOps' vexp_shifted (tile_ops_impl.h, the AVX512 copy)
-// and the AMX forward's fused softmax (amx_bf16_impl.h) both call it, so their
-// softmax weights agree bit for bit.
+// and the AMX forward's fused softmax (amx_bf16_impl.h) both call it, so the
+// two softmax paths share one approximation and its error bound.
 //
 // 2^t with t = (x - shift) log2(e) = n + f, |f| <= 1/2, 2^f by its degree-6
 // Taylor polynomial (relative error < 2e-7, about 2 ulp) and 2^n by vscalefps:
