@@ -25,8 +25,12 @@
 // kernel writes it. No c10 or std template code is instantiated here
 // (flagged_helpers.h says why).
 //
-// Tiles: C in 0..3 (up to four groups of 16 columns of one 16-row block), A in
-// 4, B in 5..7 in turn.
+// Tiles, one 16-row block: C in 0..3 (up to four groups of 16 columns), A in
+// 4, B in 5..7 in turn. Two 16-row blocks (32 rows; gemm_band_n, the fused
+// forward's P V): C 0, 1 and 2, 3 (two groups of 16 columns of each block), A
+// in 4 and 5, B in 6 and 7, so every B tile loaded serves 32 rows. The B
+// operands (K^T, V) stream from L2; serving 32 rows per load made the AMX bf16
+// forward at D = 128 1.4x as fast (L = 8192, window 512).
 //
 // The operands are packed with AVX512_BF16 instructions (vcvtne2ps2bf16, the
 // AVX512_BF16 kernel's rounding), so both including files are compiled with its
@@ -162,7 +166,7 @@ void pack_k_tiles(const float* A, int64_t a_row, int64_t a_col, int64_t m0, int6
 using Words = flagged::AlignedBuffer<uint32_t>;
 
 struct Scratch {
-  Words a;        // a block's A tiles, one per step of 16 pairs
+  Words a, a1;    // a block's (and gemm_band_n's second block's) A tiles, one per step of 16 pairs
   Words b_tail;   // gemm_band_n: each column group's last, partial K tile
   Words b_edge;   // gemm_band_k: one zero-padded B tile
   Words c_edge;   // up to four zero-padded C tiles
@@ -229,88 +233,180 @@ inline void c_store_all(int64_t nc, float* const* c, const int64_t* stride) {
   c_store<3>(nc, c, stride);
 }
 
-// C = mul * A @ B over the runs' 16-row block unions (whole groups of 16 columns).
+// Two row tiles by two column tiles per step (C tiles 0, 1: rows 0-15, 2, 3:
+// rows 16-31; A in 4 and 5, B in 6 and 7): each B tile loaded serves 32 rows.
+template <int J, int B>
+inline void dot_pair_rows() {
+  tiles::dot<J, 4, B>();
+  tiles::dot<J + 2, 5, B>();
+}
+
+// The operands of gemm_band_n, shared by its one- and two-block steps.
+struct BandN {
+  int64_t k2, steps, group, n_vec, tail, a_row;
+  const uint32_t* Aw;  // A as pair words
+  const uint32_t* B;
+  const uint32_t* b_tail;  // each group's last, zero-padded K tile, or nullptr (whole tiles)
+  float mul;
+  float* C;
+  int64_t ldc;
+  float* c_edge;  // four zero-padded C tiles
+  const uint32_t* b_at(int64_t g, int64_t st) const {
+    return st == steps - 1 && b_tail ? b_tail + g * kTileWords : B + g * group + st * kT * kT;
+  }
+  // Block rows [m0, m0 + mr) as A tiles: in place when whole tiles, else
+  // copied into `buf`, rows past mr and pairs past k2 zero.
+  struct ATiles {
+    const uint32_t* p;
+    int64_t stride, step_words;  // bytes between tile rows; words from one step's tile to the next
+    const uint32_t* at(int64_t st) const { return p + st * step_words; }
+  };
+  ATiles a_tiles(int64_t m0, int64_t mr, uint32_t* buf) const {
+    if (mr == kT && tail == kT) return {Aw + m0 * a_row, a_row * 4, kT};
+    std::memset(buf, 0, steps * kTileWords * 4);
+    for (int64_t r = 0; r < mr; ++r) {
+      const uint32_t* src = Aw + (m0 + r) * a_row;
+      for (int64_t st = 0; st < steps; ++st) {
+        std::memcpy(buf + st * kTileWords + r * kT, src + st * kT, lmin(kT, k2 - st * kT) * 4);
+      }
+    }
+    return {buf, kStride, kTileWords};
+  }
+  // After the tiles are stored: C = mul * them for `rows` rows of tile j at
+  // column c, from C itself (direct) or from its c_edge slot.
+  void scale_out(int64_t m0, int64_t rows, int64_t c, bool direct, int64_t slot) const {
+    if (direct && mul == 1.f) return;
+    // A vector per row (as a plain loop the compiler kept it scalar, src and
+    // dst possibly overlapping; vectorised, this function went from 32% to 18%
+    // of a D = 64 bf16 forward's samples).
+    const __m512 scale = _mm512_set1_ps(mul);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* dst = C + (m0 + r) * ldc + c;
+      const float* src = direct ? dst : c_edge + slot * kTileWords + r * kT;
+      _mm512_storeu_ps(dst, _mm512_mul_ps(scale, _mm512_loadu_ps(src)));
+    }
+  }
+};
+
+// One 16-row block (mr rows at m0) over columns [lo, hi): C tiles 0..3 take up
+// to four groups of 16 columns at a time.
+void band_n_block(const BandN& op, int64_t m0, int64_t mr, int64_t lo, int64_t hi, uint32_t* a_buf) {
+  const BandN::ATiles a = op.a_tiles(m0, mr, a_buf);
+  const bool direct = mr == kT;
+  for (int64_t c0 = lo; c0 < hi; c0 += 4 * kT) {
+    const int64_t nc = lmin(4, (hi - c0) / kT);
+    float* c_ptr[4];
+    int64_t c_stride[4];
+    for (int64_t j = 0; j < nc; ++j) {
+      c_ptr[j] = direct ? op.C + m0 * op.ldc + c0 + j * kT : op.c_edge + j * kTileWords;
+      c_stride[j] = direct ? op.ldc * 4 : kStride;
+    }
+    tiles::zero<0>();
+    if (nc > 1) tiles::zero<1>();
+    if (nc > 2) tiles::zero<2>();
+    if (nc > 3) tiles::zero<3>();
+    for (int64_t st = 0; st < op.steps; ++st) {
+      tiles::load<4>(a.at(st), a.stride);
+      const uint32_t* b_ptr[4];
+      int64_t b_stride[4] = {kStride, kStride, kStride, kStride};
+      for (int64_t j = 0; j < nc; ++j) b_ptr[j] = op.b_at(c0 / kT + j, st);
+      step_all(nc, b_ptr, b_stride);
+    }
+    c_store_all(nc, c_ptr, c_stride);
+    for (int64_t j = 0; j < nc; ++j) op.scale_out(m0, mr, c0 + j * kT, direct, j);
+  }
+}
+
+// Two blocks (16 rows at m0, mr1 <= 16 rows at m0 + 16) over the columns
+// [lo, hi) of their union, two groups of 16 columns at a time.
+void band_n_pair(const BandN& op, int64_t m0, int64_t mr1, int64_t lo, int64_t hi, uint32_t* a_buf0,
+                 uint32_t* a_buf1) {
+  const BandN::ATiles a0 = op.a_tiles(m0, kT, a_buf0);
+  const BandN::ATiles a1 = op.a_tiles(m0 + kT, mr1, a_buf1);
+  const bool direct1 = mr1 == kT;
+  for (int64_t c0 = lo; c0 < hi; c0 += 2 * kT) {
+    const bool two = hi - c0 > kT;
+    tiles::zero<0>();
+    tiles::zero<2>();
+    if (two) {
+      tiles::zero<1>();
+      tiles::zero<3>();
+    }
+    for (int64_t st = 0; st < op.steps; ++st) {
+      tiles::load<4>(a0.at(st), a0.stride);
+      tiles::load<5>(a1.at(st), a1.stride);
+      tiles::load<6>(op.b_at(c0 / kT, st), kStride);
+      dot_pair_rows<0, 6>();
+      if (two) {
+        tiles::load<7>(op.b_at(c0 / kT + 1, st), kStride);
+        dot_pair_rows<1, 7>();
+      }
+    }
+    float* const row0 = op.C + m0 * op.ldc + c0;
+    tiles::store<0>(row0, op.ldc * 4);
+    if (two) tiles::store<1>(row0 + kT, op.ldc * 4);
+    float* const row1 = op.C + (m0 + kT) * op.ldc + c0;
+    if (direct1) {
+      tiles::store<2>(row1, op.ldc * 4);
+      if (two) tiles::store<3>(row1 + kT, op.ldc * 4);
+    } else {
+      tiles::store<2>(op.c_edge + 2 * kTileWords, kStride);
+      if (two) tiles::store<3>(op.c_edge + 3 * kTileWords, kStride);
+    }
+    for (int64_t j = 0; j < (two ? 2 : 1); ++j) {
+      op.scale_out(m0, kT, c0 + j * kT, true, j);
+      op.scale_out(m0 + kT, mr1, c0 + j * kT, direct1, 2 + j);
+    }
+  }
+}
+
+// C = mul * A @ B over the runs' block unions (whole groups of 16 columns),
+// blocks of 32 rows where there are that many (two row tiles share each B
+// tile: K^T streams from L2 once per 32 rows), else of 16.
 void gemm_band_n(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t lda, const uint32_t* B, float mul,
                  float* C, int64_t ldc, const int64_t* first, const int64_t* end) {
   if (m <= 0 || n <= 0 || k <= 0) return;
   check_rows(m, "amx gemm_band_n: too many rows");
-  const int64_t k2 = k / 2, steps = (k2 + kT - 1) / kT, group = (k2 + 1) * kT;
-  const int64_t n_vec = round_up(n, kT), n_groups = n_vec / kT, tail = k2 - (steps - 1) * kT;
-  const uint32_t* Aw = reinterpret_cast<const uint32_t*>(A);  // k and lda even: whole pairs
-  const int64_t a_row = lda / 2;
+  BandN op;
+  op.k2 = k / 2;
+  op.steps = (op.k2 + kT - 1) / kT;
+  op.group = (op.k2 + 1) * kT;
+  op.n_vec = round_up(n, kT);
+  op.tail = op.k2 - (op.steps - 1) * kT;
+  op.a_row = lda / 2;
+  op.Aw = reinterpret_cast<const uint32_t*>(A);  // k and lda even: whole pairs
+  op.B = B;
+  op.mul = mul;
+  op.C = C;
+  op.ldc = ldc;
   Scratch& s = scratch();
-  uint32_t* const a_tiles = s.a.get(steps * kTileWords);
-  float* const c_edge = reinterpret_cast<float*>(s.c_edge.get(4 * kTileWords));
+  uint32_t* const a_buf0 = s.a.get(op.steps * kTileWords);
+  uint32_t* const a_buf1 = s.a1.get(op.steps * kTileWords);
+  op.c_edge = reinterpret_cast<float*>(s.c_edge.get(4 * kTileWords));
   // Each group's last K tile, zero rows past k2 (a panel's next rows are the
   // next group's keys), when k2 is not whole tiles.
-  uint32_t* b_tail = nullptr;
-  if (tail < kT) {
-    b_tail = s.b_tail.get(n_groups * kTileWords);
+  op.b_tail = nullptr;
+  if (op.tail < kT) {
+    const int64_t n_groups = op.n_vec / kT;
+    uint32_t* b_tail = s.b_tail.get(n_groups * kTileWords);
     std::memset(b_tail, 0, n_groups * kTileWords * 4);
     for (int64_t g = 0; g < n_groups; ++g) {
-      std::memcpy(b_tail + g * kTileWords, B + g * group + (steps - 1) * kT * kT, tail * kT * 4);
+      std::memcpy(b_tail + g * kTileWords, B + g * op.group + (op.steps - 1) * kT * kT, op.tail * kT * 4);
     }
+    op.b_tail = b_tail;
   }
   tiles::configure();
-  for (int64_t m0 = 0; m0 < m; m0 += kT) {
-    const int64_t mr = lmin(kT, m - m0);
+  for (int64_t m0 = 0; m0 < m; m0 += 2 * kT) {
+    const int64_t rows = lmin(2 * kT, m - m0);
     int64_t lo, hi;
-    block_union(first, end, m0, mr, &lo, &hi);
+    block_union(first, end, m0, rows, &lo, &hi);
     lo = lo / kT * kT;
-    hi = lmin(n_vec, round_up(hi, kT));
+    hi = lmin(op.n_vec, round_up(hi, kT));
     if (lo >= hi) continue;
-    // A whole block of whole tiles is read in place (A is pair words already);
-    // else the block's A tiles are copied, rows past m and pairs past k2 zero.
-    const bool a_direct = mr == kT && tail == kT;
-    if (!a_direct) {
-      std::memset(a_tiles, 0, steps * kTileWords * 4);
-      for (int64_t r = 0; r < mr; ++r) {
-        const uint32_t* src = Aw + (m0 + r) * a_row;
-        for (int64_t st = 0; st < steps; ++st) {
-          std::memcpy(a_tiles + st * kTileWords + r * kT, src + st * kT, lmin(kT, k2 - st * kT) * 4);
-        }
-      }
-    }
-    for (int64_t c0 = lo; c0 < hi; c0 += 4 * kT) {
-      const int64_t nc = lmin(4, (hi - c0) / kT);
-      const bool direct = mr == kT;
-      float* c_ptr[4];
-      int64_t c_stride[4];
-      for (int64_t j = 0; j < nc; ++j) {
-        c_ptr[j] = direct ? C + m0 * ldc + c0 + j * kT : c_edge + j * kTileWords;
-        c_stride[j] = direct ? ldc * 4 : kStride;
-      }
-      tiles::zero<0>();
-      if (nc > 1) tiles::zero<1>();
-      if (nc > 2) tiles::zero<2>();
-      if (nc > 3) tiles::zero<3>();
-      for (int64_t st = 0; st < steps; ++st) {
-        if (a_direct) {
-          tiles::load<4>(Aw + m0 * a_row + st * kT, a_row * 4);
-        } else {
-          tiles::load<4>(a_tiles + st * kTileWords, kStride);
-        }
-        const uint32_t* b_ptr[4];
-        int64_t b_stride[4] = {kStride, kStride, kStride, kStride};
-        for (int64_t j = 0; j < nc; ++j) {
-          const int64_t g = c0 / kT + j;
-          b_ptr[j] = st == steps - 1 && b_tail ? b_tail + g * kTileWords : B + g * group + st * kT * kT;
-        }
-        step_all(nc, b_ptr, b_stride);
-      }
-      c_store_all(nc, c_ptr, c_stride);
-      // C = mul * the tiles, a vector per row (as a plain loop the compiler
-      // kept it scalar, src and dst possibly overlapping; vectorised, this
-      // function went from 32% to 18% of a D = 64 bf16 forward's samples).
-      if (direct && mul == 1.f) continue;
-      const __m512 scale = _mm512_set1_ps(mul);
-      for (int64_t j = 0; j < nc; ++j) {
-        for (int64_t r = 0; r < mr; ++r) {
-          float* dst = C + (m0 + r) * ldc + c0 + j * kT;
-          const float* src = direct ? dst : c_edge + j * kTileWords + r * kT;
-          _mm512_storeu_ps(dst, _mm512_mul_ps(scale, _mm512_loadu_ps(src)));
-        }
-      }
+    if (rows > kT) {
+      band_n_pair(op, m0, rows - kT, lo, hi, a_buf0, a_buf1);
+    } else {
+      band_n_block(op, m0, rows, lo, hi, a_buf0);
     }
   }
   tiles::release();
@@ -371,6 +467,86 @@ void tiles_times_b(int64_t mr, int64_t n, const uint32_t* a_tiles, int64_t q0, i
   }
 }
 
+// A B tile of pair rows [p, p + 16) and columns [col, col + 16): in place,
+// or zero-padded into `edge` past q1 or ldb (bytes between rows in *stride).
+inline const uint32_t* b_rows_tile(const uint32_t* B, int64_t ldb, int64_t p, int64_t q1, int64_t col, int64_t n,
+                                   uint32_t* edge, int64_t* stride) {
+  const int64_t rows = lmin(kT, q1 - p), cols = lmin(kT, n - col);
+  if (rows == kT && col + kT <= ldb) {
+    *stride = ldb * 4;
+    return B + p * ldb + col;
+  }
+  std::memset(edge, 0, kTileWords * 4);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(edge + r * kT, B + (p + r) * ldb + col, cols * 4);
+  *stride = kStride;
+  return edge;
+}
+
+// tiles_times_b for two row tiles (16 rows of C at C, mr1 <= 16 at C + 16 ldc)
+// sharing each B tile: two groups of 16 columns at a time, C tiles 0, 1 the
+// first rows, 2, 3 the second (dot_pair_rows), so B streams once per 32 rows.
+void tiles_times_b_pair(int64_t mr1, int64_t n, const uint32_t* a0, const uint32_t* a1, int64_t q0, int64_t q1,
+                        int64_t steps, const uint32_t* B, int64_t ldb, float* C, int64_t ldc, Scratch& s) {
+  float* const c_edge = reinterpret_cast<float*>(s.c_edge.get(4 * kTileWords));
+  uint32_t* const b_edge = s.b_edge.get(4 * kTileWords);
+  for (int64_t n0 = 0; n0 < n; n0 += 2 * kT) {
+    const bool two = n - n0 > kT;
+    // C tile t = 2 * block + j: rows of block (16 or mr1), columns n0 + 16 j.
+    float* c_ptr[4];
+    int64_t c_stride[4];
+    bool c_direct[4];
+    for (int64_t t = 0; t < (two ? 4 : 3); ++t) {
+      const int64_t blk = t / 2, j = t % 2, rows = blk ? mr1 : kT;
+      if (j == 1 && !two) continue;
+      const int64_t cols = lmin(kT, n - n0 - j * kT);
+      float* dst = C + blk * kT * ldc + n0 + j * kT;
+      c_direct[t] = rows == kT && cols == kT;
+      if (c_direct[t]) {
+        c_ptr[t] = dst;
+        c_stride[t] = ldc * 4;
+        continue;
+      }
+      c_ptr[t] = c_edge + t * kTileWords;
+      c_stride[t] = kStride;
+      std::memset(c_ptr[t], 0, kTileWords * 4);
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(c_ptr[t] + r * kT, dst + r * ldc, cols * 4);
+    }
+    tiles::load<0>(c_ptr[0], c_stride[0]);
+    tiles::load<2>(c_ptr[2], c_stride[2]);
+    if (two) {
+      tiles::load<1>(c_ptr[1], c_stride[1]);
+      tiles::load<3>(c_ptr[3], c_stride[3]);
+    }
+    for (int64_t st = 0; st < steps; ++st) {
+      const int64_t p = q0 + st * kT;
+      tiles::load<4>(a0 + st * kTileWords, kStride);
+      tiles::load<5>(a1 + st * kTileWords, kStride);
+      int64_t b_stride;  // set by b_rows_tile before the load reads it (not in one call's arguments)
+      const uint32_t* b0 = b_rows_tile(B, ldb, p, q1, n0, n, b_edge, &b_stride);
+      tiles::load<6>(b0, b_stride);
+      dot_pair_rows<0, 6>();
+      if (two) {
+        const uint32_t* b1 = b_rows_tile(B, ldb, p, q1, n0 + kT, n, b_edge + kTileWords, &b_stride);
+        tiles::load<7>(b1, b_stride);
+        dot_pair_rows<1, 7>();
+      }
+    }
+    tiles::store<0>(c_ptr[0], c_stride[0]);
+    tiles::store<2>(c_ptr[2], c_stride[2]);
+    if (two) {
+      tiles::store<1>(c_ptr[1], c_stride[1]);
+      tiles::store<3>(c_ptr[3], c_stride[3]);
+    }
+    for (int64_t t = 0; t < (two ? 4 : 3); ++t) {
+      const int64_t blk = t / 2, j = t % 2, rows = blk ? mr1 : kT;
+      if ((j == 1 && !two) || c_direct[t]) continue;
+      const int64_t cols = lmin(kT, n - n0 - j * kT);
+      float* dst = C + blk * kT * ldc + n0 + j * kT;
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldc, c_ptr[t] + r * kT, cols * 4);
+    }
+  }
+}
+
 // C += round_bf16(A) @ B, A read through (a_row, a_col), zero outside each
 // row's own run; B pair rows (ldb words), read only in the pairs of a block's
 // union; C's n columns exactly.
@@ -380,22 +556,31 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
   check_rows(m, "amx gemm_band_k: too many rows");
   Scratch& s = scratch();
   tiles::configure();
-  for (int64_t m0 = 0; m0 < m; m0 += kT) {
-    const int64_t mr = lmin(kT, m - m0);
+  // Blocks of 32 rows (two row tiles over the pairs of their union, sharing
+  // each B tile) where there are that many, else of 16.
+  for (int64_t m0 = 0; m0 < m; m0 += 2 * kT) {
+    const int64_t rows = lmin(2 * kT, m - m0);
     int64_t lo, hi;
-    block_union(first, end, m0, mr, &lo, &hi);
+    block_union(first, end, m0, rows, &lo, &hi);
     hi = lmin(hi, k);
     if (lo >= hi) continue;
     const int64_t q0 = lo / 2, q1 = (hi + 1) / 2, steps = (q1 - q0 + kT - 1) / kT;
-    uint32_t* const a_tiles = s.a.get(steps * kTileWords);
-    pack_k_tiles(A, a_row, a_col, m0, mr, k, first, end, q0, steps, a_tiles);
-    tiles_times_b(mr, n, a_tiles, q0, q1, steps, B, ldb, C + m0 * ldc, ldc, s);
+    uint32_t* const a0 = s.a.get(steps * kTileWords);
+    pack_k_tiles(A, a_row, a_col, m0, lmin(kT, rows), k, first, end, q0, steps, a0);
+    if (rows > kT) {
+      uint32_t* const a1 = s.a1.get(steps * kTileWords);
+      pack_k_tiles(A, a_row, a_col, m0 + kT, rows - kT, k, first, end, q0, steps, a1);
+      tiles_times_b_pair(rows - kT, n, a0, a1, q0, q1, steps, B, ldb, C + m0 * ldc, ldc, s);
+    } else {
+      tiles_times_b(rows, n, a0, q0, q1, steps, B, ldb, C + m0 * ldc, ldc, s);
+    }
   }
   tiles::release();
 }
 
-// Bf16Ops::softmax_tiles (bf16_ops.h): TileOps<float>::softmax_rows on mul * S,
-// row by row in two passes instead of four (scale, max, exp, pack): the raw
+// Bf16Ops::softmax_tiles (bf16_ops.h): TileOps<float>::softmax_rows on mul * S
+// for up to 32 rows (two row tiles over the pairs of the rows' union), row by
+// row in two passes instead of four (scale, max, exp, pack): the raw
 // row max (max of fl(mul * s) is fl(mul * max s) for mul > 0, rounding being
 // monotone), then exp(mul * s - max) summed in float32, rounded to bf16 pairs
 // and stored as the rows of P's A tiles, zero outside the row's run. The exp
@@ -405,7 +590,7 @@ void gemm_band_k(int64_t m, int64_t n, int64_t k, const float* A, int64_t a_row,
 void softmax_tiles(int64_t m, int64_t k, const float* S, int64_t ld_s, float mul, const int64_t* first,
                    const int64_t* end, float* row_max, float* row_sum, float* alpha, uint32_t* tiles,
                    PairSpan* span) {
-  if (m > kT) throw std::runtime_error("amx softmax_tiles: more than 16 rows");
+  if (m > 2 * kT) throw std::runtime_error("amx softmax_tiles: more than 32 rows");
   const float neg_inf = -__builtin_inff();
   const __m512 v_neg_inf = _mm512_set1_ps(neg_inf), v_mul = _mm512_set1_ps(mul);
   int64_t lo, hi;
@@ -414,11 +599,12 @@ void softmax_tiles(int64_t m, int64_t k, const float* S, int64_t ld_s, float mul
   *span = PairSpan{};
   const int64_t q0 = lo < hi ? lo / 2 : 0, q1 = lo < hi ? (hi + 1) / 2 : 0, steps = (q1 - q0 + kT - 1) / kT;
   if (lo < hi) *span = PairSpan{q0, q1};
-  alignas(64) float shift[kT], tile_sum[kT];  // shift: max_new - max_old until the exp below
-  for (int64_t r = 0; r < kT; ++r) {
+  const int64_t blocks = m > kT ? 2 : 1;  // row tiles, all over the pairs [q0, q1) of the rows' union
+  alignas(64) float shift[2 * kT], tile_sum[2 * kT];  // shift: max_new - max_old until the exp below
+  for (int64_t r = 0; r < blocks * kT; ++r) {
     shift[r] = 0.f;
     tile_sum[r] = 0.f;
-    uint32_t* out = tiles + r * kT;  // row r of every step's tile
+    uint32_t* out = tiles + (r / kT) * steps * kTileWords + (r % kT) * kT;  // row r of every step's tile
     const int64_t f = r < m ? first[r] : 0, e = r < m ? lmin(end[r], k) : 0;
     auto zero_row = [&] {
       for (int64_t st = 0; st < steps; ++st) _mm512_storeu_si512(out + st * kTileWords, _mm512_setzero_si512());
@@ -492,27 +678,36 @@ void softmax_tiles(int64_t m, int64_t k, const float* S, int64_t ld_s, float mul
     tile_sum[r] = _mm512_reduce_add_ps(sum);
   }
   // alpha = exp(max_old - max_new) and the running sums, as softmax_rows.
-  const __mmask16 rows = __mmask16(lane_bits(0, m));
-  const __m512 al = avx512_math::exp_shifted(_mm512_load_ps(shift), _mm512_setzero_ps());
-  _mm512_mask_storeu_ps(alpha, rows, al);
-  const __m512 sums = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, row_sum), al, _mm512_load_ps(tile_sum));
-  _mm512_mask_storeu_ps(row_sum, rows, sums);
+  for (int64_t r0 = 0; r0 < m; r0 += kT) {
+    const __mmask16 rows = __mmask16(lane_bits(0, m - r0));
+    const __m512 al = avx512_math::exp_shifted(_mm512_load_ps(shift + r0), _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(alpha + r0, rows, al);
+    const __m512 sums =
+        _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, row_sum + r0), al, _mm512_load_ps(tile_sum + r0));
+    _mm512_mask_storeu_ps(row_sum + r0, rows, sums);
+  }
 }
 
 // Bf16Ops::gemm_tiles_k: C += the P tiles of softmax_tiles @ B.
 void gemm_tiles_k(int64_t m, int64_t n, const uint32_t* p_tiles, PairSpan span, const uint32_t* B, int64_t ldb,
                   float* C, int64_t ldc) {
   if (m <= 0 || n <= 0 || span.q0 >= span.q1) return;
-  if (m > kT) throw std::runtime_error("amx gemm_tiles_k: more than 16 rows");
+  if (m > 2 * kT) throw std::runtime_error("amx gemm_tiles_k: more than 32 rows");
+  const int64_t steps = (span.q1 - span.q0 + kT - 1) / kT;
   tiles::configure();
-  tiles_times_b(m, n, p_tiles, span.q0, span.q1, (span.q1 - span.q0 + kT - 1) / kT, B, ldb, C, ldc, scratch());
+  if (m > kT) {
+    tiles_times_b_pair(m - kT, n, p_tiles, p_tiles + steps * kTileWords, span.q0, span.q1, steps, B, ldb, C, ldc,
+                       scratch());
+  } else {
+    tiles_times_b(m, n, p_tiles, span.q0, span.q1, steps, B, ldb, C, ldc, scratch());
+  }
   tiles::release();
 }
 
 }  // namespace
 
 const Bf16Ops& bf16_table() {
-  static const Bf16Ops ops{LR_AMX_NAME,   &gemm_band_n,   &gemm_band_k, /*forward_rows=*/kT,
+  static const Bf16Ops ops{LR_AMX_NAME,   &gemm_band_n,   &gemm_band_k, /*forward_rows=*/2 * kT,
                            &softmax_tiles, &gemm_tiles_k};
   return ops;
 }

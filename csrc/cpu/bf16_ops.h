@@ -44,7 +44,8 @@ struct Bf16Ops {
   const char* isa;
   // C = mul * A @ B over the rows' runs, exactly as TileOps<float>::gemm_band_n
   // (C written on whole vectors of 16 columns of the runs' block unions, up to
-  // round_up(n, 16)). A: m rows of k bf16 (k even) at A + a * lda; B panel-major.
+  // round_up(n, 16); AMX: unions of 32-row blocks). A: m rows of k bf16 (k
+  // even) at A + a * lda; B panel-major.
   void (*gemm_band_n)(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t lda, const uint32_t* B,
                       float mul, float* C, int64_t ldc, const int64_t* first, const int64_t* end);
   // C += round_bf16(A) @ B as TileOps<float>::gemm_band_k: A float, element (i, p)
@@ -54,9 +55,9 @@ struct Bf16Ops {
                       const uint32_t* B, int64_t ldb, float* C, int64_t ldc, const int64_t* first,
                       const int64_t* end);
   // Query rows the forward takes through S = Q K^T, softmax and O += P V at a
-  // time (0: the whole block of kRowBlock rows). AMX: one 16-row tile block, so
-  // that its scores (16 rows of a key tile, <= 64 KiB) stay in L1 from the
-  // product's tile stores through the softmax to P's packing.
+  // time (0: the whole block of kRowBlock rows). AMX: two 16-row tiles, so that
+  // each K^T and V tile loaded serves 32 rows (amx_bf16_impl.h) and the fused
+  // softmax below reads 32 rows of scores (<= 132 KiB) the product just wrote.
   int64_t forward_rows;
   // The forward's plain softmax fused with P's packing, where the table has it
   // (AMX; else both nullptr). softmax_tiles takes m <= forward_rows rows of raw
@@ -75,11 +76,12 @@ struct Bf16Ops {
                        float* C, int64_t ldc);
 };
 
-// Words softmax_tiles may write for a tile of k keys: 16 x 16-word tiles
-// covering at most (k + 1) / 2 pairs from any even start. (Internal linkage:
-// the -m flagged files include this header too, flagged_helpers.h says why.)
+// Words softmax_tiles may write for a tile of k keys: two row tiles of 16 x
+// 16-word tiles covering at most (k + 1) / 2 pairs from any even start.
+// (Internal linkage: the -m flagged files include this header too,
+// flagged_helpers.h says why.)
 namespace {
-inline int64_t p_tile_words(int64_t k) { return ((k + 1) / 2 / 16 + 2) * 256; }
+inline int64_t p_tile_words(int64_t k) { return 2 * ((k + 1) / 2 / 16 + 2) * 256; }
 }  // namespace
 
 // The table this process uses, or nullptr (see above). Decided once.

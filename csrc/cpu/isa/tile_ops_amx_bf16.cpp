@@ -77,6 +77,10 @@ LR_DOT(0, 4, 5)
 LR_DOT(1, 4, 6)
 LR_DOT(2, 4, 7)
 LR_DOT(3, 4, 5)
+LR_DOT(0, 4, 6)
+LR_DOT(2, 5, 6)
+LR_DOT(1, 4, 7)
+LR_DOT(3, 5, 7)
 #undef LR_DOT
 
 }  // namespace
