@@ -412,61 +412,6 @@ void gemm_band_n(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_
   tiles::release();
 }
 
-// C (mr <= 16 rows, row 0 at C, n columns exactly) += the block's A tiles
-// (`steps` tiles from pair q0, pairs at or past q1 zero) @ B, pair rows of ldb
-// words read in [q0, q1) only. Tiles configured by the caller.
-void tiles_times_b(int64_t mr, int64_t n, const uint32_t* a_tiles, int64_t q0, int64_t q1, int64_t steps,
-                   const uint32_t* B, int64_t ldb, float* C, int64_t ldc, Scratch& s) {
-  float* const c_edge = reinterpret_cast<float*>(s.c_edge.get(4 * kTileWords));
-  uint32_t* const b_edge = s.b_edge.get(4 * kTileWords);
-  for (int64_t n0 = 0; n0 < n; n0 += 4 * kT) {
-    const int64_t nc = lmin(4, (n - n0 + kT - 1) / kT);
-    float* c_ptr[4];
-    int64_t c_stride[4];
-    bool c_direct[4];
-    for (int64_t j = 0; j < nc; ++j) {
-      const int64_t cols = lmin(kT, n - n0 - j * kT);
-      c_direct[j] = mr == kT && cols == kT;
-      if (c_direct[j]) {
-        c_ptr[j] = C + n0 + j * kT;
-        c_stride[j] = ldc * 4;
-        continue;
-      }
-      c_ptr[j] = c_edge + j * kTileWords;
-      c_stride[j] = kStride;
-      std::memset(c_ptr[j], 0, kTileWords * 4);
-      for (int64_t r = 0; r < mr; ++r) std::memcpy(c_ptr[j] + r * kT, C + r * ldc + n0 + j * kT, cols * 4);
-    }
-    c_load_all(nc, c_ptr, c_stride);
-    for (int64_t st = 0; st < steps; ++st) {
-      tiles::load<4>(a_tiles + st * kTileWords, kStride);
-      const int64_t p = q0 + st * kT, rows = lmin(kT, q1 - p);
-      const uint32_t* b_ptr[4];
-      int64_t b_stride[4];
-      for (int64_t j = 0; j < nc; ++j) {
-        const int64_t col = n0 + j * kT, cols = lmin(kT, n - col);
-        if (rows == kT && col + kT <= ldb) {
-          b_ptr[j] = B + p * ldb + col;
-          b_stride[j] = ldb * 4;
-          continue;
-        }
-        uint32_t* t = b_edge + j * kTileWords;
-        std::memset(t, 0, kTileWords * 4);
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(t + r * kT, B + (p + r) * ldb + col, cols * 4);
-        b_ptr[j] = t;
-        b_stride[j] = kStride;
-      }
-      step_all(nc, b_ptr, b_stride);
-    }
-    c_store_all(nc, c_ptr, c_stride);
-    for (int64_t j = 0; j < nc; ++j) {
-      if (c_direct[j]) continue;
-      const int64_t cols = lmin(kT, n - n0 - j * kT);
-      for (int64_t r = 0; r < mr; ++r) std::memcpy(C + r * ldc + n0 + j * kT, c_ptr[j] + r * kT, cols * 4);
-    }
-  }
-}
-
 // A B tile of pair rows [p, p + 16) and columns [col, col + 16): in place,
 // or zero-padded into `edge` past q1 or ldb (bytes between rows in *stride).
 inline const uint32_t* b_rows_tile(const uint32_t* B, int64_t ldb, int64_t p, int64_t q1, int64_t col, int64_t n,
@@ -482,6 +427,65 @@ inline const uint32_t* b_rows_tile(const uint32_t* B, int64_t ldb, int64_t p, in
   return edge;
 }
 
+// A C tile that the products add to: rows x cols floats at dst (ldc apart),
+// loaded in place when whole, else through a zero-padded copy in `edge` that
+// write_back() returns to dst.
+struct AccTile {
+  float* dst;
+  int64_t ldc, rows, cols;
+  float* ptr;
+  int64_t stride;
+  AccTile() = default;
+  AccTile(float* d, int64_t ld, int64_t r, int64_t c, float* edge) : dst(d), ldc(ld), rows(r), cols(c) {
+    if (rows == kT && cols == kT) {
+      ptr = dst;
+      stride = ldc * 4;
+      return;
+    }
+    ptr = edge;
+    stride = kStride;
+    std::memset(ptr, 0, kTileWords * 4);
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(ptr + i * kT, dst + i * ldc, cols * 4);
+  }
+  void write_back() const {
+    if (ptr == dst) return;
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * ldc, ptr + i * kT, cols * 4);
+  }
+};
+
+// C (mr <= 16 rows, row 0 at C, n columns exactly) += the block's A tiles
+// (`steps` tiles from pair q0, pairs at or past q1 zero) @ B, pair rows of ldb
+// words read in [q0, q1) only. Tiles configured by the caller.
+void tiles_times_b(int64_t mr, int64_t n, const uint32_t* a_tiles, int64_t q0, int64_t q1, int64_t steps,
+                   const uint32_t* B, int64_t ldb, float* C, int64_t ldc, Scratch& s) {
+  float* const c_edge = reinterpret_cast<float*>(s.c_edge.get(4 * kTileWords));
+  uint32_t* const b_edge = s.b_edge.get(4 * kTileWords);
+  for (int64_t n0 = 0; n0 < n; n0 += 4 * kT) {
+    const int64_t nc = lmin(4, (n - n0 + kT - 1) / kT);
+    AccTile c[4];
+    float* c_ptr[4];
+    int64_t c_stride[4];
+    for (int64_t j = 0; j < nc; ++j) {
+      c[j] = AccTile(C + n0 + j * kT, ldc, mr, lmin(kT, n - n0 - j * kT), c_edge + j * kTileWords);
+      c_ptr[j] = c[j].ptr;
+      c_stride[j] = c[j].stride;
+    }
+    c_load_all(nc, c_ptr, c_stride);
+    for (int64_t st = 0; st < steps; ++st) {
+      tiles::load<4>(a_tiles + st * kTileWords, kStride);
+      const int64_t p = q0 + st * kT;
+      const uint32_t* b_ptr[4];
+      int64_t b_stride[4];
+      for (int64_t j = 0; j < nc; ++j) {
+        b_ptr[j] = b_rows_tile(B, ldb, p, q1, n0 + j * kT, n, b_edge + j * kTileWords, &b_stride[j]);
+      }
+      step_all(nc, b_ptr, b_stride);
+    }
+    c_store_all(nc, c_ptr, c_stride);
+    for (int64_t j = 0; j < nc; ++j) c[j].write_back();
+  }
+}
+
 // tiles_times_b for two row tiles (16 rows of C at C, mr1 <= 16 at C + 16 ldc)
 // sharing each B tile: two groups of 16 columns at a time, C tiles 0, 1 the
 // first rows, 2, 3 the second (dot_pair_rows), so B streams once per 32 rows.
@@ -492,30 +496,18 @@ void tiles_times_b_pair(int64_t mr1, int64_t n, const uint32_t* a0, const uint32
   for (int64_t n0 = 0; n0 < n; n0 += 2 * kT) {
     const bool two = n - n0 > kT;
     // C tile t = 2 * block + j: rows of block (16 or mr1), columns n0 + 16 j.
-    float* c_ptr[4];
-    int64_t c_stride[4];
-    bool c_direct[4];
+    AccTile c[4];
     for (int64_t t = 0; t < (two ? 4 : 3); ++t) {
-      const int64_t blk = t / 2, j = t % 2, rows = blk ? mr1 : kT;
-      if (j == 1 && !two) continue;
-      const int64_t cols = lmin(kT, n - n0 - j * kT);
-      float* dst = C + blk * kT * ldc + n0 + j * kT;
-      c_direct[t] = rows == kT && cols == kT;
-      if (c_direct[t]) {
-        c_ptr[t] = dst;
-        c_stride[t] = ldc * 4;
-        continue;
-      }
-      c_ptr[t] = c_edge + t * kTileWords;
-      c_stride[t] = kStride;
-      std::memset(c_ptr[t], 0, kTileWords * 4);
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(c_ptr[t] + r * kT, dst + r * ldc, cols * 4);
+      if (t == 1 && !two) continue;
+      const int64_t blk = t / 2, j = t % 2;
+      c[t] = AccTile(C + blk * kT * ldc + n0 + j * kT, ldc, blk ? mr1 : kT, lmin(kT, n - n0 - j * kT),
+                     c_edge + t * kTileWords);
     }
-    tiles::load<0>(c_ptr[0], c_stride[0]);
-    tiles::load<2>(c_ptr[2], c_stride[2]);
+    tiles::load<0>(c[0].ptr, c[0].stride);
+    tiles::load<2>(c[2].ptr, c[2].stride);
     if (two) {
-      tiles::load<1>(c_ptr[1], c_stride[1]);
-      tiles::load<3>(c_ptr[3], c_stride[3]);
+      tiles::load<1>(c[1].ptr, c[1].stride);
+      tiles::load<3>(c[3].ptr, c[3].stride);
     }
     for (int64_t st = 0; st < steps; ++st) {
       const int64_t p = q0 + st * kT;
@@ -531,18 +523,14 @@ void tiles_times_b_pair(int64_t mr1, int64_t n, const uint32_t* a0, const uint32
         dot_pair_rows<1, 7>();
       }
     }
-    tiles::store<0>(c_ptr[0], c_stride[0]);
-    tiles::store<2>(c_ptr[2], c_stride[2]);
+    tiles::store<0>(c[0].ptr, c[0].stride);
+    tiles::store<2>(c[2].ptr, c[2].stride);
     if (two) {
-      tiles::store<1>(c_ptr[1], c_stride[1]);
-      tiles::store<3>(c_ptr[3], c_stride[3]);
+      tiles::store<1>(c[1].ptr, c[1].stride);
+      tiles::store<3>(c[3].ptr, c[3].stride);
     }
     for (int64_t t = 0; t < (two ? 4 : 3); ++t) {
-      const int64_t blk = t / 2, j = t % 2, rows = blk ? mr1 : kT;
-      if ((j == 1 && !two) || c_direct[t]) continue;
-      const int64_t cols = lmin(kT, n - n0 - j * kT);
-      float* dst = C + blk * kT * ldc + n0 + j * kT;
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldc, c_ptr[t] + r * kT, cols * 4);
+      if (t != 1 || two) c[t].write_back();
     }
   }
 }
