@@ -29,8 +29,10 @@
 // 4, B in 5..7 in turn. Two 16-row blocks (32 rows; gemm_band_n, the fused
 // forward's P V): C 0, 1 and 2, 3 (two groups of 16 columns of each block), A
 // in 4 and 5, B in 6 and 7, so every B tile loaded serves 32 rows. The B
-// operands (K^T, V) stream from L2; serving 32 rows per load made the AMX bf16
-// forward at D = 128 1.4x as fast (L = 8192, window 512).
+// operands (K^T, V) stream from L2: the D = 128 forward (L = 8192, window 512)
+// went from 0.80-0.84 to 1.13-1.19 of bf16 SDPA per useful FLOP in a
+// best-of-3 run on a busy host; docs/performance.md has the published runs,
+// taken under other host states, where the gain is smaller.
 //
 // The operands are packed with AVX512_BF16 instructions (vcvtne2ps2bf16, the
 // AVX512_BF16 kernel's rounding), so both including files are compiled with its
