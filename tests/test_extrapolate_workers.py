@@ -5,6 +5,7 @@ progress reaches the parent's bars and its exception the caller, and the new fla
 from __future__ import annotations
 
 import csv
+import time
 
 import pytest
 import torch
@@ -48,14 +49,27 @@ def test_worker_processes_give_the_numbers_of_one_process(tiny_text, tmp_path): 
     assert "2 worker processes x 1 torch thread" in (tmp_path / "two" / "results.md").read_text()
 
 
+class _SlowToPickle:
+    """Pickles (in the worker queue's feeder thread) as a plain string, half a second late: the
+    job's result then reaches the parent before its bar's last messages do."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __reduce__(self):
+        time.sleep(0.5)
+        return (str, (self.text,))
+
+
 def _job_with_progress(job, shared, progress):
-    """A job for run_jobs: 3 steps of a bar, returns what it was given."""
+    """A job for run_jobs: 3 steps of a bar (forwarded only at close, since 3 < _FORWARD_EVERY),
+    a postfix that is slow to send, returns what it was given."""
     bar = progress(f"job {job}", 3) if progress else None
     for _ in range(3):
         if bar is not None:
             bar.update(1)
     if bar is not None:
-        bar.set_postfix({"job": str(job)})
+        bar.set_postfix({"job": _SlowToPickle(f"finished {job}")})
         bar.close()
     return (job, shared, torch.get_num_threads())
 
@@ -71,7 +85,8 @@ def test_run_jobs_keeps_order_threads_and_forwards_progress(capsys):
                            progress=True)
     assert out == [(3, "data", 1), (1, "data", 1), (2, "data", 1)]
     err = capsys.readouterr().err
-    assert all(f"job {j}" in err and "3/3" in err for j in (1, 2, 3))  # the parent drew each job's bar
+    # The parent drew each job's bar to its end, though the result came before the last messages.
+    assert all(f"job {j}" in err and f"finished {j}" in err for j in (1, 2, 3)) and "3/3" in err
     # One worker: the jobs run here, with this process's bars (here: none).
     assert workers.run_jobs(_job_with_progress, [7], shared=0, workers=1, threads_per_worker=1,
                             progress=False) == [(7, 0, torch.get_num_threads())]

@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import multiprocessing
 import queue as queue_mod
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Set, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 # A worker forwards a bar's count at most this often (every n-th update, and at close).
 _FORWARD_EVERY = 5
+# How long the parent waits, once every job has returned, for their last bar messages. They are
+# already sent, so this bounds a wait that normally takes milliseconds.
+_LAST_MESSAGES_TIMEOUT_S = 30.0
 
 _worker_state: Dict[str, Any] = {}
 
@@ -73,7 +77,13 @@ def _bar_factory(job_index: int) -> Callable[[str, int], RemoteBar]:
 
 def _run_in_worker(fn: Callable, job_index: int, job: Any, progress: bool) -> Any:
     bars = _bar_factory(job_index) if progress else False
-    return fn(job, _worker_state["shared"], bars)
+    try:
+        return fn(job, _worker_state["shared"], bars)
+    finally:
+        # The result returns through the pool's own pipe, which can overtake this queue. The queue
+        # keeps one process's messages in order, so once the parent reads this, it has every bar
+        # message of the job.
+        _worker_state["messages"].put(("done", job_index))
 
 
 class _ParentBars:
@@ -125,13 +135,17 @@ def run_jobs(fn: Callable[[Any, Any, Any], Any], jobs: Sequence[Any], shared: An
                              initargs=(threads_per_worker, messages, shared)) as pool:
         pending: Dict[Future, int] = {pool.submit(_run_in_worker, fn, i, job, progress): i
                                       for i, job in enumerate(jobs)}
+        reported: Set[int] = set()  # the jobs whose messages have all been read
         try:
             while pending:
-                _drain(messages, bars, timeout=0.2)
+                reported |= _drain(messages, bars, timeout=0.2)
                 done, _ = wait(list(pending), timeout=0, return_when=FIRST_COMPLETED)
                 for future in done:
                     results[pending.pop(future)] = future.result()  # raises the job's exception
-            _drain(messages, bars, timeout=0)
+            # Every job has returned; its last bar messages may still be in the queue's pipe.
+            deadline = time.monotonic() + _LAST_MESSAGES_TIMEOUT_S
+            while len(reported) < len(jobs) and time.monotonic() < deadline:
+                reported |= _drain(messages, bars, timeout=0.2)
         except BaseException:
             # Stop the other jobs now rather than after their remaining minutes of training.
             for future in pending:
@@ -144,15 +158,20 @@ def run_jobs(fn: Callable[[Any, Any, Any], Any], jobs: Sequence[Any], shared: An
     return results
 
 
-def _drain(messages, bars: _ParentBars, timeout: float) -> None:
-    """Hand every queued message to ``bars``, waiting up to ``timeout`` seconds for the first."""
+def _drain(messages, bars: _ParentBars, timeout: float) -> Set[int]:
+    """Hand every queued bar message to ``bars``, waiting up to ``timeout`` seconds for the first;
+    returns the jobs whose "done" message came."""
+    finished: Set[int] = set()
     try:
-        message = messages.get(timeout=timeout) if timeout > 0 else messages.get_nowait()
+        message = messages.get(timeout=timeout)
     except queue_mod.Empty:
-        return
+        return finished
     while True:
-        bars.handle(message)
+        if message[0] == "done":
+            finished.add(message[1])
+        else:
+            bars.handle(message)
         try:
             message = messages.get_nowait()
         except queue_mod.Empty:
-            return
+            return finished
