@@ -93,6 +93,7 @@ def test_scheme_selection_keeps_order_and_shares_weights():
         (["--steps", "0"], r"--steps: expected a positive integer, got 0"),
         (["--eval-chunks", "-1"], r"--eval-chunks: expected a positive integer, got -1"),
         (["--lr", "0"], r"--lr: expected a positive number, got 0"),
+        (["--muon-lr", "-0.1"], r"--muon-lr: expected a positive number, got -0.1"),
         (["--d-model", "30", "--heads", "4"], r"--d-model 30 is not divisible by --heads 4"),
         (["--d-model", "12", "--heads", "4"], r"RoPE needs an even head size"),
         (["--heads", "3", "--d-model", "96"], r"--heads: SWAT's balanced ALiBi .* even number, got 3"),

@@ -165,7 +165,7 @@ def test_both_finetunes_start_from_rope_with_one_budget(tiny_text, tmp_path, mon
     def spy_train(model, sampler, steps, lr, *args, desc="", **kwargs):
         name = desc.split()[-1]
         seen[name].update(generator=sampler.generator.get_state(), length=sampler.length,
-                          batch=sampler.batch_size, steps=steps, lr=lr,
+                          batch=sampler.batch_size, steps=steps, lr=lr, muon_lr=kwargs.get("muon_lr"),
                           start={k: v.clone() for k, v in model.state_dict().items()})
         return real_train(model, sampler, steps, lr, *args, desc=desc, **kwargs)
 
@@ -183,6 +183,10 @@ def test_both_finetunes_start_from_rope_with_one_budget(tiny_text, tmp_path, mon
     assert torch.equal(ft["generator"], ll["generator"])  # the same batches
     assert (ft["length"], ft["batch"], ft["steps"], ft["lr"]) == (ll["length"], ll["batch"], ll["steps"], ll["lr"])
     assert (ft["length"], ft["batch"], ft["steps"]) == (128, 1, 3)
+    # Muon's peak falls by the same factor as AdamW's (default: a tenth).
+    prof = cli.PROFILES["default"]
+    assert ft["muon_lr"] == ll["muon_lr"] == pytest.approx(prof.muon_lr * ft["lr"] / prof.lr)
+    assert ft["lr"] == pytest.approx(prof.lr / 10)
 
     rows = _read_csv(out / "results.csv")
     assert [r["scheme"] for r in rows[::3]] == names.split(",")

@@ -43,6 +43,7 @@ class FinetuneSettings:
     batch_size: int
     lr: float  # peak learning rate (same warm-up and cosine schedule as training)
     chunk: int  # chunk of the "chunked" (S2-Attn) fine-tune
+    muon_lr: Optional[float] = None  # Muon's peak on the weight matrices, as training's; None: AdamW only
 
 
 def finetune_model(scheme: Scheme, dims: ModelDims, train_len: int, settings: FinetuneSettings,
@@ -69,7 +70,7 @@ def finetune(scheme: Scheme, base_state: Dict[str, torch.Tensor], dims: ModelDim
     configure_for_length(model, scheme, train_len, settings.length, settings.length)  # PI / YaRN at factor s
     sampler = data_mod.BatchSampler(stream, settings.length, settings.batch_size, seed)
     result = train(model, sampler, settings.steps, settings.lr, device, progress,
-                   desc=f"fine-tune {scheme.name}{desc_suffix}", autocast=autocast)
+                   desc=f"fine-tune {scheme.name}{desc_suffix}", autocast=autocast, muon_lr=settings.muon_lr)
     evaluated = build_model(scheme, dims, None, train_len, seed)
     evaluated.load_state_dict(model.state_dict())
     return evaluated.to(device), result

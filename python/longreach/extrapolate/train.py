@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import BatchSampler, segments
+from .muon import BatchedMuon
 
 LN2 = math.log(2.0)
 # AdamW's first-moment decay and the warm-up's share of the steps. Measured on rope, 1000 steps of
@@ -19,6 +20,9 @@ LN2 = math.log(2.0)
 # 10 % warm-up ended 0.06-0.10 held-out bits per byte below 0.9 with 5 %, on each of 3 seeds.
 BETA1 = 0.8
 WARMUP_FRACTION = 0.10
+# Muon's momentum and weight decay (torch.optim.Muon's defaults; muon.py has its update rule).
+MUON_MOMENTUM = 0.95
+MUON_WEIGHT_DECAY = 0.1
 
 # What train() and evaluate() report progress to: True (a tqdm bar), False (nothing), or a
 # callable (desc, total) -> an object with tqdm's update(n), set_postfix(dict) and close()
@@ -60,6 +64,32 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def muon_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """The parameters Muon updates: the weight matrices, that is every 2-D parameter but the
+    embedding tables (Muon's authors leave embeddings and the output layer, here tied to the
+    embedding, to AdamW)."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return [p for p in model.parameters() if p.dim() == 2 and id(p) not in tables]
+
+
+def make_optimizers(model: torch.nn.Module, lr: float, muon_lr: Optional[float]
+                    ) -> List[Tuple[torch.optim.Optimizer, float]]:
+    """(optimizer, peak learning rate) pairs: AdamW on every parameter, or with ``muon_lr`` Muon on
+    muon_parameters() and AdamW at ``lr`` on the rest (embedding, norms, biases)."""
+    if muon_lr is None:
+        return [(torch.optim.AdamW(model.parameters(), lr=lr, betas=(BETA1, 0.95), weight_decay=0.1), lr)]
+    matrices = muon_parameters(model)
+    chosen = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    pairs = []
+    if matrices:
+        pairs.append((BatchedMuon(matrices, lr=muon_lr, momentum=MUON_MOMENTUM, weight_decay=MUON_WEIGHT_DECAY),
+                      muon_lr))
+    if rest:
+        pairs.append((torch.optim.AdamW(rest, lr=lr, betas=(BETA1, 0.95), weight_decay=0.1), lr))
+    return pairs
+
+
 def train(
     model: torch.nn.Module,
     sampler: BatchSampler,
@@ -70,8 +100,11 @@ def train(
     desc: str = "train",
     position_ids: Optional[Callable[[int], torch.Tensor]] = None,
     autocast: Optional[torch.dtype] = None,
+    muon_lr: Optional[float] = None,
 ) -> TrainResult:
-    """AdamW on next-byte cross-entropy; returns per-step training bits per byte.
+    """AdamW (peak ``lr``) on next-byte cross-entropy, or with ``muon_lr`` Muon on the weight
+    matrices (make_optimizers); returns per-step training bits per byte. Every optimizer follows
+    learning_rate()'s schedule to its own peak.
 
     ``position_ids(batch_size)``, when given, supplies each step's RoPE position ids (PoSE);
     it must draw from its own generator so the batches stay those of every other scheme.
@@ -79,14 +112,15 @@ def train(
     state and the loss staying float32 (mixed precision); None trains in float32.
     """
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(BETA1, 0.95), weight_decay=0.1)
+    optimizers = make_optimizers(model, lr, muon_lr)
     result = TrainResult()
     start = time.perf_counter()
     bar = progress_bar(progress, desc, steps)
     device_type = torch.device(device).type
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, steps, lr)
+        for opt, peak in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, steps, peak)
         inputs, targets = sampler.next()
         ids = None if position_ids is None else position_ids(inputs.shape[0]).to(device)
         with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
@@ -94,10 +128,12 @@ def train(
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: training loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
+        for opt, _ in optimizers:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        for opt, _ in optimizers:
+            opt.step()
         bpb = loss.item() / LN2
         result.losses.append(bpb)
         result.tokens += inputs.numel()
