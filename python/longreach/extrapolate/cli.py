@@ -76,8 +76,8 @@ PROFILES = {
     "quick": Profile(steps=40, batch_size=8, d_model=64, layers=2, heads=4, eval_chunks=2, lr=6e-3,
                      muon_lr=0.02, finetune_steps=2, seeds=1, schemes=tuple(DEFAULT_SCHEMES)),
 }
-PROFILE_FIELDS = ("steps", "batch_size", "d_model", "layers", "heads", "eval_chunks", "lr", "muon_lr", "finetune_steps",
-                  "seeds")
+PROFILE_FIELDS = ("steps", "batch_size", "d_model", "layers", "heads", "eval_chunks", "lr", "muon_lr",
+                  "finetune_steps", "seeds")
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
