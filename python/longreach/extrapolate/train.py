@@ -72,12 +72,16 @@ def muon_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.dim() == 2 and id(p) not in tables]
 
 
+def _adamw(params, lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=(BETA1, 0.95), weight_decay=0.1)
+
+
 def make_optimizers(model: torch.nn.Module, lr: float, muon_lr: Optional[float]
                     ) -> List[Tuple[torch.optim.Optimizer, float]]:
     """(optimizer, peak learning rate) pairs: AdamW on every parameter, or with ``muon_lr`` Muon on
     muon_parameters() and AdamW at ``lr`` on the rest (embedding, norms, biases)."""
     if muon_lr is None:
-        return [(torch.optim.AdamW(model.parameters(), lr=lr, betas=(BETA1, 0.95), weight_decay=0.1), lr)]
+        return [(_adamw(model.parameters(), lr), lr)]
     matrices = muon_parameters(model)
     chosen = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in chosen]
@@ -86,7 +90,7 @@ def make_optimizers(model: torch.nn.Module, lr: float, muon_lr: Optional[float]
         pairs.append((BatchedMuon(matrices, lr=muon_lr, momentum=MUON_MOMENTUM, weight_decay=MUON_WEIGHT_DECAY),
                       muon_lr))
     if rest:
-        pairs.append((torch.optim.AdamW(rest, lr=lr, betas=(BETA1, 0.95), weight_decay=0.1), lr))
+        pairs.append((_adamw(rest, lr), lr))
     return pairs
 
 
