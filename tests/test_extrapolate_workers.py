@@ -102,8 +102,9 @@ def test_a_workers_exception_reaches_the_caller():
 @pytest.mark.parametrize("argv, match", [
     (["--workers", "0"], r"--workers: expected a positive integer, got 0"),
     (["--precision", "float16"], r"--precision: invalid choice: 'float16'"),
+    (["--optimizer", "sgd"], r"--optimizer: invalid choice: 'sgd'"),
 ])
-def test_bad_worker_and_precision_flags(argv, match, capsys):
+def test_bad_worker_precision_and_optimizer_flags(argv, match, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
